@@ -1,0 +1,3 @@
+//! weir: a Kafka-compatible partitioned log and a connector runtime in one daemon.
+
+pub mod log;

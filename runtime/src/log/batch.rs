@@ -1,0 +1,501 @@
+//! Kafka record batch v2: header access, validation and offset assignment.
+//!
+//! Batches are stored exactly as the producer sent them; the broker only rewrites the fields that
+//! the CRC does not cover (base offset, partition leader epoch), so stored bytes never need
+//! re-encoding.
+
+use bytes::Bytes;
+use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
+use kafka_protocol::records::Compression;
+
+/// Bytes before the records in a v2 batch.
+pub const HEADER_LEN: usize = 61;
+/// The part of the header every batch (any magic) starts with: base offset + batch length.
+pub const LOG_OVERHEAD: usize = 12;
+
+const BASE_OFFSET: usize = 0;
+const BATCH_LENGTH: usize = 8;
+const LEADER_EPOCH: usize = 12;
+const MAGIC: usize = 16;
+const CRC: usize = 17;
+const ATTRIBUTES: usize = 21;
+const LAST_OFFSET_DELTA: usize = 23;
+const BASE_TIMESTAMP: usize = 27;
+const MAX_TIMESTAMP: usize = 35;
+const PRODUCER_ID: usize = 43;
+const PRODUCER_EPOCH: usize = 51;
+const BASE_SEQUENCE: usize = 53;
+const RECORD_COUNT: usize = 57;
+
+const ATTR_COMPRESSION_MASK: i16 = 0x07;
+const ATTR_TRANSACTIONAL: i16 = 1 << 4;
+const ATTR_CONTROL: i16 = 1 << 5;
+
+/// Why a batch was refused; each maps to the Kafka error code a client understands.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("corrupt record batch: {0}")]
+    Corrupt(String),
+    #[error("invalid record: {0}")]
+    InvalidRecord(String),
+    #[error("unsupported compression codec {0}")]
+    UnsupportedCompression(i16),
+    #[error("record batch of {size} bytes exceeds max.message.bytes {max}")]
+    TooLarge { size: usize, max: usize },
+}
+
+fn corrupt(msg: impl Into<String>) -> BatchError {
+    BatchError::Corrupt(msg.into())
+}
+
+fn be_i16(b: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([b[at], b[at + 1]])
+}
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    i64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// A view of one complete v2 batch (header and records) in a byte slice.
+#[derive(Clone, Copy)]
+pub struct BatchView<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    /// Wraps a slice that holds at least a full header; call [`validate`] before trusting it.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        debug_assert!(bytes.len() >= HEADER_LEN);
+        BatchView { bytes }
+    }
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+    pub fn base_offset(&self) -> i64 {
+        be_i64(self.bytes, BASE_OFFSET)
+    }
+    pub fn last_offset_delta(&self) -> i32 {
+        be_i32(self.bytes, LAST_OFFSET_DELTA)
+    }
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset() + self.last_offset_delta() as i64
+    }
+    pub fn next_offset(&self) -> i64 {
+        self.last_offset() + 1
+    }
+    pub fn leader_epoch(&self) -> i32 {
+        be_i32(self.bytes, LEADER_EPOCH)
+    }
+    pub fn attributes(&self) -> i16 {
+        be_i16(self.bytes, ATTRIBUTES)
+    }
+    pub fn compression_id(&self) -> i16 {
+        self.attributes() & ATTR_COMPRESSION_MASK
+    }
+    pub fn is_transactional(&self) -> bool {
+        self.attributes() & ATTR_TRANSACTIONAL != 0
+    }
+    pub fn is_control(&self) -> bool {
+        self.attributes() & ATTR_CONTROL != 0
+    }
+    pub fn base_timestamp(&self) -> i64 {
+        be_i64(self.bytes, BASE_TIMESTAMP)
+    }
+    pub fn max_timestamp(&self) -> i64 {
+        be_i64(self.bytes, MAX_TIMESTAMP)
+    }
+    pub fn producer_id(&self) -> i64 {
+        be_i64(self.bytes, PRODUCER_ID)
+    }
+    pub fn producer_epoch(&self) -> i16 {
+        be_i16(self.bytes, PRODUCER_EPOCH)
+    }
+    pub fn base_sequence(&self) -> i32 {
+        be_i32(self.bytes, BASE_SEQUENCE)
+    }
+    pub fn record_count(&self) -> i32 {
+        be_i32(self.bytes, RECORD_COUNT)
+    }
+
+    /// Checks what a stored batch must satisfy to be served: magic 2, consistent length, CRC.
+    pub fn check_integrity(&self) -> Result<(), BatchError> {
+        let b = self.bytes;
+        if b[MAGIC] != 2 {
+            return Err(corrupt(format!("unsupported magic byte {}", b[MAGIC] as i8)));
+        }
+        let declared = be_i32(b, BATCH_LENGTH);
+        if declared as i64 + LOG_OVERHEAD as i64 != b.len() as i64 {
+            return Err(corrupt("batch length does not match its bytes"));
+        }
+        let stored = u32::from_be_bytes(b[CRC..CRC + 4].try_into().unwrap());
+        if crc32c::crc32c(&b[ATTRIBUTES..]) != stored {
+            return Err(corrupt("CRC mismatch"));
+        }
+        Ok(())
+    }
+
+    /// Full validation of a batch arriving from a producer: integrity, then the records inside
+    /// (decompressing when the codec requires it) must match the header's count and deltas.
+    pub fn validate_incoming(&self) -> Result<(), BatchError> {
+        self.check_integrity()?;
+        let count = self.record_count();
+        if count <= 0 {
+            return Err(BatchError::InvalidRecord("batch has no records".into()));
+        }
+        if self.last_offset_delta() != count - 1 {
+            return Err(BatchError::InvalidRecord(format!(
+                "last offset delta {} does not match record count {count}",
+                self.last_offset_delta()
+            )));
+        }
+        let body = &self.bytes[HEADER_LEN..];
+        match self.compression_id() {
+            0 => check_records(body, count),
+            1 => decompress_then(Compression::Gzip, body, |r| check_records(r, count)),
+            2 => decompress_then(Compression::Snappy, body, |r| check_records(r, count)),
+            3 => decompress_then(Compression::Lz4, body, |r| check_records(r, count)),
+            4 => decompress_then(Compression::Zstd, body, |r| check_records(r, count)),
+            other => Err(BatchError::UnsupportedCompression(other)),
+        }
+    }
+
+    /// Decodes the batch's records (decompressing if needed) and hands each to `f`.
+    pub fn for_each_record(&self, mut f: impl FnMut(RecordView<'_>)) -> Result<(), BatchError> {
+        let count = self.record_count();
+        let body = &self.bytes[HEADER_LEN..];
+        let mut visit = |records: &[u8]| -> Result<(), BatchError> {
+            let mut pos = 0;
+            for _ in 0..count {
+                let (record, len) = RecordView::parse(&records[pos..])?;
+                f(record);
+                pos += len;
+            }
+            Ok(())
+        };
+        match self.compression_id() {
+            0 => visit(body),
+            1 => decompress_then(Compression::Gzip, body, visit),
+            2 => decompress_then(Compression::Snappy, body, visit),
+            3 => decompress_then(Compression::Lz4, body, visit),
+            4 => decompress_then(Compression::Zstd, body, visit),
+            other => Err(BatchError::UnsupportedCompression(other)),
+        }
+    }
+}
+
+/// Sets base offset and partition leader epoch: the fields the CRC does not cover.
+pub fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
+    batch[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base_offset.to_be_bytes());
+    batch[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&leader_epoch.to_be_bytes());
+}
+
+fn decompress_then<R>(
+    codec: Compression,
+    body: &[u8],
+    f: impl FnOnce(&[u8]) -> Result<R, BatchError>,
+) -> Result<R, BatchError> {
+    let mut input = Bytes::copy_from_slice(body);
+    let fail = |e: anyhow::Error| corrupt(format!("cannot decompress {codec:?} records: {e}"));
+    let decompressed: Bytes = match codec {
+        Compression::Gzip => Gzip::decompress(&mut input, |b| Ok(b.clone())).map_err(fail)?,
+        Compression::Snappy => Snappy::decompress(&mut input, |b| Ok(b.clone())).map_err(fail)?,
+        Compression::Lz4 => Lz4::decompress(&mut input, |b| Ok(b.clone())).map_err(fail)?,
+        Compression::Zstd => Zstd::decompress(&mut input, |b| Ok(b.clone())).map_err(fail)?,
+        Compression::None => input,
+    };
+    f(&decompressed)
+}
+
+/// Walks `count` records; each must parse exactly and carry offset delta i.
+fn check_records(mut records: &[u8], count: i32) -> Result<(), BatchError> {
+    for i in 0..count {
+        let (record, len) = RecordView::parse(records)?;
+        if record.offset_delta != i {
+            return Err(BatchError::InvalidRecord(format!(
+                "record {i} has offset delta {}",
+                record.offset_delta
+            )));
+        }
+        records = &records[len..];
+    }
+    if !records.is_empty() {
+        return Err(corrupt(format!(
+            "{} trailing bytes after the last record",
+            records.len()
+        )));
+    }
+    Ok(())
+}
+
+/// One record inside a batch, borrowed from the (decompressed) record bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub timestamp_delta: i64,
+    pub offset_delta: i32,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    headers: &'a [u8],
+    header_count: i32,
+}
+
+impl<'a> RecordView<'a> {
+    /// Parses one record; returns it and the number of bytes it used.
+    pub fn parse(buf: &'a [u8]) -> Result<(Self, usize), BatchError> {
+        let mut r = Reader { buf, pos: 0 };
+        let length = r.varint()?;
+        if length < 0 {
+            return Err(corrupt("negative record length"));
+        }
+        let start = r.pos;
+        let end = start
+            .checked_add(length as usize)
+            .filter(|e| *e <= buf.len())
+            .ok_or_else(|| corrupt("record length beyond batch end"))?;
+        let mut r = Reader {
+            buf: &buf[..end],
+            pos: start,
+        };
+        let _attributes = r.take(1)?;
+        let timestamp_delta = r.varlong()?;
+        let offset_delta = r.varint()?;
+        let key = r.nullable_bytes()?;
+        let value = r.nullable_bytes()?;
+        let header_count = r.varint()?;
+        if header_count < 0 {
+            return Err(corrupt("negative header count"));
+        }
+        let headers_start = r.pos;
+        for _ in 0..header_count {
+            let key_len = r.varint()?;
+            if key_len < 0 {
+                return Err(corrupt("null header key"));
+            }
+            r.take(key_len as usize)?;
+            r.nullable_bytes()?;
+        }
+        if r.pos != end {
+            return Err(corrupt("record length does not match its fields"));
+        }
+        let view = RecordView {
+            timestamp_delta,
+            offset_delta,
+            key,
+            value,
+            headers: &buf[headers_start..end],
+            header_count,
+        };
+        Ok((view, end))
+    }
+
+    /// Headers as (key, value) pairs.
+    pub fn headers(&self) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
+        let mut r = Reader {
+            buf: self.headers,
+            pos: 0,
+        };
+        let mut out = Vec::with_capacity(self.header_count as usize);
+        for _ in 0..self.header_count {
+            // Already validated by parse.
+            let key_len = r.varint().unwrap_or(0).max(0) as usize;
+            let key = r.take(key_len).unwrap_or_default();
+            let value = r.nullable_bytes().unwrap_or(None);
+            out.push((key, value));
+        }
+        out
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BatchError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| corrupt("record field beyond record end"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn varlong(&mut self) -> Result<i64, BatchError> {
+        let mut value: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let byte = *self
+                .buf
+                .get(self.pos)
+                .ok_or_else(|| corrupt("truncated varint"))?;
+            self.pos += 1;
+            value |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        Err(corrupt("varint too long"))
+    }
+    fn varint(&mut self) -> Result<i32, BatchError> {
+        let v = self.varlong()?;
+        i32::try_from(v).map_err(|_| corrupt("varint out of range"))
+    }
+    fn nullable_bytes(&mut self) -> Result<Option<&'a [u8]>, BatchError> {
+        let len = self.varint()?;
+        if len < 0 {
+            return Ok(None);
+        }
+        self.take(len as usize).map(Some)
+    }
+}
+
+/// Splits a produce request's record set into batches, validating framing only.
+/// Returns (start, end) byte ranges of each batch.
+pub fn split_batches(records: &[u8]) -> Result<Vec<(usize, usize)>, BatchError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < records.len() {
+        let rest = &records[pos..];
+        if rest.len() < HEADER_LEN {
+            return Err(corrupt("truncated record batch header"));
+        }
+        if rest[MAGIC] != 2 {
+            return Err(corrupt(format!(
+                "message format v{} is not supported, only v2 record batches",
+                rest[MAGIC] as i8
+            )));
+        }
+        let len = be_i32(rest, BATCH_LENGTH);
+        if len < (HEADER_LEN - LOG_OVERHEAD) as i32 {
+            return Err(corrupt(format!("batch length {len} is too small")));
+        }
+        let total = LOG_OVERHEAD + len as usize;
+        if total > rest.len() {
+            return Err(corrupt("record batch is truncated"));
+        }
+        out.push((pos, pos + total));
+        pos += total;
+    }
+    if out.is_empty() {
+        return Err(corrupt("empty record set"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub mod test_support {
+    //! Builds real batches with the `kafka-protocol` encoder for tests.
+    use bytes::{Bytes, BytesMut};
+    use indexmap::IndexMap;
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+
+    pub fn batch(values: &[&[u8]], compression: Compression, timestamp: i64) -> Vec<u8> {
+        let records: Vec<Record> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                // The encoder keeps records in one batch while offset - sequence is constant.
+                sequence: i as i32 - 1,
+                timestamp: timestamp + i as i64,
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: Some(Bytes::copy_from_slice(v)),
+                headers: IndexMap::from([(
+                    StrBytes::from_static_str("h"),
+                    Some(Bytes::from_static(b"v")),
+                )]),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+        )
+        .unwrap();
+        buf.to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::batch;
+    use super::*;
+
+    #[test]
+    fn validates_every_codec() {
+        assert_eq!(split_batches(&batch(&[b"a", b"b"], Compression::None, 0)).unwrap().len(), 1);
+        for codec in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let b = batch(&[b"one", b"two", b"three"], codec, 1_000);
+            let view = BatchView::new(&b);
+            view.validate_incoming().unwrap();
+            assert_eq!(view.record_count(), 3);
+            let mut values = vec![];
+            view.for_each_record(|r| values.push(r.value.unwrap().to_vec()))
+                .unwrap();
+            assert_eq!(values, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn rejects_flipped_byte() {
+        let mut b = batch(&[b"payload"], Compression::None, 0);
+        let last = b.len() - 2;
+        b[last] ^= 0xff;
+        assert!(matches!(
+            BatchView::new(&b).validate_incoming(),
+            Err(BatchError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn stamping_keeps_crc_valid() {
+        let mut b = batch(&[b"x"], Compression::Lz4, 0);
+        stamp(&mut b, 42, 7);
+        let view = BatchView::new(&b);
+        view.check_integrity().unwrap();
+        assert_eq!(view.base_offset(), 42);
+        assert_eq!(view.leader_epoch(), 7);
+    }
+
+    #[test]
+    fn split_rejects_truncation() {
+        let b = batch(&[b"abc"], Compression::None, 0);
+        assert_eq!(split_batches(&b).unwrap(), vec![(0, b.len())]);
+        assert!(split_batches(&b[..b.len() - 1]).is_err());
+        assert!(split_batches(&b[..10]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = RecordView::parse(&data);
+            if let Ok(ranges) = split_batches(&data) {
+                for (s, e) in ranges {
+                    let _ = BatchView::new(&data[s..e]).validate_incoming();
+                }
+            }
+        }
+    }
+}
