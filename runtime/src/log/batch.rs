@@ -384,6 +384,152 @@ pub fn split_batches(records: &[u8]) -> Result<Vec<(usize, usize)>, BatchError> 
     Ok(out)
 }
 
+/// Builds one v2 batch record by record into a reusable buffer (the client side of produce).
+pub struct BatchBuilder {
+    buf: Vec<u8>,
+    count: i32,
+    base_timestamp: i64,
+    max_timestamp: i64,
+}
+
+impl BatchBuilder {
+    pub fn new(base_timestamp: i64) -> Self {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        buf.resize(HEADER_LEN, 0);
+        BatchBuilder {
+            buf,
+            count: 0,
+            base_timestamp,
+            max_timestamp: base_timestamp,
+        }
+    }
+
+    pub fn count(&self) -> i32 {
+        self.count
+    }
+
+    /// Bytes so far (uncompressed).
+    pub fn size(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn push(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&[u8], Option<&[u8]>)], timestamp: i64) {
+        let ts_delta = timestamp - self.base_timestamp;
+        let mut body_len = 1 + varlong_len(ts_delta) + varlong_len(self.count as i64);
+        body_len += nullable_len(key) + nullable_len(value) + varlong_len(headers.len() as i64);
+        for (k, v) in headers {
+            body_len += varlong_len(k.len() as i64) + k.len() + nullable_len(*v);
+        }
+        put_varlong(&mut self.buf, body_len as i64);
+        self.buf.push(0);
+        put_varlong(&mut self.buf, ts_delta);
+        put_varlong(&mut self.buf, self.count as i64);
+        put_nullable(&mut self.buf, key);
+        put_nullable(&mut self.buf, value);
+        put_varlong(&mut self.buf, headers.len() as i64);
+        for (k, v) in headers {
+            put_varlong(&mut self.buf, k.len() as i64);
+            self.buf.extend_from_slice(k);
+            put_nullable(&mut self.buf, *v);
+        }
+        self.count += 1;
+        self.max_timestamp = self.max_timestamp.max(timestamp);
+    }
+
+    /// Finishes the batch (compressing its records with `codec`) and returns its bytes.
+    pub fn finish(mut self, codec: Compression) -> Vec<u8> {
+        use kafka_protocol::compression::Compressor;
+        if codec != Compression::None {
+            let records = bytes::BytesMut::from(&self.buf[HEADER_LEN..]);
+            let mut out = bytes::BytesMut::with_capacity(records.len() / 2 + 64);
+            let put = |b: &mut bytes::BytesMut| -> anyhow::Result<()> {
+                b.extend_from_slice(&records);
+                Ok(())
+            };
+            let ok = match codec {
+                Compression::Gzip => Gzip::compress(&mut out, put),
+                Compression::Snappy => Snappy::compress(&mut out, put),
+                Compression::Lz4 => Lz4::compress(&mut out, put),
+                Compression::Zstd => Zstd::compress(&mut out, put),
+                Compression::None => Ok(()),
+            };
+            ok.expect("compressing into memory cannot fail");
+            self.buf.truncate(HEADER_LEN);
+            self.buf.extend_from_slice(&out);
+        }
+        let b = &mut self.buf;
+        let len = (b.len() - LOG_OVERHEAD) as i32;
+        b[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&0i64.to_be_bytes());
+        b[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
+        b[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&(-1i32).to_be_bytes());
+        b[MAGIC] = 2;
+        b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&(codec as i16).to_be_bytes());
+        b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4].copy_from_slice(&(self.count - 1).to_be_bytes());
+        b[BASE_TIMESTAMP..BASE_TIMESTAMP + 8].copy_from_slice(&self.base_timestamp.to_be_bytes());
+        b[MAX_TIMESTAMP..MAX_TIMESTAMP + 8].copy_from_slice(&self.max_timestamp.to_be_bytes());
+        b[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
+        b[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
+        b[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
+        b[RECORD_COUNT..RECORD_COUNT + 4].copy_from_slice(&self.count.to_be_bytes());
+        let crc = crc32c::crc32c(&b[ATTRIBUTES..]);
+        b[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        self.buf
+    }
+}
+
+fn varlong_len(v: i64) -> usize {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    let mut n = 1;
+    while z >= 0x80 {
+        z >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varlong(buf: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        buf.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    buf.push(z as u8);
+}
+
+fn nullable_len(b: Option<&[u8]>) -> usize {
+    match b {
+        None => 1,
+        Some(b) => varlong_len(b.len() as i64) + b.len(),
+    }
+}
+
+fn put_nullable(buf: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        None => put_varlong(buf, -1),
+        Some(b) => {
+            put_varlong(buf, b.len() as i64);
+            buf.extend_from_slice(b);
+        }
+    }
+}
+
+/// The complete batches at the start of `records`; a fetch may end with a cut-off batch.
+pub fn complete_batches(records: &[u8]) -> impl Iterator<Item = BatchView<'_>> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let rest = records.get(pos..)?;
+        if rest.len() < HEADER_LEN {
+            return None;
+        }
+        let total = LOG_OVERHEAD + usize::try_from(be_i32(rest, BATCH_LENGTH)).ok()?;
+        if total < HEADER_LEN || total > rest.len() {
+            return None;
+        }
+        pos += total;
+        Some(BatchView::new(&rest[..total]))
+    })
+}
+
 #[cfg(test)]
 pub mod test_support {
     //! Builds real batches with the `kafka-protocol` encoder for tests.
@@ -455,6 +601,27 @@ mod tests {
             view.for_each_record(|r| values.push(r.value.unwrap().to_vec()))
                 .unwrap();
             assert_eq!(values, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn builder_output_decodes_with_the_crate() {
+        use kafka_protocol::records::RecordBatchDecoder;
+        for codec in [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd] {
+            let mut b = BatchBuilder::new(1_000);
+            b.push(Some(b"k1"), Some(b"v1"), &[(b"h", Some(b"x"))], 1_000);
+            b.push(None, Some(&[7u8; 300]), &[], 1_005);
+            b.push(Some(b""), None, &[], 999);
+            let bytes = b.finish(codec);
+            BatchView::new(&bytes).validate_incoming().unwrap();
+            let set = RecordBatchDecoder::decode(&mut Bytes::from(bytes)).unwrap();
+            assert_eq!(set.records.len(), 3);
+            assert_eq!(set.records[0].key.as_deref(), Some(&b"k1"[..]));
+            assert_eq!(set.records[0].headers.len(), 1);
+            assert_eq!(set.records[1].value.as_deref(), Some(&[7u8; 300][..]));
+            assert_eq!(set.records[1].timestamp, 1_005);
+            assert_eq!(set.records[2].value, None);
+            assert_eq!(set.records[2].timestamp, 999);
         }
     }
 

@@ -244,7 +244,10 @@ impl Partition {
 
     /// Asks to be notified at the next append (long-polling fetches).
     pub fn register_waiter(&self, notify: Arc<Notify>) {
-        self.waiters.lock().push(notify);
+        let mut waiters = self.waiters.lock();
+        // Drop waiters whose fetch already returned, so an idle partition does not collect them.
+        waiters.retain(|w| Arc::strong_count(w) > 1);
+        waiters.push(notify);
     }
 
     /// Reads batches starting at the one containing `offset`, up to `max_bytes` (at least one

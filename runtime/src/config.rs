@@ -1,0 +1,90 @@
+//! Daemon settings: embedded defaults, then `weir.yaml`, then command-line flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::log::config::LogConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where topics and metadata live.
+    pub data_dir: PathBuf,
+    /// Kafka protocol listener.
+    pub kafka_addr: String,
+    /// HTTP API listener (health, later metrics and the pipeline API).
+    pub http_addr: String,
+    /// Host name given to clients in metadata; defaults to the listener's address.
+    pub advertised_host: Option<String>,
+    pub node_id: i32,
+    /// Create a topic when a client produces to or asks metadata for an unknown one.
+    pub auto_create_topics: bool,
+    /// Partitions of auto-created topics and of CreateTopics without a count.
+    pub default_partitions: i32,
+    /// Broker-wide defaults for topic configs, by their Kafka names (retention.ms, ...).
+    pub topic_defaults: BTreeMap<String, String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./weir-data"),
+            kafka_addr: "127.0.0.1:9092".into(),
+            http_addr: "127.0.0.1:8083".into(),
+            advertised_host: None,
+            node_id: 0,
+            auto_create_topics: true,
+            default_partitions: 1,
+            topic_defaults: BTreeMap::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads a settings file; errors name the file, line and column.
+    pub fn load(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let settings: Settings = serde_yaml::from_str(&text).map_err(|e| match e.location() {
+            Some(loc) => anyhow::anyhow!(
+                "{}:{}:{}: {}",
+                path.display(),
+                loc.line(),
+                loc.column(),
+                e
+            ),
+            None => anyhow::anyhow!("{}: {}", path.display(), e),
+        })?;
+        settings.log_defaults().with_context(|| format!("{}: topic_defaults", path.display()))?;
+        Ok(settings)
+    }
+
+    pub fn log_defaults(&self) -> Result<LogConfig> {
+        Ok(LogConfig::default().with_overrides(&self.topic_defaults)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_errors_name_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("weir.yaml");
+        std::fs::write(&p, "data_dir: /tmp/x\nkafka_adr: 1\n").unwrap();
+        let e = Settings::load(&p).unwrap_err().to_string();
+        assert!(e.contains("weir.yaml:2:"), "{e}");
+        assert!(e.contains("kafka_adr"), "{e}");
+        std::fs::write(&p, "topic_defaults:\n  retention.ms: soon\n").unwrap();
+        let e = format!("{:#}", Settings::load(&p).unwrap_err());
+        assert!(e.contains("retention.ms"), "{e}");
+        std::fs::write(&p, "default_partitions: 3\ntopic_defaults:\n  segment.bytes: '1048576'\n").unwrap();
+        let s = Settings::load(&p).unwrap();
+        assert_eq!(s.default_partitions, 3);
+        assert_eq!(s.log_defaults().unwrap().segment_bytes, 1 << 20);
+    }
+}

@@ -1,0 +1,357 @@
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
+//! AlterConfigs and IncrementalAlterConfigs.
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
+use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
+use kafka_protocol::messages::{
+    alter_configs_response, incremental_alter_configs_response, AlterConfigsRequest,
+    AlterConfigsResponse, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
+    CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse, DescribeConfigsRequest,
+    DescribeConfigsResponse, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+    TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::apis::RequestContext;
+use super::{str_bytes, topic_error_code, Broker};
+use crate::log::config::{LogConfig, KEYS};
+use crate::log::manager::TopicError;
+
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_STATIC_BROKER: i8 = 4;
+const SOURCE_DEFAULT: i8 = 5;
+const TYPE_STRING: i8 = 2;
+const TYPE_INT: i8 = 3;
+const TYPE_LONG: i8 = 5;
+const TYPE_LIST: i8 = 7;
+
+fn config_type(key: &str) -> i8 {
+    match key {
+        "cleanup.policy" => TYPE_LIST,
+        "max.message.bytes" | "segment.bytes" | "index.interval.bytes" => TYPE_INT,
+        _ => TYPE_LONG,
+    }
+}
+
+fn error_parts(e: &TopicError) -> (i16, Option<StrBytes>) {
+    (topic_error_code(e).code(), Some(str_bytes(e.to_string())))
+}
+
+pub fn create_topics(broker: &Broker, ctx: &RequestContext, req: CreateTopicsRequest) -> CreateTopicsResponse {
+    let mut results = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let mut result = CreatableTopicResult::default().with_name(t.name.clone());
+        let mut overrides = BTreeMap::new();
+        let mut null_value = None;
+        for c in &t.configs {
+            match &c.value {
+                Some(v) => {
+                    overrides.insert(c.name.to_string(), v.to_string());
+                }
+                None => null_value = Some(c.name.to_string()),
+            }
+        }
+        let partitions = if !t.assignments.is_empty() {
+            if let Some(a) = t.assignments.iter().find(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id) || a.broker_ids.len() != 1) {
+                result.error_code = ResponseError::InvalidReplicaAssignment.code();
+                result.error_message = Some(str_bytes(format!(
+                    "partition {} is assigned to brokers {:?}; this node is broker {}",
+                    a.partition_index,
+                    a.broker_ids.iter().map(|b| b.0).collect::<Vec<_>>(),
+                    broker.node_id
+                )));
+                results.push(result);
+                continue;
+            }
+            t.assignments.len() as i32
+        } else if t.num_partitions == -1 {
+            broker.default_partitions
+        } else {
+            t.num_partitions
+        };
+        if let Some(key) = null_value {
+            result.error_code = ResponseError::InvalidConfig.code();
+            result.error_message = Some(str_bytes(format!("config '{key}' has a null value")));
+            results.push(result);
+            continue;
+        }
+        let outcome = if req.validate_only {
+            broker
+                .log
+                .validate_new_topic(&name, partitions, t.replication_factor as i32, &overrides)
+                .map(|config| (None, config))
+        } else {
+            broker
+                .log
+                .create_topic(&name, partitions, t.replication_factor as i32, overrides.clone())
+                .map(|topic| (Some(topic.id), topic.config.clone()))
+        };
+        match outcome {
+            Ok((id, config)) => {
+                if let Some(id) = id {
+                    result.topic_id = id;
+                }
+                result.num_partitions = partitions;
+                result.replication_factor = 1;
+                if ctx.version >= 5 {
+                    result.configs = Some(
+                        KEYS.iter()
+                            .map(|(k, _)| {
+                                CreatableTopicConfigs::default()
+                                    .with_name(str_bytes(*k))
+                                    .with_value(config.get(k).map(str_bytes))
+                                    .with_config_source(if overrides.contains_key(*k) { SOURCE_TOPIC } else { SOURCE_DEFAULT })
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            Err(e) => {
+                (result.error_code, result.error_message) = error_parts(&e);
+                result.num_partitions = -1;
+                result.replication_factor = -1;
+            }
+        }
+        results.push(result);
+    }
+    CreateTopicsResponse::default().with_topics(results)
+}
+
+pub fn delete_topics(broker: &Broker, ctx: &RequestContext, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    let targets: Vec<(Option<String>, uuid::Uuid)> = if ctx.version >= 6 {
+        req.topics
+            .into_iter()
+            .map(|t| (t.name.map(|n| n.0.to_string()), t.topic_id))
+            .collect()
+    } else {
+        req.topic_names
+            .into_iter()
+            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+            .collect()
+    };
+    let responses = targets
+        .into_iter()
+        .map(|(name, id)| {
+            let name = name.or_else(|| broker.log.topic_by_id(id).map(|t| t.name.to_string()));
+            let mut r = DeletableTopicResult::default()
+                .with_name(name.clone().map(|n| TopicName(str_bytes(n))))
+                .with_topic_id(id);
+            let Some(name) = name else {
+                r.error_code = ResponseError::UnknownTopicId.code();
+                return r;
+            };
+            match broker.log.delete_topic(&name) {
+                Ok(t) => r.topic_id = t.id,
+                Err(e) => (r.error_code, r.error_message) = error_parts(&e),
+            }
+            r
+        })
+        .collect();
+    DeleteTopicsResponse::default().with_responses(responses)
+}
+
+pub fn create_partitions(broker: &Broker, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+    let results = req
+        .topics
+        .into_iter()
+        .map(|t| {
+            let mut r = CreatePartitionsTopicResult::default().with_name(t.name.clone());
+            let bad_assignment = t
+                .assignments
+                .iter()
+                .flatten()
+                .any(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id));
+            if bad_assignment {
+                r.error_code = ResponseError::InvalidReplicaAssignment.code();
+                r.error_message = Some(str_bytes(format!("only broker {} exists", broker.node_id)));
+            } else if let Err(e) = broker.log.create_partitions(&t.name.0, t.count, req.validate_only) {
+                (r.error_code, r.error_message) = error_parts(&e);
+            }
+            r
+        })
+        .collect();
+    CreatePartitionsResponse::default().with_results(results)
+}
+
+/// Broker-level settings under Kafka's broker config names.
+fn broker_configs(broker: &Broker) -> Vec<(&'static str, String)> {
+    let d: &LogConfig = broker.log.defaults();
+    vec![
+        ("auto.create.topics.enable", broker.auto_create_topics.to_string()),
+        ("broker.id", broker.node_id.to_string()),
+        ("log.cleanup.policy", d.get("cleanup.policy").unwrap_or_default()),
+        ("log.flush.interval.messages", d.flush_messages.to_string()),
+        ("log.flush.interval.ms", d.flush_ms.to_string()),
+        ("log.retention.bytes", d.retention_bytes.to_string()),
+        ("log.retention.ms", d.retention_ms.to_string()),
+        ("log.roll.ms", d.segment_ms.to_string()),
+        ("log.segment.bytes", d.segment_bytes.to_string()),
+        ("message.max.bytes", d.max_message_bytes.to_string()),
+        ("num.partitions", broker.default_partitions.to_string()),
+    ]
+}
+
+pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> DescribeConfigsResponse {
+    let results = req
+        .resources
+        .into_iter()
+        .map(|res| {
+            let mut out = DescribeConfigsResult::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name.clone());
+            let wanted = |k: &str| {
+                res.configuration_keys
+                    .as_ref()
+                    .is_none_or(|keys| keys.iter().any(|w| &**w == k))
+            };
+            let entry = |k: &str, v: String, source: i8, ty: i8, doc: Option<&str>| {
+                DescribeConfigsResourceResult::default()
+                    .with_name(str_bytes(k))
+                    .with_value(Some(str_bytes(v)))
+                    .with_config_source(source)
+                    .with_config_type(ty)
+                    .with_documentation(if req.include_documentation { doc.map(str_bytes) } else { None })
+            };
+            match res.resource_type {
+                RESOURCE_TOPIC => match broker.log.topic(&res.resource_name) {
+                    Some(t) => {
+                        out.configs = KEYS
+                            .iter()
+                            .filter(|(k, _)| wanted(k))
+                            .map(|(k, doc)| {
+                                let source = if t.overrides.contains_key(*k) { SOURCE_TOPIC } else { SOURCE_DEFAULT };
+                                entry(k, t.config.get(k).unwrap_or_default(), source, config_type(k), Some(doc))
+                            })
+                            .collect();
+                    }
+                    None => {
+                        out.error_code = ResponseError::UnknownTopicOrPartition.code();
+                        out.error_message = Some(str_bytes(format!("unknown topic '{}'", &*res.resource_name)));
+                    }
+                },
+                RESOURCE_BROKER if res.resource_name.is_empty() || *res.resource_name == *broker.node_id.to_string() => {
+                    out.configs = broker_configs(broker)
+                        .into_iter()
+                        .filter(|(k, _)| wanted(k))
+                        .map(|(k, v)| {
+                            let ty = if k == "auto.create.topics.enable" { 1 } else if k == "log.cleanup.policy" { TYPE_LIST } else { TYPE_STRING };
+                            entry(k, v, SOURCE_STATIC_BROKER, ty, None).with_read_only(true)
+                        })
+                        .collect();
+                }
+                _ => {
+                    out.error_code = ResponseError::InvalidRequest.code();
+                    out.error_message = Some(str_bytes(format!(
+                        "resource type {} '{}' is not supported",
+                        res.resource_type, &*res.resource_name
+                    )));
+                }
+            }
+            out
+        })
+        .collect();
+    DescribeConfigsResponse::default().with_results(results)
+}
+
+/// Applies new overrides to a topic resource; returns (error code, message).
+fn alter_topic(broker: &Broker, resource_type: i8, name: &str, edit: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), String>, validate_only: bool) -> (i16, Option<StrBytes>) {
+    if resource_type != RESOURCE_TOPIC {
+        return (
+            ResponseError::InvalidRequest.code(),
+            Some(str_bytes("only topic configs can be altered; broker settings come from weir.yaml")),
+        );
+    }
+    let Some(topic) = broker.log.topic(name) else {
+        return (ResponseError::UnknownTopicOrPartition.code(), Some(str_bytes(format!("unknown topic '{name}'"))));
+    };
+    let mut overrides = topic.overrides.clone();
+    if let Err(msg) = edit(&mut overrides) {
+        return (ResponseError::InvalidConfig.code(), Some(str_bytes(msg)));
+    }
+    match broker.log.set_topic_configs(name, overrides, validate_only) {
+        Ok(()) => (0, None),
+        Err(e) => error_parts(&e),
+    }
+}
+
+pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsResponse {
+    let responses = req
+        .resources
+        .into_iter()
+        .map(|res| {
+            let (code, msg) = alter_topic(broker, res.resource_type, &res.resource_name, |o| {
+                // AlterConfigs replaces the whole set of topic overrides.
+                o.clear();
+                for c in &res.configs {
+                    if let Some(v) = &c.value {
+                        o.insert(c.name.to_string(), v.to_string());
+                    }
+                }
+                Ok(())
+            }, req.validate_only);
+            alter_configs_response::AlterConfigsResourceResponse::default()
+                .with_error_code(code)
+                .with_error_message(msg)
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name)
+        })
+        .collect();
+    AlterConfigsResponse::default().with_responses(responses)
+}
+
+pub fn incremental_alter_configs(broker: &Broker, req: IncrementalAlterConfigsRequest) -> IncrementalAlterConfigsResponse {
+    let responses = req
+        .resources
+        .into_iter()
+        .map(|res| {
+            let defaults = broker.log.defaults().clone();
+            let (code, msg) = alter_topic(broker, res.resource_type, &res.resource_name, |o| {
+                for c in &res.configs {
+                    let key = c.name.to_string();
+                    let value = c.value.as_ref().map(|v| v.to_string());
+                    match (c.config_operation, value) {
+                        (0, Some(v)) => {
+                            o.insert(key, v);
+                        }
+                        (1, _) => {
+                            o.remove(&key);
+                        }
+                        (op @ (2 | 3), Some(v)) => {
+                            if config_type(&key) != TYPE_LIST {
+                                return Err(format!("'{key}' is not a list; APPEND and SUBTRACT apply to lists only"));
+                            }
+                            let current = o.get(&key).cloned().or_else(|| defaults.get(&key)).unwrap_or_default();
+                            let mut items: Vec<String> = current.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                            for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                                if op == 2 && !items.iter().any(|i| i == item) {
+                                    items.push(item.to_string());
+                                } else if op == 3 {
+                                    items.retain(|i| i != item);
+                                }
+                            }
+                            o.insert(key, items.join(","));
+                        }
+                        (op, _) => return Err(format!("operation {op} on '{key}' needs a value")),
+                    }
+                }
+                Ok(())
+            }, req.validate_only);
+            incremental_alter_configs_response::AlterConfigsResourceResponse::default()
+                .with_error_code(code)
+                .with_error_message(msg)
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name)
+        })
+        .collect();
+    IncrementalAlterConfigsResponse::default().with_responses(responses)
+}

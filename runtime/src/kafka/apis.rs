@@ -1,0 +1,82 @@
+//! Which APIs and versions this node implements, and the dispatch from request to handler.
+
+use std::net::SocketAddr;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestKind, ResponseKind};
+
+use super::{admin, fetch, metadata, produce, Broker};
+
+/// (API, lowest, highest version) that weir implements. Only these are advertised.
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+pub fn is_supported(key: ApiKey, version: i16) -> bool {
+    SUPPORTED
+        .iter()
+        .any(|&(k, lo, hi)| k == key && (lo..=hi).contains(&version))
+}
+
+pub struct RequestContext {
+    pub version: i16,
+    pub client_id: Option<String>,
+    pub peer: SocketAddr,
+}
+
+fn api_version_list() -> Vec<ApiVersion> {
+    SUPPORTED
+        .iter()
+        .map(|&(k, lo, hi)| {
+            ApiVersion::default()
+                .with_api_key(k as i16)
+                .with_min_version(lo)
+                .with_max_version(hi)
+        })
+        .collect()
+}
+
+pub fn api_versions_unsupported() -> ResponseKind {
+    ResponseKind::ApiVersions(
+        ApiVersionsResponse::default()
+            .with_error_code(ResponseError::UnsupportedVersion.code())
+            .with_api_keys(api_version_list()),
+    )
+}
+
+/// Handles one decoded request. None means no response is sent (produce with acks=0).
+pub async fn dispatch(broker: &Broker, ctx: &RequestContext, request: RequestKind) -> Option<ResponseKind> {
+    let response = match request {
+        RequestKind::ApiVersions(_) => {
+            ResponseKind::ApiVersions(ApiVersionsResponse::default().with_api_keys(api_version_list()))
+        }
+        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::metadata(broker, ctx, r)),
+        RequestKind::DescribeCluster(r) => ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r)),
+        RequestKind::Produce(r) => return produce::produce(broker, r).await.map(ResponseKind::Produce),
+        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::fetch(broker, ctx, r).await),
+        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(fetch::list_offsets(broker, ctx, r)),
+        RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(admin::create_topics(broker, ctx, r)),
+        RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(admin::delete_topics(broker, ctx, r)),
+        RequestKind::CreatePartitions(r) => ResponseKind::CreatePartitions(admin::create_partitions(broker, r)),
+        RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(admin::describe_configs(broker, r)),
+        RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(admin::alter_configs(broker, r)),
+        RequestKind::IncrementalAlterConfigs(r) => {
+            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(broker, r))
+        }
+        // is_supported() admits only the APIs above.
+        other => unreachable!("dispatch of unadvertised request {other:?}"),
+    };
+    Some(response)
+}

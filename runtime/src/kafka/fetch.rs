@@ -1,0 +1,173 @@
+//! Fetch (with long polling) and ListOffsets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::{
+    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,
+};
+use tokio::sync::Notify;
+
+use super::apis::RequestContext;
+use super::{read_error_code, Broker};
+use crate::log::partition::Partition;
+
+/// Longest a fetch may park, whatever the client asks.
+const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
+
+pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> FetchResponse {
+    // Fetch sessions (KIP-227) are declined: session id 0 makes every fetch a full one.
+    if ctx.version >= 7 && req.session_epoch > 0 {
+        return FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code());
+    }
+    let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
+    let deadline = tokio::time::Instant::now() + wait;
+    let min_bytes = req.min_bytes.max(0) as usize;
+    let max_bytes = if ctx.version >= 3 && req.max_bytes > 0 { req.max_bytes as u64 } else { i32::MAX as u64 };
+    loop {
+        let notify = Arc::new(Notify::new());
+        let (response, bytes, partitions) = read_once(broker, &req, max_bytes, &notify);
+        let errors = response
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .any(|p| p.error_code != 0);
+        if bytes >= min_bytes || errors || partitions == 0 || tokio::time::Instant::now() >= deadline {
+            return response;
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                let (response, _, _) = read_once(broker, &req, max_bytes, &Arc::new(Notify::new()));
+                return response;
+            }
+        }
+    }
+}
+
+/// One pass over the requested partitions. Registers `notify` with each so an append wakes the
+/// long poll. Returns the response, its record bytes and how many partitions were found.
+fn read_once(broker: &Broker, req: &FetchRequest, max_bytes: u64, notify: &Arc<Notify>) -> (FetchResponse, usize, usize) {
+    let mut remaining = max_bytes;
+    let mut total = 0usize;
+    let mut found = 0usize;
+    let mut topics = Vec::with_capacity(req.topics.len());
+    for ft in &req.topics {
+        let topic = broker.log.topic(&ft.topic.0);
+        let mut partitions = Vec::with_capacity(ft.partitions.len());
+        for fp in &ft.partitions {
+            let mut pd = PartitionData::default()
+                .with_partition_index(fp.partition)
+                .with_high_watermark(-1)
+                .with_last_stable_offset(-1)
+                .with_log_start_offset(-1)
+                .with_aborted_transactions(Some(vec![]));
+            let partition: Option<&Arc<Partition>> = topic
+                .as_ref()
+                .and_then(|t| usize::try_from(fp.partition).ok().and_then(|i| t.partitions.get(i)));
+            match partition {
+                None => pd.error_code = ResponseError::UnknownTopicOrPartition.code(),
+                Some(p) => {
+                    found += 1;
+                    p.register_waiter(notify.clone());
+                    let limit = (fp.partition_max_bytes.max(0) as u64).min(remaining);
+                    // KIP-74: the first batch of the response is sent whole even if it is larger.
+                    match p.read(fp.fetch_offset, limit, total == 0) {
+                        Ok(data) => {
+                            pd.high_watermark = data.high_watermark;
+                            pd.last_stable_offset = data.high_watermark;
+                            pd.log_start_offset = data.log_start_offset;
+                            let n = data.records.len();
+                            remaining = remaining.saturating_sub(n as u64);
+                            total += n;
+                            pd.records = Some(data.records);
+                        }
+                        Err(e) => {
+                            pd.error_code = read_error_code(&e).code();
+                            pd.high_watermark = p.high_watermark();
+                            pd.last_stable_offset = pd.high_watermark;
+                            pd.log_start_offset = p.log_start_offset();
+                        }
+                    }
+                }
+            }
+            partitions.push(pd);
+        }
+        topics.push(
+            FetchableTopicResponse::default()
+                .with_topic(ft.topic.clone())
+                .with_topic_id(ft.topic_id)
+                .with_partitions(partitions),
+        );
+    }
+    (FetchResponse::default().with_responses(topics), total, found)
+}
+
+/// Special timestamps of ListOffsets.
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+const MAX_TIMESTAMP: i64 = -3;
+
+pub fn list_offsets(broker: &Broker, ctx: &RequestContext, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|lt| {
+            let topic = broker.log.topic(&lt.name.0);
+            let partitions = lt
+                .partitions
+                .into_iter()
+                .map(|lp| {
+                    let mut r = ListOffsetsPartitionResponse::default()
+                        .with_partition_index(lp.partition_index)
+                        .with_timestamp(-1)
+                        .with_offset(-1);
+                    let p = topic
+                        .as_ref()
+                        .and_then(|t| usize::try_from(lp.partition_index).ok().and_then(|i| t.partitions.get(i)));
+                    let Some(p) = p else {
+                        r.error_code = ResponseError::UnknownTopicOrPartition.code();
+                        return r;
+                    };
+                    if ctx.version >= 4 {
+                        r.leader_epoch = p.leader_epoch();
+                    }
+                    let found = match lp.timestamp {
+                        LATEST => Ok(Some((p.high_watermark(), -1))),
+                        EARLIEST => Ok(Some((p.log_start_offset(), -1))),
+                        MAX_TIMESTAMP => match p.max_timestamp() {
+                            Some(ts) => p.offset_for_timestamp(ts),
+                            None => Ok(None),
+                        },
+                        ts if ts >= 0 => p.offset_for_timestamp(ts),
+                        _ => {
+                            r.error_code = ResponseError::InvalidRequest.code();
+                            return r;
+                        }
+                    };
+                    match found {
+                        Ok(Some((offset, ts))) => {
+                            r.offset = offset;
+                            r.timestamp = ts;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(topic = %p.topic, partition = p.id, error = %e, "offset lookup failed");
+                            r.error_code = ResponseError::KafkaStorageError.code();
+                        }
+                    }
+                    r
+                })
+                .collect();
+            ListOffsetsTopicResponse::default()
+                .with_name(lt.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    ListOffsetsResponse::default().with_topics(topics)
+}

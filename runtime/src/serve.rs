@@ -1,0 +1,73 @@
+//! `weir serve`: open the log, bind the listeners, run until SIGTERM/SIGINT, then flush.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Settings;
+use crate::kafka::{self, Broker};
+use crate::log::manager::LogManager;
+
+pub async fn run(settings: Settings) -> Result<()> {
+    let defaults = settings.log_defaults()?;
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
+    let log = Arc::new(
+        tokio::task::spawn_blocking({
+            let dir = settings.data_dir.clone();
+            move || LogManager::open(&dir, defaults)
+        })
+        .await??,
+    );
+    let kafka_listener = TcpListener::bind(&settings.kafka_addr)
+        .await
+        .with_context(|| format!("cannot listen for Kafka clients on {}", settings.kafka_addr))?;
+    let http_listener = TcpListener::bind(&settings.http_addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.http_addr))?;
+    let kafka_local = kafka_listener.local_addr()?;
+    let advertised_host = settings.advertised_host.clone().unwrap_or_else(|| {
+        if kafka_local.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            kafka_local.ip().to_string()
+        }
+    });
+    let broker = Arc::new(Broker {
+        node_id: settings.node_id,
+        cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
+        advertised_host,
+        advertised_port: kafka_local.port() as i32,
+        log: log.clone(),
+        auto_create_topics: settings.auto_create_topics,
+        default_partitions: settings.default_partitions.max(1),
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let maintenance = tokio::spawn(log.clone().run_maintenance(
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+        stop_rx.clone(),
+    ));
+    let kafka_task = tokio::spawn(kafka::server::serve(kafka_listener, broker.clone(), stop_rx.clone()));
+    let http_local = http_listener.local_addr()?;
+    let http_task = tokio::spawn(crate::http::serve(http_listener, broker.clone(), stop_rx.clone()));
+    tracing::info!(kafka = %kafka_local, http = %http_local, data_dir = %settings.data_dir.display(), "weir is serving");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = kafka_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    // The maintenance loop ends with a flush and checkpoint of every partition.
+    maintenance.await?;
+    tracing::info!("all partitions flushed; bye");
+    Ok(())
+}
