@@ -49,16 +49,14 @@ impl Settings {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let settings: Settings = serde_yaml::from_str(&text).map_err(|e| match e.location() {
-            Some(loc) => anyhow::anyhow!(
-                "{}:{}:{}: {}",
-                path.display(),
-                loc.line(),
-                loc.column(),
-                e
-            ),
+            Some(loc) => {
+                anyhow::anyhow!("{}:{}:{}: {}", path.display(), loc.line(), loc.column(), e)
+            }
             None => anyhow::anyhow!("{}: {}", path.display(), e),
         })?;
-        settings.log_defaults().with_context(|| format!("{}: topic_defaults", path.display()))?;
+        settings
+            .log_defaults()
+            .with_context(|| format!("{}: topic_defaults", path.display()))?;
         Ok(settings)
     }
 
@@ -82,7 +80,11 @@ mod tests {
         std::fs::write(&p, "topic_defaults:\n  retention.ms: soon\n").unwrap();
         let e = format!("{:#}", Settings::load(&p).unwrap_err());
         assert!(e.contains("retention.ms"), "{e}");
-        std::fs::write(&p, "default_partitions: 3\ntopic_defaults:\n  segment.bytes: '1048576'\n").unwrap();
+        std::fs::write(
+            &p,
+            "default_partitions: 3\ntopic_defaults:\n  segment.bytes: '1048576'\n",
+        )
+        .unwrap();
         let s = Settings::load(&p).unwrap();
         assert_eq!(s.default_partitions, 3);
         assert_eq!(s.log_defaults().unwrap().segment_bytes, 1 << 20);

@@ -8,7 +8,11 @@ use weir::cli;
 use weir::config::Settings;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "A streaming daemon: a Kafka-compatible log and a connector runtime")]
+#[command(
+    name = "weir",
+    version,
+    about = "A streaming daemon: a Kafka-compatible log and a connector runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,10 +63,18 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(async move {
         match args.command {
-            Command::Serve { config, data_dir, kafka_addr, http_addr, default_partitions } => {
+            Command::Serve {
+                config,
+                data_dir,
+                kafka_addr,
+                http_addr,
+                default_partitions,
+            } => {
                 let mut settings = match config {
                     Some(path) => Settings::load(&path)?,
                     None => Settings::default(),

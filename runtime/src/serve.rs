@@ -52,9 +52,17 @@ pub async fn run(settings: Settings) -> Result<()> {
         Duration::from_secs(30),
         stop_rx.clone(),
     ));
-    let kafka_task = tokio::spawn(kafka::server::serve(kafka_listener, broker.clone(), stop_rx.clone()));
+    let kafka_task = tokio::spawn(kafka::server::serve(
+        kafka_listener,
+        broker.clone(),
+        stop_rx.clone(),
+    ));
     let http_local = http_listener.local_addr()?;
-    let http_task = tokio::spawn(crate::http::serve(http_listener, broker.clone(), stop_rx.clone()));
+    let http_task = tokio::spawn(crate::http::serve(
+        http_listener,
+        broker.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(kafka = %kafka_local, http = %http_local, data_dir = %settings.data_dir.display(), "weir is serving");
 
     let mut term = signal(SignalKind::terminate())?;

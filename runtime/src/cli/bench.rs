@@ -82,7 +82,9 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn start_daemon(dir: &std::path::Path) -> Result<(Daemon, String)> {
@@ -99,7 +101,10 @@ async fn start_daemon(dir: &std::path::Path) -> Result<(Daemon, String)> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("cannot start the daemon")?;
-    let daemon = Daemon { child, dir: dir.to_path_buf() };
+    let daemon = Daemon {
+        child,
+        dir: dir.to_path_buf(),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if Connection::connect(&kafka).await.is_ok() {
@@ -162,7 +167,8 @@ impl PhaseResult {
         self.bytes as f64 / self.seconds / 1e6
     }
     fn cpu_per_mb_ms(&self) -> Option<f64> {
-        self.daemon_cpu.map(|c| c * 1000.0 / (self.bytes as f64 / 1e6))
+        self.daemon_cpu
+            .map(|c| c * 1000.0 / (self.bytes as f64 / 1e6))
     }
 }
 
@@ -181,7 +187,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
     };
     let disk = if args.disk_baseline_mib > 0 {
-        let dir = if args.brokers.is_some() { std::env::temp_dir() } else { args.data_dir.clone() };
+        let dir = if args.brokers.is_some() {
+            std::env::temp_dir()
+        } else {
+            args.data_dir.clone()
+        };
         Some(disk_write_rate(&dir, args.disk_baseline_mib)?)
     } else {
         None
@@ -190,14 +200,22 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut conn = Connection::connect(&brokers).await?;
     let mut configs = vec![];
     if args.fsync {
-        configs.push(CreatableTopicConfig::default().with_name(str_bytes("flush.messages")).with_value(Some(str_bytes("1"))));
+        configs.push(
+            CreatableTopicConfig::default()
+                .with_name(str_bytes("flush.messages"))
+                .with_value(Some(str_bytes("1"))),
+        );
     }
     let resp = conn
-        .call(&CreateTopicsRequest::default().with_timeout_ms(30_000).with_topics(vec![CreatableTopic::default()
-            .with_name(TopicName(str_bytes(topic.clone())))
-            .with_num_partitions(args.partitions)
-            .with_replication_factor(-1)
-            .with_configs(configs)]))
+        .call(
+            &CreateTopicsRequest::default()
+                .with_timeout_ms(30_000)
+                .with_topics(vec![CreatableTopic::default()
+                    .with_name(TopicName(str_bytes(topic.clone())))
+                    .with_num_partitions(args.partitions)
+                    .with_replication_factor(-1)
+                    .with_configs(configs)]),
+        )
         .await?;
     for t in &resp.topics {
         check(t.error_code, "create benchmark topic")?;
@@ -212,7 +230,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "weir bench: {} records x {} B, {} partition(s), acks={}, fsync={}, compression={}, batch {} B, {} in flight",
         args.records, args.record_size, args.partitions, args.acks, args.fsync, args.compression, args.batch_bytes, args.in_flight
     );
-    println!("{:<10} {:>14} {:>10} {:>10} {:>16}", "phase", "records/s", "MB/s", "seconds", "daemon CPU ms/MB");
+    println!(
+        "{:<10} {:>14} {:>10} {:>10} {:>16}",
+        "phase", "records/s", "MB/s", "seconds", "daemon CPU ms/MB"
+    );
     for (name, r) in [("produce", &produce), ("consume", &consume)] {
         println!(
             "{:<10} {:>14.0} {:>10.1} {:>10.2} {:>16}",
@@ -281,7 +302,8 @@ async fn produce_phase(
     let reader = {
         let window = window.clone();
         tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             while let Some((sent_at, version)) = sent_rx.recv().await {
                 if acks_expected {
                     let resp = receiver.recv::<ProduceRequest>(version).await?;
@@ -326,7 +348,9 @@ async fn produce_phase(
         window.acquire().await?.forget();
         let version = sender.send(&req).await?;
         sender.flush().await?;
-        sent_tx.send((Instant::now(), version)).map_err(|_| anyhow!("response reader stopped"))?;
+        sent_tx
+            .send((Instant::now(), version))
+            .map_err(|_| anyhow!("response reader stopped"))?;
     }
     drop(sent_tx);
     let hist = reader.await??;
@@ -336,12 +360,22 @@ async fn produce_phase(
         _ => None,
     };
     Ok((
-        PhaseResult { seconds, records: produced, bytes: produced * args.record_size as u64, daemon_cpu },
+        PhaseResult {
+            seconds,
+            records: produced,
+            bytes: produced * args.record_size as u64,
+            daemon_cpu,
+        },
         hist,
     ))
 }
 
-async fn consume_phase(args: &BenchArgs, brokers: &str, topic: &str, pid: Option<u32>) -> Result<PhaseResult> {
+async fn consume_phase(
+    args: &BenchArgs,
+    brokers: &str,
+    topic: &str,
+    pid: Option<u32>,
+) -> Result<PhaseResult> {
     let mut conn = Connection::connect(brokers).await?;
     let mut positions: BTreeMap<i32, i64> = (0..args.partitions).map(|p| (p, 0)).collect();
     let cpu_before = pid.and_then(cpu_seconds);
@@ -375,5 +409,10 @@ async fn consume_phase(args: &BenchArgs, brokers: &str, topic: &str, pid: Option
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    Ok(PhaseResult { seconds, records: consumed, bytes: consumed * args.record_size as u64, daemon_cpu })
+    Ok(PhaseResult {
+        seconds,
+        records: consumed,
+        bytes: consumed * args.record_size as u64,
+        daemon_cpu,
+    })
 }

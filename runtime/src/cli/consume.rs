@@ -40,27 +40,46 @@ pub struct ConsumeArgs {
 }
 
 /// Offsets of `partitions` at `timestamp` (-2 earliest, -1 latest).
-pub async fn list_offsets(conn: &mut Connection, topic: &str, partitions: &[i32], timestamp: i64) -> Result<BTreeMap<i32, i64>> {
-    let req = ListOffsetsRequest::default().with_replica_id(BrokerId(-1)).with_topics(vec![ListOffsetsTopic::default()
-        .with_name(TopicName(str_bytes(topic)))
-        .with_partitions(
-            partitions
-                .iter()
-                .map(|&p| ListOffsetsPartition::default().with_partition_index(p).with_timestamp(timestamp))
-                .collect(),
-        )]);
+pub async fn list_offsets(
+    conn: &mut Connection,
+    topic: &str,
+    partitions: &[i32],
+    timestamp: i64,
+) -> Result<BTreeMap<i32, i64>> {
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(TopicName(str_bytes(topic)))
+            .with_partitions(
+                partitions
+                    .iter()
+                    .map(|&p| {
+                        ListOffsetsPartition::default()
+                            .with_partition_index(p)
+                            .with_timestamp(timestamp)
+                    })
+                    .collect(),
+            )]);
     let resp = conn.call(&req).await?;
     let mut out = BTreeMap::new();
     for t in resp.topics {
         for p in t.partitions {
-            check(p.error_code, &format!("offsets of {topic}/{}", p.partition_index))?;
+            check(
+                p.error_code,
+                &format!("offsets of {topic}/{}", p.partition_index),
+            )?;
             out.insert(p.partition_index, p.offset);
         }
     }
     Ok(out)
 }
 
-pub fn fetch_request(topic: &str, positions: &BTreeMap<i32, i64>, max_wait_ms: i32, partition_max_bytes: i32) -> FetchRequest {
+pub fn fetch_request(
+    topic: &str,
+    positions: &BTreeMap<i32, i64>,
+    max_wait_ms: i32,
+    partition_max_bytes: i32,
+) -> FetchRequest {
     FetchRequest::default()
         .with_replica_id(BrokerId(-1))
         .with_max_wait_ms(max_wait_ms)
@@ -68,19 +87,21 @@ pub fn fetch_request(topic: &str, positions: &BTreeMap<i32, i64>, max_wait_ms: i
         .with_max_bytes(64 << 20)
         .with_session_id(0)
         .with_session_epoch(-1)
-        .with_topics(vec![FetchTopic::default().with_topic(TopicName(str_bytes(topic))).with_partitions(
-            positions
-                .iter()
-                .map(|(&p, &o)| {
-                    FetchPartition::default()
-                        .with_partition(p)
-                        .with_fetch_offset(o)
-                        .with_partition_max_bytes(partition_max_bytes)
-                        .with_current_leader_epoch(-1)
-                        .with_log_start_offset(-1)
-                })
-                .collect(),
-        )])
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(str_bytes(topic)))
+            .with_partitions(
+                positions
+                    .iter()
+                    .map(|(&p, &o)| {
+                        FetchPartition::default()
+                            .with_partition(p)
+                            .with_fetch_offset(o)
+                            .with_partition_max_bytes(partition_max_bytes)
+                            .with_current_leader_epoch(-1)
+                            .with_log_start_offset(-1)
+                    })
+                    .collect(),
+            )])
 }
 
 pub async fn run(args: ConsumeArgs) -> Result<()> {
@@ -93,7 +114,15 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
     };
     let mut positions = match args.offset {
         Some(o) => partitions.iter().map(|&p| (p, o)).collect(),
-        None => list_offsets(&mut conn, &args.topic, &partitions, if args.from_beginning { -2 } else { -1 }).await?,
+        None => {
+            list_offsets(
+                &mut conn,
+                &args.topic,
+                &partitions,
+                if args.from_beginning { -2 } else { -1 },
+            )
+            .await?
+        }
     };
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
     let mut printed = 0u64;
@@ -104,10 +133,17 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
         if args.count.is_some_and(|n| printed >= n) {
             break;
         }
-        if args.exit_at_end && ends.len() == positions.len() && positions.iter().all(|(p, o)| ends.get(p).is_some_and(|e| o >= e)) {
+        if args.exit_at_end
+            && ends.len() == positions.len()
+            && positions
+                .iter()
+                .all(|(p, o)| ends.get(p).is_some_and(|e| o >= e))
+        {
             break;
         }
-        let resp = conn.call(&fetch_request(&args.topic, &positions, 500, 1 << 20)).await?;
+        let resp = conn
+            .call(&fetch_request(&args.topic, &positions, 500, 1 << 20))
+            .await?;
         check(resp.error_code, "fetch")?;
         for t in resp.responses {
             for pd in t.partitions {
@@ -115,7 +151,10 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
                 if pd.error_code == 1 {
                     // Offset out of range: restart from the earliest offset still kept.
                     let start = list_offsets(&mut conn, &args.topic, &[p], -2).await?;
-                    eprintln!("partition {p}: offset {} is out of range; resuming at {}", positions[&p], start[&p]);
+                    eprintln!(
+                        "partition {p}: offset {} is out of range; resuming at {}",
+                        positions[&p], start[&p]
+                    );
                     positions.extend(start);
                     continue;
                 }
@@ -131,7 +170,10 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
                         let mut err = Ok(());
                         batch.for_each_record(|r| {
                             let offset = base + r.offset_delta as i64;
-                            if offset < pos || args.count.is_some_and(|n| printed >= n) || err.is_err() {
+                            if offset < pos
+                                || args.count.is_some_and(|n| printed >= n)
+                                || err.is_err()
+                            {
                                 return;
                             }
                             printed += 1;
@@ -152,7 +194,8 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
                                 });
                                 writeln!(out, "{line}")
                             } else {
-                                out.write_all(r.value.unwrap_or_default()).and_then(|_| out.write_all(b"\n"))
+                                out.write_all(r.value.unwrap_or_default())
+                                    .and_then(|_| out.write_all(b"\n"))
                             };
                         })?;
                         err?;

@@ -15,16 +15,28 @@ use crate::kafka::str_bytes;
 #[derive(clap::Args, Clone)]
 pub struct ConnectArgs {
     /// Broker address (host:port)
-    #[arg(long, short = 'b', global = true, default_value = "127.0.0.1:9092", env = "WEIR_BROKERS")]
+    #[arg(
+        long,
+        short = 'b',
+        global = true,
+        default_value = "127.0.0.1:9092",
+        env = "WEIR_BROKERS"
+    )]
     pub brokers: String,
 }
 
 /// Partition ids of `topic`; creates it when the broker auto-creates topics and `create` is set.
-pub async fn topic_partitions(conn: &mut Connection, topic: &str, create: bool) -> Result<Vec<i32>> {
+pub async fn topic_partitions(
+    conn: &mut Connection,
+    topic: &str,
+    create: bool,
+) -> Result<Vec<i32>> {
     let resp = conn
         .call(
             &MetadataRequest::default()
-                .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(TopicName(str_bytes(topic))))]))
+                .with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(TopicName(str_bytes(topic))))
+                ]))
                 .with_allow_auto_topic_creation(create),
         )
         .await?;

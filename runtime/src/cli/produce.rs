@@ -56,7 +56,8 @@ pub fn parse_acks(s: &str) -> Result<i16> {
 
 /// The key of an NDJSON line: the field's string value, or its JSON text for other types.
 fn key_of(line: &[u8], field: &str, n: usize) -> Result<Vec<u8>> {
-    let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| anyhow!("stdin line {n}: not JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| anyhow!("stdin line {n}: not JSON: {e}"))?;
     match v.get(field) {
         Some(serde_json::Value::String(s)) => Ok(s.clone().into_bytes()),
         Some(serde_json::Value::Null) | None => bail!("stdin line {n}: no field '{field}'"),
@@ -154,7 +155,9 @@ async fn flush(
         .into_iter()
         .map(|(p, b)| {
             count += b.count() as u64;
-            PartitionProduceData::default().with_index(p).with_records(Some(b.finish(codec).into()))
+            PartitionProduceData::default()
+                .with_index(p)
+                .with_records(Some(b.finish(codec).into()))
         })
         .collect();
     let req = ProduceRequest::default()
@@ -171,10 +174,12 @@ async fn flush(
     let resp = conn.call(&req).await?;
     for t in resp.responses {
         for p in t.partition_responses {
-            check(p.error_code, &format!("produce to {topic}/{}", p.index)).map_err(|e| match &p.error_message {
-                Some(m) => anyhow!("{e}: {m}"),
-                None => e,
-            })?;
+            check(p.error_code, &format!("produce to {topic}/{}", p.index)).map_err(
+                |e| match &p.error_message {
+                    Some(m) => anyhow!("{e}: {m}"),
+                    None => e,
+                },
+            )?;
         }
     }
     Ok(count)

@@ -9,8 +9,8 @@ use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{
-    CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest, ListOffsetsRequest, MetadataRequest,
-    TopicName,
+    CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest, ListOffsetsRequest,
+    MetadataRequest, TopicName,
 };
 
 use super::ConnectArgs;
@@ -45,7 +45,11 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
     let mut c = Connection::connect(&conn.brokers).await?;
     match cmd {
-        TopicCommand::Create { name, partitions, configs } => {
+        TopicCommand::Create {
+            name,
+            partitions,
+            configs,
+        } => {
             let topic = CreatableTopic::default()
                 .with_name(TopicName(str_bytes(name.clone())))
                 .with_num_partitions(partitions)
@@ -53,22 +57,41 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
                 .with_configs(
                     configs
                         .into_iter()
-                        .map(|(k, v)| CreatableTopicConfig::default().with_name(str_bytes(k)).with_value(Some(str_bytes(v))))
+                        .map(|(k, v)| {
+                            CreatableTopicConfig::default()
+                                .with_name(str_bytes(k))
+                                .with_value(Some(str_bytes(v)))
+                        })
                         .collect(),
                 );
             let resp = c
-                .call(&CreateTopicsRequest::default().with_topics(vec![topic]).with_timeout_ms(30_000))
+                .call(
+                    &CreateTopicsRequest::default()
+                        .with_topics(vec![topic])
+                        .with_timeout_ms(30_000),
+                )
                 .await?;
-            let r = resp.topics.first().ok_or_else(|| anyhow!("empty CreateTopics response"))?;
-            check(r.error_code, &format!("cannot create topic '{name}'")).map_err(|e| match &r.error_message {
+            let r = resp
+                .topics
+                .first()
+                .ok_or_else(|| anyhow!("empty CreateTopics response"))?;
+            check(r.error_code, &format!("cannot create topic '{name}'")).map_err(|e| match &r
+                .error_message
+            {
                 Some(m) => anyhow!("{e}: {m}"),
                 None => e,
             })?;
             println!("created topic {name} with {partitions} partition(s)");
         }
         TopicCommand::List => {
-            let resp = c.call(&MetadataRequest::default().with_topics(None)).await?;
-            let mut names: Vec<String> = resp.topics.iter().filter_map(|t| t.name.as_ref().map(|n| n.0.to_string())).collect();
+            let resp = c
+                .call(&MetadataRequest::default().with_topics(None))
+                .await?;
+            let mut names: Vec<String> = resp
+                .topics
+                .iter()
+                .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
+                .collect();
             names.sort();
             for n in names {
                 println!("{n}");
@@ -78,10 +101,15 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
         TopicCommand::Delete { name } => {
             let req = DeleteTopicsRequest::default()
                 .with_topic_names(vec![TopicName(str_bytes(name.clone()))])
-                .with_topics(vec![DeleteTopicState::default().with_name(Some(TopicName(str_bytes(name.clone()))))])
+                .with_topics(vec![
+                    DeleteTopicState::default().with_name(Some(TopicName(str_bytes(name.clone()))))
+                ])
                 .with_timeout_ms(30_000);
             let resp = c.call(&req).await?;
-            let r = resp.responses.first().ok_or_else(|| anyhow!("empty DeleteTopics response"))?;
+            let r = resp
+                .responses
+                .first()
+                .ok_or_else(|| anyhow!("empty DeleteTopics response"))?;
             check(r.error_code, &format!("cannot delete topic '{name}'"))?;
             println!("deleted topic {name}");
         }
@@ -92,14 +120,20 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
 async fn describe(c: &mut Connection, name: &str) -> Result<()> {
     let partitions = super::topic_partitions(c, name, false).await?;
     let offsets = |ts: i64| {
-        ListOffsetsRequest::default().with_replica_id(kafka_protocol::messages::BrokerId(-1)).with_topics(vec![ListOffsetsTopic::default()
-            .with_name(TopicName(str_bytes(name)))
-            .with_partitions(
-                partitions
-                    .iter()
-                    .map(|&p| ListOffsetsPartition::default().with_partition_index(p).with_timestamp(ts))
-                    .collect(),
-            )])
+        ListOffsetsRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(TopicName(str_bytes(name)))
+                .with_partitions(
+                    partitions
+                        .iter()
+                        .map(|&p| {
+                            ListOffsetsPartition::default()
+                                .with_partition_index(p)
+                                .with_timestamp(ts)
+                        })
+                        .collect(),
+                )])
     };
     let mut start = BTreeMap::new();
     let mut end = BTreeMap::new();
@@ -107,28 +141,47 @@ async fn describe(c: &mut Connection, name: &str) -> Result<()> {
         let resp = c.call(&offsets(ts)).await?;
         for t in resp.topics {
             for p in t.partitions {
-                check(p.error_code, &format!("offsets of {name}/{}", p.partition_index))?;
+                check(
+                    p.error_code,
+                    &format!("offsets of {name}/{}", p.partition_index),
+                )?;
                 into.insert(p.partition_index, p.offset);
             }
         }
     }
     let total: i64 = partitions.iter().map(|p| end[p] - start[p]).sum();
-    println!("Topic: {name}\tpartitions: {}\trecords: {total}", partitions.len());
+    println!(
+        "Topic: {name}\tpartitions: {}\trecords: {total}",
+        partitions.len()
+    );
     for p in &partitions {
-        println!("  partition {p}\tleader: 0\tlog-start: {}\tlog-end: {}", start[p], end[p]);
+        println!(
+            "  partition {p}\tleader: 0\tlog-start: {}\tlog-end: {}",
+            start[p], end[p]
+        );
     }
     let resp = c
-        .call(&DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+        .call(&DescribeConfigsRequest::default().with_resources(
+            vec![DescribeConfigsResource::default()
             .with_resource_type(2)
             .with_resource_name(str_bytes(name))
-            .with_configuration_keys(None)]))
+            .with_configuration_keys(None)],
+        ))
         .await?;
     println!("Configs:");
     for r in resp.results {
         check(r.error_code, &format!("configs of {name}"))?;
         for cfg in r.configs {
-            let source = if cfg.config_source == 1 { "set on topic" } else { "default" };
-            println!("  {} = {}\t({source})", &*cfg.name, cfg.value.as_deref().unwrap_or("null"));
+            let source = if cfg.config_source == 1 {
+                "set on topic"
+            } else {
+                "default"
+            };
+            println!(
+                "  {} = {}\t({source})",
+                &*cfg.name,
+                cfg.value.as_deref().unwrap_or("null")
+            );
         }
     }
     Ok(())

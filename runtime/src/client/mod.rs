@@ -22,10 +22,12 @@ pub struct Versions(HashMap<i16, i16>);
 
 impl Versions {
     pub fn get<R: Request>(&self) -> Result<i16> {
-        self.0
-            .get(&R::KEY)
-            .copied()
-            .ok_or_else(|| anyhow!("the broker does not support API {:?}", ApiKey::try_from(R::KEY)))
+        self.0.get(&R::KEY).copied().ok_or_else(|| {
+            anyhow!(
+                "the broker does not support API {:?}",
+                ApiKey::try_from(R::KEY)
+            )
+        })
     }
 }
 
@@ -85,7 +87,11 @@ impl Sender {
 impl Receiver {
     /// Reads the next response frame (without its length).
     pub async fn frame(&mut self) -> Result<Bytes> {
-        let len = self.reader.read_i32().await.context("connection closed by broker")?;
+        let len = self
+            .reader
+            .read_i32()
+            .await
+            .context("connection closed by broker")?;
         if !(4..=1 << 30).contains(&len) {
             bail!("broker sent a frame of {len} bytes");
         }
@@ -97,8 +103,11 @@ impl Receiver {
     /// Reads and decodes the next response as `R::Response` at `version`.
     pub async fn recv<R: Request>(&mut self, version: i16) -> Result<R::Response> {
         let mut frame = self.frame().await?;
-        ResponseHeader::decode(&mut frame, <R::Response as HeaderVersion>::header_version(version))?;
-        Ok(R::Response::decode(&mut frame, version)?)
+        ResponseHeader::decode(
+            &mut frame,
+            <R::Response as HeaderVersion>::header_version(version),
+        )?;
+        R::Response::decode(&mut frame, version)
     }
 }
 
@@ -126,7 +135,9 @@ impl Connection {
             .send_version(
                 &ApiVersionsRequest::default()
                     .with_client_software_name(StrBytes::from_static_str("weir"))
-                    .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION"))),
+                    .with_client_software_version(StrBytes::from_static_str(env!(
+                        "CARGO_PKG_VERSION"
+                    ))),
                 version,
             )
             .await?;
@@ -135,7 +146,10 @@ impl Connection {
         let mut frame = conn.receiver.frame().await?;
         ResponseHeader::decode(&mut frame, 0)?;
         let error = i16::from_be_bytes(
-            frame.get(0..2).ok_or_else(|| anyhow!("short ApiVersions response"))?.try_into()?,
+            frame
+                .get(0..2)
+                .ok_or_else(|| anyhow!("short ApiVersions response"))?
+                .try_into()?,
         );
         let resp = if error == 35 {
             kafka_protocol::messages::ApiVersionsResponse::decode(&mut frame, 0)?

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
-use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult,
+};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
@@ -46,7 +48,11 @@ fn error_parts(e: &TopicError) -> (i16, Option<StrBytes>) {
     (topic_error_code(e).code(), Some(str_bytes(e.to_string())))
 }
 
-pub fn create_topics(broker: &Broker, ctx: &RequestContext, req: CreateTopicsRequest) -> CreateTopicsResponse {
+pub fn create_topics(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: CreateTopicsRequest,
+) -> CreateTopicsResponse {
     let mut results = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let name = t.name.0.to_string();
@@ -62,7 +68,9 @@ pub fn create_topics(broker: &Broker, ctx: &RequestContext, req: CreateTopicsReq
             }
         }
         let partitions = if !t.assignments.is_empty() {
-            if let Some(a) = t.assignments.iter().find(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id) || a.broker_ids.len() != 1) {
+            if let Some(a) = t.assignments.iter().find(|a| {
+                a.broker_ids.iter().any(|b| b.0 != broker.node_id) || a.broker_ids.len() != 1
+            }) {
                 result.error_code = ResponseError::InvalidReplicaAssignment.code();
                 result.error_message = Some(str_bytes(format!(
                     "partition {} is assigned to brokers {:?}; this node is broker {}",
@@ -93,7 +101,12 @@ pub fn create_topics(broker: &Broker, ctx: &RequestContext, req: CreateTopicsReq
         } else {
             broker
                 .log
-                .create_topic(&name, partitions, t.replication_factor as i32, overrides.clone())
+                .create_topic(
+                    &name,
+                    partitions,
+                    t.replication_factor as i32,
+                    overrides.clone(),
+                )
                 .map(|topic| (Some(topic.id), topic.config.clone()))
         };
         match outcome {
@@ -110,7 +123,11 @@ pub fn create_topics(broker: &Broker, ctx: &RequestContext, req: CreateTopicsReq
                                 CreatableTopicConfigs::default()
                                     .with_name(str_bytes(*k))
                                     .with_value(config.get(k).map(str_bytes))
-                                    .with_config_source(if overrides.contains_key(*k) { SOURCE_TOPIC } else { SOURCE_DEFAULT })
+                                    .with_config_source(if overrides.contains_key(*k) {
+                                        SOURCE_TOPIC
+                                    } else {
+                                        SOURCE_DEFAULT
+                                    })
                             })
                             .collect(),
                     );
@@ -127,7 +144,11 @@ pub fn create_topics(broker: &Broker, ctx: &RequestContext, req: CreateTopicsReq
     CreateTopicsResponse::default().with_topics(results)
 }
 
-pub fn delete_topics(broker: &Broker, ctx: &RequestContext, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+pub fn delete_topics(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
     let targets: Vec<(Option<String>, uuid::Uuid)> = if ctx.version >= 6 {
         req.topics
             .into_iter()
@@ -160,7 +181,10 @@ pub fn delete_topics(broker: &Broker, ctx: &RequestContext, req: DeleteTopicsReq
     DeleteTopicsResponse::default().with_responses(responses)
 }
 
-pub fn create_partitions(broker: &Broker, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+pub fn create_partitions(
+    broker: &Broker,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
     let results = req
         .topics
         .into_iter()
@@ -174,7 +198,11 @@ pub fn create_partitions(broker: &Broker, req: CreatePartitionsRequest) -> Creat
             if bad_assignment {
                 r.error_code = ResponseError::InvalidReplicaAssignment.code();
                 r.error_message = Some(str_bytes(format!("only broker {} exists", broker.node_id)));
-            } else if let Err(e) = broker.log.create_partitions(&t.name.0, t.count, req.validate_only) {
+            } else if let Err(e) =
+                broker
+                    .log
+                    .create_partitions(&t.name.0, t.count, req.validate_only)
+            {
                 (r.error_code, r.error_message) = error_parts(&e);
             }
             r
@@ -187,9 +215,15 @@ pub fn create_partitions(broker: &Broker, req: CreatePartitionsRequest) -> Creat
 fn broker_configs(broker: &Broker) -> Vec<(&'static str, String)> {
     let d: &LogConfig = broker.log.defaults();
     vec![
-        ("auto.create.topics.enable", broker.auto_create_topics.to_string()),
+        (
+            "auto.create.topics.enable",
+            broker.auto_create_topics.to_string(),
+        ),
         ("broker.id", broker.node_id.to_string()),
-        ("log.cleanup.policy", d.get("cleanup.policy").unwrap_or_default()),
+        (
+            "log.cleanup.policy",
+            d.get("cleanup.policy").unwrap_or_default(),
+        ),
         ("log.flush.interval.messages", d.flush_messages.to_string()),
         ("log.flush.interval.ms", d.flush_ms.to_string()),
         ("log.retention.bytes", d.retention_bytes.to_string()),
@@ -220,7 +254,11 @@ pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> Describ
                     .with_value(Some(str_bytes(v)))
                     .with_config_source(source)
                     .with_config_type(ty)
-                    .with_documentation(if req.include_documentation { doc.map(str_bytes) } else { None })
+                    .with_documentation(if req.include_documentation {
+                        doc.map(str_bytes)
+                    } else {
+                        None
+                    })
             };
             match res.resource_type {
                 RESOURCE_TOPIC => match broker.log.topic(&res.resource_name) {
@@ -229,22 +267,44 @@ pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> Describ
                             .iter()
                             .filter(|(k, _)| wanted(k))
                             .map(|(k, doc)| {
-                                let source = if t.overrides.contains_key(*k) { SOURCE_TOPIC } else { SOURCE_DEFAULT };
-                                entry(k, t.config.get(k).unwrap_or_default(), source, config_type(k), Some(doc))
+                                let source = if t.overrides.contains_key(*k) {
+                                    SOURCE_TOPIC
+                                } else {
+                                    SOURCE_DEFAULT
+                                };
+                                entry(
+                                    k,
+                                    t.config.get(k).unwrap_or_default(),
+                                    source,
+                                    config_type(k),
+                                    Some(doc),
+                                )
                             })
                             .collect();
                     }
                     None => {
                         out.error_code = ResponseError::UnknownTopicOrPartition.code();
-                        out.error_message = Some(str_bytes(format!("unknown topic '{}'", &*res.resource_name)));
+                        out.error_message = Some(str_bytes(format!(
+                            "unknown topic '{}'",
+                            &*res.resource_name
+                        )));
                     }
                 },
-                RESOURCE_BROKER if res.resource_name.is_empty() || *res.resource_name == *broker.node_id.to_string() => {
+                RESOURCE_BROKER
+                    if res.resource_name.is_empty()
+                        || *res.resource_name == *broker.node_id.to_string() =>
+                {
                     out.configs = broker_configs(broker)
                         .into_iter()
                         .filter(|(k, _)| wanted(k))
                         .map(|(k, v)| {
-                            let ty = if k == "auto.create.topics.enable" { 1 } else if k == "log.cleanup.policy" { TYPE_LIST } else { TYPE_STRING };
+                            let ty = if k == "auto.create.topics.enable" {
+                                1
+                            } else if k == "log.cleanup.policy" {
+                                TYPE_LIST
+                            } else {
+                                TYPE_STRING
+                            };
                             entry(k, v, SOURCE_STATIC_BROKER, ty, None).with_read_only(true)
                         })
                         .collect();
@@ -264,15 +324,26 @@ pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> Describ
 }
 
 /// Applies new overrides to a topic resource; returns (error code, message).
-fn alter_topic(broker: &Broker, resource_type: i8, name: &str, edit: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), String>, validate_only: bool) -> (i16, Option<StrBytes>) {
+fn alter_topic(
+    broker: &Broker,
+    resource_type: i8,
+    name: &str,
+    edit: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), String>,
+    validate_only: bool,
+) -> (i16, Option<StrBytes>) {
     if resource_type != RESOURCE_TOPIC {
         return (
             ResponseError::InvalidRequest.code(),
-            Some(str_bytes("only topic configs can be altered; broker settings come from weir.yaml")),
+            Some(str_bytes(
+                "only topic configs can be altered; broker settings come from weir.yaml",
+            )),
         );
     }
     let Some(topic) = broker.log.topic(name) else {
-        return (ResponseError::UnknownTopicOrPartition.code(), Some(str_bytes(format!("unknown topic '{name}'"))));
+        return (
+            ResponseError::UnknownTopicOrPartition.code(),
+            Some(str_bytes(format!("unknown topic '{name}'"))),
+        );
     };
     let mut overrides = topic.overrides.clone();
     if let Err(msg) = edit(&mut overrides) {
@@ -289,16 +360,22 @@ pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsR
         .resources
         .into_iter()
         .map(|res| {
-            let (code, msg) = alter_topic(broker, res.resource_type, &res.resource_name, |o| {
-                // AlterConfigs replaces the whole set of topic overrides.
-                o.clear();
-                for c in &res.configs {
-                    if let Some(v) = &c.value {
-                        o.insert(c.name.to_string(), v.to_string());
+            let (code, msg) = alter_topic(
+                broker,
+                res.resource_type,
+                &res.resource_name,
+                |o| {
+                    // AlterConfigs replaces the whole set of topic overrides.
+                    o.clear();
+                    for c in &res.configs {
+                        if let Some(v) = &c.value {
+                            o.insert(c.name.to_string(), v.to_string());
+                        }
                     }
-                }
-                Ok(())
-            }, req.validate_only);
+                    Ok(())
+                },
+                req.validate_only,
+            );
             alter_configs_response::AlterConfigsResourceResponse::default()
                 .with_error_code(code)
                 .with_error_message(msg)
@@ -309,7 +386,10 @@ pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsR
     AlterConfigsResponse::default().with_responses(responses)
 }
 
-pub fn incremental_alter_configs(broker: &Broker, req: IncrementalAlterConfigsRequest) -> IncrementalAlterConfigsResponse {
+pub fn incremental_alter_configs(
+    broker: &Broker,
+    req: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
     let responses = req
         .resources
         .into_iter()

@@ -57,20 +57,38 @@ pub fn api_versions_unsupported() -> ResponseKind {
 }
 
 /// Handles one decoded request. None means no response is sent (produce with acks=0).
-pub async fn dispatch(broker: &Broker, ctx: &RequestContext, request: RequestKind) -> Option<ResponseKind> {
+pub async fn dispatch(
+    broker: &Broker,
+    ctx: &RequestContext,
+    request: RequestKind,
+) -> Option<ResponseKind> {
     let response = match request {
-        RequestKind::ApiVersions(_) => {
-            ResponseKind::ApiVersions(ApiVersionsResponse::default().with_api_keys(api_version_list()))
-        }
+        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(
+            ApiVersionsResponse::default().with_api_keys(api_version_list()),
+        ),
         RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::metadata(broker, ctx, r)),
-        RequestKind::DescribeCluster(r) => ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r)),
-        RequestKind::Produce(r) => return produce::produce(broker, r).await.map(ResponseKind::Produce),
+        RequestKind::DescribeCluster(r) => {
+            ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
+        }
+        RequestKind::Produce(r) => {
+            return produce::produce(broker, r).await.map(ResponseKind::Produce)
+        }
         RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::fetch(broker, ctx, r).await),
-        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(fetch::list_offsets(broker, ctx, r)),
-        RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(admin::create_topics(broker, ctx, r)),
-        RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(admin::delete_topics(broker, ctx, r)),
-        RequestKind::CreatePartitions(r) => ResponseKind::CreatePartitions(admin::create_partitions(broker, r)),
-        RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(admin::describe_configs(broker, r)),
+        RequestKind::ListOffsets(r) => {
+            ResponseKind::ListOffsets(fetch::list_offsets(broker, ctx, r))
+        }
+        RequestKind::CreateTopics(r) => {
+            ResponseKind::CreateTopics(admin::create_topics(broker, ctx, r))
+        }
+        RequestKind::DeleteTopics(r) => {
+            ResponseKind::DeleteTopics(admin::delete_topics(broker, ctx, r))
+        }
+        RequestKind::CreatePartitions(r) => {
+            ResponseKind::CreatePartitions(admin::create_partitions(broker, r))
+        }
+        RequestKind::DescribeConfigs(r) => {
+            ResponseKind::DescribeConfigs(admin::describe_configs(broker, r))
+        }
         RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(admin::alter_configs(broker, r)),
         RequestKind::IncrementalAlterConfigs(r) => {
             ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(broker, r))

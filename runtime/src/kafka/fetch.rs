@@ -23,12 +23,17 @@ const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
 pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> FetchResponse {
     // Fetch sessions (KIP-227) are declined: session id 0 makes every fetch a full one.
     if ctx.version >= 7 && req.session_epoch > 0 {
-        return FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code());
+        return FetchResponse::default()
+            .with_error_code(ResponseError::FetchSessionIdNotFound.code());
     }
     let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
     let deadline = tokio::time::Instant::now() + wait;
     let min_bytes = req.min_bytes.max(0) as usize;
-    let max_bytes = if ctx.version >= 3 && req.max_bytes > 0 { req.max_bytes as u64 } else { i32::MAX as u64 };
+    let max_bytes = if ctx.version >= 3 && req.max_bytes > 0 {
+        req.max_bytes as u64
+    } else {
+        i32::MAX as u64
+    };
     loop {
         let notify = Arc::new(Notify::new());
         let (response, bytes, partitions) = read_once(broker, &req, max_bytes, &notify);
@@ -37,7 +42,11 @@ pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> 
             .iter()
             .flat_map(|t| &t.partitions)
             .any(|p| p.error_code != 0);
-        if bytes >= min_bytes || errors || partitions == 0 || tokio::time::Instant::now() >= deadline {
+        if bytes >= min_bytes
+            || errors
+            || partitions == 0
+            || tokio::time::Instant::now() >= deadline
+        {
             return response;
         }
         tokio::select! {
@@ -52,7 +61,12 @@ pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> 
 
 /// One pass over the requested partitions. Registers `notify` with each so an append wakes the
 /// long poll. Returns the response, its record bytes and how many partitions were found.
-fn read_once(broker: &Broker, req: &FetchRequest, max_bytes: u64, notify: &Arc<Notify>) -> (FetchResponse, usize, usize) {
+fn read_once(
+    broker: &Broker,
+    req: &FetchRequest,
+    max_bytes: u64,
+    notify: &Arc<Notify>,
+) -> (FetchResponse, usize, usize) {
     let mut remaining = max_bytes;
     let mut total = 0usize;
     let mut found = 0usize;
@@ -67,9 +81,11 @@ fn read_once(broker: &Broker, req: &FetchRequest, max_bytes: u64, notify: &Arc<N
                 .with_last_stable_offset(-1)
                 .with_log_start_offset(-1)
                 .with_aborted_transactions(Some(vec![]));
-            let partition: Option<&Arc<Partition>> = topic
-                .as_ref()
-                .and_then(|t| usize::try_from(fp.partition).ok().and_then(|i| t.partitions.get(i)));
+            let partition: Option<&Arc<Partition>> = topic.as_ref().and_then(|t| {
+                usize::try_from(fp.partition)
+                    .ok()
+                    .and_then(|i| t.partitions.get(i))
+            });
             match partition {
                 None => pd.error_code = ResponseError::UnknownTopicOrPartition.code(),
                 Some(p) => {
@@ -105,7 +121,11 @@ fn read_once(broker: &Broker, req: &FetchRequest, max_bytes: u64, notify: &Arc<N
                 .with_partitions(partitions),
         );
     }
-    (FetchResponse::default().with_responses(topics), total, found)
+    (
+        FetchResponse::default().with_responses(topics),
+        total,
+        found,
+    )
 }
 
 /// Special timestamps of ListOffsets.
@@ -113,7 +133,11 @@ const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 const MAX_TIMESTAMP: i64 = -3;
 
-pub fn list_offsets(broker: &Broker, ctx: &RequestContext, req: ListOffsetsRequest) -> ListOffsetsResponse {
+pub fn list_offsets(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: ListOffsetsRequest,
+) -> ListOffsetsResponse {
     let topics = req
         .topics
         .into_iter()

@@ -22,14 +22,22 @@ pub fn metadata(broker: &Broker, ctx: &RequestContext, req: MetadataRequest) -> 
             t.into_iter()
                 .filter_map(|t| match t.name {
                     Some(n) => Some(n.0.to_string()),
-                    None => broker.log.topic_by_id(t.topic_id).map(|t| t.name.to_string()),
+                    None => broker
+                        .log
+                        .topic_by_id(t.topic_id)
+                        .map(|t| t.name.to_string()),
                 })
                 .collect(),
         ),
     };
     let allow_create = ctx.version < 4 || req.allow_auto_topic_creation;
     let topics = match wanted {
-        None => broker.log.topics().iter().map(|t| topic_metadata(broker, t)).collect(),
+        None => broker
+            .log
+            .topics()
+            .iter()
+            .map(|t| topic_metadata(broker, t))
+            .collect(),
         Some(names) => names
             .into_iter()
             .map(|name| match broker.topic_or_create(&name, allow_create) {

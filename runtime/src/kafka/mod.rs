@@ -33,7 +33,11 @@ pub struct Broker {
 
 impl Broker {
     /// The topic, auto-created with the default partition count when allowed.
-    pub fn topic_or_create(&self, name: &str, allow_create: bool) -> Result<Arc<Topic>, ResponseError> {
+    pub fn topic_or_create(
+        &self,
+        name: &str,
+        allow_create: bool,
+    ) -> Result<Arc<Topic>, ResponseError> {
         if let Some(t) = self.log.topic(name) {
             return Ok(t);
         }
@@ -43,10 +47,16 @@ impl Broker {
         if !(allow_create && self.auto_create_topics) {
             return Err(ResponseError::UnknownTopicOrPartition);
         }
-        match self.log.create_topic(name, self.default_partitions, -1, Default::default()) {
+        match self
+            .log
+            .create_topic(name, self.default_partitions, -1, Default::default())
+        {
             Ok(t) => Ok(t),
             // Another request created it first.
-            Err(TopicError::AlreadyExists(_)) => self.log.topic(name).ok_or(ResponseError::UnknownTopicOrPartition),
+            Err(TopicError::AlreadyExists(_)) => self
+                .log
+                .topic(name)
+                .ok_or(ResponseError::UnknownTopicOrPartition),
             Err(e) => Err(topic_error_code(&e)),
         }
     }
@@ -95,7 +105,9 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
     match e {
         AppendError::Batch(BatchError::Corrupt(_)) => ResponseError::CorruptMessage,
         AppendError::Batch(BatchError::InvalidRecord(_)) => ResponseError::InvalidRecord,
-        AppendError::Batch(BatchError::UnsupportedCompression(_)) => ResponseError::UnsupportedCompressionType,
+        AppendError::Batch(BatchError::UnsupportedCompression(_)) => {
+            ResponseError::UnsupportedCompressionType
+        }
         AppendError::Batch(BatchError::TooLarge { .. }) => ResponseError::MessageTooLarge,
         AppendError::Io(_) => ResponseError::KafkaStorageError,
     }

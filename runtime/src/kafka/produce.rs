@@ -20,15 +20,30 @@ pub async fn produce(broker: &Broker, req: ProduceRequest) -> Option<ProduceResp
                 .with_index(pd.index)
                 .with_base_offset(-1);
             let outcome = if !matches!(acks, -1..=1) {
-                Err((ResponseError::InvalidRequiredAcks, format!("acks must be -1, 0 or 1, got {acks}")))
+                Err((
+                    ResponseError::InvalidRequiredAcks,
+                    format!("acks must be -1, 0 or 1, got {acks}"),
+                ))
             } else if req.transactional_id.is_some() {
-                Err((ResponseError::TransactionalIdAuthorizationFailed, "transactions are not supported yet".to_string()))
+                Err((
+                    ResponseError::TransactionalIdAuthorizationFailed,
+                    "transactions are not supported yet".to_string(),
+                ))
             } else {
                 match (&topic, pd.records.as_deref()) {
                     (Err(code), _) => Err((*code, format!("cannot produce to topic '{name}'"))),
-                    (Ok(_), None) => Err((ResponseError::CorruptMessage, "null record set".to_string())),
-                    (Ok(t), Some(records)) => match t.partitions.get(pd.index.max(0) as usize).filter(|_| pd.index >= 0) {
-                        None => Err((ResponseError::UnknownTopicOrPartition, format!("topic '{name}' has no partition {}", pd.index))),
+                    (Ok(_), None) => {
+                        Err((ResponseError::CorruptMessage, "null record set".to_string()))
+                    }
+                    (Ok(t), Some(records)) => match t
+                        .partitions
+                        .get(pd.index.max(0) as usize)
+                        .filter(|_| pd.index >= 0)
+                    {
+                        None => Err((
+                            ResponseError::UnknownTopicOrPartition,
+                            format!("topic '{name}' has no partition {}", pd.index),
+                        )),
                         Some(p) => match p.append(records) {
                             Ok(info) => {
                                 if info.needs_fsync {

@@ -123,7 +123,10 @@ impl<'a> BatchView<'a> {
     pub fn check_integrity(&self) -> Result<(), BatchError> {
         let b = self.bytes;
         if b[MAGIC] != 2 {
-            return Err(corrupt(format!("unsupported magic byte {}", b[MAGIC] as i8)));
+            return Err(corrupt(format!(
+                "unsupported magic byte {}",
+                b[MAGIC] as i8
+            )));
         }
         let declared = be_i32(b, BATCH_LENGTH);
         if declared as i64 + LOG_OVERHEAD as i64 != b.len() as i64 {
@@ -413,7 +416,13 @@ impl BatchBuilder {
         self.buf.len()
     }
 
-    pub fn push(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&[u8], Option<&[u8]>)], timestamp: i64) {
+    pub fn push(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&[u8], Option<&[u8]>)],
+        timestamp: i64,
+    ) {
         let ts_delta = timestamp - self.base_timestamp;
         let mut body_len = 1 + varlong_len(ts_delta) + varlong_len(self.count as i64);
         body_len += nullable_len(key) + nullable_len(value) + varlong_len(headers.len() as i64);
@@ -464,7 +473,8 @@ impl BatchBuilder {
         b[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&(-1i32).to_be_bytes());
         b[MAGIC] = 2;
         b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&(codec as i16).to_be_bytes());
-        b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4].copy_from_slice(&(self.count - 1).to_be_bytes());
+        b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4]
+            .copy_from_slice(&(self.count - 1).to_be_bytes());
         b[BASE_TIMESTAMP..BASE_TIMESTAMP + 8].copy_from_slice(&self.base_timestamp.to_be_bytes());
         b[MAX_TIMESTAMP..MAX_TIMESTAMP + 8].copy_from_slice(&self.max_timestamp.to_be_bytes());
         b[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
@@ -585,7 +595,12 @@ mod tests {
 
     #[test]
     fn validates_every_codec() {
-        assert_eq!(split_batches(&batch(&[b"a", b"b"], Compression::None, 0)).unwrap().len(), 1);
+        assert_eq!(
+            split_batches(&batch(&[b"a", b"b"], Compression::None, 0))
+                .unwrap()
+                .len(),
+            1
+        );
         for codec in [
             Compression::None,
             Compression::Gzip,
@@ -600,14 +615,23 @@ mod tests {
             let mut values = vec![];
             view.for_each_record(|r| values.push(r.value.unwrap().to_vec()))
                 .unwrap();
-            assert_eq!(values, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+            assert_eq!(
+                values,
+                vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+            );
         }
     }
 
     #[test]
     fn builder_output_decodes_with_the_crate() {
         use kafka_protocol::records::RecordBatchDecoder;
-        for codec in [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd] {
+        for codec in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
             let mut b = BatchBuilder::new(1_000);
             b.push(Some(b"k1"), Some(b"v1"), &[(b"h", Some(b"x"))], 1_000);
             b.push(None, Some(&[7u8; 300]), &[], 1_005);

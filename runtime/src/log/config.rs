@@ -46,14 +46,38 @@ impl Default for LogConfig {
 
 /// Every topic-level key weir understands, with its documentation line.
 pub const KEYS: &[(&str, &str)] = &[
-    ("cleanup.policy", "delete, compact, or both (comma separated)"),
-    ("delete.retention.ms", "how long tombstones are kept on compacted topics"),
-    ("flush.messages", "fsync after this many records; 1 means fsync before every acknowledgement"),
-    ("flush.ms", "fsync when the oldest unflushed record is this old"),
-    ("index.interval.bytes", "bytes of log between two offset index entries"),
-    ("max.message.bytes", "largest record batch accepted, in bytes"),
-    ("retention.bytes", "delete old segments when the partition is larger than this; -1 for no limit"),
-    ("retention.ms", "delete segments whose newest record is older than this; -1 for no limit"),
+    (
+        "cleanup.policy",
+        "delete, compact, or both (comma separated)",
+    ),
+    (
+        "delete.retention.ms",
+        "how long tombstones are kept on compacted topics",
+    ),
+    (
+        "flush.messages",
+        "fsync after this many records; 1 means fsync before every acknowledgement",
+    ),
+    (
+        "flush.ms",
+        "fsync when the oldest unflushed record is this old",
+    ),
+    (
+        "index.interval.bytes",
+        "bytes of log between two offset index entries",
+    ),
+    (
+        "max.message.bytes",
+        "largest record batch accepted, in bytes",
+    ),
+    (
+        "retention.bytes",
+        "delete old segments when the partition is larger than this; -1 for no limit",
+    ),
+    (
+        "retention.ms",
+        "delete segments whose newest record is older than this; -1 for no limit",
+    ),
     ("segment.bytes", "roll a new segment file at this size"),
     ("segment.ms", "roll a new segment file after this time"),
 ];
@@ -72,7 +96,10 @@ pub enum ConfigError {
 
 impl LogConfig {
     /// Applies `overrides` on top of `self`, rejecting unknown keys and bad values.
-    pub fn with_overrides(&self, overrides: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+    pub fn with_overrides(
+        &self,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
         let mut c = self.clone();
         for (k, v) in overrides {
             c.set(k, v)?;
@@ -86,10 +113,30 @@ impl LogConfig {
             value: value.to_string(),
             why: why.to_string(),
         };
-        let int = || value.trim().parse::<i64>().map_err(|_| invalid("not an integer"));
-        let positive = || int().and_then(|v| if v > 0 { Ok(v) } else { Err(invalid("must be > 0")) });
-        let at_least_minus_one =
-            || int().and_then(|v| if v >= -1 { Ok(v) } else { Err(invalid("must be >= -1")) });
+        let int = || {
+            value
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| invalid("not an integer"))
+        };
+        let positive = || {
+            int().and_then(|v| {
+                if v > 0 {
+                    Ok(v)
+                } else {
+                    Err(invalid("must be > 0"))
+                }
+            })
+        };
+        let at_least_minus_one = || {
+            int().and_then(|v| {
+                if v >= -1 {
+                    Ok(v)
+                } else {
+                    Err(invalid("must be >= -1"))
+                }
+            })
+        };
         match key {
             "retention.ms" => self.retention_ms = at_least_minus_one()?,
             "retention.bytes" => self.retention_bytes = at_least_minus_one()?,
@@ -103,11 +150,23 @@ impl LogConfig {
             "segment.ms" => self.segment_ms = positive()?,
             "max.message.bytes" => self.max_message_bytes = positive()? as usize,
             "flush.messages" => self.flush_messages = positive()?,
-            "flush.ms" => self.flush_ms = int().and_then(|v| if v >= 0 { Ok(v) } else { Err(invalid("must be >= 0")) })?,
+            "flush.ms" => {
+                self.flush_ms = int().and_then(|v| {
+                    if v >= 0 {
+                        Ok(v)
+                    } else {
+                        Err(invalid("must be >= 0"))
+                    }
+                })?
+            }
             "index.interval.bytes" => self.index_interval_bytes = positive()? as u64,
             "delete.retention.ms" => self.delete_retention_ms = int()?.max(0),
             "cleanup.policy" => {
-                let mut parts: Vec<&str> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                let mut parts: Vec<&str> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
                 parts.sort();
                 parts.dedup();
                 self.cleanup_policy = match parts.as_slice() {
@@ -150,7 +209,10 @@ impl LogConfig {
     }
 
     pub fn deletes_old_segments(&self) -> bool {
-        matches!(self.cleanup_policy, CleanupPolicy::Delete | CleanupPolicy::CompactDelete)
+        matches!(
+            self.cleanup_policy,
+            CleanupPolicy::Delete | CleanupPolicy::CompactDelete
+        )
     }
 }
 

@@ -97,8 +97,9 @@ impl LogManager {
         }
         let records: BTreeMap<String, TopicRecord> =
             match std::fs::read(data_dir.join("meta").join("topics.json")) {
-                Ok(raw) => serde_json::from_slice(&raw)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}/meta/topics.json: {e}", data_dir.display()))?,
+                Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
+                    anyhow::anyhow!("cannot read {}/meta/topics.json: {e}", data_dir.display())
+                })?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
                 Err(e) => return Err(e.into()),
             };
@@ -131,7 +132,11 @@ impl LogManager {
             };
             topics.insert(name, Arc::new(topic));
         }
-        tracing::info!(topics = topics.len(), elapsed_ms = started.elapsed().as_millis() as u64, "log loaded");
+        tracing::info!(
+            topics = topics.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "log loaded"
+        );
         Ok(LogManager {
             data_dir: data_dir.to_path_buf(),
             defaults,
@@ -153,7 +158,12 @@ impl LogManager {
     }
 
     pub fn partition(&self, topic: &str, p: i32) -> Option<Arc<Partition>> {
-        self.topics.read().get(topic)?.partitions.get(usize::try_from(p).ok()?).cloned()
+        self.topics
+            .read()
+            .get(topic)?
+            .partitions
+            .get(usize::try_from(p).ok()?)
+            .cloned()
     }
 
     /// All topics, sorted by name.
@@ -239,7 +249,9 @@ impl LogManager {
         *self.topics.write() = next;
         for p in &topic.partitions {
             // Rename first so a new topic with the same name starts clean even if removal is slow.
-            let doomed = p.dir().with_extension(format!("{}.deleted", topic.id.simple()));
+            let doomed = p
+                .dir()
+                .with_extension(format!("{}.deleted", topic.id.simple()));
             if std::fs::rename(p.dir(), &doomed).is_ok() {
                 let _ = std::fs::remove_dir_all(&doomed);
             }
@@ -248,9 +260,16 @@ impl LogManager {
         Ok(topic)
     }
 
-    pub fn create_partitions(&self, name: &str, total: i32, validate_only: bool) -> Result<(), TopicError> {
+    pub fn create_partitions(
+        &self,
+        name: &str,
+        total: i32,
+        validate_only: bool,
+    ) -> Result<(), TopicError> {
         let _guard = self.changes.lock();
-        let topic = self.topic(name).ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
         let current = topic.partitions.len() as i32;
         if total <= current {
             return Err(TopicError::InvalidPartitions(format!(
@@ -269,8 +288,13 @@ impl LogManager {
         for p in current..total {
             let dir = partition_dir(&self.data_dir, name, p);
             let _ = std::fs::remove_dir_all(&dir);
-            let (partition, _) =
-                Partition::open(&dir, topic.name.clone(), p, topic.config.clone(), topic.leader_epoch)?;
+            let (partition, _) = Partition::open(
+                &dir,
+                topic.name.clone(),
+                p,
+                topic.config.clone(),
+                topic.leader_epoch,
+            )?;
             partitions.push(Arc::new(partition));
         }
         self.replace(Topic {
@@ -291,7 +315,9 @@ impl LogManager {
         validate_only: bool,
     ) -> Result<(), TopicError> {
         let _guard = self.changes.lock();
-        let topic = self.topic(name).ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
         let config = self.defaults.with_overrides(&overrides)?;
         if validate_only {
             return Ok(());
@@ -372,9 +398,18 @@ mod tests {
         let m = LogManager::open(dir.path(), LogConfig::default()).unwrap();
         let cfg = BTreeMap::from([("retention.ms".to_string(), "5000".to_string())]);
         m.create_topic("orders", 3, -1, cfg).unwrap();
-        assert!(matches!(m.create_topic("orders", 1, -1, BTreeMap::new()), Err(TopicError::AlreadyExists(_))));
-        assert!(matches!(m.create_topic("bad name", 1, -1, BTreeMap::new()), Err(TopicError::InvalidName(_))));
-        assert!(matches!(m.create_topic("x", 1, 3, BTreeMap::new()), Err(TopicError::InvalidReplicationFactor(_))));
+        assert!(matches!(
+            m.create_topic("orders", 1, -1, BTreeMap::new()),
+            Err(TopicError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            m.create_topic("bad name", 1, -1, BTreeMap::new()),
+            Err(TopicError::InvalidName(_))
+        ));
+        assert!(matches!(
+            m.create_topic("x", 1, 3, BTreeMap::new()),
+            Err(TopicError::InvalidReplicationFactor(_))
+        ));
         m.create_partitions("orders", 5, false).unwrap();
         m.create_topic("gone", 1, 1, BTreeMap::new()).unwrap();
         m.delete_topic("gone").unwrap();

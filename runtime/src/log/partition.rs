@@ -135,14 +135,18 @@ impl Partition {
                 report.recovered_segments += 1;
             }
             report.truncated_bytes += truncated;
-            let ends_early = bases.get(i + 1).is_some_and(|&next| seg.next_offset() < next);
+            let ends_early = bases
+                .get(i + 1)
+                .is_some_and(|&next| seg.next_offset() < next);
             segments.insert(base, seg);
             if truncated > 0 || ends_early {
                 // Nothing after a torn or short segment can be trusted to follow it.
                 for &later in &bases[i + 1..] {
                     tracing::warn!(topic = %topic, partition = id, segment = later, "removing segment after a truncated one");
                     for ext in ["log", "index", "timeindex"] {
-                        let _ = std::fs::remove_file(dir.join(format!("{}.{ext}", super::segment::file_stem(later))));
+                        let _ = std::fs::remove_file(
+                            dir.join(format!("{}.{ext}", super::segment::file_stem(later))),
+                        );
                     }
                 }
                 break;
@@ -229,8 +233,10 @@ impl Partition {
             let mut log = self.log.lock();
             log.append_validated(&self.dir, &mut chunk, &ranges)?
         };
-        self.high_watermark.store(info.last_offset + 1, Ordering::Release);
-        self.log_start_offset.store(info.log_start_offset, Ordering::Release);
+        self.high_watermark
+            .store(info.last_offset + 1, Ordering::Release);
+        self.log_start_offset
+            .store(info.log_start_offset, Ordering::Release);
         self.wake_waiters();
         Ok(info)
     }
@@ -252,12 +258,21 @@ impl Partition {
 
     /// Reads batches starting at the one containing `offset`, up to `max_bytes` (at least one
     /// whole batch when `min_one_batch`).
-    pub fn read(&self, offset: i64, max_bytes: u64, min_one_batch: bool) -> Result<ReadData, ReadError> {
+    pub fn read(
+        &self,
+        offset: i64,
+        max_bytes: u64,
+        min_one_batch: bool,
+    ) -> Result<ReadData, ReadError> {
         let log = self.log.lock();
         let start = *log.segments.keys().next().unwrap();
         let hw = log.next_offset;
         if offset < start || offset > hw {
-            return Err(ReadError::OffsetOutOfRange { offset, start, end: hw });
+            return Err(ReadError::OffsetOutOfRange {
+                offset,
+                start,
+                end: hw,
+            });
         }
         let empty = ReadData {
             records: Bytes::new(),
@@ -267,9 +282,19 @@ impl Partition {
         if offset == hw {
             return Ok(empty);
         }
-        for (_, seg) in log.segments.range(..=offset).next_back().into_iter().chain(log.segments.range(offset + 1..)) {
+        for (_, seg) in log
+            .segments
+            .range(..=offset)
+            .next_back()
+            .into_iter()
+            .chain(log.segments.range(offset + 1..))
+        {
             if let Some((pos, first_len)) = seg.locate_offset(offset)? {
-                let want = if min_one_batch { max_bytes.max(first_len) } else { max_bytes };
+                let want = if min_one_batch {
+                    max_bytes.max(first_len)
+                } else {
+                    max_bytes
+                };
                 if want == 0 {
                     return Ok(empty);
                 }
@@ -291,7 +316,9 @@ impl Partition {
             if seg.max_timestamp() < ts {
                 continue;
             }
-            let Some((pos, len)) = seg.locate_timestamp(ts)? else { continue };
+            let Some((pos, len)) = seg.locate_timestamp(ts)? else {
+                continue;
+            };
             let bytes = seg.read_at(pos, len)?;
             let view = BatchView::new(&bytes);
             let base = view.base_offset();
@@ -314,7 +341,11 @@ impl Partition {
     /// The largest timestamp in the log and the offset of the batch holding it.
     pub fn max_timestamp(&self) -> Option<i64> {
         let log = self.log.lock();
-        log.segments.values().map(|s| s.max_timestamp()).max().filter(|t| *t >= 0)
+        log.segments
+            .values()
+            .map(|s| s.max_timestamp())
+            .max()
+            .filter(|t| *t >= 0)
     }
 
     /// Waits until everything before `offset` is on stable storage (group commit).
@@ -328,7 +359,11 @@ impl Partition {
         }
         let (files, sync_dir, upto) = {
             let mut log = self.log.lock();
-            let files: Vec<_> = log.segments.values_mut().filter_map(|s| s.take_dirty()).collect();
+            let files: Vec<_> = log
+                .segments
+                .values_mut()
+                .filter_map(|s| s.take_dirty())
+                .collect();
             let sync_dir = std::mem::take(&mut log.dir_dirty);
             log.unflushed_messages = 0;
             log.oldest_unflushed = None;
@@ -390,7 +425,10 @@ impl Partition {
             }
             self.durable_offset.load(Ordering::Acquire)
         };
-        write_atomically(&self.dir.join(RECOVERY_POINT_FILE), durable.to_string().as_bytes())
+        write_atomically(
+            &self.dir.join(RECOVERY_POINT_FILE),
+            durable.to_string().as_bytes(),
+        )
     }
 
     /// Removes everything from `offset` on (offset must be a batch boundary or the log end).
@@ -455,7 +493,11 @@ impl PartitionLog {
         self.maybe_roll(dir, chunk.len() as u64, next - 1)?;
         let active = self.segments.values_mut().next_back().unwrap();
         active.append(chunk, &batches)?;
-        if self.epochs.latest_epoch().is_none_or(|e| e < self.leader_epoch) {
+        if self
+            .epochs
+            .latest_epoch()
+            .is_none_or(|e| e < self.leader_epoch)
+        {
             self.epochs.assign(self.leader_epoch, base_offset)?;
         }
         self.next_offset = next;
@@ -508,7 +550,9 @@ impl PartitionLog {
     fn apply_retention(&mut self, dir: &Path, now: i64) -> io::Result<i64> {
         if self.config.deletes_old_segments() {
             let expired = |s: &Segment, c: &LogConfig| {
-                c.retention_ms >= 0 && s.max_timestamp() >= 0 && now - s.max_timestamp() > c.retention_ms
+                c.retention_ms >= 0
+                    && s.max_timestamp() >= 0
+                    && now - s.max_timestamp() > c.retention_ms
             };
             // An expired active segment is rolled so it can be deleted.
             let active = self.segments.values().next_back().unwrap();
@@ -549,7 +593,9 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Partition {
-        Partition::open(dir, Arc::from("t"), 0, small_config(), 0).unwrap().0
+        Partition::open(dir, Arc::from("t"), 0, small_config(), 0)
+            .unwrap()
+            .0
     }
 
     /// Reads every record value from `from` on, following batches across segments.
@@ -584,7 +630,9 @@ mod tests {
         let mut expected = vec![];
         for i in 0..50 {
             let v = format!("value-{i}");
-            let info = p.append(&batch(&[v.as_bytes()], Compression::None, 1000 + i)).unwrap();
+            let info = p
+                .append(&batch(&[v.as_bytes()], Compression::None, 1000 + i))
+                .unwrap();
             assert_eq!(info.base_offset, i);
             expected.push((i, v.into_bytes()));
         }
@@ -604,7 +652,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = open(dir.path());
         for i in 0..5 {
-            p.append(&batch(&[format!("v{i}").as_bytes()], Compression::Gzip, i)).unwrap();
+            p.append(&batch(&[format!("v{i}").as_bytes()], Compression::Gzip, i))
+                .unwrap();
         }
         drop(p);
         // A torn write: half a batch and some garbage after the last good batch.
@@ -615,12 +664,18 @@ mod tests {
             .max()
             .unwrap();
         let good = batch(&[b"torn"], Compression::None, 9);
-        let mut f = std::fs::OpenOptions::new().append(true).open(&last).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last)
+            .unwrap();
         std::io::Write::write_all(&mut f, &good[..good.len() / 2]).unwrap();
-        let (p, report) = Partition::open(dir.path(), Arc::from("t"), 0, small_config(), 0).unwrap();
+        let (p, report) =
+            Partition::open(dir.path(), Arc::from("t"), 0, small_config(), 0).unwrap();
         assert!(report.truncated_bytes > 0);
         assert_eq!(p.high_watermark(), 5);
-        let info = p.append(&batch(&[b"after"], Compression::None, 10)).unwrap();
+        let info = p
+            .append(&batch(&[b"after"], Compression::None, 10))
+            .unwrap();
         assert_eq!(info.base_offset, 5);
         assert_eq!(read_all(&p, 0).len(), 6);
     }
@@ -634,15 +689,26 @@ mod tests {
         };
         let (p, _) = Partition::open(dir.path(), Arc::from("t"), 0, cfg, 0).unwrap();
         for i in 0..60 {
-            p.append(&batch(&[format!("value-{i}").as_bytes()], Compression::None, i)).unwrap();
+            p.append(&batch(
+                &[format!("value-{i}").as_bytes()],
+                Compression::None,
+                i,
+            ))
+            .unwrap();
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(p.maintain()).unwrap();
         assert!(p.log_start_offset() > 0);
         assert!(p.size_bytes() <= 700 + 600);
         let rest = read_all(&p, p.log_start_offset());
         assert_eq!(rest.last().unwrap().0, 59);
-        assert!(matches!(p.read(0, 100, true), Err(ReadError::OffsetOutOfRange { .. })));
+        assert!(matches!(
+            p.read(0, 100, true),
+            Err(ReadError::OffsetOutOfRange { .. })
+        ));
     }
 
     #[derive(Debug, Clone)]

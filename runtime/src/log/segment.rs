@@ -134,7 +134,8 @@ impl Segment {
     }
 
     fn index_path(&self, ext: &str) -> PathBuf {
-        self.dir.join(format!("{}.{ext}", file_stem(self.base_offset)))
+        self.dir
+            .join(format!("{}.{ext}", file_stem(self.base_offset)))
     }
 
     /// Loads the index files and derives the segment's end from the last indexed batch.
@@ -148,7 +149,8 @@ impl Segment {
         for e in raw.chunks_exact(OFFSET_ENTRY) {
             let rel = u32::from_be_bytes(e[0..4].try_into().unwrap());
             let pos = u32::from_be_bytes(e[4..8].try_into().unwrap());
-            if offsets.last().is_some_and(|&(r, p)| r >= rel || p >= pos) || pos as u64 >= self.size {
+            if offsets.last().is_some_and(|&(r, p)| r >= rel || p >= pos) || pos as u64 >= self.size
+            {
                 return Err(bad("offset index is not monotonic"));
             }
             offsets.push((rel, pos));
@@ -169,7 +171,9 @@ impl Segment {
         let mut next = self.base_offset;
         let mut max_ts = times.last().map(|&(t, _)| t).unwrap_or(-1);
         while pos < self.size {
-            let h = self.header_at(pos)?.ok_or_else(|| bad("segment ends inside a batch"))?;
+            let h = self
+                .header_at(pos)?
+                .ok_or_else(|| bad("segment ends inside a batch"))?;
             next = h.next_offset;
             max_ts = max_ts.max(h.max_timestamp);
             pos += h.len;
@@ -207,7 +211,9 @@ impl Segment {
                 break;
             }
             let len = i32::from_be_bytes(head[8..12].try_into().unwrap());
-            if len < (HEADER_LEN - LOG_OVERHEAD) as i32 || pos + LOG_OVERHEAD as u64 + len as u64 > file_len {
+            if len < (HEADER_LEN - LOG_OVERHEAD) as i32
+                || pos + LOG_OVERHEAD as u64 + len as u64 > file_len
+            {
                 break;
             }
             buf.clear();
@@ -245,7 +251,10 @@ impl Segment {
             let rel = (batch.base_offset - self.base_offset) as u32;
             self.offset_index.push((rel, pos as u32));
             if self.max_timestamp >= 0
-                && self.time_index.last().is_none_or(|&(t, _)| t < self.max_timestamp)
+                && self
+                    .time_index
+                    .last()
+                    .is_none_or(|&(t, _)| t < self.max_timestamp)
             {
                 self.time_index.push((self.max_timestamp, rel));
             }
@@ -261,7 +270,10 @@ impl Segment {
         self.file.write_all_at(chunk, self.size)?;
         let start = self.size;
         for (i, b) in batches.iter().enumerate() {
-            let end = batches.get(i + 1).map(|n| n.chunk_pos).unwrap_or(chunk.len() as u64);
+            let end = batches
+                .get(i + 1)
+                .map(|n| n.chunk_pos)
+                .unwrap_or(chunk.len() as u64);
             self.index_batch(start + b.chunk_pos, end - b.chunk_pos, b);
         }
         self.size += chunk.len() as u64;
@@ -290,7 +302,8 @@ impl Segment {
     }
     /// True when appending `extra` more bytes or offsets would overflow this segment's indexes.
     pub fn would_overflow(&self, extra_bytes: u64, last_offset: i64) -> bool {
-        self.size + extra_bytes > u32::MAX as u64 || last_offset - self.base_offset > u32::MAX as i64
+        self.size + extra_bytes > u32::MAX as u64
+            || last_offset - self.base_offset > u32::MAX as i64
     }
 
     /// Takes the "written since fsync" mark, returning the file to fsync if it was set.
@@ -305,23 +318,31 @@ impl Segment {
     /// Appends index entries added since the last call to the index files.
     pub fn persist_indexes(&mut self) -> io::Result<()> {
         if self.offset_index.len() > self.offset_index_persisted {
-            let mut out = Vec::with_capacity((self.offset_index.len() - self.offset_index_persisted) * OFFSET_ENTRY);
+            let mut out = Vec::with_capacity(
+                (self.offset_index.len() - self.offset_index_persisted) * OFFSET_ENTRY,
+            );
             for &(rel, pos) in &self.offset_index[self.offset_index_persisted..] {
                 out.extend_from_slice(&rel.to_be_bytes());
                 out.extend_from_slice(&pos.to_be_bytes());
             }
-            let f = OpenOptions::new().write(true).open(self.index_path("index"))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(self.index_path("index"))?;
             f.write_all_at(&out, (self.offset_index_persisted * OFFSET_ENTRY) as u64)?;
             f.sync_data()?;
             self.offset_index_persisted = self.offset_index.len();
         }
         if self.time_index.len() > self.time_index_persisted {
-            let mut out = Vec::with_capacity((self.time_index.len() - self.time_index_persisted) * TIME_ENTRY);
+            let mut out = Vec::with_capacity(
+                (self.time_index.len() - self.time_index_persisted) * TIME_ENTRY,
+            );
             for &(ts, rel) in &self.time_index[self.time_index_persisted..] {
                 out.extend_from_slice(&ts.to_be_bytes());
                 out.extend_from_slice(&rel.to_be_bytes());
             }
-            let f = OpenOptions::new().write(true).open(self.index_path("timeindex"))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(self.index_path("timeindex"))?;
             f.write_all_at(&out, (self.time_index_persisted * TIME_ENTRY) as u64)?;
             f.sync_data()?;
             self.time_index_persisted = self.time_index.len();
@@ -360,7 +381,11 @@ impl Segment {
     }
 
     /// Walks batches from `start` until `stop` says yes; returns that batch's header.
-    fn walk_from(&self, start: u64, mut stop: impl FnMut(&HeaderAt) -> bool) -> io::Result<Option<HeaderAt>> {
+    fn walk_from(
+        &self,
+        start: u64,
+        mut stop: impl FnMut(&HeaderAt) -> bool,
+    ) -> io::Result<Option<HeaderAt>> {
         let mut pos = start;
         while let Some(h) = self.header_at(pos)? {
             if stop(&h) {
@@ -376,7 +401,11 @@ impl Segment {
     pub fn locate_offset(&self, offset: i64) -> io::Result<Option<(u64, u64)>> {
         let rel = (offset - self.base_offset).max(0) as u32;
         let idx = self.offset_index.partition_point(|&(r, _)| r <= rel);
-        let start = if idx == 0 { 0 } else { self.offset_index[idx - 1].1 as u64 };
+        let start = if idx == 0 {
+            0
+        } else {
+            self.offset_index[idx - 1].1 as u64
+        };
         Ok(self
             .walk_from(start, |h| h.next_offset > offset)?
             .map(|h| (h.pos, h.len)))
@@ -390,7 +419,11 @@ impl Segment {
         } else {
             let rel = self.time_index[idx - 1].1;
             let i = self.offset_index.partition_point(|&(r, _)| r <= rel);
-            if i == 0 { 0 } else { self.offset_index[i - 1].1 as u64 }
+            if i == 0 {
+                0
+            } else {
+                self.offset_index[i - 1].1 as u64
+            }
         };
         Ok(self
             .walk_from(start, |h| h.max_timestamp >= ts)?
