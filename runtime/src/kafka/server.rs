@@ -229,19 +229,19 @@ mod tests {
                                 ]),
                         ]),
                     ),
-                    ApiKey::Fetch => RequestKind::Fetch(
-                        FetchRequest::default()
-                            .with_max_wait_ms(0)
-                            .with_topics(vec![fetch_request::FetchTopic::default()
+                    ApiKey::Fetch => {
+                        RequestKind::Fetch(FetchRequest::default().with_max_wait_ms(0).with_topics(
+                            vec![fetch_request::FetchTopic::default()
                                 .with_topic(name(&t))
                                 .with_partitions(vec![
                                     fetch_request::FetchPartition::default()
                                         .with_partition_max_bytes(1 << 20),
                                     fetch_request::FetchPartition::default().with_partition(5),
-                                ])]),
-                    ),
-                    ApiKey::ListOffsets => RequestKind::ListOffsets(
-                        ListOffsetsRequest::default().with_topics(vec![
+                                ])],
+                        ))
+                    }
+                    ApiKey::ListOffsets => {
+                        RequestKind::ListOffsets(ListOffsetsRequest::default().with_topics(vec![
                             list_offsets_request::ListOffsetsTopic::default()
                                 .with_name(name(&t))
                                 .with_partitions(
@@ -253,19 +253,19 @@ mod tests {
                                         })
                                         .collect(),
                                 ),
-                        ]),
-                    ),
-                    ApiKey::Metadata => RequestKind::Metadata(
-                        MetadataRequest::default().with_topics(Some(vec![
+                        ]))
+                    }
+                    ApiKey::Metadata => {
+                        RequestKind::Metadata(MetadataRequest::default().with_topics(Some(vec![
                             metadata_request::MetadataRequestTopic::default()
                                 .with_name(Some(name(&t))),
                             metadata_request::MetadataRequestTopic::default()
                                 .with_name(Some(name("bad name"))),
-                        ])),
-                    ),
+                        ])))
+                    }
                     ApiKey::ApiVersions => RequestKind::ApiVersions(ApiVersionsRequest::default()),
-                    ApiKey::CreateTopics => RequestKind::CreateTopics(
-                        CreateTopicsRequest::default().with_topics(vec![
+                    ApiKey::CreateTopics => {
+                        RequestKind::CreateTopics(CreateTopicsRequest::default().with_topics(vec![
                             create_topics_request::CreatableTopic::default()
                                 .with_name(name(&format!("new{n}")))
                                 .with_num_partitions(2)
@@ -278,8 +278,8 @@ mod tests {
                             create_topics_request::CreatableTopic::default()
                                 .with_name(name(&t))
                                 .with_num_partitions(1),
-                        ]),
-                    ),
+                        ]))
+                    }
                     ApiKey::DeleteTopics => RequestKind::DeleteTopics(
                         DeleteTopicsRequest::default()
                             .with_topic_names(if version < 6 {
