@@ -4,7 +4,11 @@ use std::net::SocketAddr;
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::api_versions_response::ApiVersion;
-use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestKind, ResponseKind};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, FetchResponse, RequestKind, ResponseKind,
+};
+
+use crate::log::partition::FileSlice;
 
 use super::{admin, fetch, metadata, produce, Broker};
 
@@ -56,12 +60,19 @@ pub fn api_versions_unsupported() -> ResponseKind {
     )
 }
 
+/// A handler's answer.
+pub enum Reply {
+    Message(ResponseKind),
+    /// A fetch response whose partitions' records are still in segment files, in order.
+    Fetch(FetchResponse, Vec<Option<FileSlice>>),
+}
+
 /// Handles one decoded request. None means no response is sent (produce with acks=0).
 pub async fn dispatch(
     broker: &Broker,
     ctx: &RequestContext,
     request: RequestKind,
-) -> Option<ResponseKind> {
+) -> Option<Reply> {
     let response = match request {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(
             ApiVersionsResponse::default().with_api_keys(api_version_list()),
@@ -71,9 +82,14 @@ pub async fn dispatch(
             ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
         }
         RequestKind::Produce(r) => {
-            return produce::produce(broker, r).await.map(ResponseKind::Produce)
+            return produce::produce(broker, r)
+                .await
+                .map(|r| Reply::Message(ResponseKind::Produce(r)))
         }
-        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::fetch(broker, ctx, r).await),
+        RequestKind::Fetch(r) => {
+            let (response, slices) = fetch::fetch(broker, ctx, r).await;
+            return Some(Reply::Fetch(response, slices));
+        }
         RequestKind::ListOffsets(r) => {
             ResponseKind::ListOffsets(fetch::list_offsets(broker, ctx, r))
         }
@@ -96,5 +112,5 @@ pub async fn dispatch(
         // is_supported() admits only the APIs above.
         other => unreachable!("dispatch of unadvertised request {other:?}"),
     };
-    Some(response)
+    Some(Reply::Message(response))
 }

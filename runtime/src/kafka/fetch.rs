@@ -15,16 +15,22 @@ use tokio::sync::Notify;
 
 use super::apis::RequestContext;
 use super::{read_error_code, Broker};
-use crate::log::partition::Partition;
+use crate::log::partition::{FileSlice, Partition};
 
 /// Longest a fetch may park, whatever the client asks.
 const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
 
-pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> FetchResponse {
+/// The response, and each partition's records (in response order) as segment file ranges.
+pub async fn fetch(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: FetchRequest,
+) -> (FetchResponse, Vec<Option<FileSlice>>) {
     // Fetch sessions (KIP-227) are declined: session id 0 makes every fetch a full one.
     if ctx.version >= 7 && req.session_epoch > 0 {
-        return FetchResponse::default()
-            .with_error_code(ResponseError::FetchSessionIdNotFound.code());
+        let response =
+            FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code());
+        return (response, vec![]);
     }
     let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
     let deadline = tokio::time::Instant::now() + wait;
@@ -36,7 +42,7 @@ pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> 
     };
     loop {
         let notify = Arc::new(Notify::new());
-        let (response, bytes, partitions) = read_once(broker, &req, max_bytes, &notify);
+        let (response, slices, bytes, partitions) = read_once(broker, &req, max_bytes, &notify);
         let errors = response
             .responses
             .iter()
@@ -47,13 +53,13 @@ pub async fn fetch(broker: &Broker, ctx: &RequestContext, req: FetchRequest) -> 
             || partitions == 0
             || tokio::time::Instant::now() >= deadline
         {
-            return response;
+            return (response, slices);
         }
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {
-                let (response, _, _) = read_once(broker, &req, max_bytes, &Arc::new(Notify::new()));
-                return response;
+                let (response, slices, _, _) = read_once(broker, &req, max_bytes, &Arc::new(Notify::new()));
+                return (response, slices);
             }
         }
     }
@@ -66,7 +72,8 @@ fn read_once(
     req: &FetchRequest,
     max_bytes: u64,
     notify: &Arc<Notify>,
-) -> (FetchResponse, usize, usize) {
+) -> (FetchResponse, Vec<Option<FileSlice>>, usize, usize) {
+    let mut slices = Vec::new();
     let mut remaining = max_bytes;
     let mut total = 0usize;
     let mut found = 0usize;
@@ -98,10 +105,12 @@ fn read_once(
                             pd.high_watermark = data.high_watermark;
                             pd.last_stable_offset = data.high_watermark;
                             pd.log_start_offset = data.log_start_offset;
-                            let n = data.records.len();
+                            let n = data.records.as_ref().map_or(0, |r| r.len as usize);
                             remaining = remaining.saturating_sub(n as u64);
                             total += n;
-                            pd.records = Some(data.records);
+                            slices.push(data.records);
+                            partitions.push(pd);
+                            continue;
                         }
                         Err(e) => {
                             pd.error_code = read_error_code(&e).code();
@@ -112,6 +121,7 @@ fn read_once(
                     }
                 }
             }
+            slices.push(None);
             partitions.push(pd);
         }
         topics.push(
@@ -123,6 +133,7 @@ fn read_once(
     }
     (
         FetchResponse::default().with_responses(topics),
+        slices,
         total,
         found,
     )

@@ -4,6 +4,7 @@
 mod admin;
 pub mod apis;
 mod fetch;
+pub mod fetch_encode;
 mod metadata;
 mod produce;
 pub mod server;

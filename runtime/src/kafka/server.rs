@@ -15,8 +15,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::apis;
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
+
+use super::apis::{self, Reply};
+use super::fetch_encode::{self, Piece};
 use super::Broker;
+use crate::log::partition::FileSlice;
 
 /// Largest request accepted, as Kafka's socket.request.max.bytes.
 pub const MAX_FRAME_BYTES: i32 = 100 * 1024 * 1024;
@@ -83,13 +89,53 @@ async fn connection(
             },
             _ = shutdown.changed() => return Ok(()),
         };
-        if let Some(response) = handle_frame(&broker, frame, peer).await? {
-            writer.write_all(&response).await?;
+        if let Some(pieces) = handle_frame(&broker, frame, peer).await? {
+            for piece in pieces {
+                match piece {
+                    Piece::Bytes(b) => writer.write_all(&b).await?,
+                    Piece::File(f) => {
+                        writer.flush().await?;
+                        send_file(writer.get_ref().as_ref(), &f).await?;
+                    }
+                }
+            }
         }
         if reader.buffer().is_empty() {
             writer.flush().await?;
         }
     }
+}
+
+/// Sends a segment file range with sendfile(2): the bytes go from the page cache to the socket
+/// without passing through this process.
+async fn send_file(socket: &TcpStream, slice: &FileSlice) -> Result<(), ConnectionError> {
+    let mut pos = slice.pos as libc::off_t;
+    let end = (slice.pos + slice.len) as libc::off_t;
+    while pos < end {
+        socket.writable().await?;
+        let sent = socket.try_io(Interest::WRITABLE, || {
+            let n = unsafe {
+                libc::sendfile(
+                    socket.as_raw_fd(),
+                    slice.file.as_raw_fd(),
+                    &mut pos,
+                    (end - pos).min(1 << 30) as usize,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n)
+            }
+        });
+        match sent {
+            Ok(0) => return Err(protocol("segment file ended before the fetched range")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Reads one size-prefixed frame; None at a clean end of stream.
@@ -113,12 +159,13 @@ async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Bytes>,
     Ok(Some(buf.freeze()))
 }
 
-/// Decodes, handles and encodes one request. Ok(None): no response is due (acks=0).
+/// Decodes, handles and encodes one request into the pieces of its response frame.
+/// Ok(None): no response is due (acks=0).
 pub async fn handle_frame(
     broker: &Broker,
     mut frame: Bytes,
     peer: SocketAddr,
-) -> Result<Option<Bytes>, ConnectionError> {
+) -> Result<Option<Vec<Piece>>, ConnectionError> {
     let api_key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
     let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
@@ -127,12 +174,12 @@ pub async fn handle_frame(
     if !apis::is_supported(key, version) {
         if key == ApiKey::ApiVersions {
             // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our ranges, so the client retries.
-            return Ok(Some(encode_response(
+            return Ok(Some(vec![Piece::Bytes(encode_response(
                 correlation_id,
                 ApiKey::ApiVersions,
                 0,
                 &apis::api_versions_unsupported(),
-            )?));
+            )?)]));
         }
         return Err(protocol(format!(
             "unsupported version {version} of {key:?}"
@@ -147,15 +194,50 @@ pub async fn handle_frame(
         client_id: header.client_id.as_ref().map(|c| c.to_string()),
         peer,
     };
-    let Some(response) = apis::dispatch(broker, &ctx, request).await else {
+    let Some(reply) = apis::dispatch(broker, &ctx, request).await else {
         return Ok(None);
     };
-    Ok(Some(encode_response(
-        correlation_id,
-        key,
-        version,
-        &response,
-    )?))
+    encode_reply(correlation_id, key, version, reply).map(Some)
+}
+
+fn encode_reply(
+    correlation_id: i32,
+    key: ApiKey,
+    version: i16,
+    reply: Reply,
+) -> Result<Vec<Piece>, ConnectionError> {
+    match reply {
+        Reply::Message(m) => Ok(vec![Piece::Bytes(encode_response(
+            correlation_id,
+            key,
+            version,
+            &m,
+        )?)]),
+        Reply::Fetch(response, slices) if fetch_encode::supports(version) => Ok(
+            fetch_encode::encode(correlation_id, version, &response, &slices),
+        ),
+        Reply::Fetch(mut response, slices) => {
+            // Versions the piecewise encoder does not cover: materialise the records.
+            let mut slices = slices.into_iter();
+            for p in response
+                .responses
+                .iter_mut()
+                .flat_map(|t| t.partitions.iter_mut())
+            {
+                p.records = Some(match slices.next().flatten() {
+                    Some(slice) => slice.read_bytes()?,
+                    None => Bytes::new(),
+                });
+            }
+            let m = kafka_protocol::messages::ResponseKind::Fetch(response);
+            Ok(vec![Piece::Bytes(encode_response(
+                correlation_id,
+                key,
+                version,
+                &m,
+            )?)])
+        }
+    }
 }
 
 fn encode_response(
@@ -348,8 +430,8 @@ mod tests {
                     client_id: None,
                     peer: "127.0.0.1:1".parse().unwrap(),
                 };
-                let response = rt.block_on(apis::dispatch(&broker, &ctx, request)).unwrap();
-                encode_response(1, key, version, &response)
+                let reply = rt.block_on(apis::dispatch(&broker, &ctx, request)).unwrap();
+                encode_reply(1, key, version, reply)
                     .unwrap_or_else(|e| panic!("{key:?} v{version}: {e}"));
             }
         }

@@ -49,11 +49,30 @@ pub struct AppendInfo {
     pub needs_fsync: bool,
 }
 
+/// A byte range of a segment file. Sent with sendfile(2) by the Kafka server; the file handle
+/// keeps the bytes readable even if retention deletes the segment meanwhile.
+#[derive(Debug, Clone)]
+pub struct FileSlice {
+    pub file: Arc<std::fs::File>,
+    pub pos: u64,
+    pub len: u64,
+}
+
+impl FileSlice {
+    /// Copies the range into memory.
+    pub fn read_bytes(&self) -> io::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.len as usize];
+        self.file.read_exact_at(&mut buf, self.pos)?;
+        Ok(Bytes::from(buf))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReadData {
     /// Whole batches, except that the last one may be cut at `max_bytes` (Kafka clients
-    /// discard a partial trailing batch).
-    pub records: Bytes,
+    /// discard a partial trailing batch). None when there is nothing to return.
+    pub records: Option<FileSlice>,
     pub high_watermark: i64,
     pub log_start_offset: i64,
 }
@@ -275,7 +294,7 @@ impl Partition {
             });
         }
         let empty = ReadData {
-            records: Bytes::new(),
+            records: None,
             high_watermark: hw,
             log_start_offset: start,
         };
@@ -298,9 +317,13 @@ impl Partition {
                 if want == 0 {
                     return Ok(empty);
                 }
-                let bytes = seg.read_at(pos, want)?;
+                let len = want.min(seg.size() - pos);
                 return Ok(ReadData {
-                    records: Bytes::from(bytes),
+                    records: Some(FileSlice {
+                        file: seg.file().clone(),
+                        pos,
+                        len,
+                    }),
                     high_watermark: hw,
                     log_start_offset: start,
                 });
@@ -603,12 +626,13 @@ mod tests {
         let mut out = vec![];
         loop {
             let data = p.read(from, 1 << 20, true).unwrap();
-            if data.records.is_empty() {
+            let Some(slice) = data.records else {
                 return out;
-            }
-            let ranges = batch::split_batches(&data.records).unwrap();
+            };
+            let records = slice.read_bytes().unwrap();
+            let ranges = batch::split_batches(&records).unwrap();
             for (s, e) in ranges {
-                let v = BatchView::new(&data.records[s..e]);
+                let v = BatchView::new(&records[s..e]);
                 v.check_integrity().unwrap();
                 let base = v.base_offset();
                 v.for_each_record(|r| {

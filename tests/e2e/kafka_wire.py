@@ -1,0 +1,254 @@
+"""Just enough of the Kafka wire protocol, written by hand, to send malformed
+or unusual requests that real clients never produce."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+API_PRODUCE = 0
+API_METADATA = 3
+API_VERSIONS = 18
+
+ERR_NONE = 0
+ERR_CORRUPT_MESSAGE = 2
+ERR_UNSUPPORTED_VERSION = 35
+
+
+# ---------------------------------------------------------------------------
+# primitives
+# ---------------------------------------------------------------------------
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def varint(n: int) -> bytes:
+    """Zig-zag encoded signed varint (record fields)."""
+    z = (n << 1) ^ (n >> 63)
+    z &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while True:
+        byte = z & 0x7F
+        z >>= 7
+        if z:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def string(s: str | None) -> bytes:
+    if s is None:
+        return struct.pack(">h", -1)
+    raw = s.encode()
+    return struct.pack(">h", len(raw)) + raw
+
+
+def request_header(api_key: int, api_version: int, correlation_id: int,
+                   client_id: str | None = "weir-e2e", flexible: bool = False) -> bytes:
+    """Request header v1 (v2 when flexible: plus an empty tagged-field section)."""
+    h = struct.pack(">hhi", api_key, api_version, correlation_id) + string(client_id)
+    return h + (b"\x00" if flexible else b"")
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">i", len(payload)) + payload
+
+
+# ---------------------------------------------------------------------------
+# record batch v2
+# ---------------------------------------------------------------------------
+
+def record_batch(records: list[tuple[bytes | None, bytes | None]], base_timestamp: int,
+                 headers: list[tuple[str, bytes]] | None = None) -> bytes:
+    """An uncompressed magic-2 record batch (baseOffset 0, no producer id)."""
+    body = bytearray()
+    for i, (key, value) in enumerate(records):
+        rec = bytearray(b"\x00")                 # attributes
+        rec += varint(0)                         # timestamp delta
+        rec += varint(i)                         # offset delta
+        rec += varint(-1) if key is None else varint(len(key)) + key
+        rec += varint(-1) if value is None else varint(len(value)) + value
+        hdrs = headers or []
+        rec += varint(len(hdrs))
+        for hk, hv in hdrs:
+            rec += varint(len(hk.encode())) + hk.encode() + varint(len(hv)) + hv
+        body += varint(len(rec)) + rec
+    n = len(records)
+    after_crc = struct.pack(">hiqqqhii", 0, n - 1, base_timestamp, base_timestamp, -1, -1, -1, n) + bytes(body)
+    crc = crc32c(after_crc)
+    batch_length = 4 + 1 + 4 + len(after_crc)  # partitionLeaderEpoch + magic + crc + rest
+    return struct.pack(">qiibI", 0, batch_length, -1, 2, crc) + after_crc
+
+
+CRC_OFFSET = 8 + 4 + 4 + 1          # where the CRC field starts in a batch
+CRC_COVERED_FROM = CRC_OFFSET + 4   # first byte covered by the CRC (attributes)
+
+
+def produce_v3(correlation_id: int, topic: str, partition: int, batch: bytes,
+               acks: int = -1, timeout_ms: int = 10000) -> bytes:
+    body = string(None)  # transactional id
+    body += struct.pack(">hi", acks, timeout_ms)
+    body += struct.pack(">i", 1) + string(topic)
+    body += struct.pack(">i", 1) + struct.pack(">i", partition)
+    body += struct.pack(">i", len(batch)) + batch
+    return frame(request_header(API_PRODUCE, 3, correlation_id) + body)
+
+
+@dataclass
+class ProducePartitionResult:
+    topic: str
+    partition: int
+    error_code: int
+    base_offset: int
+
+
+def parse_produce_v3_response(payload: bytes) -> tuple[int, list[ProducePartitionResult]]:
+    r = Reader(payload)
+    corr = r.i32()
+    out = []
+    for _ in range(r.i32()):
+        topic = r.str()
+        for _ in range(r.i32()):
+            partition, err, base_offset = r.i32(), r.i16(), r.i64()
+            r.i64()  # log_append_time_ms
+            out.append(ProducePartitionResult(topic, partition, err, base_offset))
+    r.i32()  # throttle_time_ms
+    assert r.done(), f"{r.remaining()} unexpected trailing bytes in produce response"
+    return corr, out
+
+
+# ---------------------------------------------------------------------------
+# ApiVersions
+# ---------------------------------------------------------------------------
+
+def api_versions_request(correlation_id: int, version: int = 0) -> bytes:
+    flexible = version >= 3
+    body = b""
+    if flexible:
+        # client_software_name, client_software_version (compact strings), tagged fields
+        body = b"\x09weir-e2e" + b"\x040.1" + b"\x00"
+    return frame(request_header(API_VERSIONS, version, correlation_id, flexible=flexible) + body)
+
+
+@dataclass
+class ApiVersionsV0:
+    correlation_id: int
+    error_code: int
+    api_keys: dict[int, tuple[int, int]]
+
+
+def parse_api_versions_v0(payload: bytes) -> ApiVersionsV0:
+    """Strict v0 layout: correlation id, error code, [api_key min max], nothing else."""
+    r = Reader(payload)
+    corr, err = r.i32(), r.i16()
+    n = r.i32()
+    assert 0 <= n < 1000, f"implausible api_keys count {n}"
+    keys = {}
+    for _ in range(n):
+        k, lo, hi = r.i16(), r.i16(), r.i16()
+        keys[k] = (lo, hi)
+    assert r.done(), f"ApiVersions v0 response has {r.remaining()} trailing bytes (not v0 format?)"
+    return ApiVersionsV0(corr, err, keys)
+
+
+# ---------------------------------------------------------------------------
+# sockets
+# ---------------------------------------------------------------------------
+
+class Reader:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def _take(self, n: int) -> bytes:
+        assert self.pos + n <= len(self.data), "response shorter than its fields"
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def i16(self) -> int:
+        return struct.unpack(">h", self._take(2))[0]
+
+    def i32(self) -> int:
+        return struct.unpack(">i", self._take(4))[0]
+
+    def i64(self) -> int:
+        return struct.unpack(">q", self._take(8))[0]
+
+    def str(self) -> str:
+        n = self.i16()
+        return "" if n < 0 else self._take(n).decode()
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def done(self) -> bool:
+        return self.pos == len(self.data)
+
+
+def connect(bootstrap: str, timeout: float = 10.0) -> socket.socket:
+    host, port = bootstrap.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    (size,) = struct.unpack(">i", recv_exact(sock, 4))
+    assert 0 <= size < 64 * 1024 * 1024, f"implausible response size {size}"
+    return recv_exact(sock, size)
+
+
+def roundtrip(sock: socket.socket, request: bytes) -> bytes:
+    sock.sendall(request)
+    return recv_frame(sock)
+
+
+def wait_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes]:
+    """Read until the peer closes. Returns (closed, bytes received meanwhile)."""
+    deadline = time.monotonic() + timeout
+    got = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False, bytes(got)
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return False, bytes(got)
+        except (ConnectionResetError, BrokenPipeError):
+            return True, bytes(got)
+        if not chunk:
+            return True, bytes(got)
+        got += chunk

@@ -1,0 +1,242 @@
+"""Durability: clean restarts, kill -9 in the middle of a produce stream, and a
+segment file with a damaged tail."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from support import (Outgoing, Rec, assert_contiguous, assert_same_records, consume_confluent,
+                     create_topic, now_ms, produce_confluent, producer_conf, wait_until,
+                     watermarks)
+
+
+def test_clean_restart_keeps_every_record(weir):
+    topic = "restart"
+    partitions = 3
+    create_topic(weir.bootstrap, topic, partitions, config={"segment.bytes": "65536"})
+    ts = now_ms() - 60_000
+    records = [Outgoing(value=b"value-%06d-" % i + b"#" * (i % 300), key=b"key-%d" % (i % 17),
+                        partition=i % partitions, headers=[("n", str(i).encode())],
+                        timestamp=ts + i) for i in range(1500)]
+    # Small producer batches: a segment rolls between batches, never inside one, so one big
+    # batch would legitimately stay in a single segment.
+    acked = produce_confluent(weir.bootstrap, topic, records, **{"linger.ms": 10, "batch.size": 8192})
+    segments = sorted(p.name for p in (weir.data_dir / f"{topic}-0").glob("*.log"))
+    assert len(segments) >= 2, f"segment.bytes=65536 should have rolled the ~85 KB partition: {segments}"
+    before = consume_confluent(weir.bootstrap, topic, range(partitions))
+    assert_same_records(before, acked, "before restart")
+
+    weir.restart()  # SIGTERM, asserts exit 0, starts again on the same data dir
+
+    assert watermarks(weir.bootstrap, topic, range(partitions)) == \
+        {p: (0, 500) for p in range(partitions)}
+    after = consume_confluent(weir.bootstrap, topic, range(partitions))
+    assert_same_records(after, acked, "after restart")
+
+    # New records continue where the old ones stopped.
+    more = produce_confluent(weir.bootstrap, topic,
+                             [Outgoing(value=b"post-%d" % p, partition=p, timestamp=now_ms())
+                              for p in range(partitions)])
+    assert sorted((a.partition, a.offset) for a in more) == [(p, 500) for p in range(partitions)]
+
+    # A second restart (SIGINT this time) still sees everything.
+    weir.stop(sig=signal.SIGINT)
+    weir.start()
+    final = consume_confluent(weir.bootstrap, topic, range(partitions))
+    assert_contiguous(final, {p: 501 for p in range(partitions)})
+    assert_same_records(final, acked + more, "after second restart")
+
+
+class StreamingProducer(threading.Thread):
+    """Produces as fast as it can until told to stop, recording every acknowledged record."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, first_index: int):
+        super().__init__(daemon=True)
+        self.topic = topic
+        self.partitions = partitions
+        self.next_index = first_index
+        # Short timeouts: once the daemon is killed, unacknowledged records fail fast.
+        self.producer = Producer(producer_conf(
+            bootstrap, acks="all", **{"linger.ms": 2, "message.timeout.ms": 3000,
+                                      "request.timeout.ms": 2500, "socket.timeout.ms": 2500,
+                                      "reconnect.backoff.max.ms": 500,
+                                      "queue.buffering.max.messages": 5000}))
+        self.acked: list[Rec] = []
+        self.failed = 0
+        self.sent = 0
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def _on_delivery(self, err, msg):
+        with self.lock:
+            if err is None:
+                self.acked.append(Rec(msg.partition(), msg.offset(), msg.key(), msg.value()))
+            else:
+                self.failed += 1
+
+    def acked_count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return self.sent - len(self.acked) - self.failed
+
+    def run(self):
+        try:
+            while not self.stop_event.is_set():
+                i = self.next_index
+                value = b"rec-%08d-" % i + b"." * (i % 700)
+                try:
+                    self.producer.produce(self.topic, value=value, key=b"k%d" % (i % 13),
+                                          partition=i % self.partitions, on_delivery=self._on_delivery)
+                except BufferError:
+                    self.producer.poll(0.05)
+                    continue
+                with self.lock:
+                    self.sent += 1
+                self.next_index += 1
+                self.producer.poll(0)
+            self.producer.flush(30)
+        except BaseException as e:  # surfaced by the test
+            self.error = e
+
+
+@pytest.mark.parametrize("flush_config", [{}, {"flush.messages": "1"}],
+                         ids=["default-flush", "flush.messages=1"])
+def test_kill9_mid_stream_keeps_acknowledged_records(weir, flush_config):
+    """Three rounds of: stream acks=all records, kill -9 while records are in flight,
+    restart. Every acknowledged record must be readable at its acknowledged offset and
+    end offsets never move backwards."""
+    topic = "crashy"
+    partitions = 2
+    create_topic(weir.bootstrap, topic, partitions, config=flush_config)
+    all_acked: list[Rec] = []
+    marks_seen = {p: 0 for p in range(partitions)}
+    next_index = 0
+
+    for round_no in range(3):
+        prod = StreamingProducer(weir.bootstrap, topic, partitions, next_index)
+        prod.start()
+        base = prod.acked_count()
+        wait_until(lambda: prod.acked_count() >= base + 300 or prod.error, 60,
+                   message=lambda: f"round {round_no}: 300 acknowledged records (have {prod.acked_count()})")
+        assert prod.error is None, prod.error
+        for p, (_, high) in watermarks(weir.bootstrap, topic, range(partitions)).items():
+            marks_seen[p] = max(marks_seen[p], high)
+        target = prod.acked_count() + 300
+        wait_until(lambda: prod.acked_count() >= target, 60, interval=0.005,
+                   message=f"round {round_no}: more acknowledged records")
+        # kill while the producer has requests outstanding (best effort)
+        wait_until(lambda: prod.in_flight() > 0, 10, interval=0, message="records in flight")
+        weir.kill()
+
+        prod.stop_event.set()
+        prod.join(60)
+        assert not prod.is_alive(), "producer thread did not finish"
+        assert prod.error is None, prod.error
+        next_index = prod.next_index
+        with prod.lock:
+            all_acked += prod.acked
+
+        assert len({(a.partition, a.offset) for a in all_acked}) == len(all_acked), \
+            "the daemon acknowledged two records at the same offset"
+        for p in range(partitions):
+            acked_end = 1 + max((a.offset for a in all_acked if a.partition == p), default=-1)
+            marks_seen[p] = max(marks_seen[p], acked_end)
+
+        weir.start()  # same data dir; no clean shutdown happened
+
+        marks_after = watermarks(weir.bootstrap, topic, range(partitions))
+        for p in range(partitions):
+            low, high = marks_after[p]
+            assert low == 0
+            assert high >= marks_seen[p], \
+                (f"round {round_no}, partition {p}: the log ends at {high} after the restart, but offset "
+                 f"{marks_seen[p] - 1} had been acknowledged or reported as written before the crash")
+            marks_seen[p] = high
+
+        got = consume_confluent(weir.bootstrap, topic, range(partitions), timeout=60)
+        assert_contiguous(got)
+        by_pos = {(r.partition, r.offset): r for r in got}
+        lost = [a for a in all_acked if (a.partition, a.offset) not in by_pos]
+        assert not lost, f"round {round_no}: {len(lost)} acknowledged record(s) missing after kill -9, e.g. {lost[:5]}"
+        wrong = [(a, by_pos[(a.partition, a.offset)]) for a in all_acked
+                 if (by_pos[(a.partition, a.offset)].value, by_pos[(a.partition, a.offset)].key)
+                 != (a.value, a.key)]
+        assert not wrong, f"round {round_no}: {len(wrong)} acknowledged record(s) changed, e.g. {wrong[:3]}"
+
+    # The log is writable again and continues after the recovered end.
+    more = produce_confluent(weir.bootstrap, topic,
+                             [Outgoing(value=b"after-crash", partition=p) for p in range(partitions)])
+    for a in more:
+        assert a.offset == marks_seen[a.partition]
+
+
+def _segment_files(partition_dir: Path) -> list[Path]:
+    def order(path: Path):
+        return (int(path.stem) if path.stem.isdigit() else -1, path.stat().st_mtime)
+    return sorted(partition_dir.glob("*.log"), key=order)
+
+
+def _garbage(kind: str, segment: bytes) -> bytes:
+    r = random.Random(4242)
+    if kind == "random":
+        return r.randbytes(97)
+    if kind == "zeros":
+        return bytes(4096)
+    if kind == "torn-batch":
+        # the first half of a real batch from the start of this segment: a write cut short
+        assert len(segment) >= 61, "segment too small to contain a record batch"
+        batch_len = int.from_bytes(segment[8:12], "big", signed=True)
+        whole = segment[:12 + batch_len]
+        return whole[: max(12, len(whole) // 2)]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "torn-batch"])
+def test_corrupt_segment_tail_is_recovered(weir, kind):
+    topic = "damaged"
+    create_topic(weir.bootstrap, topic, 1)
+    records = [Outgoing(value=b"payload-%04d" % i, key=b"k%d" % i, partition=0,
+                        timestamp=now_ms()) for i in range(60)]
+    acked = produce_confluent(weir.bootstrap, topic, records[:30], **{"linger.ms": 20})
+    acked += produce_confluent(weir.bootstrap, topic, records[30:], **{"linger.ms": 0})
+    weir.stop()
+
+    partition_dir = weir.data_dir / f"{topic}-0"
+    assert partition_dir.is_dir(), \
+        f"expected {partition_dir}; data dir holds {sorted(p.name for p in weir.data_dir.iterdir())}"
+    segments = _segment_files(partition_dir)
+    assert segments, f"no *.log segment in {partition_dir}: {sorted(p.name for p in partition_dir.iterdir())}"
+    newest = segments[-1]
+    original = newest.read_bytes()
+    with open(newest, "ab") as f:
+        f.write(_garbage(kind, segments[0].read_bytes()))
+    assert newest.stat().st_size > len(original)
+
+    weir.start()
+
+    assert watermarks(weir.bootstrap, topic, [0]) == {0: (0, 60)}
+    got = consume_confluent(weir.bootstrap, topic, [0])
+    assert_contiguous(got, {0: 60})
+    assert [(r.key, r.value) for r in got] == [(a.key, a.value) for a in acked]
+
+    more = produce_confluent(weir.bootstrap, topic,
+                             [Outgoing(value=b"new-%d" % i, partition=0) for i in range(5)])
+    assert [a.offset for a in more] == [60, 61, 62, 63, 64]
+    got = consume_confluent(weir.bootstrap, topic, [0])
+    assert_contiguous(got, {0: 65})
+    assert [r.value for r in got[60:]] == [b"new-%d" % i for i in range(5)]
+
+    # and the recovered log survives another clean restart
+    weir.restart()
+    got = consume_confluent(weir.bootstrap, topic, [0])
+    assert_contiguous(got, {0: 65})
