@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::group::GroupSettings;
 use crate::log::config::LogConfig;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -26,6 +27,13 @@ pub struct Settings {
     pub default_partitions: i32,
     /// Broker-wide defaults for topic configs, by their Kafka names (retention.ms, ...).
     pub topic_defaults: BTreeMap<String, String>,
+    /// Kafka's group.initial.rebalance.delay.ms: how long a new group waits for more members.
+    pub group_initial_rebalance_delay_ms: u64,
+    /// Allowed range of consumers' session.timeout.ms.
+    pub group_min_session_timeout_ms: i32,
+    pub group_max_session_timeout_ms: i32,
+    /// How often the log cleaner looks for compactable partitions.
+    pub log_cleaner_interval_ms: u64,
 }
 
 impl Default for Settings {
@@ -39,6 +47,10 @@ impl Default for Settings {
             auto_create_topics: true,
             default_partitions: 1,
             topic_defaults: BTreeMap::new(),
+            group_initial_rebalance_delay_ms: 3000,
+            group_min_session_timeout_ms: 6000,
+            group_max_session_timeout_ms: 1_800_000,
+            log_cleaner_interval_ms: 15_000,
         }
     }
 }
@@ -58,6 +70,16 @@ impl Settings {
             .log_defaults()
             .with_context(|| format!("{}: topic_defaults", path.display()))?;
         Ok(settings)
+    }
+
+    pub fn group_settings(&self) -> GroupSettings {
+        GroupSettings {
+            initial_rebalance_delay: std::time::Duration::from_millis(
+                self.group_initial_rebalance_delay_ms,
+            ),
+            min_session_timeout_ms: self.group_min_session_timeout_ms,
+            max_session_timeout_ms: self.group_max_session_timeout_ms,
+        }
     }
 
     pub fn log_defaults(&self) -> Result<LogConfig> {

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod group;
 pub mod http;
 pub mod kafka;
 pub mod log;

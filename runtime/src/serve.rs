@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Settings;
+use crate::group::GroupCoordinator;
 use crate::kafka::{self, Broker};
 use crate::log::manager::LogManager;
 
@@ -36,12 +37,21 @@ pub async fn run(settings: Settings) -> Result<()> {
             kafka_local.ip().to_string()
         }
     });
+    let groups = Arc::new(
+        tokio::task::spawn_blocking({
+            let log = log.clone();
+            let settings = settings.group_settings();
+            move || GroupCoordinator::open(log, settings)
+        })
+        .await??,
+    );
     let broker = Arc::new(Broker {
         node_id: settings.node_id,
         cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
         advertised_host,
         advertised_port: kafka_local.port() as i32,
         log: log.clone(),
+        groups: groups.clone(),
         auto_create_topics: settings.auto_create_topics,
         default_partitions: settings.default_partitions.max(1),
     });
@@ -52,6 +62,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         Duration::from_secs(30),
         stop_rx.clone(),
     ));
+    let group_timers = tokio::spawn(groups.clone().run_timers(stop_rx.clone()));
     let kafka_task = tokio::spawn(kafka::server::serve(
         kafka_listener,
         broker.clone(),
@@ -73,6 +84,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = kafka_task.await;
+    let _ = group_timers.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     // The maintenance loop ends with a flush and checkpoint of every partition.
     maintenance.await?;

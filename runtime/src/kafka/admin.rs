@@ -171,6 +171,13 @@ pub fn delete_topics(
                 r.error_code = ResponseError::UnknownTopicId.code();
                 return r;
             };
+            if broker.log.topic(&name).is_some_and(|t| t.is_internal()) {
+                r.error_code = ResponseError::InvalidRequest.code();
+                r.error_message = Some(str_bytes(format!(
+                    "'{name}' is an internal topic and cannot be deleted"
+                )));
+                return r;
+            }
             match broker.log.delete_topic(&name) {
                 Ok(t) => r.topic_id = t.id,
                 Err(e) => (r.error_code, r.error_message) = error_parts(&e),

@@ -5,6 +5,7 @@ mod admin;
 pub mod apis;
 mod fetch;
 pub mod fetch_encode;
+mod groups;
 mod metadata;
 mod produce;
 pub mod server;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::protocol::StrBytes;
 
+use crate::group::GroupCoordinator;
 use crate::log::batch::BatchError;
 use crate::log::config::validate_topic_name;
 use crate::log::manager::{LogManager, Topic, TopicError};
@@ -28,6 +30,7 @@ pub struct Broker {
     pub advertised_host: String,
     pub advertised_port: i32,
     pub log: Arc<LogManager>,
+    pub groups: Arc<GroupCoordinator>,
     pub auto_create_topics: bool,
     pub default_partitions: i32,
 }
@@ -64,12 +67,23 @@ impl Broker {
 
     #[cfg(test)]
     pub fn for_tests(dir: &Path) -> Broker {
+        let log = Arc::new(LogManager::open(dir, Default::default()).unwrap());
         Broker {
             node_id: 0,
             cluster_id: "test-cluster".into(),
             advertised_host: "127.0.0.1".into(),
             advertised_port: 9092,
-            log: Arc::new(LogManager::open(dir, Default::default()).unwrap()),
+            groups: Arc::new(
+                GroupCoordinator::open(
+                    log.clone(),
+                    crate::group::GroupSettings {
+                        initial_rebalance_delay: std::time::Duration::ZERO,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            ),
+            log,
             auto_create_topics: true,
             default_partitions: 1,
         }

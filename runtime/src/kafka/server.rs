@@ -41,8 +41,13 @@ pub async fn serve(
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
-                        if let Err(reason) = connection(stream, peer, broker, shutdown).await {
-                            tracing::warn!(%peer, %reason, "closed Kafka connection");
+                        match connection(stream, peer, broker, shutdown).await {
+                            Ok(()) => {}
+                            // The client went away mid-response (e.g. closed during a long poll).
+                            Err(ConnectionError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+                                tracing::debug!(%peer, error = %e, "client disconnected");
+                            }
+                            Err(reason) => tracing::warn!(%peer, %reason, "closed Kafka connection"),
                         }
                     });
                 }
@@ -284,6 +289,7 @@ mod tests {
             .build()
             .unwrap();
         let name = |s: &str| TopicName(super::super::str_bytes(s));
+        let sb = |s: &str| super::super::str_bytes(s);
         let mut n = 0;
         for &(key, lo, hi) in apis::SUPPORTED {
             for version in lo..=hi {
@@ -423,6 +429,70 @@ mod tests {
                     ApiKey::DescribeCluster => {
                         RequestKind::DescribeCluster(DescribeClusterRequest::default())
                     }
+                    ApiKey::FindCoordinator => RequestKind::FindCoordinator(
+                        FindCoordinatorRequest::default()
+                            .with_key(sb("g"))
+                            .with_coordinator_keys(if version >= 4 { vec![sb("g")] } else { vec![] }),
+                    ),
+                    ApiKey::JoinGroup => RequestKind::JoinGroup(
+                        JoinGroupRequest::default()
+                            .with_group_id(GroupId(sb(&format!("g{n}"))))
+                            .with_session_timeout_ms(10_000)
+                            .with_rebalance_timeout_ms(10_000)
+                            .with_protocol_type(sb("consumer"))
+                            .with_protocols(vec![join_group_request::JoinGroupRequestProtocol::default()
+                                .with_name(sb("range"))
+                                .with_metadata(bytes::Bytes::from_static(b"\0\0\0\0"))]),
+                    ),
+                    ApiKey::SyncGroup => RequestKind::SyncGroup(
+                        SyncGroupRequest::default().with_group_id(GroupId(sb("g1"))).with_member_id(sb("nobody")).with_generation_id(1),
+                    ),
+                    ApiKey::Heartbeat => RequestKind::Heartbeat(
+                        HeartbeatRequest::default().with_group_id(GroupId(sb("g1"))).with_member_id(sb("nobody")),
+                    ),
+                    ApiKey::LeaveGroup => RequestKind::LeaveGroup(if version >= 3 {
+                        LeaveGroupRequest::default()
+                            .with_group_id(GroupId(sb("g1")))
+                            .with_members(vec![leave_group_request::MemberIdentity::default().with_member_id(sb("nobody"))])
+                    } else {
+                        LeaveGroupRequest::default().with_group_id(GroupId(sb("g1"))).with_member_id(sb("nobody"))
+                    }),
+                    ApiKey::OffsetCommit => RequestKind::OffsetCommit(
+                        OffsetCommitRequest::default()
+                            .with_group_id(GroupId(sb(&format!("c{n}"))))
+                            .with_generation_id_or_member_epoch(-1)
+                            .with_topics(vec![offset_commit_request::OffsetCommitRequestTopic::default()
+                                .with_name(name(&t))
+                                .with_partitions(vec![
+                                    offset_commit_request::OffsetCommitRequestPartition::default()
+                                        .with_committed_offset(5)
+                                        .with_committed_metadata(Some(sb("m"))),
+                                    offset_commit_request::OffsetCommitRequestPartition::default().with_partition_index(7),
+                                ])]),
+                    ),
+                    ApiKey::OffsetFetch => RequestKind::OffsetFetch(if version >= 8 {
+                        OffsetFetchRequest::default().with_groups(vec![
+                            offset_fetch_request::OffsetFetchRequestGroup::default().with_group_id(GroupId(sb("c1"))).with_topics(None),
+                        ])
+                    } else {
+                        OffsetFetchRequest::default().with_group_id(GroupId(sb("c1"))).with_topics(Some(vec![
+                            offset_fetch_request::OffsetFetchRequestTopic::default().with_name(name("t1")).with_partition_indexes(vec![0, 1]),
+                        ]))
+                    }),
+                    ApiKey::ListGroups => RequestKind::ListGroups(ListGroupsRequest::default()),
+                    ApiKey::DescribeGroups => RequestKind::DescribeGroups(
+                        DescribeGroupsRequest::default().with_groups(vec![GroupId(sb("g1")), GroupId(sb("c1")), GroupId(sb("missing"))]),
+                    ),
+                    ApiKey::DeleteGroups => RequestKind::DeleteGroups(
+                        DeleteGroupsRequest::default().with_groups_names(vec![GroupId(sb("missing")), GroupId(sb("g1"))]),
+                    ),
+                    ApiKey::OffsetDelete => RequestKind::OffsetDelete(
+                        OffsetDeleteRequest::default().with_group_id(GroupId(sb("c1"))).with_topics(vec![
+                            offset_delete_request::OffsetDeleteRequestTopic::default()
+                                .with_name(name("t1"))
+                                .with_partitions(vec![offset_delete_request::OffsetDeleteRequestPartition::default()]),
+                        ]),
+                    ),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {

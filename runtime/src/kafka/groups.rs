@@ -1,0 +1,550 @@
+//! Consumer group APIs: FindCoordinator, JoinGroup, SyncGroup, Heartbeat, LeaveGroup,
+//! OffsetCommit, OffsetFetch, ListGroups, DescribeGroups, DeleteGroups, OffsetDelete.
+//! The state machine lives in `crate::group`; this module translates requests and responses.
+
+use bytes::{Buf, Bytes};
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::Decodable;
+
+use super::apis::RequestContext;
+use super::{str_bytes, Broker};
+use crate::group::{CommittedOffset, GroupState, JoinRequest};
+
+const KEY_TYPE_GROUP: i8 = 0;
+
+fn code(e: Option<ResponseError>) -> i16 {
+    e.map_or(0, |e| e.code())
+}
+
+fn now_ms() -> i64 {
+    crate::cli::now_ms()
+}
+
+pub fn find_coordinator(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: FindCoordinatorRequest,
+) -> FindCoordinatorResponse {
+    let unsupported = req.key_type != KEY_TYPE_GROUP;
+    let message = unsupported.then(|| {
+        str_bytes("only consumer group coordinators exist; transactions are not supported yet")
+    });
+    let error = if unsupported {
+        ResponseError::InvalidRequest.code()
+    } else {
+        0
+    };
+    let host = str_bytes(broker.advertised_host.clone());
+    if ctx.version >= 4 {
+        let coordinators = req
+            .coordinator_keys
+            .into_iter()
+            .map(|key| {
+                let mut c = Coordinator::default()
+                    .with_key(key)
+                    .with_error_code(error)
+                    .with_error_message(message.clone());
+                if !unsupported {
+                    c = c
+                        .with_node_id(BrokerId(broker.node_id))
+                        .with_host(host.clone())
+                        .with_port(broker.advertised_port);
+                } else {
+                    c = c.with_node_id(BrokerId(-1)).with_port(-1);
+                }
+                c
+            })
+            .collect();
+        return FindCoordinatorResponse::default().with_coordinators(coordinators);
+    }
+    let mut r = FindCoordinatorResponse::default().with_error_code(error);
+    if ctx.version >= 1 {
+        r.error_message = message;
+    }
+    if unsupported {
+        r.with_node_id(BrokerId(-1)).with_port(-1)
+    } else {
+        r.with_node_id(BrokerId(broker.node_id))
+            .with_host(host)
+            .with_port(broker.advertised_port)
+    }
+}
+
+pub async fn join_group(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: JoinGroupRequest,
+) -> JoinGroupResponse {
+    let v = ctx.version;
+    let rx = broker.groups.join(JoinRequest {
+        group_id: req.group_id.0.to_string(),
+        member_id: req.member_id.to_string(),
+        group_instance_id: req.group_instance_id.as_ref().map(|s| s.to_string()),
+        client_id: ctx.client_id.clone().unwrap_or_default(),
+        client_host: format!("/{}", ctx.peer.ip()),
+        session_timeout_ms: req.session_timeout_ms,
+        rebalance_timeout_ms: if v >= 1 {
+            req.rebalance_timeout_ms
+        } else {
+            req.session_timeout_ms
+        },
+        protocol_type: req.protocol_type.to_string(),
+        protocols: req
+            .protocols
+            .into_iter()
+            .map(|p| (p.name.to_string(), p.metadata))
+            .collect(),
+        require_known_member_id: v >= 4,
+    });
+    let outcome = rx.await.unwrap_or_else(|_| crate::group::JoinOutcome {
+        error: Some(ResponseError::UnknownMemberId),
+        generation: -1,
+        ..Default::default()
+    });
+    let mut r = JoinGroupResponse::default()
+        .with_error_code(code(outcome.error))
+        .with_generation_id(outcome.generation)
+        .with_leader(str_bytes(outcome.leader))
+        .with_member_id(str_bytes(outcome.member_id))
+        .with_members(
+            outcome
+                .members
+                .into_iter()
+                .map(|(id, instance, metadata)| {
+                    JoinGroupResponseMember::default()
+                        .with_member_id(str_bytes(id))
+                        .with_group_instance_id(if v >= 5 {
+                            instance.map(str_bytes)
+                        } else {
+                            None
+                        })
+                        .with_metadata(metadata)
+                })
+                .collect(),
+        );
+    // Before v7 the protocol name is a non-nullable string.
+    r.protocol_name = Some(str_bytes(outcome.protocol_name.unwrap_or_default()));
+    if v >= 7 {
+        r.protocol_type = outcome.protocol_type.map(str_bytes);
+    }
+    r
+}
+
+pub async fn sync_group(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: SyncGroupRequest,
+) -> SyncGroupResponse {
+    let rx = broker.groups.sync(
+        &req.group_id.0,
+        &req.member_id,
+        req.group_instance_id.as_deref(),
+        req.generation_id,
+        req.protocol_type.as_deref(),
+        req.protocol_name.as_deref(),
+        req.assignments
+            .into_iter()
+            .map(|a| (a.member_id.to_string(), a.assignment))
+            .collect(),
+    );
+    let outcome = rx.await.unwrap_or_else(|_| crate::group::SyncOutcome {
+        error: Some(ResponseError::UnknownMemberId),
+        ..Default::default()
+    });
+    let mut r = SyncGroupResponse::default()
+        .with_error_code(code(outcome.error))
+        .with_assignment(outcome.assignment);
+    if ctx.version >= 5 {
+        r.protocol_type = outcome.protocol_type.map(str_bytes);
+        r.protocol_name = outcome.protocol_name.map(str_bytes);
+    }
+    r
+}
+
+pub fn heartbeat(broker: &Broker, req: HeartbeatRequest) -> HeartbeatResponse {
+    let e = broker.groups.heartbeat(
+        &req.group_id.0,
+        &req.member_id,
+        req.group_instance_id.as_deref(),
+        req.generation_id,
+    );
+    HeartbeatResponse::default().with_error_code(code(e))
+}
+
+pub fn leave_group(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: LeaveGroupRequest,
+) -> LeaveGroupResponse {
+    let leaving: Vec<(String, Option<String>)> = if ctx.version >= 3 {
+        req.members
+            .iter()
+            .map(|m| {
+                (
+                    m.member_id.to_string(),
+                    m.group_instance_id.as_ref().map(|s| s.to_string()),
+                )
+            })
+            .collect()
+    } else {
+        vec![(req.member_id.to_string(), None)]
+    };
+    match broker.groups.leave(&req.group_id.0, &leaving) {
+        Err(e) => LeaveGroupResponse::default().with_error_code(e.code()),
+        Ok(results) if ctx.version >= 3 => LeaveGroupResponse::default().with_members(
+            req.members
+                .into_iter()
+                .zip(results)
+                .map(|(m, e)| {
+                    MemberResponse::default()
+                        .with_member_id(m.member_id)
+                        .with_group_instance_id(m.group_instance_id)
+                        .with_error_code(code(e))
+                })
+                .collect(),
+        ),
+        Ok(results) => LeaveGroupResponse::default()
+            .with_error_code(code(results.into_iter().next().flatten())),
+    }
+}
+
+pub fn offset_commit(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: OffsetCommitRequest,
+) -> OffsetCommitResponse {
+    let now = now_ms();
+    let mut offsets = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            offsets.push((
+                (t.name.0.to_string(), p.partition_index),
+                CommittedOffset {
+                    offset: p.committed_offset,
+                    leader_epoch: if ctx.version >= 6 {
+                        p.committed_leader_epoch
+                    } else {
+                        -1
+                    },
+                    metadata: p
+                        .committed_metadata
+                        .as_deref()
+                        .unwrap_or_default()
+                        .to_string(),
+                    commit_timestamp: now,
+                },
+            ));
+        }
+    }
+    let log = broker.log.clone();
+    let result = broker.groups.commit(
+        &req.group_id.0,
+        &req.member_id,
+        req.group_instance_id.as_deref(),
+        req.generation_id_or_member_epoch,
+        offsets,
+        |topic, p| log.partition(topic, p).is_some(),
+    );
+    let error_for = |topic: &str, p: i32| -> i16 {
+        match &result {
+            Err(e) => e.code(),
+            Ok(results) => results
+                .iter()
+                .find(|((t, q), _)| t == topic && *q == p)
+                .map_or(0, |(_, e)| code(*e)),
+        }
+    };
+    let topics = req
+        .topics
+        .iter()
+        .map(|t| {
+            OffsetCommitResponseTopic::default()
+                .with_name(t.name.clone())
+                .with_partitions(
+                    t.partitions
+                        .iter()
+                        .map(|p| {
+                            OffsetCommitResponsePartition::default()
+                                .with_partition_index(p.partition_index)
+                                .with_error_code(error_for(&t.name.0, p.partition_index))
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    OffsetCommitResponse::default().with_topics(topics)
+}
+
+/// A topic's committed offsets per partition (None: nothing committed).
+type TopicOffsets = (String, Vec<(i32, Option<CommittedOffset>)>);
+
+/// (topic, partitions) pairs asked for, or None for "all committed offsets".
+type Wanted = Option<Vec<(String, Vec<i32>)>>;
+
+fn fetch_group_offsets(broker: &Broker, group: &str, wanted: Wanted) -> Vec<TopicOffsets> {
+    let flat = wanted.map(|w| {
+        w.into_iter()
+            .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p)))
+            .collect::<Vec<_>>()
+    });
+    let mut by_topic: Vec<TopicOffsets> = Vec::new();
+    for ((topic, p), off) in broker.groups.fetch_offsets(group, flat) {
+        match by_topic.iter_mut().find(|(t, _)| *t == topic) {
+            Some((_, ps)) => ps.push((p, off)),
+            None => by_topic.push((topic, vec![(p, off)])),
+        }
+    }
+    by_topic
+}
+
+pub fn offset_fetch(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: OffsetFetchRequest,
+) -> OffsetFetchResponse {
+    let v = ctx.version;
+    if v >= 8 {
+        let groups = req
+            .groups
+            .into_iter()
+            .map(|g| {
+                let wanted = g.topics.map(|ts| {
+                    ts.into_iter()
+                        .map(|t| (t.name.0.to_string(), t.partition_indexes))
+                        .collect()
+                });
+                let topics = fetch_group_offsets(broker, &g.group_id.0, wanted)
+                    .into_iter()
+                    .map(|(t, ps)| {
+                        OffsetFetchResponseTopics::default()
+                            .with_name(TopicName(str_bytes(t)))
+                            .with_partitions(
+                                ps.into_iter()
+                                    .map(|(p, o)| {
+                                        let (offset, epoch, meta) = o
+                                            .map_or((-1, -1, String::new()), |o| {
+                                                (o.offset, o.leader_epoch, o.metadata)
+                                            });
+                                        OffsetFetchResponsePartitions::default()
+                                            .with_partition_index(p)
+                                            .with_committed_offset(offset)
+                                            .with_committed_leader_epoch(epoch)
+                                            .with_metadata(Some(str_bytes(meta)))
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect();
+                OffsetFetchResponseGroup::default()
+                    .with_group_id(g.group_id)
+                    .with_topics(topics)
+            })
+            .collect();
+        return OffsetFetchResponse::default().with_groups(groups);
+    }
+    let wanted = req.topics.map(|ts| {
+        ts.into_iter()
+            .map(|t| (t.name.0.to_string(), t.partition_indexes))
+            .collect()
+    });
+    let topics = fetch_group_offsets(broker, &req.group_id.0, wanted)
+        .into_iter()
+        .map(|(t, ps)| {
+            OffsetFetchResponseTopic::default()
+                .with_name(TopicName(str_bytes(t)))
+                .with_partitions(
+                    ps.into_iter()
+                        .map(|(p, o)| {
+                            let (offset, epoch, meta) = o.map_or((-1, -1, String::new()), |o| {
+                                (o.offset, o.leader_epoch, o.metadata)
+                            });
+                            let mut r = OffsetFetchResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(offset)
+                                .with_metadata(Some(str_bytes(meta)));
+                            if v >= 5 {
+                                r.committed_leader_epoch = epoch;
+                            }
+                            r
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    OffsetFetchResponse::default().with_topics(topics)
+}
+
+pub fn list_groups(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: ListGroupsRequest,
+) -> ListGroupsResponse {
+    let groups = broker
+        .groups
+        .list()
+        .into_iter()
+        .filter(|(_, _, state)| {
+            req.states_filter.is_empty()
+                || req
+                    .states_filter
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(state.name()))
+        })
+        .map(|(id, protocol_type, state)| {
+            let mut g = ListedGroup::default()
+                .with_group_id(GroupId(str_bytes(id)))
+                .with_protocol_type(str_bytes(protocol_type));
+            if ctx.version >= 4 {
+                g.group_state = str_bytes(state.name());
+            }
+            g
+        })
+        .collect();
+    ListGroupsResponse::default().with_groups(groups)
+}
+
+pub fn describe_groups(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DescribeGroupsRequest,
+) -> DescribeGroupsResponse {
+    let groups = req
+        .groups
+        .into_iter()
+        .map(|id| {
+            let described = broker.groups.with_group(&id.0, |g| {
+                let members = g
+                    .members
+                    .values()
+                    .map(|m| {
+                        let mut d = DescribedGroupMember::default()
+                            .with_member_id(str_bytes(m.member_id.clone()))
+                            .with_client_id(str_bytes(m.client_id.clone()))
+                            .with_client_host(str_bytes(m.client_host.clone()))
+                            .with_member_metadata(
+                                m.protocols
+                                    .iter()
+                                    .find(|(n, _)| Some(n) == g.protocol_name.as_ref())
+                                    .map(|(_, b)| b.clone())
+                                    .unwrap_or_default(),
+                            )
+                            .with_member_assignment(m.assignment.clone());
+                        if ctx.version >= 4 {
+                            d.group_instance_id = m.group_instance_id.clone().map(str_bytes);
+                        }
+                        d
+                    })
+                    .collect();
+                DescribedGroup::default()
+                    .with_group_id(id.clone())
+                    .with_group_state(str_bytes(g.state.name()))
+                    .with_protocol_type(str_bytes(g.protocol_type.clone().unwrap_or_default()))
+                    .with_protocol_data(str_bytes(g.protocol_name.clone().unwrap_or_default()))
+                    .with_members(members)
+            });
+            // An unknown group is described as Dead, as Kafka does.
+            described.unwrap_or_else(|| {
+                DescribedGroup::default()
+                    .with_group_id(id)
+                    .with_group_state(str_bytes(GroupState::Dead.name()))
+            })
+        })
+        .collect();
+    DescribeGroupsResponse::default().with_groups(groups)
+}
+
+pub fn delete_groups(broker: &Broker, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+    let results = req
+        .groups_names
+        .into_iter()
+        .map(|g| {
+            let e = broker.groups.delete_group(&g.0);
+            DeletableGroupResult::default()
+                .with_group_id(g)
+                .with_error_code(code(e))
+        })
+        .collect();
+    DeleteGroupsResponse::default().with_results(results)
+}
+
+/// Topics a member's consumer-protocol subscription names.
+fn subscribed_topics(metadata: &Bytes) -> Vec<String> {
+    let mut buf = metadata.clone();
+    if buf.remaining() < 2 {
+        return vec![];
+    }
+    let version = buf.get_i16();
+    ConsumerProtocolSubscription::decode(&mut buf, version)
+        .map(|s| s.topics.into_iter().map(|t| t.to_string()).collect())
+        .unwrap_or_default()
+}
+
+pub fn offset_delete(broker: &Broker, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+    let tps: Vec<(String, i32)> = req
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(move |p| (t.name.0.to_string(), p.partition_index))
+        })
+        .collect();
+    let result = broker
+        .groups
+        .delete_offsets(&req.group_id.0, tps, |g, topic| {
+            g.protocol_type.as_deref() == Some("consumer")
+                && g.members.values().any(|m| {
+                    m.protocols
+                        .iter()
+                        .any(|(_, meta)| subscribed_topics(meta).iter().any(|t| t == topic))
+                })
+        });
+    match result {
+        Err(e) => OffsetDeleteResponse::default().with_error_code(e.code()),
+        Ok(results) => {
+            let topics = req
+                .topics
+                .into_iter()
+                .map(|t| {
+                    let name = t.name.0.to_string();
+                    OffsetDeleteResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(
+                            t.partitions
+                                .into_iter()
+                                .map(|p| {
+                                    let e = results
+                                        .iter()
+                                        .find(|((tn, pi), _)| {
+                                            *tn == name && *pi == p.partition_index
+                                        })
+                                        .and_then(|(_, e)| *e);
+                                    OffsetDeleteResponsePartition::default()
+                                        .with_partition_index(p.partition_index)
+                                        .with_error_code(code(e))
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            OffsetDeleteResponse::default().with_topics(topics)
+        }
+    }
+}
