@@ -34,6 +34,8 @@ pub struct Settings {
     pub group_max_session_timeout_ms: i32,
     /// How often the log cleaner looks for compactable partitions.
     pub log_cleaner_interval_ms: u64,
+    /// Memory for the cleaner's key map (Kafka's log.cleaner.dedupe.buffer.size).
+    pub log_cleaner_dedupe_buffer_bytes: usize,
 }
 
 impl Default for Settings {
@@ -51,6 +53,7 @@ impl Default for Settings {
             group_min_session_timeout_ms: 6000,
             group_max_session_timeout_ms: 1_800_000,
             log_cleaner_interval_ms: 15_000,
+            log_cleaner_dedupe_buffer_bytes: 128 << 20,
         }
     }
 }

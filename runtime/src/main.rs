@@ -45,6 +45,13 @@ enum Command {
         #[command(flatten)]
         conn: cli::ConnectArgs,
     },
+    /// List, describe, reset and delete consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: cli::group::GroupCommand,
+        #[command(flatten)]
+        conn: cli::ConnectArgs,
+    },
     /// Produce lines from stdin, one record per line.
     Produce(cli::produce::ProduceArgs),
     /// Print records of a topic, one value per line.
@@ -94,6 +101,7 @@ fn main() -> Result<()> {
                 weir::serve::run(settings).await
             }
             Command::Topic { command, conn } => cli::topic::run(command, &conn).await,
+            Command::Group { command, conn } => cli::group::run(command, &conn).await,
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,

@@ -62,6 +62,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         Duration::from_secs(30),
         stop_rx.clone(),
     ));
+    let cleaner = tokio::spawn(log.clone().run_cleaner(
+        Duration::from_millis(settings.log_cleaner_interval_ms.max(10)),
+        settings.log_cleaner_dedupe_buffer_bytes / 40,
+        stop_rx.clone(),
+    ));
     let group_timers = tokio::spawn(groups.clone().run_timers(stop_rx.clone()));
     let kafka_task = tokio::spawn(kafka::server::serve(
         kafka_listener,
@@ -85,6 +90,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = kafka_task.await;
     let _ = group_timers.await;
+    let _ = cleaner.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     // The maintenance loop ends with a flush and checkpoint of every partition.
     maintenance.await?;

@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use kafka_protocol::records::Compression;
+use weir::group::{GroupCoordinator, GroupSettings};
 use weir::kafka::server::{handle_frame, ConnectionError};
 use weir::kafka::Broker;
 use weir::log::batch::BatchBuilder;
@@ -27,7 +28,7 @@ pub const TOPICS: &[(&str, i32)] = &[("fuzz-a", 1), ("fuzz-b", 3)];
 /// is paused (it jumps ahead whenever the runtime is idle), so this costs no wall-clock time.
 pub const INPUT_TIMEOUT: Duration = Duration::from_millis(10);
 
-/// Topics beyond [`TOPICS`] tolerated before the broker is rebuilt.
+/// Topics beyond [`TOPICS`] (and `__consumer_offsets`) tolerated before the broker is rebuilt.
 const MAX_EXTRA_TOPICS: usize = 32;
 /// Partitions in all tolerated before the broker is rebuilt.
 const MAX_PARTITIONS_TOTAL: usize = 256;
@@ -50,18 +51,29 @@ impl Harness {
             .tempdir_in("/dev/shm")
             .or_else(|_| tempfile::Builder::new().prefix("weir-fuzz-").tempdir())
             .expect("cannot create a scratch data directory");
-        let log = LogManager::open(dir.path(), Default::default()).expect("cannot open the log");
+        let log =
+            Arc::new(LogManager::open(dir.path(), Default::default()).expect("cannot open the log"));
         for &(name, partitions) in TOPICS {
             log.create_topic(name, partitions, 1, Default::default())
                 .expect("cannot create a seed topic");
         }
+        let groups = GroupCoordinator::open(
+            log.clone(),
+            GroupSettings {
+                // Joins complete without waiting for more members.
+                initial_rebalance_delay: Duration::ZERO,
+                ..Default::default()
+            },
+        )
+        .expect("cannot open the group coordinator");
         Harness {
             broker: Broker {
                 node_id: 0,
                 cluster_id: "weir-fuzz".into(),
                 advertised_host: "127.0.0.1".into(),
                 advertised_port: 9092,
-                log: Arc::new(log),
+                log,
+                groups: Arc::new(groups),
                 auto_create_topics: false,
                 default_partitions: 1,
             },
@@ -76,7 +88,7 @@ impl Harness {
             return true;
         }
         let topics = self.broker.log.topics();
-        topics.len() > TOPICS.len() + MAX_EXTRA_TOPICS
+        topics.len() > TOPICS.len() + 1 + MAX_EXTRA_TOPICS
             || topics.iter().map(|t| t.partitions.len()).sum::<usize>() > MAX_PARTITIONS_TOTAL
             || TOPICS
                 .iter()
@@ -136,6 +148,8 @@ pub fn fuzz_one(data: &[u8]) {
     }
     harness.runs += 1;
     let _ = handle(&harness, data);
+    // The daemon runs this every 100 ms: session expiry and joins that came due.
+    harness.broker.groups.tick();
 }
 
 // ---- seed corpus ----
@@ -197,29 +211,34 @@ fn produce(acks: i16, topic: &str, partition: i32, records: Bytes) -> RequestKin
     )
 }
 
-fn fetch(max_wait_ms: i32, min_bytes: i32, offset: i64) -> RequestKind {
+/// A fetch from fuzz-a/0 and, unless `long_poll`, fuzz-b/1 and the missing fuzz-b/7 (an error
+/// answers at once; a long poll parks until data or its max_wait).
+fn fetch(max_wait_ms: i32, min_bytes: i32, offset: i64, long_poll: bool) -> RequestKind {
+    let mut topics = vec![fetch_request::FetchTopic::default()
+        .with_topic(name("fuzz-a"))
+        .with_partitions(vec![fetch_request::FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(offset)
+            .with_partition_max_bytes(1 << 20)])];
+    if !long_poll {
+        topics.push(
+            fetch_request::FetchTopic::default()
+                .with_topic(name("fuzz-b"))
+                .with_partitions(vec![
+                    fetch_request::FetchPartition::default()
+                        .with_partition(1)
+                        .with_partition_max_bytes(4096),
+                    fetch_request::FetchPartition::default().with_partition(7),
+                ]),
+        );
+    }
     RequestKind::Fetch(
         FetchRequest::default()
             .with_replica_id(BrokerId(-1))
             .with_max_wait_ms(max_wait_ms)
             .with_min_bytes(min_bytes)
             .with_max_bytes(1 << 20)
-            .with_topics(vec![
-                fetch_request::FetchTopic::default()
-                    .with_topic(name("fuzz-a"))
-                    .with_partitions(vec![fetch_request::FetchPartition::default()
-                        .with_partition(0)
-                        .with_fetch_offset(offset)
-                        .with_partition_max_bytes(1 << 20)]),
-                fetch_request::FetchTopic::default()
-                    .with_topic(name("fuzz-b"))
-                    .with_partitions(vec![
-                        fetch_request::FetchPartition::default()
-                            .with_partition(1)
-                            .with_partition_max_bytes(4096),
-                        fetch_request::FetchPartition::default().with_partition(7),
-                    ]),
-            ]),
+            .with_topics(topics),
     )
 }
 
@@ -290,11 +309,11 @@ fn delete_topics(version: i16) -> RequestKind {
     })
 }
 
-fn describe_configs() -> RequestKind {
+fn describe_configs(version: i16) -> RequestKind {
     RequestKind::DescribeConfigs(
         DescribeConfigsRequest::default()
             .with_include_synonyms(true)
-            .with_include_documentation(true)
+            .with_include_documentation(version >= 3)
             .with_resources(vec![
                 describe_configs_request::DescribeConfigsResource::default()
                     .with_resource_type(2)
@@ -362,6 +381,153 @@ fn create_partitions(validate_only: bool) -> RequestKind {
     )
 }
 
+fn subscription(topics: &[&str]) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&1i16.to_be_bytes());
+    ConsumerProtocolSubscription::default()
+        .with_topics(topics.iter().map(|t| s(t)).collect())
+        .encode(&mut buf, 1)
+        .expect("cannot encode a subscription");
+    buf.freeze()
+}
+
+fn assignment() -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&1i16.to_be_bytes());
+    ConsumerProtocolAssignment::default()
+        .with_assigned_partitions(vec![consumer_protocol_assignment::TopicPartition::default()
+            .with_topic(name("fuzz-b"))
+            .with_partitions(vec![0, 1, 2])])
+        .encode(&mut buf, 1)
+        .expect("cannot encode an assignment");
+    buf.freeze()
+}
+
+fn find_coordinator(version: i16) -> RequestKind {
+    let req = FindCoordinatorRequest::default().with_key_type(0);
+    RequestKind::FindCoordinator(if version >= 4 {
+        req.with_coordinator_keys(vec![s("fuzz-group"), s("other")])
+    } else {
+        req.with_key(s("fuzz-group"))
+    })
+}
+
+fn join_group(member_id: &str, instance: Option<&str>) -> RequestKind {
+    RequestKind::JoinGroup(
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(s("fuzz-group")))
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_member_id(s(member_id))
+            .with_group_instance_id(instance.map(s))
+            .with_protocol_type(s("consumer"))
+            .with_protocols(vec![
+                join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(s("range"))
+                    .with_metadata(subscription(&["fuzz-a", "fuzz-b"])),
+                join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(s("roundrobin"))
+                    .with_metadata(subscription(&["fuzz-b"])),
+            ]),
+    )
+}
+
+fn sync_group(version: i16) -> RequestKind {
+    let req = SyncGroupRequest::default()
+        .with_group_id(GroupId(s("fuzz-group")))
+        .with_generation_id(1)
+        .with_member_id(s("member-1"))
+        .with_assignments(vec![sync_group_request::SyncGroupRequestAssignment::default()
+            .with_member_id(s("member-1"))
+            .with_assignment(assignment())]);
+    RequestKind::SyncGroup(if version >= 5 {
+        req.with_protocol_type(Some(s("consumer")))
+            .with_protocol_name(Some(s("range")))
+    } else {
+        req
+    })
+}
+
+fn heartbeat() -> RequestKind {
+    RequestKind::Heartbeat(
+        HeartbeatRequest::default()
+            .with_group_id(GroupId(s("fuzz-group")))
+            .with_generation_id(1)
+            .with_member_id(s("member-1")),
+    )
+}
+
+fn leave_group(version: i16) -> RequestKind {
+    let req = LeaveGroupRequest::default().with_group_id(GroupId(s("fuzz-group")));
+    RequestKind::LeaveGroup(if version >= 3 {
+        req.with_members(vec![
+            leave_group_request::MemberIdentity::default().with_member_id(s("member-1")),
+            leave_group_request::MemberIdentity::default()
+                .with_member_id(s(""))
+                .with_group_instance_id(Some(s("instance-1"))),
+        ])
+    } else {
+        req.with_member_id(s("member-1"))
+    })
+}
+
+fn offset_commit(version: i16) -> RequestKind {
+    let mut req = OffsetCommitRequest::default()
+        .with_group_id(GroupId(s("fuzz-group")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_member_id(s(""))
+        .with_topics(vec![
+            offset_commit_request::OffsetCommitRequestTopic::default()
+                .with_name(name("fuzz-b"))
+                .with_partitions(
+                    (0..3)
+                        .map(|p| {
+                            offset_commit_request::OffsetCommitRequestPartition::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(p as i64 + 1)
+                                .with_committed_metadata(Some(s("meta")))
+                        })
+                        .collect(),
+                ),
+            offset_commit_request::OffsetCommitRequestTopic::default()
+                .with_name(name("missing"))
+                .with_partitions(vec![
+                    offset_commit_request::OffsetCommitRequestPartition::default()
+                        .with_committed_offset(5),
+                ]),
+        ]);
+    if (2..=4).contains(&version) {
+        req = req.with_retention_time_ms(-1);
+    }
+    RequestKind::OffsetCommit(req)
+}
+
+fn offset_fetch(version: i16) -> RequestKind {
+    let topics = |all: bool| {
+        (!all).then(|| {
+            vec![offset_fetch_request::OffsetFetchRequestTopics::default()
+                .with_name(name("fuzz-b"))
+                .with_partition_indexes(vec![0, 1, 2, 9])]
+        })
+    };
+    RequestKind::OffsetFetch(if version >= 8 {
+        OffsetFetchRequest::default().with_groups(vec![
+            offset_fetch_request::OffsetFetchRequestGroup::default()
+                .with_group_id(GroupId(s("fuzz-group")))
+                .with_topics(topics(false)),
+            offset_fetch_request::OffsetFetchRequestGroup::default()
+                .with_group_id(GroupId(s("other")))
+                .with_topics(topics(true)),
+        ])
+    } else {
+        OffsetFetchRequest::default()
+            .with_group_id(GroupId(s("fuzz-group")))
+            .with_topics(Some(vec![offset_fetch_request::OffsetFetchRequestTopic::default()
+                .with_name(name("fuzz-b"))
+                .with_partition_indexes(vec![0, 1, 2, 9])]))
+    })
+}
+
 /// The seed corpus: (file name, frame). Valid requests for every API weir implements, at its
 /// lowest and highest version where they differ in shape, plus one KIP-511 probe (ApiVersions
 /// at an unsupported version).
@@ -386,22 +552,58 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
         (ApiKey::Produce, 9, "zstd", produce(1, "fuzz-b", 2, batch(Compression::Zstd, 4))),
         (ApiKey::Produce, 9, "acks0", produce(0, "fuzz-a", 0, batch(Compression::None, 1))),
         (ApiKey::Produce, 3, "", produce(1, "fuzz-b", 0, batch(Compression::Snappy, 2))),
-        (ApiKey::Fetch, 12, "", fetch(0, 0, 0)),
-        (ApiKey::Fetch, 12, "longpoll", fetch(500, 1 << 16, 0)),
-        (ApiKey::Fetch, 4, "", fetch(0, 1, 0)),
+        (ApiKey::Fetch, 12, "", fetch(0, 0, 0, false)),
+        (ApiKey::Fetch, 12, "longpoll", fetch(500, 1 << 16, 0, true)),
+        (ApiKey::Fetch, 4, "", fetch(0, 1, 0, false)),
         (ApiKey::ListOffsets, 7, "", list_offsets()),
         (ApiKey::ListOffsets, 1, "", list_offsets()),
         (ApiKey::CreateTopics, 7, "", create_topics(false)),
         (ApiKey::CreateTopics, 2, "validate", create_topics(true)),
         (ApiKey::DeleteTopics, 6, "", delete_topics(6)),
         (ApiKey::DeleteTopics, 1, "", delete_topics(1)),
-        (ApiKey::DescribeConfigs, 4, "", describe_configs()),
-        (ApiKey::DescribeConfigs, 1, "", describe_configs()),
+        (ApiKey::DescribeConfigs, 4, "", describe_configs(4)),
+        (ApiKey::DescribeConfigs, 1, "", describe_configs(1)),
         (ApiKey::AlterConfigs, 2, "", alter_configs()),
         (ApiKey::CreatePartitions, 3, "", create_partitions(false)),
         (ApiKey::CreatePartitions, 0, "validate", create_partitions(true)),
         (ApiKey::IncrementalAlterConfigs, 1, "", incremental_alter_configs()),
         (ApiKey::DescribeCluster, 1, "", RequestKind::DescribeCluster(DescribeClusterRequest::default())),
+        (ApiKey::FindCoordinator, 4, "", find_coordinator(4)),
+        (ApiKey::FindCoordinator, 0, "", find_coordinator(0)),
+        (ApiKey::JoinGroup, 9, "", join_group("", None)),
+        (ApiKey::JoinGroup, 9, "static", join_group("", Some("instance-1"))),
+        (ApiKey::JoinGroup, 3, "", join_group("", None)),
+        (ApiKey::JoinGroup, 0, "", join_group("", None)),
+        (ApiKey::SyncGroup, 5, "", sync_group(5)),
+        (ApiKey::SyncGroup, 0, "", sync_group(0)),
+        (ApiKey::Heartbeat, 4, "", heartbeat()),
+        (ApiKey::LeaveGroup, 5, "", leave_group(5)),
+        (ApiKey::LeaveGroup, 0, "", leave_group(0)),
+        (ApiKey::OffsetCommit, 9, "", offset_commit(9)),
+        (ApiKey::OffsetCommit, 2, "", offset_commit(2)),
+        (ApiKey::OffsetFetch, 9, "", offset_fetch(9)),
+        (ApiKey::OffsetFetch, 1, "", offset_fetch(1)),
+        (ApiKey::ListGroups, 4, "", RequestKind::ListGroups(
+            ListGroupsRequest::default().with_states_filter(vec![s("Stable"), s("Empty")]),
+        )),
+        (ApiKey::DescribeGroups, 5, "", RequestKind::DescribeGroups(
+            DescribeGroupsRequest::default()
+                .with_groups(vec![GroupId(s("fuzz-group")), GroupId(s("missing"))])
+                .with_include_authorized_operations(true),
+        )),
+        (ApiKey::DeleteGroups, 2, "", RequestKind::DeleteGroups(
+            DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s("gone"))]),
+        )),
+        (ApiKey::OffsetDelete, 0, "", RequestKind::OffsetDelete(
+            OffsetDeleteRequest::default()
+                .with_group_id(GroupId(s("fuzz-group")))
+                .with_topics(vec![offset_delete_request::OffsetDeleteRequestTopic::default()
+                    .with_name(name("fuzz-b"))
+                    .with_partitions(vec![
+                        offset_delete_request::OffsetDeleteRequestPartition::default()
+                            .with_partition_index(0),
+                    ])]),
+        )),
     ]
     .into_iter()
     .collect();
@@ -432,16 +634,29 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
 mod tests {
     use super::*;
 
-    /// Every seed is accepted: it decodes, is handled without a protocol error, and gets a
-    /// response (except the acks=0 produce, which gets none).
+    /// Every seed is accepted by a fresh broker: it decodes, is handled without a protocol
+    /// error, and gets a response (except the acks=0 produce, which gets none, and the long poll,
+    /// which parks past the input timeout).
     #[test]
     fn seeds_are_valid_requests() {
-        let harness = Harness::new();
         for (file, frame) in seed_frames() {
+            let harness = Harness::new();
             let outcome = handle(&harness, &frame);
+            if file.contains("longpoll") {
+                assert!(outcome.is_none(), "{file}: expected to park");
+                continue;
+            }
             let outcome = outcome.unwrap_or_else(|| panic!("{file}: timed out"));
             let pieces = outcome.unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(pieces.is_none(), file.contains("acks0"), "{file}");
+            if file.contains("Produce") {
+                let appended: i64 = TOPICS
+                    .iter()
+                    .flat_map(|&(t, _)| harness.broker.log.topic(t).unwrap().partitions.clone())
+                    .map(|p| p.high_watermark())
+                    .sum();
+                assert!(appended > 0, "{file}: nothing appended");
+            }
         }
     }
 

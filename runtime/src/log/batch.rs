@@ -142,6 +142,11 @@ impl<'a> BatchView<'a> {
     /// Full validation of a batch arriving from a producer: integrity, then the records inside
     /// (decompressing when the codec requires it) must match the header's count and deltas.
     pub fn validate_incoming(&self) -> Result<(), BatchError> {
+        self.validate_incoming_with(false)
+    }
+
+    /// As [`validate_incoming`]; with `require_keys` (compacted topics) every record needs a key.
+    pub fn validate_incoming_with(&self, require_keys: bool) -> Result<(), BatchError> {
         self.check_integrity()?;
         let count = self.record_count();
         if count <= 0 {
@@ -155,11 +160,19 @@ impl<'a> BatchView<'a> {
         }
         let body = &self.bytes[HEADER_LEN..];
         match self.compression_id() {
-            0 => check_records(body, count),
-            1 => decompress_then(Compression::Gzip, body, |r| check_records(r, count)),
-            2 => decompress_then(Compression::Snappy, body, |r| check_records(r, count)),
-            3 => decompress_then(Compression::Lz4, body, |r| check_records(r, count)),
-            4 => decompress_then(Compression::Zstd, body, |r| check_records(r, count)),
+            0 => check_records(body, count, require_keys),
+            1 => decompress_then(Compression::Gzip, body, |r| {
+                check_records(r, count, require_keys)
+            }),
+            2 => decompress_then(Compression::Snappy, body, |r| {
+                check_records(r, count, require_keys)
+            }),
+            3 => decompress_then(Compression::Lz4, body, |r| {
+                check_records(r, count, require_keys)
+            }),
+            4 => decompress_then(Compression::Zstd, body, |r| {
+                check_records(r, count, require_keys)
+            }),
             other => Err(BatchError::UnsupportedCompression(other)),
         }
     }
@@ -212,9 +225,14 @@ fn decompress_then<R>(
 }
 
 /// Walks `count` records; each must parse exactly and carry offset delta i.
-fn check_records(mut records: &[u8], count: i32) -> Result<(), BatchError> {
+fn check_records(mut records: &[u8], count: i32, require_keys: bool) -> Result<(), BatchError> {
     for i in 0..count {
         let (record, len) = RecordView::parse(records)?;
+        if require_keys && record.key.is_none() {
+            return Err(BatchError::InvalidRecord(
+                "compacted topics require a key on every record".into(),
+            ));
+        }
         if record.offset_delta != i {
             return Err(BatchError::InvalidRecord(format!(
                 "record {i} has offset delta {}",
@@ -447,22 +465,8 @@ impl BatchBuilder {
 
     /// Finishes the batch (compressing its records with `codec`) and returns its bytes.
     pub fn finish(mut self, codec: Compression) -> Vec<u8> {
-        use kafka_protocol::compression::Compressor;
         if codec != Compression::None {
-            let records = bytes::BytesMut::from(&self.buf[HEADER_LEN..]);
-            let mut out = bytes::BytesMut::with_capacity(records.len() / 2 + 64);
-            let put = |b: &mut bytes::BytesMut| -> anyhow::Result<()> {
-                b.extend_from_slice(&records);
-                Ok(())
-            };
-            let ok = match codec {
-                Compression::Gzip => Gzip::compress(&mut out, put),
-                Compression::Snappy => Snappy::compress(&mut out, put),
-                Compression::Lz4 => Lz4::compress(&mut out, put),
-                Compression::Zstd => Zstd::compress(&mut out, put),
-                Compression::None => Ok(()),
-            };
-            ok.expect("compressing into memory cannot fail");
+            let out = compress(codec, &self.buf[HEADER_LEN..]);
             self.buf.truncate(HEADER_LEN);
             self.buf.extend_from_slice(&out);
         }
@@ -485,6 +489,97 @@ impl BatchBuilder {
         b[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
         self.buf
     }
+}
+
+/// Compresses record bytes with a Kafka codec (the `kafka-protocol` crate's compressors).
+pub fn compress(codec: Compression, records: &[u8]) -> Vec<u8> {
+    use kafka_protocol::compression::Compressor;
+    let mut out = bytes::BytesMut::with_capacity(records.len() / 2 + 64);
+    let put = |b: &mut bytes::BytesMut| -> anyhow::Result<()> {
+        b.extend_from_slice(records);
+        Ok(())
+    };
+    let result = match codec {
+        Compression::Gzip => Gzip::compress(&mut out, put),
+        Compression::Snappy => Snappy::compress(&mut out, put),
+        Compression::Lz4 => Lz4::compress(&mut out, put),
+        Compression::Zstd => Zstd::compress(&mut out, put),
+        Compression::None => put(&mut out),
+    };
+    // Compressing into memory has no failure mode short of allocation failure.
+    result.expect("in-memory compression");
+    out.to_vec()
+}
+
+fn codec_of(id: i16) -> Result<Compression, BatchError> {
+    Ok(match id {
+        0 => Compression::None,
+        1 => Compression::Gzip,
+        2 => Compression::Snappy,
+        3 => Compression::Lz4,
+        4 => Compression::Zstd,
+        other => return Err(BatchError::UnsupportedCompression(other)),
+    })
+}
+
+/// What [`retain_records`] made of a batch.
+pub enum Retained {
+    /// Every record kept: the batch is unchanged.
+    All,
+    /// No record kept.
+    None,
+    /// A rebuilt batch holding the kept records with their original offsets and timestamps.
+    Some(Vec<u8>),
+}
+
+/// Keeps the records for which `keep(offset delta, record)` says yes. Records are copied
+/// verbatim (their deltas are relative to the unchanged base offset and timestamp), so offsets
+/// never change; only the count, length and CRC of the header are rewritten.
+pub fn retain_records(
+    batch: &BatchView<'_>,
+    mut keep: impl FnMut(&RecordView<'_>) -> bool,
+) -> Result<Retained, BatchError> {
+    let codec = codec_of(batch.compression_id())?;
+    let body = &batch.bytes[HEADER_LEN..];
+    let count = batch.record_count();
+    let mut filter = |records: &[u8]| -> Result<(Vec<u8>, i32), BatchError> {
+        let mut kept = Vec::with_capacity(records.len());
+        let mut n = 0;
+        let mut pos = 0;
+        for _ in 0..count {
+            let (r, len) = RecordView::parse(&records[pos..])?;
+            if keep(&r) {
+                kept.extend_from_slice(&records[pos..pos + len]);
+                n += 1;
+            }
+            pos += len;
+        }
+        Ok((kept, n))
+    };
+    let (kept, n) = match codec {
+        Compression::None => filter(body)?,
+        c => decompress_then(c, body, filter)?,
+    };
+    if n == count {
+        return Ok(Retained::All);
+    }
+    if n == 0 {
+        return Ok(Retained::None);
+    }
+    let records = if codec == Compression::None {
+        kept
+    } else {
+        compress(codec, &kept)
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + records.len());
+    out.extend_from_slice(&batch.bytes[..HEADER_LEN]);
+    out.extend_from_slice(&records);
+    let len = (out.len() - LOG_OVERHEAD) as i32;
+    out[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
+    out[RECORD_COUNT..RECORD_COUNT + 4].copy_from_slice(&n.to_be_bytes());
+    let crc = crc32c::crc32c(&out[ATTRIBUTES..]);
+    out[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(Retained::Some(out))
 }
 
 fn varlong_len(v: i64) -> usize {
@@ -647,6 +742,53 @@ mod tests {
             assert_eq!(set.records[2].value, None);
             assert_eq!(set.records[2].timestamp, 999);
         }
+    }
+
+    #[test]
+    fn retain_keeps_offsets_and_crc() {
+        for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let mut b = BatchBuilder::new(100);
+            for i in 0..5u8 {
+                b.push(Some(&[b'k', i]), Some(&[i; 10]), &[], 100 + i as i64);
+            }
+            let mut bytes = b.finish(codec);
+            stamp(&mut bytes, 40, 0);
+            let view = BatchView::new(&bytes);
+            let Retained::Some(out) = retain_records(&view, |r| r.offset_delta % 2 == 0).unwrap()
+            else {
+                panic!("expected a rebuilt batch")
+            };
+            let v = BatchView::new(&out);
+            v.check_integrity().unwrap();
+            assert_eq!(v.record_count(), 3);
+            assert_eq!(v.next_offset(), 45);
+            let mut seen = vec![];
+            v.for_each_record(|r| {
+                seen.push((v.base_offset() + r.offset_delta as i64, r.value.unwrap()[0]))
+            })
+            .unwrap();
+            assert_eq!(seen, vec![(40, 0), (42, 2), (44, 4)]);
+            assert!(matches!(
+                retain_records(&view, |_| true).unwrap(),
+                Retained::All
+            ));
+            assert!(matches!(
+                retain_records(&view, |_| false).unwrap(),
+                Retained::None
+            ));
+        }
+    }
+
+    #[test]
+    fn compacted_topics_require_keys() {
+        let mut b = BatchBuilder::new(0);
+        b.push(None, Some(b"v"), &[], 0);
+        let bytes = b.finish(Compression::None);
+        assert!(BatchView::new(&bytes).validate_incoming().is_ok());
+        assert!(matches!(
+            BatchView::new(&bytes).validate_incoming_with(true),
+            Err(BatchError::InvalidRecord(_))
+        ));
     }
 
     #[test]

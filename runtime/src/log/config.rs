@@ -25,6 +25,7 @@ pub struct LogConfig {
     pub flush_ms: i64,
     pub index_interval_bytes: u64,
     pub delete_retention_ms: i64,
+    pub min_cleanable_dirty_ratio: f64,
 }
 
 impl Default for LogConfig {
@@ -40,6 +41,7 @@ impl Default for LogConfig {
             flush_ms: i64::MAX,
             index_interval_bytes: 4096,
             delete_retention_ms: 24 * 3600 * 1000,
+            min_cleanable_dirty_ratio: 0.5,
         }
     }
 }
@@ -161,6 +163,13 @@ impl LogConfig {
             }
             "index.interval.bytes" => self.index_interval_bytes = positive()? as u64,
             "delete.retention.ms" => self.delete_retention_ms = int()?.max(0),
+            "min.cleanable.dirty.ratio" => {
+                let v: f64 = value.trim().parse().map_err(|_| invalid("not a number"))?;
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(invalid("must be between 0 and 1"));
+                }
+                self.min_cleanable_dirty_ratio = v;
+            }
             "cleanup.policy" => {
                 let mut parts: Vec<&str> = value
                     .split(',')
@@ -193,6 +202,7 @@ impl LogConfig {
             "flush.ms" => self.flush_ms.to_string(),
             "index.interval.bytes" => self.index_interval_bytes.to_string(),
             "delete.retention.ms" => self.delete_retention_ms.to_string(),
+            "min.cleanable.dirty.ratio" => self.min_cleanable_dirty_ratio.to_string(),
             "cleanup.policy" => match self.cleanup_policy {
                 CleanupPolicy::Delete => "delete",
                 CleanupPolicy::Compact => "compact",
@@ -206,6 +216,13 @@ impl LogConfig {
     /// True when every acknowledgement must wait for fsync.
     pub fn fsync_before_ack(&self) -> bool {
         self.flush_messages == 1
+    }
+
+    pub fn compacts(&self) -> bool {
+        matches!(
+            self.cleanup_policy,
+            CleanupPolicy::Compact | CleanupPolicy::CompactDelete
+        )
     }
 
     pub fn deletes_old_segments(&self) -> bool {

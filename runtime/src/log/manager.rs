@@ -378,6 +378,41 @@ impl LogManager {
         self.checkpoint_all().await;
     }
 
+    /// Compacts partitions of compacted topics every `interval` until `shutdown` fires.
+    /// `max_keys` bounds the cleaner's key map (memory ≈ 40 bytes a key).
+    pub async fn run_cleaner(
+        self: Arc<Self>,
+        interval: Duration,
+        max_keys: usize,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            for p in self.all_partitions() {
+                if !p.config().compacts() {
+                    continue;
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                let part = p.clone();
+                match tokio::task::spawn_blocking(move || part.compact(now, max_keys)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(topic = %p.topic, partition = p.id, error = %e, "compaction failed")
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %p.topic, partition = p.id, error = %e, "compaction task failed")
+                    }
+                }
+            }
+        }
+    }
+
     /// Flushes every partition and writes its recovery point.
     pub async fn checkpoint_all(&self) {
         for p in self.all_partitions() {

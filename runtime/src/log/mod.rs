@@ -1,6 +1,7 @@
 //! Storage: partitions made of segment files holding Kafka v2 record batches.
 
 pub mod batch;
+pub mod cleaner;
 pub mod config;
 pub mod epoch;
 pub mod manager;

@@ -89,7 +89,7 @@ pub struct Partition {
     pub topic: Arc<str>,
     pub id: i32,
     dir: PathBuf,
-    log: Mutex<PartitionLog>,
+    pub(super) log: Mutex<PartitionLog>,
     flush_lock: tokio::sync::Mutex<()>,
     durable_offset: AtomicI64,
     high_watermark: AtomicI64,
@@ -97,9 +97,9 @@ pub struct Partition {
     waiters: Mutex<Vec<Arc<Notify>>>,
 }
 
-struct PartitionLog {
-    config: LogConfig,
-    segments: BTreeMap<i64, Segment>,
+pub(super) struct PartitionLog {
+    pub(super) config: LogConfig,
+    pub(super) segments: BTreeMap<i64, Segment>,
     next_offset: i64,
     leader_epoch: i32,
     epochs: EpochCache,
@@ -125,6 +125,7 @@ impl Partition {
         leader_epoch: i32,
     ) -> io::Result<(Partition, RecoveryReport)> {
         std::fs::create_dir_all(dir)?;
+        super::cleaner::finish_interrupted_swaps(dir)?;
         let recovery_point: i64 = std::fs::read_to_string(dir.join(RECOVERY_POINT_FILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -154,11 +155,9 @@ impl Partition {
                 report.recovered_segments += 1;
             }
             report.truncated_bytes += truncated;
-            let ends_early = bases
-                .get(i + 1)
-                .is_some_and(|&next| seg.next_offset() < next);
             segments.insert(base, seg);
-            if truncated > 0 || ends_early {
+            // (A compacted segment may end before the next one's base: gaps are allowed.)
+            if truncated > 0 && i + 1 < bases.len() {
                 // Nothing after a torn or short segment can be trusted to follow it.
                 for &later in &bases[i + 1..] {
                     tracing::warn!(topic = %topic, partition = id, segment = later, "removing segment after a truncated one");
@@ -239,13 +238,16 @@ impl Partition {
 
     /// Validates and appends a producer's record set; returns the assigned offsets.
     pub fn append(&self, records: &[u8]) -> Result<AppendInfo, AppendError> {
-        let max = self.log.lock().config.max_message_bytes;
+        let (max, require_keys) = {
+            let log = self.log.lock();
+            (log.config.max_message_bytes, log.config.compacts())
+        };
         let ranges = batch::split_batches(records)?;
         for &(s, e) in &ranges {
             if e - s > max {
                 return Err(BatchError::TooLarge { size: e - s, max }.into());
             }
-            BatchView::new(&records[s..e]).validate_incoming()?;
+            BatchView::new(&records[s..e]).validate_incoming_with(require_keys)?;
         }
         let mut chunk = records.to_vec();
         let info = {
@@ -557,6 +559,10 @@ impl PartitionLog {
         self.segments.insert(base, seg);
         self.dir_dirty = true;
         Ok(())
+    }
+
+    pub(super) fn mark_dir_dirty(&mut self) {
+        self.dir_dirty = true;
     }
 
     fn mark_all_dirty(&mut self) {
