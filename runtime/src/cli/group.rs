@@ -51,10 +51,13 @@ pub enum GroupCommand {
     Delete { group: String },
 }
 
+/// (member id, client id, host, assigned topic partitions)
+type MemberInfo = (String, String, String, Vec<(String, i32)>);
+
 struct Described {
     state: String,
     protocol: String,
-    members: Vec<(String, String, String, Vec<(String, i32)>)>,
+    members: Vec<MemberInfo>,
 }
 
 async fn describe_group(c: &mut Connection, group: &str) -> Result<Described> {
