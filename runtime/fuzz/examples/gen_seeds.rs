@@ -8,7 +8,9 @@ fn main() -> std::io::Result<()> {
     let dir = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/request_frame")));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/request_frame"))
+        });
     std::fs::create_dir_all(&dir)?;
     let seeds = weir_fuzz::seed_frames();
     for (name, frame) in &seeds {

@@ -51,8 +51,9 @@ impl Harness {
             .tempdir_in("/dev/shm")
             .or_else(|_| tempfile::Builder::new().prefix("weir-fuzz-").tempdir())
             .expect("cannot create a scratch data directory");
-        let log =
-            Arc::new(LogManager::open(dir.path(), Default::default()).expect("cannot open the log"));
+        let log = Arc::new(
+            LogManager::open(dir.path(), Default::default()).expect("cannot open the log"),
+        );
         for &(name, partitions) in TOPICS {
             log.create_topic(name, partitions, 1, Default::default())
                 .expect("cannot create a seed topic");
@@ -152,6 +153,66 @@ pub fn fuzz_one(data: &[u8]) {
     harness.broker.groups.tick();
 }
 
+#[cfg(feature = "mask-huge-allocs")]
+mod huge_allocs {
+    //! Allocations of [`HUGE`] bytes and more are lazily-committed anonymous mappings: only the
+    //! pages written cost memory, so a vector pre-sized from a bogus wire count costs nothing.
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    const HUGE: usize = 256 << 20;
+
+    fn is_huge(layout: &Layout) -> bool {
+        layout.size() >= HUGE && layout.align() <= 4096
+    }
+
+    pub struct Allocator;
+
+    unsafe impl GlobalAlloc for Allocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if !is_huge(&layout) {
+                return System.alloc(layout);
+            }
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                std::ptr::null_mut()
+            } else {
+                p.cast()
+            }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if is_huge(&layout) {
+                libc::munmap(ptr.cast(), layout.size());
+            } else {
+                System.dealloc(ptr, layout)
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let new = Layout::from_size_align_unchecked(new_size, layout.align());
+            if !is_huge(&layout) && !is_huge(&new) {
+                return System.realloc(ptr, layout, new_size);
+            }
+            let p = self.alloc(new);
+            if !p.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            p
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Allocator = Allocator;
+}
+
 // ---- seed corpus ----
 
 fn name(s: &str) -> TopicName {
@@ -163,7 +224,12 @@ fn s(v: &str) -> StrBytes {
 }
 
 /// Encodes a request frame (header and body, without the size prefix).
-pub fn encode_frame(key: ApiKey, version: i16, correlation_id: i32, request: &RequestKind) -> Vec<u8> {
+pub fn encode_frame(
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    request: &RequestKind,
+) -> Vec<u8> {
     let mut buf = BytesMut::new();
     RequestHeader::default()
         .with_request_api_key(key as i16)
@@ -205,9 +271,11 @@ fn produce(acks: i16, topic: &str, partition: i32, records: Bytes) -> RequestKin
             .with_timeout_ms(1000)
             .with_topic_data(vec![produce_request::TopicProduceData::default()
                 .with_name(name(topic))
-                .with_partition_data(vec![produce_request::PartitionProduceData::default()
-                    .with_index(partition)
-                    .with_records(Some(records))])]),
+                .with_partition_data(vec![
+                    produce_request::PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(records)),
+                ])]),
     )
 }
 
@@ -247,7 +315,9 @@ fn metadata(topics: Option<&[&str]>) -> RequestKind {
         MetadataRequest::default()
             .with_topics(topics.map(|ts| {
                 ts.iter()
-                    .map(|t| metadata_request::MetadataRequestTopic::default().with_name(Some(name(t))))
+                    .map(|t| {
+                        metadata_request::MetadataRequestTopic::default().with_name(Some(name(t)))
+                    })
                     .collect()
             }))
             .with_allow_auto_topic_creation(true),
@@ -302,8 +372,9 @@ fn create_topics(validate_only: bool) -> RequestKind {
 fn delete_topics(version: i16) -> RequestKind {
     let req = DeleteTopicsRequest::default().with_timeout_ms(1000);
     RequestKind::DeleteTopics(if version >= 6 {
-        req.with_topics(vec![delete_topics_request::DeleteTopicState::default()
-            .with_name(Some(name("fuzz-new")))])
+        req.with_topics(vec![
+            delete_topics_request::DeleteTopicState::default().with_name(Some(name("fuzz-new")))
+        ])
     } else {
         req.with_topic_names(vec![name("fuzz-new"), name("missing")])
     })
@@ -350,8 +421,8 @@ fn alter_configs() -> RequestKind {
 }
 
 fn incremental_alter_configs() -> RequestKind {
-    RequestKind::IncrementalAlterConfigs(
-        IncrementalAlterConfigsRequest::default().with_resources(vec![
+    RequestKind::IncrementalAlterConfigs(IncrementalAlterConfigsRequest::default().with_resources(
+        vec![
             incremental_alter_configs_request::AlterConfigsResource::default()
                 .with_resource_type(2)
                 .with_resource_name(s("fuzz-a"))
@@ -365,8 +436,8 @@ fn incremental_alter_configs() -> RequestKind {
                         .with_config_operation(1)
                         .with_value(None),
                 ]),
-        ]),
-    )
+        ],
+    ))
 }
 
 fn create_partitions(validate_only: bool) -> RequestKind {
@@ -374,10 +445,12 @@ fn create_partitions(validate_only: bool) -> RequestKind {
         CreatePartitionsRequest::default()
             .with_timeout_ms(1000)
             .with_validate_only(validate_only)
-            .with_topics(vec![create_partitions_request::CreatePartitionsTopic::default()
-                .with_name(name("fuzz-b"))
-                .with_count(4)
-                .with_assignments(None)]),
+            .with_topics(vec![
+                create_partitions_request::CreatePartitionsTopic::default()
+                    .with_name(name("fuzz-b"))
+                    .with_count(4)
+                    .with_assignments(None),
+            ]),
     )
 }
 
@@ -395,9 +468,10 @@ fn assignment() -> Bytes {
     let mut buf = BytesMut::new();
     buf.extend_from_slice(&1i16.to_be_bytes());
     ConsumerProtocolAssignment::default()
-        .with_assigned_partitions(vec![consumer_protocol_assignment::TopicPartition::default()
-            .with_topic(name("fuzz-b"))
-            .with_partitions(vec![0, 1, 2])])
+        .with_assigned_partitions(vec![consumer_protocol_assignment::TopicPartition::default(
+        )
+        .with_topic(name("fuzz-b"))
+        .with_partitions(vec![0, 1, 2])])
         .encode(&mut buf, 1)
         .expect("cannot encode an assignment");
     buf.freeze()
@@ -437,9 +511,11 @@ fn sync_group(version: i16) -> RequestKind {
         .with_group_id(GroupId(s("fuzz-group")))
         .with_generation_id(1)
         .with_member_id(s("member-1"))
-        .with_assignments(vec![sync_group_request::SyncGroupRequestAssignment::default()
-            .with_member_id(s("member-1"))
-            .with_assignment(assignment())]);
+        .with_assignments(vec![
+            sync_group_request::SyncGroupRequestAssignment::default()
+                .with_member_id(s("member-1"))
+                .with_assignment(assignment()),
+        ]);
     RequestKind::SyncGroup(if version >= 5 {
         req.with_protocol_type(Some(s("consumer")))
             .with_protocol_name(Some(s("range")))
@@ -522,9 +598,11 @@ fn offset_fetch(version: i16) -> RequestKind {
     } else {
         OffsetFetchRequest::default()
             .with_group_id(GroupId(s("fuzz-group")))
-            .with_topics(Some(vec![offset_fetch_request::OffsetFetchRequestTopic::default()
-                .with_name(name("fuzz-b"))
-                .with_partition_indexes(vec![0, 1, 2, 9])]))
+            .with_topics(Some(vec![
+                offset_fetch_request::OffsetFetchRequestTopic::default()
+                    .with_name(name("fuzz-b"))
+                    .with_partition_indexes(vec![0, 1, 2, 9]),
+            ]))
     })
 }
 
@@ -543,15 +621,50 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
                     .with_client_software_version(s("0.0.0")),
             ),
         ),
-        (ApiKey::ApiVersions, 0, "", RequestKind::ApiVersions(ApiVersionsRequest::default())),
-        (ApiKey::Metadata, 12, "", metadata(Some(&["fuzz-a", "fuzz-b", "missing"]))),
+        (
+            ApiKey::ApiVersions,
+            0,
+            "",
+            RequestKind::ApiVersions(ApiVersionsRequest::default()),
+        ),
+        (
+            ApiKey::Metadata,
+            12,
+            "",
+            metadata(Some(&["fuzz-a", "fuzz-b", "missing"])),
+        ),
         (ApiKey::Metadata, 12, "all", metadata(None)),
         (ApiKey::Metadata, 0, "", metadata(Some(&["fuzz-a"]))),
-        (ApiKey::Produce, 9, "", produce(-1, "fuzz-a", 0, batch(Compression::None, 3))),
-        (ApiKey::Produce, 9, "gzip", produce(1, "fuzz-b", 1, batch(Compression::Gzip, 4))),
-        (ApiKey::Produce, 9, "zstd", produce(1, "fuzz-b", 2, batch(Compression::Zstd, 4))),
-        (ApiKey::Produce, 9, "acks0", produce(0, "fuzz-a", 0, batch(Compression::None, 1))),
-        (ApiKey::Produce, 3, "", produce(1, "fuzz-b", 0, batch(Compression::Snappy, 2))),
+        (
+            ApiKey::Produce,
+            9,
+            "",
+            produce(-1, "fuzz-a", 0, batch(Compression::None, 3)),
+        ),
+        (
+            ApiKey::Produce,
+            9,
+            "gzip",
+            produce(1, "fuzz-b", 1, batch(Compression::Gzip, 4)),
+        ),
+        (
+            ApiKey::Produce,
+            9,
+            "zstd",
+            produce(1, "fuzz-b", 2, batch(Compression::Zstd, 4)),
+        ),
+        (
+            ApiKey::Produce,
+            9,
+            "acks0",
+            produce(0, "fuzz-a", 0, batch(Compression::None, 1)),
+        ),
+        (
+            ApiKey::Produce,
+            3,
+            "",
+            produce(1, "fuzz-b", 0, batch(Compression::Snappy, 2)),
+        ),
         (ApiKey::Fetch, 12, "", fetch(0, 0, 0, false)),
         (ApiKey::Fetch, 12, "longpoll", fetch(500, 1 << 16, 0, true)),
         (ApiKey::Fetch, 4, "", fetch(0, 1, 0, false)),
@@ -565,13 +678,33 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
         (ApiKey::DescribeConfigs, 1, "", describe_configs(1)),
         (ApiKey::AlterConfigs, 2, "", alter_configs()),
         (ApiKey::CreatePartitions, 3, "", create_partitions(false)),
-        (ApiKey::CreatePartitions, 0, "validate", create_partitions(true)),
-        (ApiKey::IncrementalAlterConfigs, 1, "", incremental_alter_configs()),
-        (ApiKey::DescribeCluster, 1, "", RequestKind::DescribeCluster(DescribeClusterRequest::default())),
+        (
+            ApiKey::CreatePartitions,
+            0,
+            "validate",
+            create_partitions(true),
+        ),
+        (
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            "",
+            incremental_alter_configs(),
+        ),
+        (
+            ApiKey::DescribeCluster,
+            1,
+            "",
+            RequestKind::DescribeCluster(DescribeClusterRequest::default()),
+        ),
         (ApiKey::FindCoordinator, 4, "", find_coordinator(4)),
         (ApiKey::FindCoordinator, 0, "", find_coordinator(0)),
         (ApiKey::JoinGroup, 9, "", join_group("", None)),
-        (ApiKey::JoinGroup, 9, "static", join_group("", Some("instance-1"))),
+        (
+            ApiKey::JoinGroup,
+            9,
+            "static",
+            join_group("", Some("instance-1")),
+        ),
         (ApiKey::JoinGroup, 3, "", join_group("", None)),
         (ApiKey::JoinGroup, 0, "", join_group("", None)),
         (ApiKey::SyncGroup, 5, "", sync_group(5)),
@@ -583,27 +716,49 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
         (ApiKey::OffsetCommit, 2, "", offset_commit(2)),
         (ApiKey::OffsetFetch, 9, "", offset_fetch(9)),
         (ApiKey::OffsetFetch, 1, "", offset_fetch(1)),
-        (ApiKey::ListGroups, 4, "", RequestKind::ListGroups(
-            ListGroupsRequest::default().with_states_filter(vec![s("Stable"), s("Empty")]),
-        )),
-        (ApiKey::DescribeGroups, 5, "", RequestKind::DescribeGroups(
-            DescribeGroupsRequest::default()
-                .with_groups(vec![GroupId(s("fuzz-group")), GroupId(s("missing"))])
-                .with_include_authorized_operations(true),
-        )),
-        (ApiKey::DeleteGroups, 2, "", RequestKind::DeleteGroups(
-            DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s("gone"))]),
-        )),
-        (ApiKey::OffsetDelete, 0, "", RequestKind::OffsetDelete(
-            OffsetDeleteRequest::default()
-                .with_group_id(GroupId(s("fuzz-group")))
-                .with_topics(vec![offset_delete_request::OffsetDeleteRequestTopic::default()
-                    .with_name(name("fuzz-b"))
-                    .with_partitions(vec![
-                        offset_delete_request::OffsetDeleteRequestPartition::default()
-                            .with_partition_index(0),
-                    ])]),
-        )),
+        (
+            ApiKey::ListGroups,
+            4,
+            "",
+            RequestKind::ListGroups(
+                ListGroupsRequest::default().with_states_filter(vec![s("Stable"), s("Empty")]),
+            ),
+        ),
+        (
+            ApiKey::DescribeGroups,
+            5,
+            "",
+            RequestKind::DescribeGroups(
+                DescribeGroupsRequest::default()
+                    .with_groups(vec![GroupId(s("fuzz-group")), GroupId(s("missing"))])
+                    .with_include_authorized_operations(true),
+            ),
+        ),
+        (
+            ApiKey::DeleteGroups,
+            2,
+            "",
+            RequestKind::DeleteGroups(
+                DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s("gone"))]),
+            ),
+        ),
+        (
+            ApiKey::OffsetDelete,
+            0,
+            "",
+            RequestKind::OffsetDelete(
+                OffsetDeleteRequest::default()
+                    .with_group_id(GroupId(s("fuzz-group")))
+                    .with_topics(vec![
+                        offset_delete_request::OffsetDeleteRequestTopic::default()
+                            .with_name(name("fuzz-b"))
+                            .with_partitions(vec![
+                                offset_delete_request::OffsetDeleteRequestPartition::default()
+                                    .with_partition_index(0),
+                            ]),
+                    ]),
+            ),
+        ),
     ]
     .into_iter()
     .collect();
@@ -611,7 +766,11 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
         .drain(..)
         .enumerate()
         .map(|(i, (key, version, tag, request))| {
-            let tag = if tag.is_empty() { String::new() } else { format!("-{tag}") };
+            let tag = if tag.is_empty() {
+                String::new()
+            } else {
+                format!("-{tag}")
+            };
             (
                 format!("{:02}-{key:?}-v{version}{tag}", i),
                 encode_frame(key, version, i as i32 + 1, &request),
@@ -626,7 +785,10 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
     probe.extend_from_slice(&[0, 9]);
     probe.extend_from_slice(b"weir-fuzz");
     probe.push(0);
-    out.push((format!("{:02}-ApiVersions-v99-unsupported", out.len()), probe));
+    out.push((
+        format!("{:02}-ApiVersions-v99-unsupported", out.len()),
+        probe,
+    ));
     out
 }
 
