@@ -55,20 +55,21 @@ pub fn tables(rows: &[Row], workloads: &[Workload]) -> String {
         let _ = writeln!(out, "\n{} ({})\n", w.describe(), w.name());
         out.push_str(
             "| system | produce rec/s | produce MB/s | produce req p99 ms | catch-up rec/s | catch-up MB/s \
-             | e2e p50 / p99 / p99.9 / max ms | server CPU ms/MB (produce / catch-up) | server peak RSS MiB |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+             | e2e p50 / p99 / p99.9 / max ms | server CPU ms/MB (produce / catch-up) \
+             | client CPU ms/MB (produce / catch-up) | server peak RSS MiB |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in rows.iter().filter(|r| r.workload.name() == w.name()) {
             let name = r.kind.name();
             match &r.result {
                 Err(e) => {
-                    let _ = writeln!(out, "| {name} | failed: {e} | | | | | | | |");
+                    let _ = writeln!(out, "| {name} | failed: {e} | | | | | | | | |");
                 }
                 Ok(m) => {
                     let e = &m.tail.end_to_end;
                     let _ = writeln!(
                         out,
-                        "| {name} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} / {:.2} / {:.2} / {:.2} | {} / {} | {} |",
+                        "| {name} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} / {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} |",
                         thousands(m.produce.records_per_sec()),
                         m.produce.mb_per_sec(),
                         m.produce_request.p99,
@@ -80,6 +81,8 @@ pub fn tables(rows: &[Row], workloads: &[Workload]) -> String {
                         e.max,
                         opt(m.produce.server_cpu_ms_per_mb(), 2),
                         opt(m.catch_up.server_cpu_ms_per_mb(), 2),
+                        opt(m.produce.client_cpu_ms_per_mb(), 2),
+                        opt(m.catch_up.client_cpu_ms_per_mb(), 2),
                         opt(m.peak_rss_mib, 0),
                     );
                 }

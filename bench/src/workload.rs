@@ -278,6 +278,12 @@ impl Phase {
             .map(|c| c * 1000.0 / (self.bytes as f64 / 1e6))
     }
 
+    /// Client (this process) CPU milliseconds per MB of record values.
+    pub fn client_cpu_ms_per_mb(&self) -> Option<f64> {
+        self.client_cpu_seconds
+            .map(|c| c * 1000.0 / (self.bytes as f64 / 1e6))
+    }
+
     pub fn json(&self) -> Value {
         json!({
             "records": self.records, "bytes": self.bytes, "seconds": self.seconds,
@@ -285,6 +291,7 @@ impl Phase {
             "server_cpu_seconds": self.server_cpu_seconds,
             "server_cpu_ms_per_mb": self.server_cpu_ms_per_mb(),
             "client_cpu_seconds": self.client_cpu_seconds,
+            "client_cpu_ms_per_mb": self.client_cpu_ms_per_mb(),
         })
     }
 }
