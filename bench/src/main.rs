@@ -18,7 +18,7 @@ use serde_json::json;
 use limits::LimitSettings;
 use report::Row;
 use systems::{Kind, Programs};
-use workload::{Settings, Workload, MIN_RECORD_SIZE};
+use workload::{Measurement, Settings, Workload, MIN_RECORD_SIZE};
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +75,10 @@ struct Args {
     /// Bytes per partition per consumer read.
     #[arg(long, default_value_t = 1 << 20)]
     fetch_bytes: usize,
+    /// Run every measurement this many times (in rounds over the whole plan) and report the
+    /// median run of each phase, with the range in the table.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Skip the machine-limit measurements.
     #[arg(long)]
     skip_limits: bool,
@@ -113,7 +117,9 @@ fn settings(a: &Args) -> (Settings, LimitSettings) {
         }
     } else {
         LimitSettings {
-            dd_mib: 1024,
+            // As much as a produce phase may write: on a virtual disk the first GiB or two can
+            // land in the host's cache far faster than the disk sustains.
+            dd_mib: s.max_produce_bytes >> 20,
             fsyncs: 200,
             loopback_secs: 3.0,
             pings: 2000,
@@ -240,34 +246,57 @@ async fn run(
                 .map(move |k| (w, *k))
         })
         .collect();
-    let mut rows = vec![];
-    for (i, (w, kind)) in plan.iter().enumerate() {
-        eprint!(
-            "weir-bench: [{}/{}] {} on {} ... ",
-            i + 1,
-            plan.len(),
-            kind.name(),
-            w.name()
-        );
-        proc::settle();
-        let dir = work_dir.join(format!("{}-{}", kind.name(), w.name()));
-        let result = systems::run(*kind, w, settings, programs, &dir).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        match &result {
-            Ok(m) => eprintln!(
-                "produce {} rec/s, catch-up {} rec/s, e2e p99 {:.2} ms",
-                report::thousands(m.produce.records_per_sec()),
-                report::thousands(m.catch_up.records_per_sec()),
-                m.tail.end_to_end.p99
-            ),
-            Err(e) => eprintln!("FAILED: {e:#}"),
+    // Rounds over the whole plan, so slow drifts of a shared machine spread over every system.
+    let repeat = args.repeat.max(1);
+    let mut runs: Vec<Vec<Measurement>> = vec![vec![]; plan.len()];
+    let mut errors: Vec<Option<String>> = vec![None; plan.len()];
+    for round in 1..=repeat {
+        for (i, (w, kind)) in plan.iter().enumerate() {
+            if errors[i].is_some() {
+                continue;
+            }
+            let round_note = if repeat > 1 {
+                format!(" (round {round}/{repeat})")
+            } else {
+                String::new()
+            };
+            eprint!(
+                "weir-bench: [{}/{}]{round_note} {} on {} ... ",
+                i + 1,
+                plan.len(),
+                kind.name(),
+                w.name()
+            );
+            proc::settle();
+            let dir = work_dir.join(format!("{}-{}", kind.name(), w.name()));
+            let result = systems::run(*kind, w, settings, programs, &dir).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            match result {
+                Ok(m) => {
+                    progress(&m);
+                    runs[i].push(m);
+                }
+                Err(e) => {
+                    eprintln!("FAILED: {e:#}");
+                    errors[i] = Some(format!("{e:#}"));
+                }
+            }
         }
-        rows.push(Row {
+    }
+    let rows: Vec<Row> = plan
+        .iter()
+        .zip(runs)
+        .zip(errors)
+        .map(|(((w, kind), runs), error)| Row {
             workload: (*w).clone(),
             kind: *kind,
-            result: result.map_err(|e| format!("{e:#}")),
-        });
-    }
+            result: match error {
+                Some(e) => Err(e),
+                None => Ok(Measurement::median(&runs)),
+            },
+            runs,
+        })
+        .collect();
 
     let tables = report::tables(&rows, workloads);
     let (ratios_text, ratios_json) = report::ratios(&rows, workloads, limits.as_ref());
@@ -288,6 +317,7 @@ async fn run(
     if let Some(path) = &args.json {
         let doc = json!({
             "smoke": args.smoke,
+            "repeat": args.repeat.max(1),
             "settings": {
                 "produce_secs": settings.produce_secs, "max_produce_bytes": settings.max_produce_bytes,
                 "tail_secs": settings.tail_secs, "rate": settings.rate, "batch_bytes": settings.batch_bytes,
@@ -304,6 +334,27 @@ async fn run(
         println!("\nJSON: {}", path.display());
     }
     Ok(rows.iter().filter(|r| r.result.is_err()).count())
+}
+
+/// One line per measurement on stderr, plus a note when something else used the CPUs.
+fn progress(m: &Measurement) {
+    eprintln!(
+        "produce {} rec/s, catch-up {} rec/s, e2e p99 {:.2} ms",
+        report::thousands(m.produce.records_per_sec()),
+        report::thousands(m.catch_up.records_per_sec()),
+        m.tail.end_to_end.p99
+    );
+    for (phase, p) in [("produce", &m.produce), ("catch-up", &m.catch_up)] {
+        let busy = p.cpu.other.unwrap_or(0.0) / p.seconds;
+        let steal = p.cpu.steal.unwrap_or(0.0) / p.seconds;
+        if busy > 0.1 || steal > 0.1 {
+            eprintln!(
+                "weir-bench:   noisy {phase}: other processes used {:.0}% of a CPU, steal {:.0}%",
+                busy * 100.0,
+                steal * 100.0
+            );
+        }
+    }
 }
 
 /// CPU model, cores, memory and kernel, for the record.

@@ -13,7 +13,33 @@ use crate::workload::{Durability, Measurement, Workload};
 pub struct Row {
     pub workload: Workload,
     pub kind: Kind,
+    /// The median of `runs`, or the error that stopped them.
     pub result: Result<Measurement, String>,
+    pub runs: Vec<Measurement>,
+}
+
+impl Row {
+    /// " (min–max)" of a rate over the runs, when there were several.
+    fn range(&self, rate: impl Fn(&Measurement) -> f64) -> String {
+        if self.runs.len() < 2 {
+            return String::new();
+        }
+        let rates: Vec<f64> = self.runs.iter().map(rate).collect();
+        let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rates.iter().copied().fold(0.0, f64::max);
+        format!(" ({}–{})", short(min), short(max))
+    }
+}
+
+/// 1234567.8 → "1.23M", 45678 → "45.7k".
+pub fn short(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
 }
 
 /// 1234567.8 → "1,234,568".
@@ -69,11 +95,13 @@ pub fn tables(rows: &[Row], workloads: &[Workload]) -> String {
                     let e = &m.tail.end_to_end;
                     let _ = writeln!(
                         out,
-                        "| {name} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} / {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} |",
+                        "| {name} | {}{} | {:.0} | {:.2} | {}{} | {:.0} | {:.2} / {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} |",
                         thousands(m.produce.records_per_sec()),
+                        r.range(|m| m.produce.records_per_sec()),
                         m.produce.mb_per_sec(),
                         m.produce_request.p99,
                         thousands(m.catch_up.records_per_sec()),
+                        r.range(|m| m.catch_up.records_per_sec()),
                         m.catch_up.mb_per_sec(),
                         e.p50,
                         e.p99,
@@ -325,6 +353,17 @@ pub fn row_json(r: &Row) -> Value {
             v["catch_up"] = m.catch_up.json();
             v["tail"] = m.tail.json();
             v["server_peak_rss_mib"] = json!(m.peak_rss_mib);
+            v["runs"] = r
+                .runs
+                .iter()
+                .map(|m| {
+                    json!({
+                        "produce": m.produce.json(), "produce_request_ms": m.produce_request.json(),
+                        "catch_up": m.catch_up.json(), "tail": m.tail.json(),
+                        "server_peak_rss_mib": m.peak_rss_mib,
+                    })
+                })
+                .collect();
         }
     }
     v
@@ -340,6 +379,8 @@ mod tests {
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1000.0), "1,000");
         assert_eq!(thousands(7_220_000.4), "7,220,000");
+        assert_eq!(short(7_220_000.0), "7.22M");
+        assert_eq!(short(45_678.0), "45.7k");
     }
 
     #[test]

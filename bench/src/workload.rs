@@ -259,8 +259,20 @@ pub struct Phase {
     pub records: u64,
     pub bytes: u64,
     pub seconds: f64,
-    pub server_cpu_seconds: Option<f64>,
-    pub client_cpu_seconds: Option<f64>,
+    pub cpu: CpuUse,
+}
+
+/// CPU seconds spent during a phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuUse {
+    pub server: Option<f64>,
+    /// This process: the benchmark's clients.
+    pub client: Option<f64>,
+    /// Everything else on the machine (busy time from /proc/stat minus server and client): a
+    /// noisy neighbour shows up here.
+    pub other: Option<f64>,
+    /// Time the hypervisor ran something else on our virtual CPUs.
+    pub steal: Option<f64>,
 }
 
 impl Phase {
@@ -274,13 +286,15 @@ impl Phase {
 
     /// Server CPU milliseconds per MB of record values.
     pub fn server_cpu_ms_per_mb(&self) -> Option<f64> {
-        self.server_cpu_seconds
+        self.cpu
+            .server
             .map(|c| c * 1000.0 / (self.bytes as f64 / 1e6))
     }
 
     /// Client (this process) CPU milliseconds per MB of record values.
     pub fn client_cpu_ms_per_mb(&self) -> Option<f64> {
-        self.client_cpu_seconds
+        self.cpu
+            .client
             .map(|c| c * 1000.0 / (self.bytes as f64 / 1e6))
     }
 
@@ -288,10 +302,12 @@ impl Phase {
         json!({
             "records": self.records, "bytes": self.bytes, "seconds": self.seconds,
             "records_per_sec": self.records_per_sec(), "mb_per_sec": self.mb_per_sec(),
-            "server_cpu_seconds": self.server_cpu_seconds,
+            "server_cpu_seconds": self.cpu.server,
             "server_cpu_ms_per_mb": self.server_cpu_ms_per_mb(),
-            "client_cpu_seconds": self.client_cpu_seconds,
+            "client_cpu_seconds": self.cpu.client,
             "client_cpu_ms_per_mb": self.client_cpu_ms_per_mb(),
+            "other_cpu_seconds": self.cpu.other,
+            "steal_seconds": self.cpu.steal,
         })
     }
 }
@@ -329,6 +345,38 @@ pub struct Measurement {
     pub peak_rss_mib: Option<f64>,
 }
 
+impl Measurement {
+    /// The median of repeated runs: each throughput phase from the run with the median rate,
+    /// the tail from the run with the median end-to-end p99, the highest peak RSS.
+    pub fn median(runs: &[Measurement]) -> Measurement {
+        fn pick<T: Clone>(
+            runs: &[Measurement],
+            key: impl Fn(&Measurement) -> f64,
+            get: impl Fn(&Measurement) -> T,
+        ) -> T {
+            let mut sorted: Vec<&Measurement> = runs.iter().collect();
+            sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+            get(sorted[(sorted.len() - 1) / 2])
+        }
+        let (produce, produce_request) = pick(
+            runs,
+            |m| m.produce.records_per_sec(),
+            |m| (m.produce.clone(), m.produce_request),
+        );
+        Measurement {
+            produce,
+            produce_request,
+            catch_up: pick(
+                runs,
+                |m| m.catch_up.records_per_sec(),
+                |m| m.catch_up.clone(),
+            ),
+            tail: pick(runs, |m| m.tail.end_to_end.p99, |m| m.tail.clone()),
+            peak_rss_mib: runs.iter().filter_map(|m| m.peak_rss_mib).reduce(f64::max),
+        }
+    }
+}
+
 /// Runs the three phases on `sys`.
 pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Result<Measurement> {
     let topic = unique_name("bench");
@@ -341,13 +389,11 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
     };
     let (records, seconds, request_latency) = produce(&mut producer, w, s, pace).await?;
     drop(producer);
-    let (server_cpu_seconds, client_cpu_seconds) = usage.finish(sys.server());
     let produce = Phase {
         records,
         bytes: records * w.record_size as u64,
         seconds,
-        server_cpu_seconds,
-        client_cpu_seconds,
+        cpu: usage.finish(sys.server()),
     };
 
     let mut consumer = sys.consumer(&topic, w.partitions).await?;
@@ -363,7 +409,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
     }
     let seconds = started.elapsed().as_secs_f64();
     drop(consumer);
-    let (server_cpu_seconds, client_cpu_seconds) = usage.finish(sys.server());
+    let cpu = usage.finish(sys.server());
     if read != records {
         bail!("catch-up read {read} records, {records} were produced");
     }
@@ -371,8 +417,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
         records,
         bytes: records * w.record_size as u64,
         seconds,
-        server_cpu_seconds,
-        client_cpu_seconds,
+        cpu,
     };
 
     let tail = tail(sys, w, s).await?;
@@ -510,10 +555,11 @@ fn record_ack(hist: &mut Histogram<u64>, sent_at: Instant, ack: Result<Instant>)
     Ok(())
 }
 
-/// CPU time of the server and of this process over a phase.
+/// CPU time of the server, of this process and of the whole machine over a phase.
 struct Usage {
     server: Option<f64>,
     client: Option<f64>,
+    machine: Option<(f64, f64)>,
 }
 
 impl Usage {
@@ -521,15 +567,22 @@ impl Usage {
         Usage {
             server: server.cpu_seconds(),
             client: crate::proc::cpu_seconds("self"),
+            machine: crate::proc::machine_cpu_seconds(),
         }
     }
 
-    fn finish(self, server: &crate::proc::Server) -> (Option<f64>, Option<f64>) {
+    fn finish(self, server: &crate::proc::Server) -> CpuUse {
         let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-        (
-            diff(self.server, server.cpu_seconds()),
-            diff(self.client, crate::proc::cpu_seconds("self")),
-        )
+        let server = diff(self.server, server.cpu_seconds());
+        let client = diff(self.client, crate::proc::cpu_seconds("self"));
+        let machine = crate::proc::machine_cpu_seconds();
+        let busy = diff(self.machine.map(|m| m.0), machine.map(|m| m.0));
+        CpuUse {
+            server,
+            client,
+            other: (|| Some((busy? - server? - client?).max(0.0)))(),
+            steal: diff(self.machine.map(|m| m.1), machine.map(|m| m.1)),
+        }
     }
 }
 
@@ -576,6 +629,35 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn median_of_runs() {
+        let run = |produce: f64, catch_up: f64, p99: f64, rss: f64| {
+            let mut m = Measurement::default();
+            m.produce.records = produce as u64;
+            m.produce.seconds = 1.0;
+            m.catch_up.records = catch_up as u64;
+            m.catch_up.seconds = 1.0;
+            m.tail.end_to_end.p99 = p99;
+            m.peak_rss_mib = Some(rss);
+            m
+        };
+        let m = Measurement::median(&[
+            run(3.0, 10.0, 0.5, 9.0),
+            run(1.0, 30.0, 0.1, 12.0),
+            run(2.0, 20.0, 0.3, 8.0),
+        ]);
+        assert_eq!(m.produce.records, 2);
+        assert_eq!(m.catch_up.records, 20);
+        assert_eq!(m.tail.end_to_end.p99, 0.3);
+        assert_eq!(m.peak_rss_mib, Some(12.0));
+        assert_eq!(
+            Measurement::median(&[run(5.0, 1.0, 1.0, 1.0)])
+                .produce
+                .records,
+            5
+        );
     }
 
     #[test]
