@@ -507,6 +507,23 @@ mod tests {
         }
     }
 
+    /// Requests whose array counts claim billions of elements (found by the fuzzer) are refused
+    /// without trying to allocate for them.
+    #[test]
+    fn hostile_array_counts_do_not_abort() {
+        let (_dir, broker) = broker();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for frame in [
+            &include_bytes!("../../fuzz/artifacts-found/oom-offset-delete-array-length")[..],
+            &include_bytes!("../../fuzz/artifacts-found/oom-metadata-v12-compact-array-length")[..],
+            &include_bytes!("../../fuzz/artifacts-found/oom-create-topics-v2-array-length")[..],
+        ] {
+            let peer = "127.0.0.1:1".parse().unwrap();
+            let result = rt.block_on(handle_frame(&broker, Bytes::copy_from_slice(frame), peer));
+            assert!(result.is_err(), "a truncated array must be a protocol error");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         /// The request decoder path never panics on arbitrary frames.
