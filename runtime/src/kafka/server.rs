@@ -512,7 +512,10 @@ mod tests {
     #[test]
     fn hostile_array_counts_do_not_abort() {
         let (_dir, broker) = broker();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         for frame in [
             &include_bytes!("../../fuzz/artifacts-found/oom-offset-delete-array-length")[..],
             &include_bytes!("../../fuzz/artifacts-found/oom-metadata-v12-compact-array-length")[..],
@@ -520,7 +523,10 @@ mod tests {
         ] {
             let peer = "127.0.0.1:1".parse().unwrap();
             let result = rt.block_on(handle_frame(&broker, Bytes::copy_from_slice(frame), peer));
-            assert!(result.is_err(), "a truncated array must be a protocol error");
+            assert!(
+                result.is_err(),
+                "a truncated array must be a protocol error"
+            );
         }
     }
 
