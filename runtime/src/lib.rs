@@ -8,3 +8,11 @@ pub mod http;
 pub mod kafka;
 pub mod log;
 pub mod serve;
+
+/// Milliseconds since the Unix epoch (Kafka's timestamp unit).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

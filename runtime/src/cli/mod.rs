@@ -12,6 +12,7 @@ use kafka_protocol::messages::{MetadataRequest, TopicName};
 
 use crate::client::{check, Connection};
 use crate::kafka::str_bytes;
+pub use crate::now_ms;
 
 #[derive(clap::Args, Clone)]
 pub struct ConnectArgs {
@@ -51,11 +52,4 @@ pub async fn topic_partitions(
         bail!("topic '{topic}' has no partitions");
     }
     Ok(ids)
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

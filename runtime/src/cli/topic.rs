@@ -1,16 +1,12 @@
 //! `weir topic create|list|describe|delete`.
 
-use std::collections::BTreeMap;
-
 use anyhow::{anyhow, Result};
 use clap::Subcommand;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
-use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{
-    CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest, ListOffsetsRequest,
-    MetadataRequest, TopicName,
+    CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest, MetadataRequest, TopicName,
 };
 
 use super::ConnectArgs;
@@ -119,36 +115,8 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
 
 async fn describe(c: &mut Connection, name: &str) -> Result<()> {
     let partitions = super::topic_partitions(c, name, false).await?;
-    let offsets = |ts: i64| {
-        ListOffsetsRequest::default()
-            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
-            .with_topics(vec![ListOffsetsTopic::default()
-                .with_name(TopicName(str_bytes(name)))
-                .with_partitions(
-                    partitions
-                        .iter()
-                        .map(|&p| {
-                            ListOffsetsPartition::default()
-                                .with_partition_index(p)
-                                .with_timestamp(ts)
-                        })
-                        .collect(),
-                )])
-    };
-    let mut start = BTreeMap::new();
-    let mut end = BTreeMap::new();
-    for (ts, into) in [(-2i64, &mut start), (-1, &mut end)] {
-        let resp = c.call(&offsets(ts)).await?;
-        for t in resp.topics {
-            for p in t.partitions {
-                check(
-                    p.error_code,
-                    &format!("offsets of {name}/{}", p.partition_index),
-                )?;
-                into.insert(p.partition_index, p.offset);
-            }
-        }
-    }
+    let start = super::consume::list_offsets(c, name, &partitions, -2).await?;
+    let end = super::consume::list_offsets(c, name, &partitions, -1).await?;
     let total: i64 = partitions.iter().map(|p| end[p] - start[p]).sum();
     println!(
         "Topic: {name}\tpartitions: {}\trecords: {total}",

@@ -16,6 +16,7 @@ use super::CommittedOffset;
 use crate::log::batch::{complete_batches, BatchBuilder};
 use crate::log::manager::LogManager;
 use crate::log::partition::Partition;
+use crate::now_ms;
 use kafka_protocol::records::Compression;
 
 pub const TOPIC: &str = "__consumer_offsets";
@@ -78,13 +79,6 @@ pub enum Replayed {
 
 pub struct OffsetStore {
     partition: Arc<Partition>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl OffsetStore {

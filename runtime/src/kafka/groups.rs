@@ -26,15 +26,12 @@ use kafka_protocol::protocol::Decodable;
 use super::apis::RequestContext;
 use super::{str_bytes, Broker};
 use crate::group::{CommittedOffset, GroupState, JoinRequest};
+use crate::now_ms;
 
 const KEY_TYPE_GROUP: i8 = 0;
 
 fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
-}
-
-fn now_ms() -> i64 {
-    crate::cli::now_ms()
 }
 
 pub fn find_coordinator(

@@ -10,7 +10,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use crate::now_ms;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -106,13 +108,6 @@ pub(super) struct PartitionLog {
     unflushed_messages: i64,
     oldest_unflushed: Option<Instant>,
     dir_dirty: bool,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Partition {
