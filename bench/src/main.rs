@@ -76,7 +76,8 @@ struct Args {
     #[arg(long, default_value_t = 1 << 20)]
     fetch_bytes: usize,
     /// Run every measurement this many times (in rounds over the whole plan) and report the
-    /// median run of each phase, with the range in the table.
+    /// median run of each phase, with the range in the table. Runs during which other processes
+    /// used more than 10% of a CPU are left out of the median when a quieter run exists.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// Skip the machine-limit measurements.
@@ -287,14 +288,21 @@ async fn run(
         .iter()
         .zip(runs)
         .zip(errors)
-        .map(|(((w, kind), runs), error)| Row {
-            workload: (*w).clone(),
-            kind: *kind,
-            result: match error {
-                Some(e) => Err(e),
-                None => Ok(Measurement::median(&runs)),
-            },
-            runs,
+        .map(|(((w, kind), runs), error)| {
+            let (result, noisy) = match error {
+                Some(e) => (Err(e), false),
+                None => {
+                    let (m, noisy) = Measurement::representative(&runs);
+                    (Ok(m), noisy)
+                }
+            };
+            Row {
+                workload: (*w).clone(),
+                kind: *kind,
+                result,
+                noisy,
+                runs,
+            }
         })
         .collect();
 
@@ -344,10 +352,15 @@ fn progress(m: &Measurement) {
         report::thousands(m.catch_up.records_per_sec()),
         m.tail.end_to_end.p99
     );
-    for (phase, p) in [("produce", &m.produce), ("catch-up", &m.catch_up)] {
-        let busy = p.cpu.other.unwrap_or(0.0) / p.seconds;
-        let steal = p.cpu.steal.unwrap_or(0.0) / p.seconds;
-        if busy > 0.1 || steal > 0.1 {
+    let phases = [
+        ("produce", &m.produce.cpu, m.produce.seconds),
+        ("catch-up", &m.catch_up.cpu, m.catch_up.seconds),
+        ("tail", &m.tail.cpu, m.tail.seconds),
+    ];
+    for (phase, cpu, seconds) in phases {
+        let busy = cpu.other.unwrap_or(0.0) / seconds;
+        let steal = cpu.steal.unwrap_or(0.0) / seconds;
+        if busy > workload::NOISY || steal > workload::NOISY {
             eprintln!(
                 "weir-bench:   noisy {phase}: other processes used {:.0}% of a CPU, steal {:.0}%",
                 busy * 100.0,

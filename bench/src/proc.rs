@@ -4,6 +4,7 @@
 //! `weir bench` (runtime/src/cli/bench.rs) reads the same two /proc fields for the daemon it
 //! starts; its helpers are private to that module, hence these.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -105,24 +106,63 @@ pub fn cpu_seconds(pid: impl std::fmt::Display) -> Option<f64> {
     Some(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
-/// (busy, steal) CPU seconds of the whole machine since boot, from /proc/stat.
-pub fn machine_cpu_seconds() -> Option<(f64, f64)> {
+/// Steal time of the whole machine since boot (the hypervisor running something else on our
+/// virtual CPUs), from /proc/stat.
+pub fn steal_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: Vec<f64> = stat
+    // cpu user nice system idle iowait irq softirq steal ...
+    let steal: f64 = stat
         .lines()
         .next()?
         .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let busy = [0, 1, 2, 5, 6]
-        .iter()
-        .map(|&i| ticks.get(i).copied().unwrap_or(0.0))
-        .sum::<f64>();
-    let steal = ticks.get(7).copied().unwrap_or(0.0);
+        .nth(8)?
+        .parse()
+        .ok()?;
+    Some(steal / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// CPU seconds used so far by every user-space process except `exclude`, per pid, counting
+/// the children each has reaped (so short-lived compiler or test processes are seen through
+/// their parents). Kernel threads are left out: the writeback they do for the system under
+/// test is part of its cost, not a neighbour's.
+pub fn other_processes_cpu(exclude: &[u32]) -> HashMap<u32, f64> {
+    const PF_KTHREAD: u64 = 0x0020_0000;
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((busy / hz, steal / hz))
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if exclude.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        if num(6) & PF_KTHREAD != 0 {
+            continue;
+        }
+        let ticks = num(11) + num(12) + num(13) + num(14);
+        out.insert(pid, ticks as f64 / hz);
+    }
+    out
 }
 
 /// A loopback port nobody listens on right now.

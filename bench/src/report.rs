@@ -13,8 +13,10 @@ use crate::workload::{Durability, Measurement, Workload};
 pub struct Row {
     pub workload: Workload,
     pub kind: Kind,
-    /// The median of `runs`, or the error that stopped them.
+    /// The median of the quiet `runs`, or the error that stopped them.
     pub result: Result<Measurement, String>,
+    /// No run was quiet: other processes used more than 10% of a CPU in each.
+    pub noisy: bool,
     pub runs: Vec<Measurement>,
 }
 
@@ -85,8 +87,10 @@ pub fn tables(rows: &[Row], workloads: &[Workload]) -> String {
              | client CPU ms/MB (produce / catch-up) | server peak RSS MiB |\n\
              |---|---|---|---|---|---|---|---|---|---|\n",
         );
+        let mut noisy = false;
         for r in rows.iter().filter(|r| r.workload.name() == w.name()) {
-            let name = r.kind.name();
+            noisy |= r.noisy;
+            let name = format!("{}{}", r.kind.name(), if r.noisy { " †" } else { "" });
             match &r.result {
                 Err(e) => {
                     let _ = writeln!(out, "| {name} | failed: {e} | | | | | | | | |");
@@ -115,6 +119,11 @@ pub fn tables(rows: &[Row], workloads: &[Workload]) -> String {
                     );
                 }
             }
+        }
+        if noisy {
+            out.push_str(
+                "\n† in every run of this row other processes used more than 10% of a CPU\n",
+            );
         }
     }
     out
@@ -353,6 +362,7 @@ pub fn row_json(r: &Row) -> Value {
             v["catch_up"] = m.catch_up.json();
             v["tail"] = m.tail.json();
             v["server_peak_rss_mib"] = json!(m.peak_rss_mib);
+            v["noisy"] = json!(r.noisy);
             v["runs"] = r
                 .runs
                 .iter()
@@ -360,7 +370,7 @@ pub fn row_json(r: &Row) -> Value {
                     json!({
                         "produce": m.produce.json(), "produce_request_ms": m.produce_request.json(),
                         "catch_up": m.catch_up.json(), "tail": m.tail.json(),
-                        "server_peak_rss_mib": m.peak_rss_mib,
+                        "server_peak_rss_mib": m.peak_rss_mib, "noise": m.noise(),
                     })
                 })
                 .collect();

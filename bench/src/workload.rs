@@ -11,6 +11,7 @@
 //!    millisecond) stamps the send time into each record, a tailing consumer computes
 //!    now − stamp: the end-to-end latency.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
@@ -268,8 +269,7 @@ pub struct CpuUse {
     pub server: Option<f64>,
     /// This process: the benchmark's clients.
     pub client: Option<f64>,
-    /// Everything else on the machine (busy time from /proc/stat minus server and client): a
-    /// noisy neighbour shows up here.
+    /// Every other user-space process on the machine: a noisy neighbour shows up here.
     pub other: Option<f64>,
     /// Time the hypervisor ran something else on our virtual CPUs.
     pub steal: Option<f64>,
@@ -321,6 +321,7 @@ pub struct Tail {
     pub seconds: f64,
     pub end_to_end: Percentiles,
     pub produce_request: Percentiles,
+    pub cpu: CpuUse,
 }
 
 impl Tail {
@@ -331,6 +332,10 @@ impl Tail {
             "achieved_rate": self.produced as f64 / self.seconds,
             "end_to_end_ms": self.end_to_end.json(),
             "produce_request_ms": self.produce_request.json(),
+            "server_cpu_seconds": self.cpu.server,
+            "client_cpu_seconds": self.cpu.client,
+            "other_cpu_seconds": self.cpu.other,
+            "steal_seconds": self.cpu.steal,
         })
     }
 }
@@ -345,7 +350,33 @@ pub struct Measurement {
     pub peak_rss_mib: Option<f64>,
 }
 
+/// Runs in which other processes used more than this share of a CPU in some phase are noisy.
+pub const NOISY: f64 = 0.1;
+
 impl Measurement {
+    /// The most CPU other processes used during a phase, as a share of one CPU.
+    pub fn noise(&self) -> f64 {
+        let share = |cpu: &CpuUse, secs: f64| cpu.other.unwrap_or(0.0) / secs.max(1e-9);
+        share(&self.produce.cpu, self.produce.seconds)
+            .max(share(&self.catch_up.cpu, self.catch_up.seconds))
+            .max(share(&self.tail.cpu, self.tail.seconds))
+    }
+
+    /// What a row shows for repeated runs: the [`median`](Self::median) of the quiet runs (see
+    /// [`NOISY`]), or of all runs when none was quiet (then `true`: the figures are noisy).
+    pub fn representative(runs: &[Measurement]) -> (Measurement, bool) {
+        let quiet: Vec<Measurement> = runs
+            .iter()
+            .filter(|m| m.noise() <= NOISY)
+            .cloned()
+            .collect();
+        if quiet.is_empty() {
+            (Measurement::median(runs), true)
+        } else {
+            (Measurement::median(&quiet), false)
+        }
+    }
+
     /// The median of repeated runs: each throughput phase from the run with the median rate,
     /// the tail from the run with the median end-to-end p99, the highest peak RSS.
     pub fn median(runs: &[Measurement]) -> Measurement {
@@ -467,10 +498,12 @@ async fn tail<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Result<Tail
         per_sec: s.rate,
         secs: s.tail_secs,
     };
+    let usage = Usage::start(sys.server());
     let produced = produce(&mut producer, w, s, pace).await;
     let total = produced.as_ref().map_or(0, |p| p.0);
     let _ = stop_tx.send(Some(total));
     let (received, hist) = reader.await.context("tail consumer panicked")??;
+    let cpu = usage.finish(sys.server());
     let (produced, seconds, request_latency) = produced?;
     if received < produced {
         bail!("the tailing consumer received {received} of {produced} records within 10 s");
@@ -482,6 +515,7 @@ async fn tail<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Result<Tail
         seconds,
         end_to_end: Percentiles::from_us(&hist),
         produce_request: Percentiles::from_us(&request_latency),
+        cpu,
     })
 }
 
@@ -555,11 +589,12 @@ fn record_ack(hist: &mut Histogram<u64>, sent_at: Instant, ack: Result<Instant>)
     Ok(())
 }
 
-/// CPU time of the server, of this process and of the whole machine over a phase.
+/// CPU time of the server, of this process and of everything else over a phase.
 struct Usage {
     server: Option<f64>,
     client: Option<f64>,
-    machine: Option<(f64, f64)>,
+    others: HashMap<u32, f64>,
+    steal: Option<f64>,
 }
 
 impl Usage {
@@ -567,21 +602,23 @@ impl Usage {
         Usage {
             server: server.cpu_seconds(),
             client: crate::proc::cpu_seconds("self"),
-            machine: crate::proc::machine_cpu_seconds(),
+            others: crate::proc::other_processes_cpu(&[server.pid(), std::process::id()]),
+            steal: crate::proc::steal_seconds(),
         }
     }
 
     fn finish(self, server: &crate::proc::Server) -> CpuUse {
         let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-        let server = diff(self.server, server.cpu_seconds());
-        let client = diff(self.client, crate::proc::cpu_seconds("self"));
-        let machine = crate::proc::machine_cpu_seconds();
-        let busy = diff(self.machine.map(|m| m.0), machine.map(|m| m.0));
+        let others = crate::proc::other_processes_cpu(&[server.pid(), std::process::id()]);
+        let other = others
+            .iter()
+            .map(|(pid, t)| (t - self.others.get(pid).copied().unwrap_or(0.0)).max(0.0))
+            .sum();
         CpuUse {
-            server,
-            client,
-            other: (|| Some((busy? - server? - client?).max(0.0)))(),
-            steal: diff(self.machine.map(|m| m.1), machine.map(|m| m.1)),
+            server: diff(self.server, server.cpu_seconds()),
+            client: diff(self.client, crate::proc::cpu_seconds("self")),
+            other: Some(other),
+            steal: diff(self.steal, crate::proc::steal_seconds()),
         }
     }
 }
@@ -658,6 +695,23 @@ mod tests {
                 .records,
             5
         );
+    }
+
+    #[test]
+    fn noisy_runs_are_left_out_when_a_quiet_one_exists() {
+        let run = |produce: u64, other: f64| {
+            let mut m = Measurement::default();
+            m.produce.records = produce;
+            m.produce.seconds = 1.0;
+            m.produce.cpu.other = Some(other);
+            m.catch_up.seconds = 1.0;
+            m.tail.seconds = 1.0;
+            m
+        };
+        let (m, noisy) = Measurement::representative(&[run(1, 0.9), run(5, 0.0), run(2, 0.5)]);
+        assert_eq!((m.produce.records, noisy), (5, false));
+        let (m, noisy) = Measurement::representative(&[run(1, 0.9), run(3, 0.8), run(2, 0.5)]);
+        assert_eq!((m.produce.records, noisy), (2, true));
     }
 
     #[test]
