@@ -146,7 +146,7 @@ impl WeirProducer {
 
 impl Producer for WeirProducer {
     async fn send(&mut self, batch: Batch) -> Result<Ack> {
-        let now = weir::cli::now_ms();
+        let now = weir::now_ms();
         let mut b = BatchBuilder::new(now);
         for record in batch.records() {
             b.push(None, Some(&record), &[], now);
