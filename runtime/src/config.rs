@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::group::GroupSettings;
 use crate::log::config::LogConfig;
+use crate::txn::TxnSettings;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,6 +21,8 @@ pub struct Settings {
     pub http_addr: String,
     /// Host name given to clients in metadata; defaults to the listener's address.
     pub advertised_host: Option<String>,
+    /// Port given to clients in metadata (behind a proxy or NAT); defaults to the listener's.
+    pub advertised_port: Option<u16>,
     pub node_id: i32,
     /// Create a topic when a client produces to or asks metadata for an unknown one.
     pub auto_create_topics: bool,
@@ -36,6 +39,10 @@ pub struct Settings {
     pub log_cleaner_interval_ms: u64,
     /// Memory for the cleaner's key map (Kafka's log.cleaner.dedupe.buffer.size).
     pub log_cleaner_dedupe_buffer_bytes: usize,
+    /// Longest transaction.timeout.ms a producer may ask for (transaction.max.timeout.ms).
+    pub transaction_max_timeout_ms: i32,
+    /// An idle transactional id is forgotten after this long (transactional.id.expiration.ms).
+    pub transactional_id_expiration_ms: i64,
 }
 
 impl Default for Settings {
@@ -45,6 +52,7 @@ impl Default for Settings {
             kafka_addr: "127.0.0.1:9092".into(),
             http_addr: "127.0.0.1:8083".into(),
             advertised_host: None,
+            advertised_port: None,
             node_id: 0,
             auto_create_topics: true,
             default_partitions: 1,
@@ -54,6 +62,8 @@ impl Default for Settings {
             group_max_session_timeout_ms: 1_800_000,
             log_cleaner_interval_ms: 15_000,
             log_cleaner_dedupe_buffer_bytes: 128 << 20,
+            transaction_max_timeout_ms: TxnSettings::default().max_timeout_ms,
+            transactional_id_expiration_ms: TxnSettings::default().id_expiration_ms,
         }
     }
 }
@@ -82,6 +92,13 @@ impl Settings {
             ),
             min_session_timeout_ms: self.group_min_session_timeout_ms,
             max_session_timeout_ms: self.group_max_session_timeout_ms,
+        }
+    }
+
+    pub fn txn_settings(&self) -> TxnSettings {
+        TxnSettings {
+            max_timeout_ms: self.transaction_max_timeout_ms,
+            id_expiration_ms: self.transactional_id_expiration_ms,
         }
     }
 

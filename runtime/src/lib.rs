@@ -8,6 +8,7 @@ pub mod http;
 pub mod kafka;
 pub mod log;
 pub mod serve;
+pub mod txn;
 
 /// Milliseconds since the Unix epoch (Kafka's timestamp unit).
 pub fn now_ms() -> i64 {

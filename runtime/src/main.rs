@@ -52,6 +52,13 @@ enum Command {
         #[command(flatten)]
         conn: cli::ConnectArgs,
     },
+    /// List and describe transactions.
+    Txn {
+        #[command(subcommand)]
+        command: cli::txn::TxnCommand,
+        #[command(flatten)]
+        conn: cli::ConnectArgs,
+    },
     /// Produce lines from stdin, one record per line.
     Produce(cli::produce::ProduceArgs),
     /// Print records of a topic, one value per line.
@@ -102,6 +109,7 @@ fn main() -> Result<()> {
             }
             Command::Topic { command, conn } => cli::topic::run(command, &conn).await,
             Command::Group { command, conn } => cli::group::run(command, &conn).await,
+            Command::Txn { command, conn } => cli::txn::run(command, &conn).await,
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,

@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::group::GroupCoordinator;
 use crate::kafka::{self, Broker};
 use crate::log::manager::LogManager;
+use crate::txn::TxnCoordinator;
 
 pub async fn run(settings: Settings) -> Result<()> {
     let defaults = settings.log_defaults()?;
@@ -45,13 +46,25 @@ pub async fn run(settings: Settings) -> Result<()> {
         })
         .await??,
     );
+    let txns = Arc::new(
+        tokio::task::spawn_blocking({
+            let log = log.clone();
+            let groups = groups.clone();
+            let settings = settings.txn_settings();
+            move || TxnCoordinator::open(log, groups, settings)
+        })
+        .await??,
+    );
+    // Before any client connects: finish or abort what the previous run left open.
+    txns.recover().await?;
     let broker = Arc::new(Broker {
         node_id: settings.node_id,
         cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
         advertised_host,
-        advertised_port: kafka_local.port() as i32,
+        advertised_port: settings.advertised_port.unwrap_or(kafka_local.port()) as i32,
         log: log.clone(),
         groups: groups.clone(),
+        txns: txns.clone(),
         auto_create_topics: settings.auto_create_topics,
         default_partitions: settings.default_partitions.max(1),
     });
@@ -68,6 +81,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         stop_rx.clone(),
     ));
     let group_timers = tokio::spawn(groups.clone().run_timers(stop_rx.clone()));
+    let txn_timers = tokio::spawn(txns.clone().run_timers(stop_rx.clone()));
     let kafka_task = tokio::spawn(kafka::server::serve(
         kafka_listener,
         broker.clone(),
@@ -90,6 +104,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = kafka_task.await;
     let _ = group_timers.await;
+    let _ = txn_timers.await;
     let _ = cleaner.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     // The maintenance loop ends with a flush and checkpoint of every partition.

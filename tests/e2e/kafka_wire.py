@@ -79,8 +79,10 @@ def frame(payload: bytes) -> bytes:
 # ---------------------------------------------------------------------------
 
 def record_batch(records: list[tuple[bytes | None, bytes | None]], base_timestamp: int,
-                 headers: list[tuple[str, bytes]] | None = None) -> bytes:
-    """An uncompressed magic-2 record batch (baseOffset 0, no producer id)."""
+                 headers: list[tuple[str, bytes]] | None = None,
+                 producer: tuple[int, int, int] = (-1, -1, -1)) -> bytes:
+    """An uncompressed magic-2 record batch (baseOffset 0); `producer` is
+    (producer id, epoch, base sequence), none by default."""
     body = bytearray()
     for i, (key, value) in enumerate(records):
         rec = bytearray(b"\x00")                 # attributes
@@ -94,7 +96,9 @@ def record_batch(records: list[tuple[bytes | None, bytes | None]], base_timestam
             rec += varint(len(hk.encode())) + hk.encode() + varint(len(hv)) + hv
         body += varint(len(rec)) + rec
     n = len(records)
-    after_crc = struct.pack(">hiqqqhii", 0, n - 1, base_timestamp, base_timestamp, -1, -1, -1, n) + bytes(body)
+    pid, epoch, seq = producer
+    after_crc = struct.pack(">hiqqqhii", 0, n - 1, base_timestamp, base_timestamp, pid, epoch, seq,
+                            n) + bytes(body)
     crc = crc32c(after_crc)
     batch_length = 4 + 1 + 4 + len(after_crc)  # partitionLeaderEpoch + magic + crc + rest
     return struct.pack(">qiibI", 0, batch_length, -1, 2, crc) + after_crc
@@ -135,6 +139,31 @@ def parse_produce_v3_response(payload: bytes) -> tuple[int, list[ProducePartitio
     r.i32()  # throttle_time_ms
     assert r.done(), f"{r.remaining()} unexpected trailing bytes in produce response"
     return corr, out
+
+
+API_INIT_PRODUCER_ID = 22
+
+
+def init_producer_id(bootstrap: str) -> tuple[int, int]:
+    """InitProducerId v0 without a transactional id: (producer id, epoch)."""
+    body = string(None) + struct.pack(">i", 60000)
+    with connect(bootstrap) as s:
+        r = Reader(roundtrip(s, frame(request_header(API_INIT_PRODUCER_ID, 0, 1) + body)))
+    r.i32()  # correlation id
+    r.i32()  # throttle_time_ms
+    err, pid, epoch = r.i16(), r.i64(), r.i16()
+    assert err == 0, f"InitProducerId failed with error {err}"
+    return pid, epoch
+
+
+def produce_idempotent(bootstrap: str, topic: str, pid: int, epoch: int, seq: int,
+                       values: list[bytes], partition: int = 0) -> tuple[int, int]:
+    """One batch with producer id, epoch and base sequence: (error code, base offset)."""
+    batch = record_batch([(None, v) for v in values], int(time.time() * 1000),
+                         producer=(pid, epoch, seq))
+    with connect(bootstrap) as s:
+        _, results = parse_produce_v3_response(roundtrip(s, produce_v3(1, topic, partition, batch)))
+    return results[0].error_code, results[0].base_offset
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ pub mod consume;
 pub mod group;
 pub mod produce;
 pub mod topic;
+pub mod txn;
 
 use anyhow::{bail, Result};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;

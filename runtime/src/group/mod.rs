@@ -253,9 +253,13 @@ impl Group {
 
 pub struct GroupCoordinator {
     groups: Mutex<HashMap<String, Group>>,
+    /// Offsets committed in open transactions, per producer id: (group, partition, offset).
+    pending_txn: Mutex<HashMap<i64, Vec<PendingOffset>>>,
     store: OffsetStore,
     settings: GroupSettings,
 }
+
+type PendingOffset = (String, (String, i32), CommittedOffset);
 
 /// Result of a commit for one partition.
 pub type PartitionResult = ((String, i32), Option<ResponseError>);
@@ -265,8 +269,21 @@ impl GroupCoordinator {
     pub fn open(log: Arc<LogManager>, settings: GroupSettings) -> anyhow::Result<GroupCoordinator> {
         let store = OffsetStore::open(log)?;
         let mut groups: HashMap<String, Group> = HashMap::new();
+        let mut pending_txn: HashMap<i64, Vec<PendingOffset>> = HashMap::new();
         let now = Instant::now();
         store.replay(|event| match event {
+            store::Replayed::Pending {
+                producer_id,
+                group,
+                topic,
+                partition,
+                value,
+            } => {
+                pending_txn
+                    .entry(producer_id)
+                    .or_default()
+                    .push((group, (topic, partition), value))
+            }
             store::Replayed::Offset {
                 group,
                 topic,
@@ -337,6 +354,7 @@ impl GroupCoordinator {
         tracing::info!(groups = groups.len(), "consumer groups loaded");
         Ok(GroupCoordinator {
             groups: Mutex::new(groups),
+            pending_txn: Mutex::new(pending_txn),
             store,
             settings,
         })
@@ -929,6 +947,91 @@ impl GroupCoordinator {
             g.offsets.insert(tp, off);
         }
         Ok(results)
+    }
+
+    /// Commits offsets inside a producer's transaction (TxnOffsetCommit): written now, visible
+    /// when the transaction commits. A member id and generation, when given, are checked as for
+    /// a plain commit (KIP-447).
+    #[allow(clippy::too_many_arguments)]
+    pub fn txn_commit(
+        &self,
+        group_id: &str,
+        producer_id: i64,
+        producer_epoch: i16,
+        member_id: &str,
+        instance: Option<&str>,
+        generation: i32,
+        offsets: Vec<((String, i32), CommittedOffset)>,
+        topic_exists: impl Fn(&str, i32) -> bool,
+    ) -> Result<Vec<PartitionResult>, ResponseError> {
+        if group_id.is_empty() {
+            return Err(ResponseError::InvalidGroupId);
+        }
+        {
+            let groups = self.groups.lock();
+            if let Some(g) = groups.get(group_id) {
+                if generation >= 0 && !g.members.is_empty() {
+                    Self::check_member(g, member_id, instance, generation)?;
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(offsets.len());
+        let mut accepted = Vec::new();
+        for (tp, off) in offsets {
+            let err = if !topic_exists(&tp.0, tp.1) {
+                Some(ResponseError::UnknownTopicOrPartition)
+            } else if off.metadata.len() > MAX_METADATA_LEN {
+                Some(ResponseError::OffsetMetadataTooLarge)
+            } else {
+                None
+            };
+            if err.is_none() {
+                accepted.push((tp.clone(), off));
+            }
+            results.push((tp, err));
+        }
+        if let Err(e) =
+            self.store
+                .write_txn_offsets(group_id, producer_id, producer_epoch, &accepted)
+        {
+            tracing::debug!(group = group_id, error = %e, "transactional offset commit refused");
+            return Err(crate::kafka::append_error_code(&e));
+        }
+        let mut pending = self.pending_txn.lock();
+        let entry = pending.entry(producer_id).or_default();
+        for (tp, off) in accepted {
+            entry.push((group_id.to_string(), tp, off));
+        }
+        Ok(results)
+    }
+
+    /// Applies (commit) or drops (abort) the offsets a producer's transaction committed, once
+    /// its marker is in `__consumer_offsets`.
+    pub fn complete_txn(&self, producer_id: i64, commit: bool) {
+        let Some(entries) = self.pending_txn.lock().remove(&producer_id) else {
+            return;
+        };
+        if !commit {
+            return;
+        }
+        let mut groups = self.groups.lock();
+        for (group_id, tp, off) in entries {
+            groups
+                .entry(group_id.clone())
+                .or_insert_with(|| Group::new(&group_id))
+                .offsets
+                .insert(tp, off);
+        }
+    }
+
+    /// Whether an open transaction holds an offset for this group and partition (OffsetFetch
+    /// with require_stable answers UNSTABLE_OFFSET_COMMIT then).
+    pub fn has_pending_txn_offset(&self, group_id: &str, topic: &str, partition: i32) -> bool {
+        self.pending_txn
+            .lock()
+            .values()
+            .flatten()
+            .any(|(g, tp, _)| g == group_id && tp.0 == topic && tp.1 == partition)
     }
 
     /// Committed offsets of a group: all, or those of the given partitions (None if absent).

@@ -6,18 +6,18 @@
 //! protocol, leader and members. A deletion is a tombstone (null value), so compaction keeps
 //! exactly the latest state per key.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::CommittedOffset;
-use crate::log::batch::{complete_batches, BatchBuilder};
+use crate::log::batch::ProducerFields;
+use crate::log::internal::InternalTopic;
 use crate::log::manager::LogManager;
-use crate::log::partition::Partition;
-use crate::now_ms;
-use kafka_protocol::records::Compression;
+use crate::log::partition::AppendError;
+use crate::log::producer_state::{marker_type, MARKER_COMMIT};
 
 pub const TOPIC: &str = "__consumer_offsets";
 
@@ -63,8 +63,16 @@ pub struct GroupRecord {
     pub members: Vec<MemberRecord>,
 }
 
-/// One decoded entry, in log order.
+/// One decoded entry, in log order. Offsets committed in a transaction appear when its commit
+/// marker does; those of a transaction still open at the end come last, as `Pending`.
 pub enum Replayed {
+    Pending {
+        producer_id: i64,
+        group: String,
+        topic: String,
+        partition: i32,
+        value: CommittedOffset,
+    },
     Offset {
         group: String,
         topic: String,
@@ -78,39 +86,42 @@ pub enum Replayed {
 }
 
 pub struct OffsetStore {
-    partition: Arc<Partition>,
+    topic: InternalTopic,
 }
 
 impl OffsetStore {
     /// Opens (creating if needed) the internal topic.
     pub fn open(log: Arc<LogManager>) -> Result<OffsetStore> {
-        let topic = match log.topic(TOPIC) {
-            Some(t) => t,
-            None => log.create_topic(
-                TOPIC,
-                1,
-                -1,
-                BTreeMap::from([
-                    ("cleanup.policy".to_string(), "compact".to_string()),
-                    ("segment.bytes".to_string(), (100 << 20).to_string()),
-                ]),
-            )?,
-        };
-        let partition = topic.partitions[0].clone();
-        Ok(OffsetStore { partition })
+        Ok(OffsetStore {
+            topic: InternalTopic::open(&log, TOPIC, &[])?,
+        })
     }
 
     fn append(&self, records: Vec<(Key, Option<Vec<u8>>)>) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let now = now_ms();
-        let mut b = BatchBuilder::new(now);
-        for (key, value) in &records {
-            let key = serde_json::to_vec(key)?;
-            b.push(Some(&key), value.as_deref(), &[], now);
-        }
-        self.partition.append(&b.finish(Compression::None))?;
+        let records = encode_keys(records)?;
+        self.topic
+            .append_unflushed(&records, ProducerFields::NONE)?;
+        Ok(())
+    }
+
+    /// Writes offsets committed inside a producer's transaction: they take effect with its
+    /// commit marker.
+    pub fn write_txn_offsets(
+        &self,
+        group: &str,
+        producer_id: i64,
+        producer_epoch: i16,
+        offsets: &[((String, i32), CommittedOffset)],
+    ) -> Result<(), AppendError> {
+        let records = encode_keys(offset_records(group, offsets))
+            .map_err(|e| AppendError::Io(std::io::Error::other(e)))?;
+        let producer = ProducerFields {
+            producer_id,
+            producer_epoch,
+            base_sequence: -1,
+            transactional: true,
+        };
+        self.topic.append_unflushed(&records, producer)?;
         Ok(())
     }
 
@@ -119,24 +130,7 @@ impl OffsetStore {
         group: &str,
         offsets: &[((String, i32), CommittedOffset)],
     ) -> Result<()> {
-        let mut records = Vec::with_capacity(offsets.len());
-        for ((topic, partition), o) in offsets {
-            let value = OffsetValue {
-                offset: o.offset,
-                leader_epoch: o.leader_epoch,
-                metadata: o.metadata.clone(),
-                commit_timestamp: o.commit_timestamp,
-            };
-            records.push((
-                Key::Offset {
-                    group: group.to_string(),
-                    topic: topic.clone(),
-                    partition: *partition,
-                },
-                Some(serde_json::to_vec(&value)?),
-            ));
-        }
-        self.append(records)
+        self.append(offset_records(group, offsets))
     }
 
     pub fn delete_offsets(&self, group: &str, tps: &[(String, i32)]) -> Result<()> {
@@ -168,42 +162,92 @@ impl OffsetStore {
 
     /// Reads the whole topic in order, handing each entry to `f`.
     pub fn replay(&self, mut f: impl FnMut(Replayed)) -> Result<()> {
-        let mut offset = self.partition.log_start_offset();
-        let end = self.partition.high_watermark();
-        while offset < end {
-            let data = self.partition.read(offset, 4 << 20, true)?;
-            let Some(slice) = data.records else { break };
-            let bytes = slice.read_bytes()?;
-            let mut advanced = false;
-            for batch in complete_batches(&bytes) {
-                let base = batch.base_offset();
-                if !batch.is_control() {
-                    let mut bad = None;
-                    batch.for_each_record(|r| {
-                        let at = base + r.offset_delta as i64;
-                        if at < offset || bad.is_some() {
-                            return;
-                        }
-                        match decode(r.key, r.value) {
-                            Ok(Some(entry)) => f(entry),
-                            Ok(None) => {}
-                            Err(e) => bad = Some(e.context(format!("{TOPIC} offset {at}"))),
-                        }
-                    })?;
-                    if let Some(e) = bad {
-                        // A record this version cannot read is skipped, not fatal.
-                        tracing::warn!(error = %format!("{e:#}"), "skipping unreadable record");
+        // Transactional offsets per producer, until their marker.
+        let mut open: HashMap<i64, Vec<Replayed>> = HashMap::new();
+        self.topic.for_each_batch(|batch| {
+            if batch.is_control() {
+                let commit = marker_type(&batch) == Some(MARKER_COMMIT);
+                for entry in open.remove(&batch.producer_id()).unwrap_or_default() {
+                    if commit {
+                        f(entry);
                     }
                 }
-                offset = batch.next_offset();
-                advanced = true;
+                return Ok(());
             }
-            if !advanced {
-                anyhow::bail!("{TOPIC}: cannot decode the batch at offset {offset}");
+            let mut bad = None;
+            batch.for_each_record(|r| {
+                if bad.is_some() {
+                    return;
+                }
+                match decode(r.key, r.value) {
+                    Ok(Some(entry)) if batch.is_transactional() => open
+                        .entry(batch.producer_id())
+                        .or_default()
+                        .push(entry),
+                    Ok(Some(entry)) => f(entry),
+                    Ok(None) => {}
+                    Err(e) => bad = Some(e),
+                }
+            })?;
+            if let Some(e) = bad {
+                // A record this version cannot read is skipped, not fatal.
+                tracing::warn!(topic = TOPIC, offset = batch.base_offset(), error = %format!("{e:#}"), "skipping unreadable record");
+            }
+            Ok(())
+        })?;
+        for (producer_id, entries) in open {
+            for entry in entries {
+                if let Replayed::Offset {
+                    group,
+                    topic,
+                    partition,
+                    value: Some(value),
+                } = entry
+                {
+                    f(Replayed::Pending {
+                        producer_id,
+                        group,
+                        topic,
+                        partition,
+                        value,
+                    });
+                }
             }
         }
         Ok(())
     }
+}
+
+fn offset_records(
+    group: &str,
+    offsets: &[((String, i32), CommittedOffset)],
+) -> Vec<(Key, Option<Vec<u8>>)> {
+    offsets
+        .iter()
+        .map(|((topic, partition), o)| {
+            let value = OffsetValue {
+                offset: o.offset,
+                leader_epoch: o.leader_epoch,
+                metadata: o.metadata.clone(),
+                commit_timestamp: o.commit_timestamp,
+            };
+            (
+                Key::Offset {
+                    group: group.to_string(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                },
+                serde_json::to_vec(&value).ok(),
+            )
+        })
+        .collect()
+}
+
+fn encode_keys(records: Vec<(Key, Option<Vec<u8>>)>) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+    records
+        .into_iter()
+        .map(|(k, v)| Ok((serde_json::to_vec(&k)?, v)))
+        .collect()
 }
 
 fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Option<Replayed>> {

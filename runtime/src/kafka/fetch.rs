@@ -15,7 +15,9 @@ use tokio::sync::Notify;
 
 use super::apis::RequestContext;
 use super::{read_error_code, Broker};
-use crate::log::partition::{FileSlice, Partition};
+use crate::log::partition::{FileSlice, Isolation, Partition};
+use kafka_protocol::messages::fetch_response::AbortedTransaction;
+use kafka_protocol::messages::ProducerId;
 
 /// Longest a fetch may park, whatever the client asks.
 const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
@@ -78,6 +80,11 @@ fn read_once(
     let mut total = 0usize;
     let mut found = 0usize;
     let mut topics = Vec::with_capacity(req.topics.len());
+    let isolation = if req.isolation_level == 1 {
+        Isolation::ReadCommitted
+    } else {
+        Isolation::ReadUncommitted
+    };
     for ft in &req.topics {
         let topic = broker.log.topic(&ft.topic.0);
         let mut partitions = Vec::with_capacity(ft.partitions.len());
@@ -100,11 +107,21 @@ fn read_once(
                     p.register_waiter(notify.clone());
                     let limit = (fp.partition_max_bytes.max(0) as u64).min(remaining);
                     // KIP-74: the first batch of the response is sent whole even if it is larger.
-                    match p.read(fp.fetch_offset, limit, total == 0) {
+                    match p.read_with(fp.fetch_offset, limit, total == 0, isolation) {
                         Ok(data) => {
                             pd.high_watermark = data.high_watermark;
-                            pd.last_stable_offset = data.high_watermark;
+                            pd.last_stable_offset = data.last_stable_offset;
                             pd.log_start_offset = data.log_start_offset;
+                            pd.aborted_transactions = Some(
+                                data.aborted
+                                    .iter()
+                                    .map(|a| {
+                                        AbortedTransaction::default()
+                                            .with_producer_id(ProducerId(a.producer_id))
+                                            .with_first_offset(a.first_offset)
+                                    })
+                                    .collect(),
+                            );
                             let n = data.records.as_ref().map_or(0, |r| r.len as usize);
                             remaining = remaining.saturating_sub(n as u64);
                             total += n;
@@ -115,7 +132,7 @@ fn read_once(
                         Err(e) => {
                             pd.error_code = read_error_code(&e).code();
                             pd.high_watermark = p.high_watermark();
-                            pd.last_stable_offset = pd.high_watermark;
+                            pd.last_stable_offset = p.last_stable_offset();
                             pd.log_start_offset = p.log_start_offset();
                         }
                     }
@@ -173,6 +190,10 @@ pub fn list_offsets(
                         r.leader_epoch = p.leader_epoch();
                     }
                     let found = match lp.timestamp {
+                        // read_committed consumers start at the last stable offset.
+                        LATEST if req.isolation_level == 1 => {
+                            Ok(Some((p.last_stable_offset(), -1)))
+                        }
                         LATEST => Ok(Some((p.high_watermark(), -1))),
                         EARLIEST => Ok(Some((p.log_start_offset(), -1))),
                         MAX_TIMESTAMP => match p.max_timestamp() {

@@ -29,6 +29,7 @@ use crate::group::{CommittedOffset, GroupState, JoinRequest};
 use crate::now_ms;
 
 const KEY_TYPE_GROUP: i8 = 0;
+const KEY_TYPE_TRANSACTION: i8 = 1;
 
 fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
@@ -39,9 +40,13 @@ pub fn find_coordinator(
     ctx: &RequestContext,
     req: FindCoordinatorRequest,
 ) -> FindCoordinatorResponse {
-    let unsupported = req.key_type != KEY_TYPE_GROUP;
+    // This node coordinates every group and every transactional id.
+    let unsupported = !matches!(req.key_type, KEY_TYPE_GROUP | KEY_TYPE_TRANSACTION);
     let message = unsupported.then(|| {
-        str_bytes("only consumer group coordinators exist; transactions are not supported yet")
+        str_bytes(format!(
+            "unknown coordinator key type {} (0: group, 1: transaction)",
+            req.key_type
+        ))
     });
     let error = if unsupported {
         ResponseError::InvalidRequest.code()
@@ -327,26 +332,33 @@ pub fn offset_fetch(
                         .map(|t| (t.name.0.to_string(), t.partition_indexes))
                         .collect()
                 });
-                let topics = fetch_group_offsets(broker, &g.group_id.0, wanted)
+                let group_id = g.group_id.0.to_string();
+                let topics = fetch_group_offsets(broker, &group_id, wanted)
                     .into_iter()
                     .map(|(t, ps)| {
+                        let partitions = ps
+                            .into_iter()
+                            .map(|(p, o)| {
+                                let (offset, epoch, meta) = o
+                                    .map_or((-1, -1, String::new()), |o| {
+                                        (o.offset, o.leader_epoch, o.metadata)
+                                    });
+                                let mut r = OffsetFetchResponsePartitions::default()
+                                    .with_partition_index(p)
+                                    .with_committed_offset(offset)
+                                    .with_committed_leader_epoch(epoch)
+                                    .with_metadata(Some(str_bytes(meta)));
+                                if unstable(broker, req.require_stable, &group_id, &t, p) {
+                                    r = r.with_committed_offset(-1).with_error_code(
+                                        ResponseError::UnstableOffsetCommit.code(),
+                                    );
+                                }
+                                r
+                            })
+                            .collect();
                         OffsetFetchResponseTopics::default()
                             .with_name(TopicName(str_bytes(t)))
-                            .with_partitions(
-                                ps.into_iter()
-                                    .map(|(p, o)| {
-                                        let (offset, epoch, meta) = o
-                                            .map_or((-1, -1, String::new()), |o| {
-                                                (o.offset, o.leader_epoch, o.metadata)
-                                            });
-                                        OffsetFetchResponsePartitions::default()
-                                            .with_partition_index(p)
-                                            .with_committed_offset(offset)
-                                            .with_committed_leader_epoch(epoch)
-                                            .with_metadata(Some(str_bytes(meta)))
-                                    })
-                                    .collect(),
-                            )
+                            .with_partitions(partitions)
                     })
                     .collect();
                 OffsetFetchResponseGroup::default()
@@ -365,7 +377,7 @@ pub fn offset_fetch(
         .into_iter()
         .map(|(t, ps)| {
             OffsetFetchResponseTopic::default()
-                .with_name(TopicName(str_bytes(t)))
+                .with_name(TopicName(str_bytes(t.clone())))
                 .with_partitions(
                     ps.into_iter()
                         .map(|(p, o)| {
@@ -379,6 +391,11 @@ pub fn offset_fetch(
                             if v >= 5 {
                                 r.committed_leader_epoch = epoch;
                             }
+                            if v >= 7 && unstable(broker, req.require_stable, &req.group_id, &t, p)
+                            {
+                                r.committed_offset = -1;
+                                r.error_code = ResponseError::UnstableOffsetCommit.code();
+                            }
                             r
                         })
                         .collect(),
@@ -386,6 +403,11 @@ pub fn offset_fetch(
         })
         .collect();
     OffsetFetchResponse::default().with_topics(topics)
+}
+
+/// KIP-447: a consumer asking for stable offsets must wait while a transaction holds one.
+fn unstable(broker: &Broker, require_stable: bool, group: &str, topic: &str, p: i32) -> bool {
+    require_stable && broker.groups.has_pending_txn_offset(group, topic, p)
 }
 
 pub fn list_groups(

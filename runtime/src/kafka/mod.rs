@@ -9,6 +9,7 @@ mod groups;
 mod metadata;
 mod produce;
 pub mod server;
+mod txn;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::log::batch::BatchError;
 use crate::log::config::validate_topic_name;
 use crate::log::manager::{LogManager, Topic, TopicError};
 use crate::log::partition::{AppendError, ReadError};
+use crate::log::producer_state::ProducerError;
+use crate::txn::TxnCoordinator;
 
 /// The state every request handler sees.
 pub struct Broker {
@@ -31,6 +34,7 @@ pub struct Broker {
     pub advertised_port: i32,
     pub log: Arc<LogManager>,
     pub groups: Arc<GroupCoordinator>,
+    pub txns: Arc<TxnCoordinator>,
     pub auto_create_topics: bool,
     pub default_partitions: i32,
 }
@@ -68,21 +72,25 @@ impl Broker {
     #[cfg(test)]
     pub fn for_tests(dir: &Path) -> Broker {
         let log = Arc::new(LogManager::open(dir, Default::default()).unwrap());
+        let groups = Arc::new(
+            GroupCoordinator::open(
+                log.clone(),
+                crate::group::GroupSettings {
+                    initial_rebalance_delay: std::time::Duration::ZERO,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
         Broker {
             node_id: 0,
             cluster_id: "test-cluster".into(),
             advertised_host: "127.0.0.1".into(),
             advertised_port: 9092,
-            groups: Arc::new(
-                GroupCoordinator::open(
-                    log.clone(),
-                    crate::group::GroupSettings {
-                        initial_rebalance_delay: std::time::Duration::ZERO,
-                        ..Default::default()
-                    },
-                )
-                .unwrap(),
+            txns: Arc::new(
+                TxnCoordinator::open(log.clone(), groups.clone(), Default::default()).unwrap(),
             ),
+            groups,
             log,
             auto_create_topics: true,
             default_partitions: 1,
@@ -124,6 +132,13 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
             ResponseError::UnsupportedCompressionType
         }
         AppendError::Batch(BatchError::TooLarge { .. }) => ResponseError::MessageTooLarge,
+        AppendError::Producer(ProducerError::InvalidEpoch { .. }) => {
+            ResponseError::InvalidProducerEpoch
+        }
+        AppendError::Producer(ProducerError::OutOfOrder { .. }) => {
+            ResponseError::OutOfOrderSequenceNumber
+        }
+        AppendError::Producer(ProducerError::InvalidTxnState(_)) => ResponseError::InvalidTxnState,
         AppendError::Io(_) => ResponseError::KafkaStorageError,
     }
 }

@@ -4,10 +4,17 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 
+use super::apis::RequestContext;
 use super::{append_error_code, str_bytes, Broker};
+use crate::log::batch::{BatchView, HEADER_LEN};
+use crate::txn::ProducerRef;
 
 /// Returns None for acks=0: the client expects no response.
-pub async fn produce(broker: &Broker, req: ProduceRequest) -> Option<ProduceResponse> {
+pub async fn produce(
+    broker: &Broker,
+    _ctx: &RequestContext,
+    req: ProduceRequest,
+) -> Option<ProduceResponse> {
     let acks = req.acks;
     let mut responses = Vec::with_capacity(req.topic_data.len());
     let mut to_flush = Vec::new();
@@ -24,11 +31,16 @@ pub async fn produce(broker: &Broker, req: ProduceRequest) -> Option<ProduceResp
                     ResponseError::InvalidRequiredAcks,
                     format!("acks must be -1, 0 or 1, got {acks}"),
                 ))
-            } else if req.transactional_id.is_some() {
-                Err((
-                    ResponseError::TransactionalIdAuthorizationFailed,
-                    "transactions are not supported yet".to_string(),
-                ))
+            } else if let Err(refusal) = check_transactional(
+                broker,
+                req.transactional_id.as_deref().map(|s| s.as_str()),
+                &name,
+                pd.index,
+                pd.records.as_deref(),
+            )
+            .await
+            {
+                Err(refusal)
             } else {
                 match (&topic, pd.records.as_deref()) {
                     (Err(code), _) => Err((*code, format!("cannot produce to topic '{name}'"))),
@@ -46,6 +58,9 @@ pub async fn produce(broker: &Broker, req: ProduceRequest) -> Option<ProduceResp
                         )),
                         Some(p) => match p.append(records) {
                             Ok(info) => {
+                                if info.duplicate {
+                                    tracing::debug!(topic = %name, partition = pd.index, offset = info.base_offset, "duplicate batch answered with its original offset");
+                                }
                                 if info.needs_fsync {
                                     to_flush.push((p.clone(), info.last_offset + 1));
                                 }
@@ -92,4 +107,47 @@ pub async fn produce(broker: &Broker, req: ProduceRequest) -> Option<ProduceResp
         }
     }
     (acks != 0).then(|| ProduceResponse::default().with_responses(responses))
+}
+
+/// A transactional batch may only go to a partition its producer added to its open
+/// transaction (KIP-890's check, made in process with the coordinator); that prevents
+/// transactions that no marker would ever close.
+async fn check_transactional(
+    broker: &Broker,
+    transactional_id: Option<&str>,
+    topic: &str,
+    partition: i32,
+    records: Option<&[u8]>,
+) -> Result<(), (ResponseError, String)> {
+    let Some(records) = records.filter(|r| r.len() >= HEADER_LEN) else {
+        return Ok(());
+    };
+    let batch = BatchView::new(records);
+    match transactional_id {
+        None if batch.is_transactional() => Err((
+            ResponseError::InvalidTxnState,
+            "a transactional batch needs the producer's transactional id".to_string(),
+        )),
+        None => Ok(()),
+        Some(id) => {
+            let producer = ProducerRef {
+                id: batch.producer_id(),
+                epoch: batch.producer_epoch(),
+            };
+            broker
+                .txns
+                .verify_partition(id, producer, topic, partition)
+                .await
+                .map_err(|e| {
+                    let e = match e {
+                        ResponseError::ProducerFenced => ResponseError::InvalidProducerEpoch,
+                        other => other,
+                    };
+                    (
+                        e,
+                        format!("transactional id '{id}' may not write to {topic}-{partition} now"),
+                    )
+                })
+        }
+    }
 }

@@ -493,6 +493,45 @@ mod tests {
                                 .with_partitions(vec![offset_delete_request::OffsetDeleteRequestPartition::default()]),
                         ]),
                     ),
+                    ApiKey::InitProducerId => RequestKind::InitProducerId(
+                        InitProducerIdRequest::default()
+                            .with_transactional_id((version % 2 == 0).then(|| TransactionalId(sb("tx1"))))
+                            .with_transaction_timeout_ms(60_000)
+                            .with_producer_id(ProducerId(-1))
+                            .with_producer_epoch(-1),
+                    ),
+                    ApiKey::AddPartitionsToTxn => RequestKind::AddPartitionsToTxn(
+                        AddPartitionsToTxnRequest::default()
+                            .with_v3_and_below_transactional_id(TransactionalId(sb("tx1")))
+                            .with_v3_and_below_producer_id(ProducerId(version as i64))
+                            .with_v3_and_below_topics(vec![add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                                .with_name(name(&t))
+                                .with_partitions(vec![0, 9])]),
+                    ),
+                    ApiKey::AddOffsetsToTxn => RequestKind::AddOffsetsToTxn(
+                        AddOffsetsToTxnRequest::default()
+                            .with_transactional_id(TransactionalId(sb("tx1")))
+                            .with_group_id(GroupId(sb("g1"))),
+                    ),
+                    ApiKey::EndTxn => RequestKind::EndTxn(
+                        EndTxnRequest::default().with_transactional_id(TransactionalId(sb("tx1"))).with_committed(true),
+                    ),
+                    ApiKey::TxnOffsetCommit => RequestKind::TxnOffsetCommit(
+                        TxnOffsetCommitRequest::default()
+                            .with_transactional_id(TransactionalId(sb("tx1")))
+                            .with_group_id(GroupId(sb("g1")))
+                            .with_topics(vec![txn_offset_commit_request::TxnOffsetCommitRequestTopic::default()
+                                .with_name(name(&t))
+                                .with_partitions(vec![txn_offset_commit_request::TxnOffsetCommitRequestPartition::default()
+                                    .with_committed_offset(3)])]),
+                    ),
+                    ApiKey::DescribeTransactions => RequestKind::DescribeTransactions(
+                        DescribeTransactionsRequest::default()
+                            .with_transactional_ids(vec![TransactionalId(sb("tx1")), TransactionalId(sb("missing"))]),
+                    ),
+                    ApiKey::ListTransactions => RequestKind::ListTransactions(
+                        ListTransactionsRequest::default().with_state_filters(vec![sb("Empty"), sb("Bogus")]),
+                    ),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {

@@ -405,12 +405,34 @@ pub fn split_batches(records: &[u8]) -> Result<Vec<(usize, usize)>, BatchError> 
     Ok(out)
 }
 
+/// The producer fields of a batch header: who wrote it, with which sequence, in a transaction
+/// or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerFields {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub transactional: bool,
+}
+
+impl ProducerFields {
+    /// A batch from no particular producer (not idempotent, not transactional).
+    pub const NONE: ProducerFields = ProducerFields {
+        producer_id: -1,
+        producer_epoch: -1,
+        base_sequence: -1,
+        transactional: false,
+    };
+}
+
 /// Builds one v2 batch record by record into a reusable buffer (the client side of produce).
 pub struct BatchBuilder {
     buf: Vec<u8>,
     count: i32,
     base_timestamp: i64,
     max_timestamp: i64,
+    producer: ProducerFields,
+    control: bool,
 }
 
 impl BatchBuilder {
@@ -422,7 +444,15 @@ impl BatchBuilder {
             count: 0,
             base_timestamp,
             max_timestamp: base_timestamp,
+            producer: ProducerFields::NONE,
+            control: false,
         }
+    }
+
+    /// Marks the batch as written by an idempotent or transactional producer.
+    pub fn with_producer(mut self, producer: ProducerFields) -> Self {
+        self.producer = producer;
+        self
     }
 
     pub fn count(&self) -> i32 {
@@ -476,19 +506,51 @@ impl BatchBuilder {
         b[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
         b[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&(-1i32).to_be_bytes());
         b[MAGIC] = 2;
-        b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&(codec as i16).to_be_bytes());
+        let mut attributes = codec as i16;
+        if self.producer.transactional {
+            attributes |= ATTR_TRANSACTIONAL;
+        }
+        if self.control {
+            attributes |= ATTR_CONTROL;
+        }
+        b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
         b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4]
             .copy_from_slice(&(self.count - 1).to_be_bytes());
         b[BASE_TIMESTAMP..BASE_TIMESTAMP + 8].copy_from_slice(&self.base_timestamp.to_be_bytes());
         b[MAX_TIMESTAMP..MAX_TIMESTAMP + 8].copy_from_slice(&self.max_timestamp.to_be_bytes());
-        b[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
-        b[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
-        b[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
+        let p = self.producer;
+        b[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&p.producer_id.to_be_bytes());
+        b[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&p.producer_epoch.to_be_bytes());
+        b[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&p.base_sequence.to_be_bytes());
         b[RECORD_COUNT..RECORD_COUNT + 4].copy_from_slice(&self.count.to_be_bytes());
         let crc = crc32c::crc32c(&b[ATTRIBUTES..]);
         b[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
         self.buf
     }
+}
+
+/// A transaction marker: a control batch with one record whose key is (version 0, type) and
+/// whose value is (version 0, coordinator epoch), as Kafka writes them.
+pub fn marker_batch(
+    producer_id: i64,
+    producer_epoch: i16,
+    commit: bool,
+    coordinator_epoch: i32,
+    timestamp: i64,
+) -> Vec<u8> {
+    let mut b = BatchBuilder::new(timestamp).with_producer(ProducerFields {
+        producer_id,
+        producer_epoch,
+        base_sequence: -1,
+        transactional: true,
+    });
+    b.control = true;
+    let mut key = [0u8; 4];
+    key[2..].copy_from_slice(&i16::from(commit).to_be_bytes());
+    let mut value = [0u8; 6];
+    value[2..].copy_from_slice(&coordinator_epoch.to_be_bytes());
+    b.push(Some(&key), Some(&value), &[], timestamp);
+    b.finish(Compression::None)
 }
 
 /// Compresses record bytes with a Kafka codec (the `kafka-protocol` crate's compressors).

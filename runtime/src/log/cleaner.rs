@@ -102,14 +102,17 @@ impl Partition {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(i64::MIN);
+        let stable = self.last_stable_offset();
         let (inputs, config) = {
             let log = self.log.lock();
             if !log.config.compacts() {
                 return Ok(None);
             }
             let bases: Vec<i64> = log.segments.keys().copied().collect();
+            // Segments reaching past an open transaction wait until it ends.
             let inputs: Vec<Input> = bases
                 .windows(2)
+                .filter(|w| w[1] <= stable)
                 .map(|w| {
                     let s = &log.segments[&w[0]];
                     Input {
@@ -143,7 +146,8 @@ impl Partition {
                 break;
             }
             for_each_batch(&input.file, input.size, |batch| {
-                if batch.is_control() {
+                // Markers carry no keys; aborted records never count as the latest value.
+                if batch.is_control() || self.aborted_batch(&batch) {
                     return Ok(());
                 }
                 let base = batch.base_offset();
@@ -186,6 +190,9 @@ impl Partition {
                     let base = batch.base_offset();
                     let outcome = if batch.is_control() {
                         Retained::All
+                    } else if self.aborted_batch(&batch) {
+                        report.records_removed += batch.record_count().max(0) as u64;
+                        Retained::None
                     } else {
                         let tombstones_expire = batch.max_timestamp() < horizon;
                         retain_records(&batch, |r| {
@@ -235,6 +242,10 @@ impl Partition {
             tracing::info!(topic = %self.topic, partition = self.id, ?report, "compacted");
         }
         Ok(Some(report))
+    }
+
+    fn aborted_batch(&self, batch: &BatchView<'_>) -> bool {
+        batch.is_transactional() && self.is_aborted(batch.producer_id(), batch.base_offset())
     }
 
     /// Replaces the group's segments by the cleaned file; false if they changed meanwhile.

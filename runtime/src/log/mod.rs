@@ -4,8 +4,10 @@ pub mod batch;
 pub mod cleaner;
 pub mod config;
 pub mod epoch;
+pub mod internal;
 pub mod manager;
 pub mod partition;
+pub mod producer_state;
 pub mod segment;
 
 use std::io::{self, Write};

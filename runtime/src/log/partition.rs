@@ -21,15 +21,21 @@ use tokio::sync::Notify;
 use super::batch::{self, BatchError, BatchView};
 use super::config::LogConfig;
 use super::epoch::EpochCache;
+use super::producer_state::{
+    self, AbortedTxn, Admission, Origin, ProducerError, ProducerState, MARKER_COMMIT,
+};
 use super::segment::{AppendedBatch, Segment};
 use super::write_atomically;
 
 const RECOVERY_POINT_FILE: &str = "recovery-point";
+const PRODUCER_SNAPSHOT_FILE: &str = "producer-state.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
     #[error(transparent)]
     Batch(#[from] BatchError),
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
 }
@@ -49,6 +55,9 @@ pub struct AppendInfo {
     pub log_start_offset: i64,
     /// The topic acknowledges only after fsync: wait for `flush_to(last_offset + 1)`.
     pub needs_fsync: bool,
+    /// A producer's retry of a batch already written: nothing was written this time and the
+    /// offsets are the original ones.
+    pub duplicate: bool,
 }
 
 /// A byte range of a segment file. Sent with sendfile(2) by the Kafka server; the file handle
@@ -76,7 +85,20 @@ pub struct ReadData {
     /// discard a partial trailing batch). None when there is nothing to return.
     pub records: Option<FileSlice>,
     pub high_watermark: i64,
+    /// Below this offset no transaction is open.
+    pub last_stable_offset: i64,
     pub log_start_offset: i64,
+    /// For read_committed reads: aborted transactions overlapping the records returned.
+    pub aborted: Vec<AbortedTxn>,
+}
+
+/// Which records a read may see (Kafka's isolation level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Everything up to the high watermark.
+    ReadUncommitted,
+    /// Only up to the last stable offset, with the aborted transactions listed.
+    ReadCommitted,
 }
 
 /// What recovery did when the partition was opened.
@@ -108,6 +130,9 @@ pub(super) struct PartitionLog {
     unflushed_messages: i64,
     oldest_unflushed: Option<Instant>,
     dir_dirty: bool,
+    producers: ProducerState,
+    /// The producer state changed since the last snapshot.
+    producers_dirty: bool,
 }
 
 impl Partition {
@@ -182,20 +207,24 @@ impl Partition {
             tracing::warn!(topic = %topic, partition = id, bytes = report.truncated_bytes, next_offset, "truncated a torn or corrupt log tail");
         }
         let durable = recovery_point.min(next_offset);
+        let mut log = PartitionLog {
+            config,
+            segments,
+            next_offset,
+            leader_epoch,
+            epochs,
+            unflushed_messages: 0,
+            oldest_unflushed: None,
+            dir_dirty: true,
+            producers: ProducerState::default(),
+            producers_dirty: false,
+        };
+        log.rebuild_producer_state(dir)?;
         let partition = Partition {
             topic,
             id,
             dir: dir.to_path_buf(),
-            log: Mutex::new(PartitionLog {
-                config,
-                segments,
-                next_offset,
-                leader_epoch,
-                epochs,
-                unflushed_messages: 0,
-                oldest_unflushed: None,
-                dir_dirty: true,
-            }),
+            log: Mutex::new(log),
             flush_lock: tokio::sync::Mutex::new(()),
             durable_offset: AtomicI64::new(durable),
             high_watermark: AtomicI64::new(next_offset),
@@ -231,8 +260,14 @@ impl Partition {
         self.log.lock().segments.len()
     }
 
-    /// Validates and appends a producer's record set; returns the assigned offsets.
+    /// Validates and appends a client's record set; returns the assigned offsets.
     pub fn append(&self, records: &[u8]) -> Result<AppendInfo, AppendError> {
+        self.append_as(records, Origin::Client)
+    }
+
+    /// As [`append`]; `Origin::Coordinator` appends (transactional offset commits) carry no
+    /// sequence numbers.
+    pub fn append_as(&self, records: &[u8], origin: Origin) -> Result<AppendInfo, AppendError> {
         let (max, require_keys) = {
             let log = self.log.lock();
             (log.config.max_message_bytes, log.config.compacts())
@@ -242,12 +277,69 @@ impl Partition {
             if e - s > max {
                 return Err(BatchError::TooLarge { size: e - s, max }.into());
             }
-            BatchView::new(&records[s..e]).validate_incoming_with(require_keys)?;
+            let view = BatchView::new(&records[s..e]);
+            view.validate_incoming_with(require_keys)?;
+            if origin == Origin::Client {
+                check_client_producer_fields(&view, ranges.len())?;
+            }
         }
         let mut chunk = records.to_vec();
+        self.append_checked(&mut chunk, &ranges, origin)
+    }
+
+    /// Writes a transaction marker (commit or abort) for a producer.
+    pub fn append_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        commit: bool,
+        coordinator_epoch: i32,
+    ) -> Result<AppendInfo, AppendError> {
+        let mut chunk = batch::marker_batch(
+            producer_id,
+            producer_epoch,
+            commit,
+            coordinator_epoch,
+            now_ms(),
+        );
+        let ranges = [(0, chunk.len())];
+        self.append_checked(&mut chunk, &ranges, Origin::Coordinator)
+    }
+
+    fn append_checked(
+        &self,
+        chunk: &mut [u8],
+        ranges: &[(usize, usize)],
+        origin: Origin,
+    ) -> Result<AppendInfo, AppendError> {
         let info = {
             let mut log = self.log.lock();
-            log.append_validated(&self.dir, &mut chunk, &ranges)?
+            if let [(s, e)] = *ranges {
+                let view = BatchView::new(&chunk[s..e]);
+                if let Admission::Duplicate {
+                    first_offset,
+                    last_offset,
+                } = log.producers.check(&view, origin)?
+                {
+                    return Ok(AppendInfo {
+                        base_offset: first_offset,
+                        last_offset,
+                        log_start_offset: *log.segments.keys().next().unwrap(),
+                        needs_fsync: log.config.fsync_before_ack(),
+                        duplicate: true,
+                    });
+                }
+            }
+            let info = log.append_validated(&self.dir, chunk, ranges)?;
+            let now = now_ms();
+            for &(s, e) in ranges {
+                let view = BatchView::new(&chunk[s..e]);
+                if view.producer_id() >= 0 {
+                    track_batch(&mut log.producers, &view, now, || Ok(chunk[s..e].to_vec()))?;
+                    log.producers_dirty = true;
+                }
+            }
+            info
         };
         self.high_watermark
             .store(info.last_offset + 1, Ordering::Release);
@@ -255,6 +347,22 @@ impl Partition {
             .store(info.log_start_offset, Ordering::Release);
         self.wake_waiters();
         Ok(info)
+    }
+
+    /// The offset below which no transaction is open.
+    pub fn last_stable_offset(&self) -> i64 {
+        let log = self.log.lock();
+        log.last_stable_offset()
+    }
+
+    /// Open transactions here, as (producer id, producer epoch, first offset).
+    pub fn open_transactions(&self) -> Vec<(i64, i16, i64)> {
+        self.log.lock().producers.open_transactions()
+    }
+
+    /// Whether the record at `offset` written by `producer_id` belongs to an aborted transaction.
+    pub fn is_aborted(&self, producer_id: i64, offset: i64) -> bool {
+        self.log.lock().producers.is_aborted(producer_id, offset)
     }
 
     fn wake_waiters(&self) {
@@ -273,12 +381,23 @@ impl Partition {
     }
 
     /// Reads batches starting at the one containing `offset`, up to `max_bytes` (at least one
-    /// whole batch when `min_one_batch`).
+    /// whole batch when `min_one_batch`); everything up to the high watermark.
     pub fn read(
         &self,
         offset: i64,
         max_bytes: u64,
         min_one_batch: bool,
+    ) -> Result<ReadData, ReadError> {
+        self.read_with(offset, max_bytes, min_one_batch, Isolation::ReadUncommitted)
+    }
+
+    /// As [`read`], seeing what `isolation` allows.
+    pub fn read_with(
+        &self,
+        offset: i64,
+        max_bytes: u64,
+        min_one_batch: bool,
+        isolation: Isolation,
     ) -> Result<ReadData, ReadError> {
         let log = self.log.lock();
         let start = *log.segments.keys().next().unwrap();
@@ -290,12 +409,19 @@ impl Partition {
                 end: hw,
             });
         }
+        let lso = log.last_stable_offset();
+        let upper = match isolation {
+            Isolation::ReadUncommitted => hw,
+            Isolation::ReadCommitted => lso,
+        };
         let empty = ReadData {
             records: None,
             high_watermark: hw,
+            last_stable_offset: lso,
             log_start_offset: start,
+            aborted: vec![],
         };
-        if offset == hw {
+        if offset >= upper {
             return Ok(empty);
         }
         for (_, seg) in log
@@ -314,7 +440,20 @@ impl Partition {
                 if want == 0 {
                     return Ok(empty);
                 }
-                let len = want.min(seg.size() - pos);
+                // An open transaction starts a batch, so the stable part ends at a boundary.
+                let end = if upper < seg.next_offset() {
+                    seg.locate_offset(upper)?.map_or(seg.size(), |(p, _)| p)
+                } else {
+                    seg.size()
+                };
+                let len = want.min(end.saturating_sub(pos));
+                if len == 0 {
+                    return Ok(empty);
+                }
+                let aborted = match isolation {
+                    Isolation::ReadUncommitted => vec![],
+                    Isolation::ReadCommitted => log.producers.aborted_between(offset, upper),
+                };
                 return Ok(ReadData {
                     records: Some(FileSlice {
                         file: seg.file().clone(),
@@ -322,7 +461,9 @@ impl Partition {
                         len,
                     }),
                     high_watermark: hw,
+                    last_stable_offset: lso,
                     log_start_offset: start,
+                    aborted,
                 });
             }
         }
@@ -429,7 +570,12 @@ impl Partition {
             let end = self.high_watermark();
             self.flush_to(end).await?;
         }
-        let start = self.log.lock().apply_retention(&self.dir, now_ms())?;
+        let start = {
+            let mut log = self.log.lock();
+            let start = log.apply_retention(&self.dir, now_ms())?;
+            log.expire_producers(start);
+            start
+        };
         self.log_start_offset.store(start, Ordering::Release);
         Ok(())
     }
@@ -438,13 +584,22 @@ impl Partition {
     pub async fn checkpoint(&self) -> io::Result<()> {
         let end = self.high_watermark();
         self.flush_to(end).await?;
-        let durable = {
+        let (durable, snapshot) = {
             let mut log = self.log.lock();
             for s in log.segments.values_mut() {
                 s.persist_indexes()?;
             }
-            self.durable_offset.load(Ordering::Acquire)
+            (
+                self.durable_offset.load(Ordering::Acquire),
+                log.take_producer_snapshot()?,
+            )
         };
+        if let Some(bytes) = snapshot {
+            if let Err(e) = write_atomically(&self.dir.join(PRODUCER_SNAPSHOT_FILE), &bytes) {
+                self.log.lock().producers_dirty = true;
+                return Err(e);
+            }
+        }
         write_atomically(
             &self.dir.join(RECOVERY_POINT_FILE),
             durable.to_string().as_bytes(),
@@ -475,6 +630,11 @@ impl Partition {
         let next = log.segments.values().next_back().unwrap().next_offset();
         log.next_offset = next;
         log.epochs.truncate_from_end(next)?;
+        if log.producers.covers_offsets_from(next) {
+            let _ = std::fs::remove_file(self.dir.join(PRODUCER_SNAPSHOT_FILE));
+            log.producers = ProducerState::default();
+            log.rebuild_producer_state(&self.dir)?;
+        }
         drop(log);
         self.high_watermark.store(next, Ordering::Release);
         self.durable_offset.fetch_min(next, Ordering::AcqRel);
@@ -485,6 +645,61 @@ impl Partition {
     pub fn delete_files(&self) -> io::Result<()> {
         std::fs::remove_dir_all(&self.dir)
     }
+}
+
+/// What the producer fields of a client's batch must satisfy.
+fn check_client_producer_fields(view: &BatchView<'_>, batches: usize) -> Result<(), BatchError> {
+    if view.is_control() {
+        return Err(BatchError::InvalidRecord(
+            "clients may not write control batches".into(),
+        ));
+    }
+    if view.producer_id() < 0 {
+        if view.is_transactional() {
+            return Err(BatchError::InvalidRecord(
+                "a transactional batch needs a producer id".into(),
+            ));
+        }
+        return Ok(());
+    }
+    if batches > 1 {
+        // As Kafka: sequence checks are per batch, and a request is answered with one offset.
+        return Err(BatchError::InvalidRecord(
+            "an idempotent produce request must hold exactly one batch per partition".into(),
+        ));
+    }
+    if view.producer_epoch() < 0 || view.base_sequence() < 0 {
+        return Err(BatchError::InvalidRecord(
+            "a batch with a producer id needs an epoch and a sequence number".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Updates the producer state with a written batch of a producer (`view` may be just the
+/// header); `whole` reads the whole batch, needed for the type of a control batch.
+fn track_batch(
+    state: &mut ProducerState,
+    view: &BatchView<'_>,
+    now: i64,
+    whole: impl FnOnce() -> io::Result<Vec<u8>>,
+) -> io::Result<()> {
+    if !view.is_control() {
+        state.record_batch(view, now);
+        return Ok(());
+    }
+    let bytes = whole()?;
+    let full = BatchView::new(&bytes);
+    if let Some(kind) = producer_state::marker_type(&full) {
+        state.record_marker(
+            full.producer_id(),
+            full.producer_epoch(),
+            kind == MARKER_COMMIT,
+            full.base_offset(),
+            now,
+        );
+    }
+    Ok(())
 }
 
 impl PartitionLog {
@@ -528,7 +743,71 @@ impl PartitionLog {
             last_offset: next - 1,
             log_start_offset: *self.segments.keys().next().unwrap(),
             needs_fsync: self.config.fsync_before_ack(),
+            duplicate: false,
         })
+    }
+
+    fn last_stable_offset(&self) -> i64 {
+        self.producers
+            .first_unstable_offset()
+            .map_or(self.next_offset, |o| o.min(self.next_offset))
+    }
+
+    /// Loads the last producer-state snapshot that the log still covers, then replays the
+    /// batches written after it.
+    fn rebuild_producer_state(&mut self, dir: &Path) -> io::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Snapshot {
+            offset: i64,
+            state: ProducerState,
+        }
+        let log_start = *self.segments.keys().next().unwrap();
+        let snapshot = std::fs::read(dir.join(PRODUCER_SNAPSHOT_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Snapshot>(&b).ok())
+            .filter(|s| s.offset <= self.next_offset && s.offset >= log_start);
+        let from = match snapshot {
+            Some(s) => {
+                self.producers = s.state;
+                s.offset
+            }
+            None => log_start,
+        };
+        let now = now_ms();
+        let state = &mut self.producers;
+        for seg in self.segments.values() {
+            if seg.next_offset() <= from {
+                continue;
+            }
+            seg.scan_headers(from, |header, pos, len| {
+                let view = BatchView::new(header);
+                if view.producer_id() < 0 || view.base_offset() < from {
+                    return Ok(());
+                }
+                track_batch(state, &view, now, || seg.read_at(pos, len))
+            })?;
+        }
+        self.producers_dirty = false;
+        Ok(())
+    }
+
+    fn expire_producers(&mut self, log_start: i64) {
+        if !self.producers.is_empty() {
+            self.producers
+                .expire(log_start, now_ms(), producer_state::EXPIRATION_MS);
+        }
+    }
+
+    /// The producer state as a snapshot file's bytes, when it changed since the last one.
+    fn take_producer_snapshot(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if !std::mem::take(&mut self.producers_dirty) {
+            return Ok(None);
+        }
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "offset": self.next_offset,
+            "state": &self.producers,
+        }))?;
+        Ok(Some(bytes))
     }
 
     fn maybe_roll(&mut self, dir: &Path, incoming: u64, last_offset: i64) -> io::Result<()> {

@@ -396,6 +396,27 @@ impl Segment {
         Ok(None)
     }
 
+    /// Calls `f` with the header (the first HEADER_LEN bytes), file position and length of every
+    /// batch from the one holding `offset` to the end of the segment.
+    pub fn scan_headers(
+        &self,
+        offset: i64,
+        mut f: impl FnMut(&[u8], u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some((mut pos, _)) = self.locate_offset(offset)? else {
+            return Ok(());
+        };
+        let mut header = [0u8; HEADER_LEN];
+        while pos + HEADER_LEN as u64 <= self.size {
+            self.file.read_exact_at(&mut header, pos)?;
+            let len =
+                LOG_OVERHEAD as u64 + i32::from_be_bytes(header[8..12].try_into().unwrap()) as u64;
+            f(&header, pos, len)?;
+            pos += len;
+        }
+        Ok(())
+    }
+
     /// File position of the batch holding `offset` (or the first batch after it), and that
     /// batch's length; None when no batch in this segment ends after `offset`.
     pub fn locate_offset(&self, offset: i64) -> io::Result<Option<(u64, u64)>> {

@@ -1,0 +1,592 @@
+//! The transaction coordinator (KIP-98): producer ids, transactional ids and their epochs, the
+//! partitions and groups of each open transaction, and the two-phase end of a transaction
+//! (PrepareCommit/PrepareAbort is recorded, markers are written to every partition, then
+//! CompleteCommit/CompleteAbort).
+//!
+//! State lives in the compacted internal topic `__transaction_state` (JSON, fsync before each
+//! acknowledgement) and is replayed at start. A start also ends what the previous run left
+//! open: prepared transactions are completed, open ones aborted with their epoch bumped (every
+//! producer connection was cut, so their producers must start a new transaction anyway), and a
+//! partition still holding an open transaction the coordinator does not know of gets an abort
+//! marker, so no partition's last stable offset can hang.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kafka_protocol::error::ResponseError;
+use serde::{Deserialize, Serialize};
+
+use crate::group::{self, GroupCoordinator};
+use crate::log::batch::ProducerFields;
+use crate::log::internal::InternalTopic;
+use crate::log::manager::LogManager;
+use crate::log::partition::Partition;
+use crate::now_ms;
+
+pub const TOPIC: &str = "__transaction_state";
+
+/// Producer ids are reserved in blocks, so an id is never handed out twice across restarts
+/// without writing the state topic for every new producer.
+const ID_BLOCK: i64 = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnState {
+    Empty,
+    Ongoing,
+    PrepareCommit,
+    PrepareAbort,
+    CompleteCommit,
+    CompleteAbort,
+}
+
+impl TxnState {
+    /// Kafka's name for the state (ListTransactions / DescribeTransactions).
+    pub fn name(self) -> &'static str {
+        match self {
+            TxnState::Empty => "Empty",
+            TxnState::Ongoing => "Ongoing",
+            TxnState::PrepareCommit => "PrepareCommit",
+            TxnState::PrepareAbort => "PrepareAbort",
+            TxnState::CompleteCommit => "CompleteCommit",
+            TxnState::CompleteAbort => "CompleteAbort",
+        }
+    }
+}
+
+/// Everything the coordinator knows about one transactional id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxnMeta {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// The epoch before the coordinator last bumped it on its own (timeout, restart): a producer
+    /// that comes back with it (KIP-360) is recovering, not a zombie.
+    pub last_producer_epoch: i16,
+    pub timeout_ms: i32,
+    pub state: TxnState,
+    pub partitions: BTreeSet<(String, i32)>,
+    pub groups: BTreeSet<String>,
+    /// When the open transaction started (its first AddPartitions/AddOffsets).
+    pub start_ms: i64,
+    pub last_update_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TxnSettings {
+    /// Longest transaction.timeout.ms a producer may ask for (transaction.max.timeout.ms).
+    pub max_timeout_ms: i32,
+    /// An idle transactional id is forgotten after this long (transactional.id.expiration.ms).
+    pub id_expiration_ms: i64,
+}
+
+impl Default for TxnSettings {
+    fn default() -> Self {
+        TxnSettings {
+            max_timeout_ms: 900_000,
+            id_expiration_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Key {
+    Transaction { id: String },
+    ProducerIdBlock,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdBlock {
+    end: i64,
+}
+
+struct Inner {
+    txns: BTreeMap<String, TxnMeta>,
+    next_producer_id: i64,
+    block_end: i64,
+}
+
+pub struct TxnCoordinator {
+    log: Arc<LogManager>,
+    groups: Arc<GroupCoordinator>,
+    topic: InternalTopic,
+    settings: TxnSettings,
+    /// Operations are serialised: each is a few appends, and the two phases of an end must not
+    /// interleave with anything else on the same id.
+    inner: tokio::sync::Mutex<Inner>,
+}
+
+/// What a producer sent: its id and epoch, checked against the coordinator's.
+#[derive(Debug, Clone, Copy)]
+pub struct ProducerRef {
+    pub id: i64,
+    pub epoch: i16,
+}
+
+impl TxnCoordinator {
+    /// Opens the coordinator and replays `__transaction_state`; call [`recover`] before serving.
+    pub fn open(
+        log: Arc<LogManager>,
+        groups: Arc<GroupCoordinator>,
+        settings: TxnSettings,
+    ) -> Result<TxnCoordinator> {
+        let topic = InternalTopic::open(&log, TOPIC, &[("flush.messages", "1")])?;
+        let mut txns = BTreeMap::new();
+        let mut block_end = 0i64;
+        topic.for_each_batch(|batch| {
+            batch.for_each_record(|r| {
+                let Some(key) = r.key.and_then(|k| serde_json::from_slice::<Key>(k).ok()) else {
+                    tracing::warn!(topic = TOPIC, offset = batch.base_offset(), "skipping a record with an unreadable key");
+                    return;
+                };
+                match key {
+                    Key::ProducerIdBlock => {
+                        if let Some(b) = r.value.and_then(|v| serde_json::from_slice::<IdBlock>(v).ok()) {
+                            block_end = block_end.max(b.end);
+                        }
+                    }
+                    Key::Transaction { id } => match r.value {
+                        None => {
+                            txns.remove(&id);
+                        }
+                        Some(v) => match serde_json::from_slice::<TxnMeta>(v) {
+                            Ok(meta) => {
+                                txns.insert(id, meta);
+                            }
+                            Err(e) => tracing::warn!(transactional_id = %id, error = %e, "skipping an unreadable transaction record"),
+                        },
+                    },
+                }
+            })?;
+            Ok(())
+        })
+        .context("cannot replay __transaction_state")?;
+        tracing::info!(transactional_ids = txns.len(), "transactions loaded");
+        Ok(TxnCoordinator {
+            log,
+            groups,
+            topic,
+            settings,
+            inner: tokio::sync::Mutex::new(Inner {
+                txns,
+                // A restart skips the rest of the last reserved block.
+                next_producer_id: block_end,
+                block_end,
+            }),
+        })
+    }
+
+    /// Ends what the previous run left open (see the module docs).
+    pub async fn recover(&self) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let ids: Vec<String> = inner.txns.keys().cloned().collect();
+        for id in ids {
+            let meta = inner.txns[&id].clone();
+            let outcome = match meta.state {
+                TxnState::PrepareCommit => Some(self.complete(&mut inner, &id, true).await),
+                TxnState::PrepareAbort => Some(self.complete(&mut inner, &id, false).await),
+                TxnState::Ongoing => {
+                    tracing::info!(transactional_id = %id, producer_id = meta.producer_id, "aborting a transaction left open by the previous run");
+                    Some(self.abort_fencing(&mut inner, &id).await)
+                }
+                _ => None,
+            };
+            if let Some(Err(e)) = outcome {
+                anyhow::bail!("cannot finish transaction '{id}': {e:?}");
+            }
+        }
+        // Open transactions the coordinator does not know (its record was lost) would hold
+        // their partitions' last stable offset forever: abort them.
+        for topic in self.log.topics() {
+            for p in &topic.partitions {
+                for (producer_id, epoch, first) in p.open_transactions() {
+                    tracing::warn!(topic = %p.topic, partition = p.id, producer_id, first_offset = first, "aborting an orphaned open transaction");
+                    self.write_marker(p, producer_id, epoch, false).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// InitProducerId: a new producer id (idempotent producers), or the transactional id's
+    /// producer id with a new epoch, fencing older instances and aborting their open
+    /// transaction.
+    pub async fn init_producer_id(
+        &self,
+        transactional_id: Option<&str>,
+        timeout_ms: i32,
+        current: Option<ProducerRef>,
+    ) -> Result<ProducerRef, ResponseError> {
+        let mut inner = self.inner.lock().await;
+        let Some(id) = transactional_id else {
+            let id = self.allocate_producer_id(&mut inner).await?;
+            return Ok(ProducerRef { id, epoch: 0 });
+        };
+        if id.is_empty() {
+            return Err(ResponseError::InvalidRequest);
+        }
+        if timeout_ms <= 0 || timeout_ms > self.settings.max_timeout_ms {
+            return Err(ResponseError::InvalidTransactionTimeout);
+        }
+        let now = now_ms();
+        let Some(meta) = inner.txns.get(id).cloned() else {
+            let producer_id = self.allocate_producer_id(&mut inner).await?;
+            let meta = TxnMeta {
+                producer_id,
+                producer_epoch: 0,
+                last_producer_epoch: -1,
+                timeout_ms,
+                state: TxnState::Empty,
+                partitions: BTreeSet::new(),
+                groups: BTreeSet::new(),
+                start_ms: -1,
+                last_update_ms: now,
+            };
+            self.persist(&mut inner, id, meta).await?;
+            return Ok(ProducerRef {
+                id: producer_id,
+                epoch: 0,
+            });
+        };
+        if let Some(c) = current.filter(|c| c.id >= 0) {
+            let known = c.id == meta.producer_id
+                && (c.epoch == meta.producer_epoch || c.epoch == meta.last_producer_epoch);
+            if !known {
+                return Err(ResponseError::ProducerFenced);
+            }
+        }
+        match meta.state {
+            TxnState::PrepareCommit => self.complete(&mut inner, id, true).await?,
+            TxnState::PrepareAbort => self.complete(&mut inner, id, false).await?,
+            TxnState::Ongoing => self.abort_fencing(&mut inner, id).await?,
+            _ => {}
+        }
+        let mut meta = inner.txns[id].clone();
+        if meta.producer_epoch >= i16::MAX - 1 {
+            // Epochs are exhausted: continue under a new producer id.
+            meta.producer_id = self.allocate_producer_id(&mut inner).await?;
+            meta.producer_epoch = 0;
+            meta.last_producer_epoch = -1;
+        } else {
+            meta.last_producer_epoch = meta.producer_epoch;
+            meta.producer_epoch += 1;
+        }
+        meta.timeout_ms = timeout_ms;
+        meta.state = TxnState::Empty;
+        meta.partitions.clear();
+        meta.groups.clear();
+        meta.start_ms = -1;
+        meta.last_update_ms = now;
+        let producer = ProducerRef {
+            id: meta.producer_id,
+            epoch: meta.producer_epoch,
+        };
+        self.persist(&mut inner, id, meta).await?;
+        Ok(producer)
+    }
+
+    /// AddPartitionsToTxn: per partition, None or the error for it.
+    pub async fn add_partitions(
+        &self,
+        transactional_id: &str,
+        producer: ProducerRef,
+        partitions: Vec<(String, i32)>,
+    ) -> Result<Vec<((String, i32), Option<ResponseError>)>, ResponseError> {
+        let mut inner = self.inner.lock().await;
+        let mut meta = Self::producer_txn(&inner, transactional_id, producer)?.clone();
+        let unknown: Vec<bool> = partitions
+            .iter()
+            .map(|(t, p)| self.log.partition(t, *p).is_none())
+            .collect();
+        if unknown.iter().any(|u| *u) {
+            return Ok(partitions
+                .into_iter()
+                .zip(unknown)
+                .map(|(tp, u)| {
+                    let e = if u {
+                        ResponseError::UnknownTopicOrPartition
+                    } else {
+                        ResponseError::OperationNotAttempted
+                    };
+                    (tp, Some(e))
+                })
+                .collect());
+        }
+        Self::begin(&mut meta)?;
+        let before = meta.clone();
+        meta.partitions.extend(partitions.iter().cloned());
+        if meta != before || inner.txns[transactional_id].state != TxnState::Ongoing {
+            meta.last_update_ms = now_ms();
+            self.persist(&mut inner, transactional_id, meta).await?;
+        }
+        Ok(partitions.into_iter().map(|tp| (tp, None)).collect())
+    }
+
+    /// AddOffsetsToTxn: the group's offsets will be committed with the transaction.
+    pub async fn add_offsets(
+        &self,
+        transactional_id: &str,
+        producer: ProducerRef,
+        group_id: &str,
+    ) -> Result<(), ResponseError> {
+        if group_id.is_empty() {
+            return Err(ResponseError::InvalidGroupId);
+        }
+        let mut inner = self.inner.lock().await;
+        let mut meta = Self::producer_txn(&inner, transactional_id, producer)?.clone();
+        Self::begin(&mut meta)?;
+        meta.groups.insert(group_id.to_string());
+        meta.partitions.insert((group::store::TOPIC.to_string(), 0));
+        meta.last_update_ms = now_ms();
+        self.persist(&mut inner, transactional_id, meta).await
+    }
+
+    /// EndTxn: commit or abort the open transaction. A retry of an end that already happened
+    /// succeeds again.
+    pub async fn end_txn(
+        &self,
+        transactional_id: &str,
+        producer: ProducerRef,
+        commit: bool,
+    ) -> Result<(), ResponseError> {
+        let mut inner = self.inner.lock().await;
+        let meta = Self::producer_txn(&inner, transactional_id, producer)?;
+        match (meta.state, commit) {
+            (TxnState::Ongoing, _) => self.complete(&mut inner, transactional_id, commit).await,
+            (TxnState::CompleteCommit, true) | (TxnState::CompleteAbort, false) => Ok(()),
+            (TxnState::PrepareCommit, _) | (TxnState::PrepareAbort, _) => {
+                Err(ResponseError::ConcurrentTransactions)
+            }
+            _ => Err(ResponseError::InvalidTxnState),
+        }
+    }
+
+    /// Whether the producer may write transactional data to this partition now: its
+    /// transaction is open and holds the partition (KIP-890's check, done in process).
+    pub async fn verify_partition(
+        &self,
+        transactional_id: &str,
+        producer: ProducerRef,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(), ResponseError> {
+        let inner = self.inner.lock().await;
+        let meta = Self::producer_txn(&inner, transactional_id, producer)?;
+        if meta.state != TxnState::Ongoing
+            || !meta.partitions.contains(&(topic.to_string(), partition))
+        {
+            return Err(ResponseError::InvalidTxnState);
+        }
+        Ok(())
+    }
+
+    /// Every transactional id and its state.
+    pub async fn list(&self) -> Vec<(String, TxnMeta)> {
+        let inner = self.inner.lock().await;
+        inner
+            .txns
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub async fn describe(&self, transactional_id: &str) -> Option<TxnMeta> {
+        self.inner.lock().await.txns.get(transactional_id).cloned()
+    }
+
+    /// Aborts transactions open longer than their timeout (fencing their producer) and forgets
+    /// transactional ids idle past the expiration, every second until `shutdown`.
+    pub async fn run_timers(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.tick(now_ms()).await;
+        }
+    }
+
+    async fn tick(&self, now: i64) {
+        let mut inner = self.inner.lock().await;
+        let due: Vec<(String, TxnState)> = inner
+            .txns
+            .iter()
+            .filter(|(_, m)| match m.state {
+                TxnState::Ongoing => now - m.start_ms > m.timeout_ms as i64,
+                // A failed end is retried.
+                TxnState::PrepareCommit | TxnState::PrepareAbort => true,
+                _ => now - m.last_update_ms > self.settings.id_expiration_ms,
+            })
+            .map(|(k, m)| (k.clone(), m.state))
+            .collect();
+        for (id, state) in due {
+            let result = match state {
+                TxnState::Ongoing => {
+                    tracing::info!(transactional_id = %id, "transaction timed out: aborting it");
+                    self.abort_fencing(&mut inner, &id).await
+                }
+                TxnState::PrepareCommit => self.complete(&mut inner, &id, true).await,
+                TxnState::PrepareAbort => self.complete(&mut inner, &id, false).await,
+                _ => self.forget(&mut inner, &id).await,
+            };
+            if let Err(e) = result {
+                tracing::error!(transactional_id = %id, error = ?e, "transaction housekeeping failed");
+            }
+        }
+    }
+
+    fn producer_txn<'a>(
+        inner: &'a Inner,
+        transactional_id: &str,
+        producer: ProducerRef,
+    ) -> Result<&'a TxnMeta, ResponseError> {
+        let meta = inner
+            .txns
+            .get(transactional_id)
+            .ok_or(ResponseError::InvalidProducerIdMapping)?;
+        if meta.producer_id != producer.id {
+            return Err(ResponseError::InvalidProducerIdMapping);
+        }
+        if meta.producer_epoch != producer.epoch {
+            return Err(ResponseError::ProducerFenced);
+        }
+        Ok(meta)
+    }
+
+    /// Moves a transaction to Ongoing when it was not already.
+    fn begin(meta: &mut TxnMeta) -> Result<(), ResponseError> {
+        match meta.state {
+            TxnState::Ongoing => Ok(()),
+            TxnState::PrepareCommit | TxnState::PrepareAbort => {
+                Err(ResponseError::ConcurrentTransactions)
+            }
+            TxnState::Empty | TxnState::CompleteCommit | TxnState::CompleteAbort => {
+                meta.state = TxnState::Ongoing;
+                meta.partitions.clear();
+                meta.groups.clear();
+                meta.start_ms = now_ms();
+                Ok(())
+            }
+        }
+    }
+
+    /// Aborts the open transaction under a bumped epoch, so its producer is fenced.
+    async fn abort_fencing(&self, inner: &mut Inner, id: &str) -> Result<(), ResponseError> {
+        let mut meta = inner.txns[id].clone();
+        if meta.producer_epoch < i16::MAX - 1 {
+            meta.last_producer_epoch = meta.producer_epoch;
+            meta.producer_epoch += 1;
+        }
+        inner.txns.insert(id.to_string(), meta);
+        self.complete(inner, id, false).await
+    }
+
+    /// The two phases of an end: record the decision, write the markers, record completion.
+    async fn complete(
+        &self,
+        inner: &mut Inner,
+        id: &str,
+        commit: bool,
+    ) -> Result<(), ResponseError> {
+        let mut meta = inner.txns[id].clone();
+        meta.state = if commit {
+            TxnState::PrepareCommit
+        } else {
+            TxnState::PrepareAbort
+        };
+        meta.last_update_ms = now_ms();
+        self.persist(inner, id, meta.clone()).await?;
+        for (topic, p) in &meta.partitions {
+            // A partition deleted meanwhile needs no marker.
+            let Some(partition) = self.log.partition(topic, *p) else {
+                continue;
+            };
+            self.write_marker(&partition, meta.producer_id, meta.producer_epoch, commit)
+                .await
+                .map_err(|e| {
+                    tracing::error!(transactional_id = %id, topic = %topic, partition = p, error = %e, "cannot write a transaction marker");
+                    ResponseError::KafkaStorageError
+                })?;
+            if topic == group::store::TOPIC {
+                self.groups.complete_txn(meta.producer_id, commit);
+            }
+        }
+        meta.state = if commit {
+            TxnState::CompleteCommit
+        } else {
+            TxnState::CompleteAbort
+        };
+        meta.partitions.clear();
+        meta.groups.clear();
+        meta.last_update_ms = now_ms();
+        self.persist(inner, id, meta).await
+    }
+
+    async fn write_marker(
+        &self,
+        partition: &Partition,
+        producer_id: i64,
+        epoch: i16,
+        commit: bool,
+    ) -> Result<()> {
+        let info = partition.append_marker(producer_id, epoch, commit, 0)?;
+        if info.needs_fsync {
+            partition.flush_to(info.last_offset + 1).await?;
+        }
+        Ok(())
+    }
+
+    async fn persist(
+        &self,
+        inner: &mut Inner,
+        id: &str,
+        meta: TxnMeta,
+    ) -> Result<(), ResponseError> {
+        let key = encode(&Key::Transaction { id: id.to_string() });
+        let value = serde_json::to_vec(&meta).expect("transaction metadata serialises");
+        self.write(vec![(key, Some(value))]).await?;
+        inner.txns.insert(id.to_string(), meta);
+        Ok(())
+    }
+
+    async fn forget(&self, inner: &mut Inner, id: &str) -> Result<(), ResponseError> {
+        let key = encode(&Key::Transaction { id: id.to_string() });
+        self.write(vec![(key, None)]).await?;
+        inner.txns.remove(id);
+        Ok(())
+    }
+
+    async fn allocate_producer_id(&self, inner: &mut Inner) -> Result<i64, ResponseError> {
+        if inner.next_producer_id >= inner.block_end {
+            let end = inner.block_end + ID_BLOCK;
+            let value = serde_json::to_vec(&IdBlock { end }).expect("id block serialises");
+            self.write(vec![(encode(&Key::ProducerIdBlock), Some(value))])
+                .await?;
+            inner.next_producer_id = inner.block_end;
+            inner.block_end = end;
+        }
+        let id = inner.next_producer_id;
+        inner.next_producer_id += 1;
+        Ok(id)
+    }
+
+    async fn write(&self, records: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), ResponseError> {
+        self.topic
+            .append(&records, ProducerFields::NONE)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot write __transaction_state");
+                ResponseError::KafkaStorageError
+            })
+    }
+}
+
+fn encode(key: &Key) -> Vec<u8> {
+    serde_json::to_vec(key).expect("keys serialise")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+use std::path::Path;
+
+use super::*;
+use crate::group::GroupSettings;
+use crate::log::batch::{BatchBuilder, ProducerFields};
+use crate::log::partition::Isolation;
+use kafka_protocol::records::Compression;
+
+struct Node {
+    log: Arc<LogManager>,
+    groups: Arc<GroupCoordinator>,
+    txns: TxnCoordinator,
+}
+
+/// Opens a node on `dir` as `weir serve` does (without the network), recovering first.
+async fn open(dir: &Path) -> Node {
+    let log = Arc::new(LogManager::open(dir, Default::default()).unwrap());
+    let groups = Arc::new(GroupCoordinator::open(log.clone(), GroupSettings::default()).unwrap());
+    let txns = TxnCoordinator::open(log.clone(), groups.clone(), TxnSettings::default()).unwrap();
+    txns.recover().await.unwrap();
+    Node { log, groups, txns }
+}
+
+fn write(
+    log: &LogManager,
+    topic: &str,
+    p: ProducerRef,
+    seq: i32,
+    values: &[&str],
+) -> crate::log::partition::AppendInfo {
+    let mut b = BatchBuilder::new(now_ms()).with_producer(ProducerFields {
+        producer_id: p.id,
+        producer_epoch: p.epoch,
+        base_sequence: seq,
+        transactional: true,
+    });
+    for v in values {
+        b.push(None, Some(v.as_bytes()), &[], now_ms());
+    }
+    log.partition(topic, 0)
+        .unwrap()
+        .append(&b.finish(Compression::None))
+        .unwrap()
+}
+
+fn tp(topic: &str) -> Vec<(String, i32)> {
+    vec![(topic.to_string(), 0)]
+}
+
+#[tokio::test]
+async fn producer_ids_are_never_reused_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let node = open(dir.path()).await;
+        for _ in 0..3 {
+            let p = node.txns.init_producer_id(None, 0, None).await.unwrap();
+            assert_eq!(p.epoch, 0);
+            assert!(seen.insert(p.id), "producer id {} handed out twice", p.id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn commit_and_abort_move_the_stable_offset_and_list_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("t", 1, -1, Default::default())
+        .unwrap();
+    let part = node.log.partition("t", 0).unwrap();
+    let p = node
+        .txns
+        .init_producer_id(Some("app"), 60_000, None)
+        .await
+        .unwrap();
+
+    // Writing before AddPartitionsToTxn is refused by the check the produce path makes.
+    assert_eq!(
+        node.txns.verify_partition("app", p, "t", 0).await,
+        Err(ResponseError::InvalidTxnState)
+    );
+    node.txns.add_partitions("app", p, tp("t")).await.unwrap();
+    node.txns.verify_partition("app", p, "t", 0).await.unwrap();
+    write(&node.log, "t", p, 0, &["a", "b"]);
+    assert_eq!(part.last_stable_offset(), 0);
+    assert_eq!(part.high_watermark(), 2);
+    let committed = part
+        .read_with(0, 1 << 20, true, Isolation::ReadCommitted)
+        .unwrap();
+    assert!(committed.records.is_none());
+    node.txns.end_txn("app", p, true).await.unwrap();
+    // Data (2) + commit marker (1).
+    assert_eq!(part.high_watermark(), 3);
+    assert_eq!(part.last_stable_offset(), 3);
+    // A retried EndTxn succeeds again; the opposite decision does not.
+    node.txns.end_txn("app", p, true).await.unwrap();
+    assert_eq!(
+        node.txns.end_txn("app", p, false).await,
+        Err(ResponseError::InvalidTxnState)
+    );
+
+    node.txns.add_partitions("app", p, tp("t")).await.unwrap();
+    write(&node.log, "t", p, 2, &["c"]);
+    node.txns.end_txn("app", p, false).await.unwrap();
+    let data = part
+        .read_with(0, 1 << 20, true, Isolation::ReadCommitted)
+        .unwrap();
+    assert_eq!(data.last_stable_offset, 5);
+    assert_eq!(data.aborted.len(), 1);
+    assert_eq!(data.aborted[0].producer_id, p.id);
+    assert_eq!(data.aborted[0].first_offset, 3);
+    assert_eq!(
+        node.txns.describe("app").await.unwrap().state,
+        TxnState::CompleteAbort
+    );
+}
+
+#[tokio::test]
+async fn a_new_instance_fences_the_old_one_and_aborts_its_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("t", 1, -1, Default::default())
+        .unwrap();
+    let old = node
+        .txns
+        .init_producer_id(Some("app"), 60_000, None)
+        .await
+        .unwrap();
+    node.txns.add_partitions("app", old, tp("t")).await.unwrap();
+    write(&node.log, "t", old, 0, &["zombie"]);
+
+    let new = node
+        .txns
+        .init_producer_id(Some("app"), 60_000, None)
+        .await
+        .unwrap();
+    assert_eq!(new.id, old.id);
+    assert!(new.epoch > old.epoch);
+    let part = node.log.partition("t", 0).unwrap();
+    assert_eq!(part.last_stable_offset(), part.high_watermark());
+    assert!(part.is_aborted(old.id, 0));
+    assert_eq!(
+        node.txns.add_partitions("app", old, tp("t")).await.err(),
+        Some(ResponseError::ProducerFenced)
+    );
+    assert_eq!(
+        node.txns.end_txn("app", old, true).await,
+        Err(ResponseError::ProducerFenced)
+    );
+    // The partition refuses the old epoch too.
+    let mut b = BatchBuilder::new(now_ms()).with_producer(ProducerFields {
+        producer_id: old.id,
+        producer_epoch: old.epoch,
+        base_sequence: 1,
+        transactional: true,
+    });
+    b.push(None, Some(b"late"), &[], now_ms());
+    assert!(part.append(&b.finish(Compression::None)).is_err());
+}
+
+#[tokio::test]
+async fn a_restart_aborts_open_transactions_and_completes_prepared_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (open_p, committed_p) = {
+        let node = open(dir.path()).await;
+        node.log
+            .create_topic("t", 1, -1, Default::default())
+            .unwrap();
+        let a = node
+            .txns
+            .init_producer_id(Some("open"), 60_000, None)
+            .await
+            .unwrap();
+        node.txns.add_partitions("open", a, tp("t")).await.unwrap();
+        write(&node.log, "t", a, 0, &["x"]);
+
+        // A commit interrupted after PrepareCommit was recorded, before any marker.
+        let b = node
+            .txns
+            .init_producer_id(Some("prepared"), 60_000, None)
+            .await
+            .unwrap();
+        node.txns
+            .add_partitions("prepared", b, tp("t"))
+            .await
+            .unwrap();
+        write(&node.log, "t", b, 0, &["y"]);
+        let mut inner = node.txns.inner.lock().await;
+        let mut meta = inner.txns["prepared"].clone();
+        meta.state = TxnState::PrepareCommit;
+        node.txns
+            .persist(&mut inner, "prepared", meta)
+            .await
+            .unwrap();
+        (a, b)
+        // Dropped without a checkpoint: as after kill -9.
+    };
+    let node = open(dir.path()).await;
+    let part = node.log.partition("t", 0).unwrap();
+    assert_eq!(part.last_stable_offset(), part.high_watermark());
+    assert!(part.is_aborted(open_p.id, 0));
+    assert!(!part.is_aborted(committed_p.id, 1));
+    let open_meta = node.txns.describe("open").await.unwrap();
+    assert_eq!(open_meta.state, TxnState::CompleteAbort);
+    assert!(open_meta.producer_epoch > open_p.epoch);
+    assert_eq!(
+        node.txns.describe("prepared").await.unwrap().state,
+        TxnState::CompleteCommit
+    );
+}
+
+#[tokio::test]
+async fn offsets_committed_in_a_transaction_appear_only_with_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("in", 1, -1, Default::default())
+        .unwrap();
+    let offsets = |offset: i64| {
+        vec![(
+            ("in".to_string(), 0),
+            crate::group::CommittedOffset {
+                offset,
+                leader_epoch: -1,
+                metadata: String::new(),
+                commit_timestamp: now_ms(),
+            },
+        )]
+    };
+    for (commit, expected) in [(false, None), (true, Some(7))] {
+        let p = node
+            .txns
+            .init_producer_id(Some("ctp"), 60_000, None)
+            .await
+            .unwrap();
+        node.txns.add_offsets("ctp", p, "g").await.unwrap();
+        node.groups
+            .txn_commit("g", p.id, p.epoch, "", None, -1, offsets(7), |_, _| true)
+            .unwrap();
+        assert!(node.groups.has_pending_txn_offset("g", "in", 0));
+        assert_eq!(current(&node.groups), None);
+        node.txns.end_txn("ctp", p, commit).await.unwrap();
+        assert!(!node.groups.has_pending_txn_offset("g", "in", 0));
+        assert_eq!(current(&node.groups), expected);
+    }
+    drop(node);
+    // Replayed from __consumer_offsets after a restart.
+    let node = open(dir.path()).await;
+    assert_eq!(current(&node.groups), Some(7));
+}
+
+fn current(groups: &GroupCoordinator) -> Option<i64> {
+    groups
+        .fetch_offsets("g", Some(vec![("in".to_string(), 0)]))
+        .into_iter()
+        .next()
+        .and_then(|(_, o)| o.map(|o| o.offset))
+}
+
+#[tokio::test]
+async fn timed_out_transactions_are_aborted_and_their_producer_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("t", 1, -1, Default::default())
+        .unwrap();
+    let p = node
+        .txns
+        .init_producer_id(Some("slow"), 1_000, None)
+        .await
+        .unwrap();
+    node.txns.add_partitions("slow", p, tp("t")).await.unwrap();
+    write(&node.log, "t", p, 0, &["x"]);
+    node.txns.tick(now_ms() + 5_000).await;
+    let meta = node.txns.describe("slow").await.unwrap();
+    assert_eq!(meta.state, TxnState::CompleteAbort);
+    assert_eq!(
+        node.txns.end_txn("slow", p, true).await,
+        Err(ResponseError::ProducerFenced)
+    );
+    // KIP-360: the producer may come back with its old epoch and carry on.
+    let again = node
+        .txns
+        .init_producer_id(Some("slow"), 1_000, Some(p))
+        .await
+        .unwrap();
+    assert!(again.epoch > meta.producer_epoch);
+    // A stranger with a made-up epoch may not.
+    let stranger = ProducerRef {
+        id: p.id,
+        epoch: p.epoch + 40,
+    };
+    assert_eq!(
+        node.txns
+            .init_producer_id(Some("slow"), 1_000, Some(stranger))
+            .await
+            .err(),
+        Some(ResponseError::ProducerFenced)
+    );
+}
