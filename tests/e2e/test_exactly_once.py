@@ -87,7 +87,7 @@ def test_idempotent_producer_survives_lost_requests_and_responses(weir_factory):
     proxy = FaultProxy(seed=7, fault_rate=0.08)
     try:
         weir = weir_factory("weir", config_yaml=f"advertised_port: {proxy.port}\n")
-        proxy.upstream_port = weir.bootstrap
+        proxy.upstream_port = weir.kafka_port
         bootstrap = f"127.0.0.1:{proxy.port}"
         topic, partitions, n = "idem", 3, 20000
         proxy.enabled = False
@@ -278,13 +278,17 @@ def test_consume_transform_produce_moves_offsets_only_with_committed_output(weir
         if not msgs:
             continue
         rounds += 1
+        before = committed_offset()
         producer.begin_transaction()
         for m in msgs:
             producer.produce(dst, value=m.value().upper(), partition=0)
         producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
                                              consumer.consumer_group_metadata(), 30)
         if rounds == 3 and not aborted_once:
-            before = committed_offset()
+            # KIP-447: while the transaction holds an offset, a read_committed consumer cannot
+            # fetch it (UNSTABLE_OFFSET_COMMIT, retried by the client until its timeout).
+            with pytest.raises(KafkaException):
+                consumer.committed([tp], timeout=2)
             producer.abort_transaction(30)
             aborted_once = True
             assert committed_offset() == before, "an aborted transaction moved the group's offset"
