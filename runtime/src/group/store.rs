@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::CommittedOffset;
 use crate::log::batch::ProducerFields;
-use crate::log::internal::InternalTopic;
+use crate::log::internal::{InternalTopic, KeyValue};
 use crate::log::manager::LogManager;
 use crate::log::partition::AppendError;
 use crate::log::producer_state::{marker_type, MARKER_COMMIT};
@@ -243,7 +243,7 @@ fn offset_records(
         .collect()
 }
 
-fn encode_keys(records: Vec<(Key, Option<Vec<u8>>)>) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+fn encode_keys(records: Vec<(Key, Option<Vec<u8>>)>) -> Result<Vec<KeyValue>> {
     records
         .into_iter()
         .map(|(k, v)| Ok((serde_json::to_vec(&k)?, v)))

@@ -14,6 +14,9 @@ use super::partition::{AppendError, AppendInfo, Partition};
 use super::producer_state::Origin;
 use crate::now_ms;
 
+/// A record's key and value (None: a tombstone).
+pub type KeyValue = (Vec<u8>, Option<Vec<u8>>);
+
 pub struct InternalTopic {
     partition: Arc<Partition>,
 }
@@ -47,7 +50,7 @@ impl InternalTopic {
     /// fsync when the topic asks for one.
     pub async fn append(
         &self,
-        records: &[(Vec<u8>, Option<Vec<u8>>)],
+        records: &[KeyValue],
         producer: ProducerFields,
     ) -> Result<Option<AppendInfo>, AppendError> {
         let info = self.append_unflushed(records, producer)?;
@@ -60,7 +63,7 @@ impl InternalTopic {
     /// As [`append`], without waiting for an fsync (for topics that do not ask for one).
     pub fn append_unflushed(
         &self,
-        records: &[(Vec<u8>, Option<Vec<u8>>)],
+        records: &[KeyValue],
         producer: ProducerFields,
     ) -> Result<Option<AppendInfo>, AppendError> {
         if records.is_empty() {

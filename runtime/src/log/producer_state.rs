@@ -136,16 +136,15 @@ impl ProducerState {
                 // An unknown producer (new, expired, or its batches removed by retention) may
                 // start at any sequence, as in Kafka.
                 None => {}
-                Some(e) if e.epoch != epoch => {
-                    if first != 0 {
-                        return Err(ProducerError::OutOfOrder {
-                            producer_id: pid,
-                            epoch,
-                            expected: "0 (new epoch)".into(),
-                            got: first,
-                        });
-                    }
+                Some(e) if e.epoch != epoch && first != 0 => {
+                    return Err(ProducerError::OutOfOrder {
+                        producer_id: pid,
+                        epoch,
+                        expected: "0 (new epoch)".into(),
+                        got: first,
+                    });
                 }
+                Some(e) if e.epoch != epoch => {}
                 Some(e) => {
                     if let Some(d) = e
                         .batches

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::group::{self, GroupCoordinator};
 use crate::log::batch::ProducerFields;
-use crate::log::internal::InternalTopic;
+use crate::log::internal::{InternalTopic, KeyValue};
 use crate::log::manager::LogManager;
 use crate::log::partition::Partition;
 use crate::now_ms;
@@ -572,7 +572,7 @@ impl TxnCoordinator {
         Ok(id)
     }
 
-    async fn write(&self, records: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), ResponseError> {
+    async fn write(&self, records: Vec<KeyValue>) -> Result<(), ResponseError> {
         self.topic
             .append(&records, ProducerFields::NONE)
             .await
