@@ -261,8 +261,34 @@ pub struct GroupCoordinator {
 
 type PendingOffset = (String, (String, i32), CommittedOffset);
 
+/// An offset to commit for one partition.
+pub type PartitionOffset = ((String, i32), CommittedOffset);
+
 /// Result of a commit for one partition.
 pub type PartitionResult = ((String, i32), Option<ResponseError>);
+
+/// Per partition of a commit: the error, or None when the offset is accepted.
+fn screen_offsets(
+    offsets: Vec<PartitionOffset>,
+    topic_exists: impl Fn(&str, i32) -> bool,
+) -> (Vec<PartitionResult>, Vec<PartitionOffset>) {
+    let mut results = Vec::with_capacity(offsets.len());
+    let mut accepted = Vec::new();
+    for (tp, off) in offsets {
+        let err = if !topic_exists(&tp.0, tp.1) {
+            Some(ResponseError::UnknownTopicOrPartition)
+        } else if off.metadata.len() > MAX_METADATA_LEN {
+            Some(ResponseError::OffsetMetadataTooLarge)
+        } else {
+            None
+        };
+        if err.is_none() {
+            accepted.push((tp.clone(), off));
+        }
+        results.push((tp, err));
+    }
+    (results, accepted)
+}
 
 impl GroupCoordinator {
     /// Opens the coordinator, replaying `__consumer_offsets`.
@@ -901,7 +927,7 @@ impl GroupCoordinator {
         member_id: &str,
         instance: Option<&str>,
         generation: i32,
-        offsets: Vec<((String, i32), CommittedOffset)>,
+        offsets: Vec<PartitionOffset>,
         topic_exists: impl Fn(&str, i32) -> bool,
     ) -> Result<Vec<PartitionResult>, ResponseError> {
         if group_id.is_empty() {
@@ -924,21 +950,7 @@ impl GroupCoordinator {
             let m = g.members.get_mut(member_id).unwrap();
             m.heartbeat_deadline = Instant::now() + m.session_timeout;
         }
-        let mut results = Vec::with_capacity(offsets.len());
-        let mut accepted = Vec::new();
-        for (tp, off) in offsets {
-            let err = if !topic_exists(&tp.0, tp.1) {
-                Some(ResponseError::UnknownTopicOrPartition)
-            } else if off.metadata.len() > MAX_METADATA_LEN {
-                Some(ResponseError::OffsetMetadataTooLarge)
-            } else {
-                None
-            };
-            if err.is_none() {
-                accepted.push((tp.clone(), off));
-            }
-            results.push((tp, err));
-        }
+        let (results, accepted) = screen_offsets(offsets, topic_exists);
         if let Err(e) = self.store.write_offsets(group_id, &accepted) {
             tracing::error!(group = group_id, error = %e, "cannot persist offsets");
             return Err(ResponseError::KafkaStorageError);
@@ -961,7 +973,7 @@ impl GroupCoordinator {
         member_id: &str,
         instance: Option<&str>,
         generation: i32,
-        offsets: Vec<((String, i32), CommittedOffset)>,
+        offsets: Vec<PartitionOffset>,
         topic_exists: impl Fn(&str, i32) -> bool,
     ) -> Result<Vec<PartitionResult>, ResponseError> {
         if group_id.is_empty() {
@@ -975,21 +987,7 @@ impl GroupCoordinator {
                 }
             }
         }
-        let mut results = Vec::with_capacity(offsets.len());
-        let mut accepted = Vec::new();
-        for (tp, off) in offsets {
-            let err = if !topic_exists(&tp.0, tp.1) {
-                Some(ResponseError::UnknownTopicOrPartition)
-            } else if off.metadata.len() > MAX_METADATA_LEN {
-                Some(ResponseError::OffsetMetadataTooLarge)
-            } else {
-                None
-            };
-            if err.is_none() {
-                accepted.push((tp.clone(), off));
-            }
-            results.push((tp, err));
-        }
+        let (results, accepted) = screen_offsets(offsets, topic_exists);
         if let Err(e) =
             self.store
                 .write_txn_offsets(group_id, producer_id, producer_epoch, &accepted)

@@ -236,22 +236,19 @@ pub fn offset_commit(
     let mut offsets = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
+            let epoch = if ctx.version >= 6 {
+                p.committed_leader_epoch
+            } else {
+                -1
+            };
             offsets.push((
                 (t.name.0.to_string(), p.partition_index),
-                CommittedOffset {
-                    offset: p.committed_offset,
-                    leader_epoch: if ctx.version >= 6 {
-                        p.committed_leader_epoch
-                    } else {
-                        -1
-                    },
-                    metadata: p
-                        .committed_metadata
-                        .as_deref()
-                        .unwrap_or_default()
-                        .to_string(),
-                    commit_timestamp: now,
-                },
+                requested_offset(
+                    p.committed_offset,
+                    epoch,
+                    p.committed_metadata.as_deref(),
+                    now,
+                ),
             ));
         }
     }
@@ -264,15 +261,7 @@ pub fn offset_commit(
         offsets,
         |topic, p| log.partition(topic, p).is_some(),
     );
-    let error_for = |topic: &str, p: i32| -> i16 {
-        match &result {
-            Err(e) => e.code(),
-            Ok(results) => results
-                .iter()
-                .find(|((t, q), _)| t == topic && *q == p)
-                .map_or(0, |(_, e)| code(*e)),
-        }
-    };
+    let error_for = |topic: &str, p: i32| partition_code(&result, topic, p, |e| e);
     let topics = req
         .topics
         .iter()
@@ -292,6 +281,38 @@ pub fn offset_commit(
         })
         .collect();
     OffsetCommitResponse::default().with_topics(topics)
+}
+
+/// An offset as a commit request states it.
+pub(super) fn requested_offset(
+    offset: i64,
+    leader_epoch: i32,
+    metadata: Option<&str>,
+    now: i64,
+) -> CommittedOffset {
+    CommittedOffset {
+        offset,
+        leader_epoch,
+        metadata: metadata.unwrap_or_default().to_string(),
+        commit_timestamp: now,
+    }
+}
+
+/// The error code of one partition of a commit: the whole request's error (as `whole` maps
+/// it), or the partition's own.
+pub(super) fn partition_code(
+    result: &Result<Vec<crate::group::PartitionResult>, ResponseError>,
+    topic: &str,
+    partition: i32,
+    whole: impl Fn(ResponseError) -> ResponseError,
+) -> i16 {
+    match result {
+        Err(e) => whole(*e).code(),
+        Ok(results) => results
+            .iter()
+            .find(|((t, q), _)| t == topic && *q == partition)
+            .map_or(0, |(_, e)| code(*e)),
+    }
 }
 
 /// A topic's committed offsets per partition (None: nothing committed).

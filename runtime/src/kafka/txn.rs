@@ -19,6 +19,7 @@ use kafka_protocol::messages::{
 };
 
 use super::apis::RequestContext;
+use super::groups::{partition_code, requested_offset};
 use super::{str_bytes, Broker};
 use crate::group::{self, CommittedOffset};
 use crate::now_ms;
@@ -85,15 +86,8 @@ pub async fn add_partitions_to_txn(
         .txns
         .add_partitions(&req.v3_and_below_transactional_id, producer, wanted.clone())
         .await;
-    let error_for = |topic: &str, p: i32| -> i16 {
-        match &results {
-            Err(e) => fenced_for(ctx.version, 2, *e).code(),
-            Ok(rs) => rs
-                .iter()
-                .find(|((t, q), _)| t == topic && *q == p)
-                .map_or(0, |(_, e)| code(*e)),
-        }
-    };
+    let error_for =
+        |topic: &str, p: i32| partition_code(&results, topic, p, |e| fenced_for(ctx.version, 2, e));
     let topics = req
         .v3_and_below_topics
         .iter()
@@ -147,22 +141,19 @@ pub async fn txn_offset_commit(
         .iter()
         .flat_map(|t| {
             t.partitions.iter().map(move |p| {
+                let epoch = if ctx.version >= 2 {
+                    p.committed_leader_epoch
+                } else {
+                    -1
+                };
                 (
                     (t.name.0.to_string(), p.partition_index),
-                    CommittedOffset {
-                        offset: p.committed_offset,
-                        leader_epoch: if ctx.version >= 2 {
-                            p.committed_leader_epoch
-                        } else {
-                            -1
-                        },
-                        metadata: p
-                            .committed_metadata
-                            .as_deref()
-                            .unwrap_or_default()
-                            .to_string(),
-                        commit_timestamp: now,
-                    },
+                    requested_offset(
+                        p.committed_offset,
+                        epoch,
+                        p.committed_metadata.as_deref(),
+                        now,
+                    ),
                 )
             })
         })
@@ -193,20 +184,14 @@ pub async fn txn_offset_commit(
             )
         }
     };
-    let error_for = |topic: &str, p: i32| -> i16 {
-        match &result {
-            Err(e) => {
-                let e = match *e {
-                    ResponseError::InvalidProducerEpoch => ResponseError::ProducerFenced,
-                    other => other,
-                };
-                fenced_for(ctx.version, 3, e).code()
-            }
-            Ok(rs) => rs
-                .iter()
-                .find(|((t, q), _)| t == topic && *q == p)
-                .map_or(0, |(_, e)| code(*e)),
-        }
+    let error_for = |topic: &str, p: i32| {
+        partition_code(&result, topic, p, |e| {
+            let e = match e {
+                ResponseError::InvalidProducerEpoch => ResponseError::ProducerFenced,
+                other => other,
+            };
+            fenced_for(ctx.version, 3, e)
+        })
     };
     let topics = req
         .topics
