@@ -1,0 +1,128 @@
+//! Source and sink connectors for weir pipelines.
+//!
+//! A pipeline moves records from a [`Source`] into a topic, and from a topic into [`Sink`]s.
+//! The runtime (in the `weir` crate) owns the topic side: it writes each source batch and the
+//! source offset after it in one transaction, and hands sinks the records of a topic in
+//! offset order. Connectors own the outside world: reading files, databases and HTTP
+//! endpoints, and writing to them with the offsets they have applied, so that a restart
+//! resumes exactly where the output stops.
+//!
+//! Each connector has a configuration struct that is deserialised straight from the pipeline
+//! YAML (`deny_unknown_fields`, so a typo is an error naming the field).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A record as sources produce it and sinks receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Bytes>,
+    /// None is a tombstone (only sinks see those).
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+}
+
+impl Record {
+    /// A record with a value and the current time.
+    pub fn new(value: impl Into<Bytes>) -> Record {
+        Record {
+            key: None,
+            value: Some(value.into()),
+            headers: Vec::new(),
+            timestamp: now_ms(),
+        }
+    }
+}
+
+/// Where a record a sink receives sits in its topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// A topic record handed to a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkRecord {
+    pub record: Record,
+    pub position: TopicPartition,
+    pub offset: i64,
+}
+
+/// A batch read from a source, and the source's position just after its last record. The
+/// runtime stores `offset` in the same transaction as the records and gives it back to
+/// [`Source::start`] after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceBatch {
+    pub records: Vec<Record>,
+    pub offset: serde_json::Value,
+}
+
+/// The delivery guarantee a sink gives across crashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Offsets are stored atomically with the output: nothing is lost or written twice.
+    ExactlyOnce,
+    /// After a crash the last batch may be written again (the runtime's consumer group offset
+    /// is the resume point).
+    AtLeastOnce,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// Worth retrying with backoff (connection refused, timeout, lock conflict, 5xx).
+    #[error("transient: {0:#}")]
+    Transient(anyhow::Error),
+    /// One record of the batch cannot be handled (bad JSON, a row the table refuses); the
+    /// runtime routes it to the dead-letter topic or stops, as the pipeline says.
+    #[error("record {index}: {message}")]
+    BadRecord { index: usize, message: String },
+    /// The connector cannot go on (bad configuration, missing permission).
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+}
+
+pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait Source: Send {
+    /// Starts reading just after `resume` (the offset of the last batch that reached the
+    /// topic), or where the configuration says when there is none.
+    async fn start(&mut self, resume: Option<serde_json::Value>) -> Result<()>;
+
+    /// Waits for the next batch of at most `max_records` records. `Ok(None)` means the source
+    /// has ended (a bounded source); an unbounded one waits for more input instead.
+    async fn next_batch(&mut self, max_records: usize) -> Result<Option<SourceBatch>>;
+
+    /// Everything up to `offset` is durable in the topic. Sources that can acknowledge
+    /// upstream do it here; the default does nothing.
+    async fn committed(&mut self, _offset: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+pub trait Sink: Send {
+    /// The next offset to deliver per topic partition, as recorded with the output
+    /// (exactly-once sinks); partitions not listed resume from the runtime's consumer group
+    /// offset, or the beginning.
+    async fn start(&mut self) -> Result<BTreeMap<TopicPartition, i64>>;
+
+    /// Writes a batch (in offset order within each partition) and, for exactly-once sinks,
+    /// records the offsets after it atomically with the data. Returns once it is durable.
+    async fn write(&mut self, batch: &[SinkRecord]) -> Result<()>;
+
+    fn guarantee(&self) -> Guarantee;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
