@@ -39,6 +39,8 @@ pub struct Settings {
     pub log_cleaner_interval_ms: u64,
     /// Memory for the cleaner's key map (Kafka's log.cleaner.dedupe.buffer.size).
     pub log_cleaner_dedupe_buffer_bytes: usize,
+    /// The pipelines directory [default: ./pipelines when it exists].
+    pub pipelines_dir: Option<PathBuf>,
     /// Longest transaction.timeout.ms a producer may ask for (transaction.max.timeout.ms).
     pub transaction_max_timeout_ms: i32,
     /// An idle transactional id is forgotten after this long (transactional.id.expiration.ms).
@@ -62,6 +64,7 @@ impl Default for Settings {
             group_max_session_timeout_ms: 1_800_000,
             log_cleaner_interval_ms: 15_000,
             log_cleaner_dedupe_buffer_bytes: 128 << 20,
+            pipelines_dir: None,
             transaction_max_timeout_ms: TxnSettings::default().max_timeout_ms,
             transactional_id_expiration_ms: TxnSettings::default().id_expiration_ms,
         }

@@ -1,8 +1,11 @@
-//! The HTTP API: health now; metrics and the pipeline API share this listener.
+//! The HTTP API: health, the pipelines' status, and the HTTP sources' ingest endpoints.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -10,15 +13,27 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::kafka::Broker;
+use crate::pipeline::http_source::{parse_body, submit, Rejection};
+use crate::pipeline::PipelineManager;
+
+#[derive(Clone)]
+struct AppState {
+    broker: Arc<Broker>,
+    pipelines: Option<Arc<PipelineManager>>,
+}
 
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
+    pipelines: Option<Arc<PipelineManager>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = Router::new()
         .route("/health", get(health))
-        .with_state(broker);
+        .route("/pipelines", get(list_pipelines))
+        .route("/pipelines/{name}", get(get_pipeline))
+        .fallback(ingest)
+        .with_state(AppState { broker, pipelines });
     let stop = async move {
         let _ = shutdown.changed().await;
     };
@@ -32,11 +47,108 @@ pub async fn serve(
 
 /// 200 once the node serves: the log is loaded and the Kafka listener is bound before this
 /// listener accepts anything.
-async fn health(State(broker): State<Arc<Broker>>) -> Json<serde_json::Value> {
+async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "status": "ok",
-        "node_id": broker.node_id,
-        "cluster_id": broker.cluster_id,
-        "topics": broker.log.topics().len(),
+        "node_id": s.broker.node_id,
+        "cluster_id": s.broker.cluster_id,
+        "topics": s.broker.log.topics().len(),
     }))
+}
+
+async fn list_pipelines(State(s): State<AppState>) -> Response {
+    let Some(p) = s.pipelines else {
+        return (
+            StatusCode::OK,
+            Json(json!({ "directory": null, "pipelines": [] })),
+        )
+            .into_response();
+    };
+    Json(json!({
+        "directory": p.dir(),
+        "pipelines": p.statuses().await,
+    }))
+    .into_response()
+}
+
+async fn get_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let found = match &s.pipelines {
+        Some(p) => p
+            .statuses()
+            .await
+            .into_iter()
+            .find(|f| f.pipeline.as_ref().is_some_and(|p| p.name == name)),
+        None => None,
+    };
+    match found {
+        Some(f) => Json(f).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'")),
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn rejection(r: Rejection) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = error(status, r.message);
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// POST to an HTTP source's path: 200 once the records are committed to the topic.
+async fn ingest(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let endpoint = s.pipelines.as_ref().and_then(|p| p.endpoint(uri.path()));
+    let Some(endpoint) = endpoint else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("nothing is served at {}", uri.path()),
+        );
+    };
+    if method != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} takes POST", uri.path()),
+        );
+    }
+    let limit = endpoint.spec.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over the {limit}-byte limit of {}", uri.path()),
+        )
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return too_large();
+    }
+    let Ok(bytes) = to_bytes(body, limit).await else {
+        return too_large();
+    };
+    let records = match parse_body(endpoint.spec.format, &bytes) {
+        Ok(r) => r,
+        Err(r) => return rejection(r),
+    };
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match submit(&endpoint, records, key).await {
+        Ok(n) => Json(json!({ "accepted": n })).into_response(),
+        Err(r) => rejection(r),
+    }
 }

@@ -37,6 +37,9 @@ enum Command {
         /// Partitions of auto-created topics [default: 1]
         #[arg(long)]
         default_partitions: Option<i32>,
+        /// Directory of pipeline files, watched for changes [default: ./pipelines if present]
+        #[arg(long)]
+        pipelines: Option<PathBuf>,
     },
     /// Create, list, describe and delete topics.
     Topic {
@@ -88,6 +91,7 @@ fn main() -> Result<()> {
                 kafka_addr,
                 http_addr,
                 default_partitions,
+                pipelines,
             } => {
                 let mut settings = match config {
                     Some(path) => Settings::load(&path)?,
@@ -104,6 +108,9 @@ fn main() -> Result<()> {
                 }
                 if let Some(p) = default_partitions {
                     settings.default_partitions = p;
+                }
+                if let Some(d) = pipelines {
+                    settings.pipelines_dir = Some(d);
                 }
                 weir::serve::run(settings).await
             }

@@ -57,6 +57,21 @@ pub async fn run(settings: Settings) -> Result<()> {
     );
     // Before any client connects: finish or abort what the previous run left open.
     txns.recover().await?;
+    let pipelines = match pipelines_dir(&settings) {
+        Some(dir) => {
+            let offsets = Arc::new(crate::pipeline::offsets::OffsetStore::open(&log)?);
+            let ctx = crate::pipeline::Context {
+                log: log.clone(),
+                groups: groups.clone(),
+                txns: txns.clone(),
+                offsets,
+                default_partitions: settings.default_partitions.max(1),
+            };
+            tracing::info!(dir = %dir.display(), "loading pipelines");
+            Some(Arc::new(crate::pipeline::PipelineManager::new(ctx, dir)))
+        }
+        None => None,
+    };
     let broker = Arc::new(Broker {
         node_id: settings.node_id,
         cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
@@ -91,8 +106,12 @@ pub async fn run(settings: Settings) -> Result<()> {
     let http_task = tokio::spawn(crate::http::serve(
         http_listener,
         broker.clone(),
+        pipelines.clone(),
         stop_rx.clone(),
     ));
+    let pipeline_task = pipelines
+        .clone()
+        .map(|p| tokio::spawn(p.run(stop_rx.clone())));
     tracing::info!(kafka = %kafka_local, http = %http_local, data_dir = %settings.data_dir.display(), "weir is serving");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -102,6 +121,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     let _ = stop_tx.send(true);
+    // Pipelines finish their current batch while the log is still open.
+    if let Some(t) = pipeline_task {
+        let _ = t.await;
+    }
     let _ = kafka_task.await;
     let _ = group_timers.await;
     let _ = txn_timers.await;
@@ -111,4 +134,15 @@ pub async fn run(settings: Settings) -> Result<()> {
     maintenance.await?;
     tracing::info!("all partitions flushed; bye");
     Ok(())
+}
+
+/// The configured pipelines directory, or ./pipelines when it exists.
+fn pipelines_dir(settings: &Settings) -> Option<std::path::PathBuf> {
+    match &settings.pipelines_dir {
+        Some(d) => Some(d.clone()),
+        None => {
+            let d = std::path::PathBuf::from("pipelines");
+            d.is_dir().then_some(d)
+        }
+    }
 }

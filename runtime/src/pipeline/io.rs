@@ -1,0 +1,332 @@
+//! The in-process client pipelines use: a writer that appends through the broker's own path
+//! as an idempotent or transactional producer, and a read_committed reader. Only the
+//! transport differs from a Kafka client's; the rules (sequences, epochs, markers, the last
+//! stable offset) are the same.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use kafka_protocol::records::Compression;
+use tokio::sync::Notify;
+use weir_connectors::{Record, SinkRecord, TopicPartition};
+
+use crate::log::batch::{complete_batches, BatchBuilder, ProducerFields};
+use crate::log::manager::{LogManager, Topic, TopicError};
+use crate::log::partition::{Isolation, Partition, ReadError};
+use crate::txn::{ProducerRef, TxnCoordinator};
+
+/// Largest batch the writer builds (below the default max.message.bytes).
+const MAX_BATCH_BYTES: usize = 512 * 1024;
+
+/// A record on its way into a partition.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub record: Record,
+}
+
+/// Appends records as one producer: with `transactional` every [`TopicWriter::write`] is one
+/// transaction, so a batch and its source offset land together or not at all.
+pub struct TopicWriter {
+    log: Arc<LogManager>,
+    txns: Arc<TxnCoordinator>,
+    transactional_id: Option<String>,
+    producer: ProducerRef,
+    sequences: HashMap<(Arc<str>, i32), i32>,
+    /// A write failed: start over with a new epoch (which aborts what is left open).
+    reinit: bool,
+}
+
+impl TopicWriter {
+    /// A producer for `transactional_id` (fencing any earlier instance), or a plain
+    /// idempotent one with None.
+    pub async fn open(
+        log: Arc<LogManager>,
+        txns: Arc<TxnCoordinator>,
+        transactional_id: Option<String>,
+    ) -> Result<TopicWriter> {
+        let producer = txns
+            .init_producer_id(transactional_id.as_deref(), 60_000, None)
+            .await
+            .map_err(|e| anyhow!("cannot get a producer id: {e:?}"))?;
+        Ok(TopicWriter {
+            log,
+            txns,
+            transactional_id,
+            producer,
+            sequences: HashMap::new(),
+            reinit: false,
+        })
+    }
+
+    /// Writes the records, then `offset` (key and value, into its topic partition), as one
+    /// transaction when transactional; in that order otherwise.
+    pub async fn write(
+        &mut self,
+        records: Vec<Outgoing>,
+        offset: Option<(Arc<Partition>, Vec<u8>, Vec<u8>)>,
+    ) -> Result<()> {
+        if self.reinit {
+            self.producer = self
+                .txns
+                .init_producer_id(self.transactional_id.as_deref(), 60_000, None)
+                .await
+                .map_err(|e| anyhow!("cannot get a producer id: {e:?}"))?;
+            self.sequences.clear();
+            self.reinit = false;
+        }
+        let result = self.write_once(records, offset).await;
+        self.reinit = result.is_err();
+        result
+    }
+
+    async fn write_once(
+        &mut self,
+        records: Vec<Outgoing>,
+        offset: Option<(Arc<Partition>, Vec<u8>, Vec<u8>)>,
+    ) -> Result<()> {
+        let mut groups: BTreeMap<(Arc<str>, i32), Vec<Record>> = BTreeMap::new();
+        for o in records {
+            groups
+                .entry((o.topic, o.partition))
+                .or_default()
+                .push(o.record);
+        }
+        let mut targets: Vec<(Arc<Partition>, Vec<Record>)> = Vec::new();
+        for ((topic, p), recs) in groups {
+            let partition = self
+                .log
+                .partition(&topic, p)
+                .with_context(|| format!("topic {topic} has no partition {p}"))?;
+            targets.push((partition, recs));
+        }
+        if let Some((p, key, value)) = offset {
+            let record = Record {
+                key: Some(Bytes::from(key)),
+                value: Some(Bytes::from(value)),
+                headers: vec![],
+                timestamp: crate::now_ms(),
+            };
+            targets.push((p, vec![record]));
+        }
+        if targets.is_empty() {
+            return Ok(());
+        }
+        if let Some(id) = &self.transactional_id {
+            let tps = targets
+                .iter()
+                .map(|(p, _)| (p.topic.to_string(), p.id))
+                .collect();
+            let added = self
+                .txns
+                .add_partitions(id, self.producer, tps)
+                .await
+                .map_err(|e| anyhow!("cannot start a transaction: {e:?}"))?;
+            if let Some((tp, Some(e))) = added.into_iter().find(|(_, e)| e.is_some()) {
+                bail!("cannot add {}-{} to the transaction: {e:?}", tp.0, tp.1);
+            }
+        }
+        let result = self.append_all(&targets).await;
+        if let Some(id) = &self.transactional_id {
+            let commit = result.is_ok();
+            if let Err(e) = self.txns.end_txn(id, self.producer, commit).await {
+                // The coordinator aborts it on its timeout; this writer is no longer usable.
+                return Err(anyhow!("cannot end the transaction: {e:?}"));
+            }
+        }
+        result?;
+        for (p, _) in &targets {
+            if p.config().fsync_before_ack() {
+                p.flush_to(p.high_watermark()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn append_all(&mut self, targets: &[(Arc<Partition>, Vec<Record>)]) -> Result<()> {
+        let transactional = self.transactional_id.is_some();
+        for (p, records) in targets {
+            let mut rest = &records[..];
+            while !rest.is_empty() {
+                let key = (p.topic.clone(), p.id);
+                let seq = *self.sequences.get(&key).unwrap_or(&0);
+                let now = crate::now_ms();
+                let mut b =
+                    BatchBuilder::new(rest[0].timestamp.min(now)).with_producer(ProducerFields {
+                        producer_id: self.producer.id,
+                        producer_epoch: self.producer.epoch,
+                        base_sequence: seq,
+                        transactional,
+                    });
+                let mut taken = 0;
+                for r in rest {
+                    if taken > 0 && b.size() >= MAX_BATCH_BYTES {
+                        break;
+                    }
+                    let headers: Vec<(&[u8], Option<&[u8]>)> = r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_bytes(), Some(&v[..])))
+                        .collect();
+                    b.push(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp);
+                    taken += 1;
+                }
+                p.append(&b.finish(Compression::None))
+                    .with_context(|| format!("cannot append to {}-{}", p.topic, p.id))?;
+                self.sequences.insert(
+                    key,
+                    ((seq as i64 + taken as i64) % (i32::MAX as i64 + 1)) as i32,
+                );
+                rest = &rest[taken..];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The topic, created with `partitions` (or the broker default) when missing.
+pub fn ensure_topic(
+    log: &LogManager,
+    name: &str,
+    partitions: Option<i32>,
+    default_partitions: i32,
+) -> Result<Arc<Topic>> {
+    if let Some(t) = log.topic(name) {
+        return Ok(t);
+    }
+    match log.create_topic(
+        name,
+        partitions.unwrap_or(default_partitions),
+        -1,
+        Default::default(),
+    ) {
+        Ok(t) => Ok(t),
+        Err(TopicError::AlreadyExists(_)) => log
+            .topic(name)
+            .with_context(|| format!("topic {name} vanished")),
+        Err(e) => Err(anyhow!("cannot create topic {name}: {e}")),
+    }
+}
+
+/// Reads partitions of a topic from given offsets, as a read_committed consumer: control
+/// batches and aborted transactions are skipped, nothing past the last stable offset is
+/// returned.
+pub struct TopicReader {
+    topic: Arc<str>,
+    partitions: Vec<(Arc<Partition>, i64)>,
+    notify: Arc<Notify>,
+}
+
+impl TopicReader {
+    /// `start` gives each partition's first offset (clamped into the log); missing ones start
+    /// at the log start.
+    pub fn new(topic: &Topic, start: &BTreeMap<i32, i64>) -> TopicReader {
+        let partitions = topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let from = start
+                    .get(&p.id)
+                    .copied()
+                    .unwrap_or(0)
+                    .clamp(p.log_start_offset(), p.high_watermark());
+                (p.clone(), from)
+            })
+            .collect();
+        TopicReader {
+            topic: topic.name.clone(),
+            partitions,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The next offset to read per partition.
+    pub fn positions(&self) -> BTreeMap<i32, i64> {
+        self.partitions.iter().map(|(p, o)| (p.id, *o)).collect()
+    }
+
+    /// Records committed since the last call (at most about `max_bytes` per partition); waits
+    /// up to `wait` for some when there are none.
+    pub async fn poll(&mut self, max_bytes: u64, wait: Duration) -> Result<Vec<SinkRecord>> {
+        let out = self.read_once(max_bytes)?;
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        for (p, _) in &self.partitions {
+            p.register_waiter(self.notify.clone());
+        }
+        // Appends made between the read and the registration would be missed otherwise.
+        let out = self.read_once(max_bytes)?;
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        let _ = tokio::time::timeout(wait, self.notify.notified()).await;
+        self.read_once(max_bytes)
+    }
+
+    fn read_once(&mut self, max_bytes: u64) -> Result<Vec<SinkRecord>> {
+        let mut out = Vec::new();
+        for (p, next) in &mut self.partitions {
+            let data = match p.read_with(*next, max_bytes, true, Isolation::ReadCommitted) {
+                Ok(d) => d,
+                Err(ReadError::OffsetOutOfRange { start, .. }) if *next < start => {
+                    // Retention removed what we had not read yet: carry on from the start.
+                    tracing::warn!(topic = %self.topic, partition = p.id, from = *next, to = start, "records deleted before they were read");
+                    *next = start;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(slice) = data.records else { continue };
+            let bytes = slice.read_bytes()?;
+            for batch in complete_batches(&bytes) {
+                let base = batch.base_offset();
+                if batch.next_offset() <= *next {
+                    continue;
+                }
+                let skip = batch.is_control()
+                    || (batch.is_transactional() && p.is_aborted(batch.producer_id(), base));
+                if !skip {
+                    let base_ts = batch.base_timestamp();
+                    let position = TopicPartition {
+                        topic: self.topic.to_string(),
+                        partition: p.id,
+                    };
+                    let from = *next;
+                    batch.for_each_record(|r| {
+                        let offset = base + r.offset_delta as i64;
+                        if offset < from {
+                            return;
+                        }
+                        let headers = r
+                            .headers()
+                            .into_iter()
+                            .map(|(k, v)| {
+                                (
+                                    String::from_utf8_lossy(k).into_owned(),
+                                    Bytes::copy_from_slice(v.unwrap_or_default()),
+                                )
+                            })
+                            .collect();
+                        out.push(SinkRecord {
+                            record: Record {
+                                key: r.key.map(Bytes::copy_from_slice),
+                                value: r.value.map(Bytes::copy_from_slice),
+                                headers,
+                                timestamp: base_ts + r.timestamp_delta,
+                            },
+                            position: position.clone(),
+                            offset,
+                        });
+                    })?;
+                }
+                *next = batch.next_offset();
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,427 @@
+//! The pipeline runtime: every YAML file in the pipelines directory is one pipeline. Files
+//! are watched (notify, with a periodic rescan as the fallback): a new or changed file starts
+//! or restarts its pipeline, a deleted one stops it, and an invalid one is reported (log and
+//! `GET /pipelines`) while the previous version of that pipeline keeps running.
+
+pub mod http_source;
+pub mod io;
+pub mod offsets;
+pub mod spec;
+pub mod task;
+pub mod topic;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use weir_connectors::{Sink, Source};
+
+use crate::group::GroupCoordinator;
+use crate::log::manager::LogManager;
+use crate::txn::TxnCoordinator;
+use http_source::{HttpSource, IngestEndpoint};
+use io::{ensure_topic, TopicWriter};
+use offsets::OffsetStore;
+use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError};
+use topic::{TopicSink, TopicSource};
+
+/// How often the directory is rescanned even without a notification.
+const RESCAN: Duration = Duration::from_secs(2);
+/// How long a stopping pipeline may take to finish its current batch.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the tasks of every pipeline share.
+#[derive(Clone)]
+pub struct Context {
+    pub log: Arc<LogManager>,
+    pub groups: Arc<GroupCoordinator>,
+    pub txns: Arc<TxnCoordinator>,
+    pub offsets: Arc<OffsetStore>,
+    pub default_partitions: i32,
+}
+
+/// A pipeline's state as `GET /pipelines` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub file: PathBuf,
+    /// starting, running, finished, failed or stopped.
+    pub state: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    pub records_in: u64,
+    /// Records written per sink.
+    pub records_out: Vec<u64>,
+    pub dead_letters: u64,
+}
+
+/// One pipeline file as the manager knows it.
+#[derive(Serialize)]
+pub struct FileStatus {
+    pub file: PathBuf,
+    /// The pipeline running from (the last valid version of) this file.
+    pub pipeline: Option<Status>,
+    /// Why the current content of the file is not used.
+    pub invalid: Option<String>,
+}
+
+struct Running {
+    spec: PipelineSpec,
+    status: Arc<Mutex<Status>>,
+    stop: Arc<watch::Sender<bool>>,
+    tasks: Vec<JoinHandle<()>>,
+    endpoint: Option<String>,
+}
+
+#[derive(Default)]
+struct FileState {
+    content_hash: u64,
+    running: Option<Running>,
+    invalid: Option<String>,
+}
+
+pub struct PipelineManager {
+    ctx: Context,
+    dir: PathBuf,
+    files: tokio::sync::Mutex<BTreeMap<PathBuf, FileState>>,
+    endpoints: RwLock<HashMap<String, IngestEndpoint>>,
+}
+
+impl PipelineManager {
+    pub fn new(ctx: Context, dir: PathBuf) -> PipelineManager {
+        PipelineManager {
+            ctx,
+            dir,
+            files: tokio::sync::Mutex::new(BTreeMap::new()),
+            endpoints: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The HTTP source mounted at `path`, if any.
+    pub fn endpoint(&self, path: &str) -> Option<IngestEndpoint> {
+        self.endpoints.read().get(path).cloned()
+    }
+
+    pub async fn statuses(&self) -> Vec<FileStatus> {
+        let files = self.files.lock().await;
+        files
+            .iter()
+            .map(|(file, f)| FileStatus {
+                file: file.clone(),
+                pipeline: f.running.as_ref().map(|r| r.status.lock().clone()),
+                invalid: f.invalid.clone(),
+            })
+            .collect()
+    }
+
+    /// Watches the directory until `shutdown`, then stops every pipeline.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let watcher = {
+            use notify::Watcher;
+            let tx = tx.clone();
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = tx.try_send(());
+                }
+            })
+            .and_then(|mut w| {
+                w.watch(&self.dir, notify::RecursiveMode::NonRecursive)?;
+                Ok(w)
+            })
+        };
+        if let Err(e) = &watcher {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the pipelines directory; rescanning every 2 s instead");
+        }
+        loop {
+            self.scan().await;
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = rx.recv() => {
+                    // Let an editor finish writing (several events) before reading.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = tokio::time::sleep(RESCAN) => {}
+            }
+        }
+        drop(watcher);
+        let mut files = self.files.lock().await;
+        for (_, f) in files.iter_mut() {
+            if let Some(r) = f.running.take() {
+                self.stop(r).await;
+            }
+        }
+    }
+
+    /// Brings the running pipelines in line with the directory's files.
+    pub async fn scan(&self) {
+        let present = match list_pipeline_files(&self.dir) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the pipelines directory");
+                return;
+            }
+        };
+        let mut files = self.files.lock().await;
+        let gone: Vec<PathBuf> = files
+            .keys()
+            .filter(|f| !present.contains(f))
+            .cloned()
+            .collect();
+        for file in gone {
+            if let Some(r) = files.remove(&file).and_then(|f| f.running) {
+                tracing::info!(pipeline = %r.spec.name, file = %file.display(), "pipeline file removed: stopping");
+                self.stop(r).await;
+            }
+        }
+        for file in present {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let hash = content_hash(&text);
+            let state = files.entry(file.clone()).or_default();
+            if state.content_hash == hash && (state.running.is_some() || state.invalid.is_some()) {
+                continue;
+            }
+            state.content_hash = hash;
+            let spec = match PipelineSpec::parse(&file, &text, |n| std::env::var(n).ok()) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    self.reject(state, &file, e);
+                    continue;
+                }
+            };
+            if state.running.as_ref().is_some_and(|r| r.spec == spec) {
+                state.invalid = None;
+                continue;
+            }
+            // A name belongs to one file.
+            let taken = files.iter().find(|(f, s)| {
+                **f != file && s.running.as_ref().is_some_and(|r| r.spec.name == spec.name)
+            });
+            if let Some((other, _)) = taken {
+                let e = SpecError {
+                    file: file.clone(),
+                    line: 1,
+                    column: 1,
+                    message: format!(
+                        "name: '{}' is already the name of the pipeline in {}",
+                        spec.name,
+                        other.display()
+                    ),
+                };
+                let state = files.get_mut(&file).expect("inserted above");
+                self.reject(state, &file, e);
+                continue;
+            }
+            let state = files.get_mut(&file).expect("inserted above");
+            if let Some(old) = state.running.take() {
+                tracing::info!(pipeline = %old.spec.name, file = %file.display(), "pipeline file changed: restarting");
+                self.stop(old).await;
+            }
+            match self.start(spec.clone(), &file).await {
+                Ok(r) => {
+                    tracing::info!(pipeline = %spec.name, file = %file.display(), "pipeline started");
+                    state.running = Some(r);
+                    state.invalid = None;
+                }
+                Err(e) => {
+                    let message = format!("{}: {e:#}", file.display());
+                    tracing::error!(pipeline = %spec.name, error = %message, "pipeline cannot start");
+                    state.invalid = Some(message);
+                }
+            }
+        }
+    }
+
+    fn reject(&self, state: &mut FileState, file: &Path, e: SpecError) {
+        let keeps = state
+            .running
+            .as_ref()
+            .map(|r| format!("; the running version of '{}' is kept", r.spec.name))
+            .unwrap_or_default();
+        tracing::error!(file = %file.display(), error = %e, "invalid pipeline file{keeps}");
+        state.invalid = Some(e.to_string());
+    }
+
+    async fn start(&self, spec: PipelineSpec, file: &Path) -> Result<Running> {
+        if let Some((i, t)) = spec.transforms.iter().enumerate().next() {
+            bail!(
+                "transforms[{i}].plugin ({}): WASM transforms are not available in this build yet",
+                t.plugin.display()
+            );
+        }
+        let ctx = self.ctx.clone();
+        let status = Arc::new(Mutex::new(Status {
+            name: spec.name.clone(),
+            file: file.to_path_buf(),
+            state: "running".into(),
+            error: None,
+            records_in: 0,
+            records_out: vec![0; spec.sinks.len()],
+            dead_letters: 0,
+        }));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let mut endpoint = None;
+        let source: Option<Box<dyn Source>> = match (&spec.source, &spec.topic) {
+            (SourceSpec::Topic(_), None) => None,
+            (SourceSpec::Topic(t), Some(_)) => {
+                let topic = self.ctx.log.topic(&t.name).ok_or_else(|| {
+                    anyhow!("source.topic.name: topic '{}' does not exist", t.name)
+                })?;
+                Some(Box::new(TopicSource::new(topic, t.start_at)))
+            }
+            (SourceSpec::Http(h), _) => {
+                let (source, ep) = HttpSource::new(&spec.name, h);
+                let mut endpoints = self.endpoints.write();
+                if let Some(other) = endpoints.get(&h.path) {
+                    bail!(
+                        "source.http.path: {} is already served by pipeline '{}'",
+                        h.path,
+                        other.pipeline
+                    );
+                }
+                endpoints.insert(h.path.clone(), ep);
+                endpoint = Some(h.path.clone());
+                Some(Box::new(source))
+            }
+        };
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        let built = self.build_sinks(&spec, &mut sinks).await;
+        if let Err(e) = built {
+            if let Some(p) = &endpoint {
+                self.endpoints.write().remove(p);
+            }
+            return Err(e);
+        }
+        let mut tasks = Vec::new();
+        if let Some(source) = source {
+            let (ctx, spec2, status2, stop, stop_all) = (
+                ctx.clone(),
+                spec.clone(),
+                status.clone(),
+                stop_rx.clone(),
+                stop_tx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let r = task::run_source(ctx, spec2, source, status2.clone(), stop).await;
+                finish(&status2, &stop_all, "source", r);
+            }));
+        }
+        for (i, sink) in sinks.into_iter().enumerate() {
+            let (ctx, spec2, status2, stop, stop_all) = (
+                ctx.clone(),
+                spec.clone(),
+                status.clone(),
+                stop_rx.clone(),
+                stop_tx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let r = task::run_sink(ctx, spec2, i, sink, status2.clone(), stop).await;
+                finish(&status2, &stop_all, &format!("sinks[{i}]"), r);
+            }));
+        }
+        Ok(Running {
+            spec,
+            status,
+            stop: stop_tx,
+            tasks,
+            endpoint,
+        })
+    }
+
+    async fn build_sinks(&self, spec: &PipelineSpec, out: &mut Vec<Box<dyn Sink>>) -> Result<()> {
+        for (i, sink) in spec.sinks.iter().enumerate() {
+            match sink {
+                SinkSpec::Topic(t) => {
+                    let target = ensure_topic(
+                        &self.ctx.log,
+                        &t.name,
+                        t.partitions,
+                        self.ctx.default_partitions,
+                    )?;
+                    let writer = TopicWriter::open(
+                        self.ctx.log.clone(),
+                        self.ctx.txns.clone(),
+                        Some(format!("weir-pipeline-{}-sink-{i}", spec.name)),
+                    )
+                    .await?;
+                    out.push(Box::new(TopicSink::new(
+                        target,
+                        writer,
+                        self.ctx.offsets.clone(),
+                        &spec.name,
+                        i,
+                        spec.sink_input_topic(),
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, r: Running) {
+        let _ = r.stop.send(true);
+        if let Some(p) = &r.endpoint {
+            self.endpoints.write().remove(p);
+        }
+        for t in r.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(STOP_GRACE, t).await.is_err() {
+                tracing::warn!(pipeline = %r.spec.name, "a task did not stop in time; aborting it");
+                abort.abort();
+            }
+        }
+        let mut s = r.status.lock();
+        if s.state == "running" {
+            s.state = "stopped".into();
+        }
+    }
+}
+
+/// Records how a task ended; a failure stops the pipeline's other tasks.
+fn finish(status: &Mutex<Status>, stop_all: &watch::Sender<bool>, stage: &str, r: Result<()>) {
+    if let Err(e) = r {
+        let message = format!("{e:#}");
+        let mut s = status.lock();
+        tracing::error!(pipeline = %s.name, stage, error = %message, "pipeline failed");
+        s.state = "failed".into();
+        s.error = Some(message);
+        let _ = stop_all.send(true);
+    }
+}
+
+fn list_pipeline_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if yaml && !hidden && path.is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn content_hash(text: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}

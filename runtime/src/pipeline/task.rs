@@ -1,0 +1,443 @@
+//! The loops that run a pipeline: one source task (source → topic, offsets in the same
+//! transaction) and one task per sink (topic → sink), with retries, dead letters and status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use weir_connectors::{ConnectorError, Record, Sink, SinkRecord, Source};
+
+use super::io::{ensure_topic, Outgoing, TopicReader, TopicWriter};
+use super::offsets::OffsetStore;
+use super::spec::{Delivery, PipelineSpec, Tolerance};
+use super::{Context, Status};
+use crate::client::partitioner::partition_for_key;
+use crate::group::CommittedOffset;
+use crate::log::manager::Topic;
+
+/// Bytes a sink reads per partition per poll.
+const SINK_READ_BYTES: u64 = 1 << 20;
+
+/// Exponential backoff with full jitter, capped, for transient failures.
+struct Backoff {
+    attempt: u32,
+    max_retries: u32,
+}
+
+impl Backoff {
+    fn new(max_retries: u32) -> Backoff {
+        Backoff {
+            attempt: 0,
+            max_retries,
+        }
+    }
+
+    /// Waits before the next attempt; Err when the retries are used up, Ok(false) when the
+    /// pipeline is stopping.
+    async fn wait(
+        &mut self,
+        error: &anyhow::Error,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        self.attempt += 1;
+        if self.max_retries > 0 && self.attempt > self.max_retries {
+            bail!("gave up after {} attempts: {error:#}", self.attempt);
+        }
+        let cap_ms = (100u64 << self.attempt.min(8)).min(30_000);
+        let ms = rand_below(cap_ms) + 10;
+        tracing::warn!(attempt = self.attempt, retry_in_ms = ms, error = %format!("{error:#}"), "transient failure; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(true),
+            _ = stop.changed() => Ok(false),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A cheap jitter source; backoff needs spread, not cryptographic randomness.
+fn rand_below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    (nanos.wrapping_mul(6364136223846793005).rotate_left(17)) % n.max(1)
+}
+
+/// Failed records, with headers saying where and why, in the pipeline's dead-letter topic.
+pub struct DeadLetters {
+    pipeline: String,
+    topic: Arc<Topic>,
+    writer: TopicWriter,
+}
+
+impl DeadLetters {
+    pub async fn open(ctx: &Context, spec: &PipelineSpec) -> Result<DeadLetters> {
+        let topic = ensure_topic(&ctx.log, &spec.dead_letter_topic(), None, 1)?;
+        Ok(DeadLetters {
+            pipeline: spec.name.clone(),
+            topic,
+            writer: TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), None).await?,
+        })
+    }
+
+    /// Writes one failed record; `origin` is its topic position when it came from one.
+    pub async fn send(
+        &mut self,
+        record: &Record,
+        stage: &str,
+        error: &str,
+        attempt: u32,
+        origin: Option<(&str, i32, i64)>,
+    ) -> Result<()> {
+        let mut r = record.clone();
+        let mut add = |k: &str, v: String| r.headers.push((k.to_string(), Bytes::from(v)));
+        add("weir.pipeline", self.pipeline.clone());
+        add("weir.stage", stage.to_string());
+        add("weir.error", error.to_string());
+        add("weir.attempt", attempt.to_string());
+        if let Some((t, p, o)) = origin {
+            add("weir.topic", t.to_string());
+            add("weir.partition", p.to_string());
+            add("weir.offset", o.to_string());
+        }
+        tracing::warn!(pipeline = %self.pipeline, stage, error, "record sent to the dead-letter topic");
+        let out = Outgoing {
+            topic: self.topic.name.clone(),
+            partition: 0,
+            record: r,
+        };
+        self.writer.write(vec![out], None).await
+    }
+}
+
+/// Places records in the output topic's partitions: by the key field (Kafka's murmur2
+/// partitioner) or round robin.
+struct Router {
+    topic: Arc<Topic>,
+    key_field: Option<String>,
+    next: usize,
+}
+
+impl Router {
+    fn route(&mut self, mut record: Record) -> Result<Outgoing, (Record, String)> {
+        let n = self.topic.partitions.len();
+        if let Some(field) = &self.key_field {
+            match key_of(record.value.as_deref(), field) {
+                Ok(key) => record.key = key,
+                Err(message) => return Err((record, message)),
+            }
+        }
+        let partition = match &record.key {
+            Some(k) => partition_for_key(k, n as i32),
+            None => {
+                self.next = (self.next + 1) % n;
+                self.next as i32
+            }
+        };
+        Ok(Outgoing {
+            topic: self.topic.name.clone(),
+            partition,
+            record,
+        })
+    }
+}
+
+/// The key a record gets from a JSON field: a string as is, other values as compact JSON; no
+/// key when the field is absent or null.
+fn key_of(value: Option<&[u8]>, field: &str) -> Result<Option<Bytes>, String> {
+    let v: serde_json::Value = value
+        .and_then(|v| serde_json::from_slice(v).ok())
+        .ok_or_else(|| format!("topic.key '{field}' needs a JSON object value"))?;
+    let serde_json::Value::Object(map) = v else {
+        return Err(format!("topic.key '{field}' needs a JSON object value"));
+    };
+    Ok(match map.get(field) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(Bytes::from(s.clone())),
+        Some(other) => Some(Bytes::from(other.to_string())),
+    })
+}
+
+/// Source → output topic until `stop`.
+pub async fn run_source(
+    ctx: Context,
+    spec: PipelineSpec,
+    mut source: Box<dyn Source>,
+    status: Arc<Mutex<Status>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let output_spec = spec
+        .topic
+        .clone()
+        .ok_or_else(|| anyhow!("a source task needs an output topic"))?;
+    let output = ensure_topic(
+        &ctx.log,
+        &output_spec.name,
+        output_spec.partitions,
+        ctx.default_partitions,
+    )?;
+    let transactional_id =
+        (spec.delivery == Delivery::ExactlyOnce).then(|| format!("weir-pipeline-{}", spec.name));
+    // Opening the writer first fences an earlier instance and aborts its open transaction,
+    // so the offset loaded next is the committed one.
+    let mut writer = TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), transactional_id).await?;
+    let key = OffsetStore::key(&spec.name, None);
+    let resume = ctx.offsets.load(&key)?;
+    let mut backoff = Backoff::new(spec.errors.max_retries);
+    loop {
+        match source.start(resume.clone()).await {
+            Ok(()) => break,
+            Err(ConnectorError::Transient(e)) => {
+                if !backoff.wait(&e, &mut stop).await? {
+                    return Ok(());
+                }
+            }
+            Err(e) => bail!("source: {e}"),
+        }
+    }
+    backoff.reset();
+    let mut dead_letters = None;
+    let mut router = Router {
+        topic: output,
+        key_field: output_spec.key.clone(),
+        next: 0,
+    };
+    loop {
+        let batch = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            b = source.next_batch(spec.batch_records) => b,
+        };
+        let batch = match batch {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                status.lock().state = "finished".into();
+                let _ = stop.changed().await;
+                return Ok(());
+            }
+            Err(ConnectorError::Transient(e)) => {
+                if !backoff.wait(&e, &mut stop).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(ConnectorError::BadRecord { index, message }) => {
+                if spec.errors.tolerance == Tolerance::None {
+                    bail!("source: record {index}: {message}");
+                }
+                let record = Record::new(Bytes::new());
+                dead_letters_for(&ctx, &spec, &mut dead_letters)
+                    .await?
+                    .send(&record, "source", &message, 1, None)
+                    .await?;
+                status.lock().dead_letters += 1;
+                continue;
+            }
+            Err(e) => bail!("source: {e}"),
+        };
+        backoff.reset();
+        let n = batch.records.len() as u64;
+        let mut out = Vec::with_capacity(batch.records.len());
+        let mut failed = Vec::new();
+        for r in batch.records {
+            match router.route(r) {
+                Ok(o) => out.push(o),
+                Err((record, message)) => {
+                    if spec.errors.tolerance == Tolerance::None {
+                        bail!("topic: {message}");
+                    }
+                    failed.push((record, message));
+                }
+            }
+        }
+        let offset = serde_json::to_vec(&batch.offset)?;
+        loop {
+            let result = writer
+                .write(
+                    out.clone(),
+                    Some((ctx.offsets.partition(), key.clone(), offset.clone())),
+                )
+                .await;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    if !backoff.wait(&e, &mut stop).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        backoff.reset();
+        for (record, message) in &failed {
+            dead_letters_for(&ctx, &spec, &mut dead_letters)
+                .await?
+                .send(record, "topic", message, 1, None)
+                .await?;
+        }
+        if let Err(e) = source.committed(&batch.offset).await {
+            tracing::warn!(pipeline = %spec.name, error = %e, "source could not acknowledge a committed batch");
+        }
+        let mut s = status.lock();
+        s.records_in += n - failed.len() as u64;
+        s.dead_letters += failed.len() as u64;
+    }
+}
+
+async fn dead_letters_for<'a>(
+    ctx: &Context,
+    spec: &PipelineSpec,
+    slot: &'a mut Option<DeadLetters>,
+) -> Result<&'a mut DeadLetters> {
+    if slot.is_none() {
+        *slot = Some(DeadLetters::open(ctx, spec).await?);
+    }
+    Ok(slot.as_mut().expect("just set"))
+}
+
+/// The consumer group a sink commits to, so `weir group describe` shows its lag.
+pub fn sink_group(pipeline: &str, index: usize) -> String {
+    format!("weir-pipeline-{pipeline}-sink-{index}")
+}
+
+/// Input topic → sink until `stop`.
+pub async fn run_sink(
+    ctx: Context,
+    spec: PipelineSpec,
+    index: usize,
+    mut sink: Box<dyn Sink>,
+    status: Arc<Mutex<Status>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let input_name = spec.sink_input_topic().to_string();
+    let input = ensure_topic(
+        &ctx.log,
+        &input_name,
+        spec.topic.as_ref().and_then(|t| t.partitions),
+        ctx.default_partitions,
+    )?;
+    let group = sink_group(&spec.name, index);
+    let stage = format!("sinks[{index}]");
+    let mut backoff = Backoff::new(spec.errors.max_retries);
+    let stored = loop {
+        match sink.start().await {
+            Ok(s) => break s,
+            Err(ConnectorError::Transient(e)) => {
+                if !backoff.wait(&e, &mut stop).await? {
+                    return Ok(());
+                }
+            }
+            Err(e) => bail!("{stage}: {e}"),
+        }
+    };
+    backoff.reset();
+    let committed = ctx.groups.fetch_offsets(
+        &group,
+        Some(
+            input
+                .partitions
+                .iter()
+                .map(|p| (input_name.clone(), p.id))
+                .collect(),
+        ),
+    );
+    let mut start = BTreeMap::new();
+    for ((_, p), off) in committed {
+        if let Some(o) = off {
+            start.insert(p, o.offset);
+        }
+    }
+    for (tp, offset) in stored {
+        if tp.topic == input_name {
+            start.insert(tp.partition, offset);
+        }
+    }
+    let mut reader = TopicReader::new(&input, &start);
+    let mut dead_letters = None;
+    loop {
+        let polled = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            r = reader.poll(SINK_READ_BYTES, Duration::from_millis(500)) => r,
+        };
+        let mut records: Vec<SinkRecord> = match polled {
+            Ok(r) => r,
+            Err(e) => {
+                if !backoff.wait(&e, &mut stop).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if records.is_empty() {
+            continue;
+        }
+        let mut dead = 0u64;
+        while !records.is_empty() {
+            match sink.write(&records).await {
+                Ok(()) => break,
+                Err(ConnectorError::Transient(e)) => {
+                    if !backoff.wait(&e, &mut stop).await? {
+                        return Ok(());
+                    }
+                }
+                Err(ConnectorError::BadRecord { index: i, message }) if i < records.len() => {
+                    if spec.errors.tolerance == Tolerance::None {
+                        bail!(
+                            "{stage}: record at {}-{} offset {}: {message}",
+                            records[i].position.topic,
+                            records[i].position.partition,
+                            records[i].offset
+                        );
+                    }
+                    let bad = records.remove(i);
+                    dead_letters_for(&ctx, &spec, &mut dead_letters)
+                        .await?
+                        .send(
+                            &bad.record,
+                            &stage,
+                            &message,
+                            1,
+                            Some((&bad.position.topic, bad.position.partition, bad.offset)),
+                        )
+                        .await?;
+                    dead += 1;
+                }
+                Err(e) => bail!("{stage}: {e}"),
+            }
+        }
+        backoff.reset();
+        let written = records.len() as u64;
+        let now = crate::now_ms();
+        let offsets: Vec<((String, i32), CommittedOffset)> = reader
+            .positions()
+            .into_iter()
+            .map(|(p, o)| {
+                (
+                    (input_name.clone(), p),
+                    CommittedOffset {
+                        offset: o,
+                        leader_epoch: -1,
+                        metadata: String::new(),
+                        commit_timestamp: now,
+                    },
+                )
+            })
+            .collect();
+        if let Err(e) = ctx
+            .groups
+            .commit(&group, "", None, -1, offsets, |_, _| true)
+        {
+            tracing::warn!(pipeline = %spec.name, group, error = ?e, "cannot commit the sink's group offsets");
+        }
+        let mut s = status.lock();
+        if let Some(n) = s.records_out.get_mut(index) {
+            *n += written;
+        }
+        s.dead_letters += dead;
+    }
+}

@@ -1,0 +1,195 @@
+//! Topics as a pipeline source and as a sink.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use async_trait::async_trait;
+use serde_json::json;
+use weir_connectors::{
+    ConnectorError, Guarantee, Record, Sink, SinkRecord, Source, SourceBatch, TopicPartition,
+};
+
+use super::io::{Outgoing, TopicReader, TopicWriter};
+use super::offsets::OffsetStore;
+use super::spec::StartAt;
+use crate::client::partitioner::partition_for_key;
+use crate::log::manager::Topic;
+
+/// Bytes read per partition per poll.
+const READ_BYTES: u64 = 1 << 20;
+
+/// Reads an existing topic (committed records only); the offset is the next offset per
+/// partition.
+pub struct TopicSource {
+    topic: Arc<Topic>,
+    start_at: StartAt,
+    reader: Option<TopicReader>,
+}
+
+impl TopicSource {
+    pub fn new(topic: Arc<Topic>, start_at: StartAt) -> TopicSource {
+        TopicSource {
+            topic,
+            start_at,
+            reader: None,
+        }
+    }
+}
+
+fn positions_json(positions: &BTreeMap<i32, i64>) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = positions
+        .iter()
+        .map(|(p, o)| (p.to_string(), json!(o)))
+        .collect();
+    json!({ "partitions": map })
+}
+
+fn positions_from(value: Option<&serde_json::Value>) -> BTreeMap<i32, i64> {
+    value
+        .and_then(|v| v.get("partitions"))
+        .and_then(|v| v.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(p, o)| Some((p.parse().ok()?, o.as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl Source for TopicSource {
+    async fn start(&mut self, resume: Option<serde_json::Value>) -> weir_connectors::Result<()> {
+        let mut start = positions_from(resume.as_ref());
+        for p in &self.topic.partitions {
+            start.entry(p.id).or_insert(match self.start_at {
+                StartAt::Beginning => p.log_start_offset(),
+                StartAt::End => p.last_stable_offset(),
+            });
+        }
+        self.reader = Some(TopicReader::new(&self.topic, &start));
+        Ok(())
+    }
+
+    async fn next_batch(
+        &mut self,
+        max_records: usize,
+    ) -> weir_connectors::Result<Option<SourceBatch>> {
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| ConnectorError::Fatal(anyhow!("topic source used before start")))?;
+        loop {
+            let records = reader
+                .poll(
+                    READ_BYTES.min(max_records as u64 * 1024),
+                    Duration::from_millis(500),
+                )
+                .await
+                .map_err(ConnectorError::Transient)?;
+            if !records.is_empty() {
+                return Ok(Some(SourceBatch {
+                    records: records.into_iter().map(|r| r.record).collect(),
+                    offset: positions_json(&reader.positions()),
+                }));
+            }
+        }
+    }
+}
+
+/// Writes records into another topic, exactly once: the offsets it has applied are stored
+/// in `__pipeline_offsets` in the same transaction as the records.
+pub struct TopicSink {
+    target: Arc<Topic>,
+    writer: TopicWriter,
+    offsets: Arc<OffsetStore>,
+    key: Vec<u8>,
+    input_topic: String,
+    applied: BTreeMap<i32, i64>,
+    next_partition: i32,
+}
+
+impl TopicSink {
+    pub fn new(
+        target: Arc<Topic>,
+        writer: TopicWriter,
+        offsets: Arc<OffsetStore>,
+        pipeline: &str,
+        sink_index: usize,
+        input_topic: &str,
+    ) -> TopicSink {
+        TopicSink {
+            target,
+            writer,
+            offsets,
+            key: OffsetStore::key(pipeline, Some(sink_index)),
+            input_topic: input_topic.to_string(),
+            applied: BTreeMap::new(),
+            next_partition: 0,
+        }
+    }
+
+    fn partition_for(&mut self, record: &Record) -> i32 {
+        let n = self.target.partitions.len() as i32;
+        match &record.key {
+            Some(k) => partition_for_key(k, n),
+            None => {
+                self.next_partition = (self.next_partition + 1) % n;
+                self.next_partition
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for TopicSink {
+    async fn start(&mut self) -> weir_connectors::Result<BTreeMap<TopicPartition, i64>> {
+        let stored = self
+            .offsets
+            .load(&self.key)
+            .map_err(ConnectorError::Transient)?;
+        self.applied = positions_from(stored.as_ref());
+        Ok(self
+            .applied
+            .iter()
+            .map(|(p, o)| {
+                (
+                    TopicPartition {
+                        topic: self.input_topic.clone(),
+                        partition: *p,
+                    },
+                    *o,
+                )
+            })
+            .collect())
+    }
+
+    async fn write(&mut self, batch: &[SinkRecord]) -> weir_connectors::Result<()> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut applied = self.applied.clone();
+        for r in batch {
+            let partition = self.partition_for(&r.record);
+            out.push(Outgoing {
+                topic: self.target.name.clone(),
+                partition,
+                record: r.record.clone(),
+            });
+            applied.insert(r.position.partition, r.offset + 1);
+        }
+        let value = serde_json::to_vec(&positions_json(&applied)).expect("offsets serialise");
+        self.writer
+            .write(
+                out,
+                Some((self.offsets.partition(), self.key.clone(), value)),
+            )
+            .await
+            .map_err(ConnectorError::Transient)?;
+        self.applied = applied;
+        Ok(())
+    }
+
+    fn guarantee(&self) -> Guarantee {
+        Guarantee::ExactlyOnce
+    }
+}
