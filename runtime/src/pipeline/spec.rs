@@ -467,8 +467,8 @@ mod tests {
             .unwrap_err();
         assert_eq!((e.line, e.column), (3, 18), "{e}");
         assert!(e.message.contains("MISSING is not set"));
-        let spec =
-            parse("name: a\nsource:\n  http:\n    path: \"/a$${b}\"\ntopic: { name: t }\n").unwrap();
+        let spec = parse("name: a\nsource:\n  http:\n    path: \"/a$${b}\"\ntopic: { name: t }\n")
+            .unwrap();
         let SourceSpec::Http(h) = &spec.source else {
             panic!()
         };
