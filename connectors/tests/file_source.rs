@@ -190,6 +190,21 @@ async fn json_syntax_error_is_rejected_and_reading_resumes_at_the_next_value() {
     );
     assert_eq!(header(&rejected.records[0], "line"), Some(&b"3"[..]));
     assert_eq!(read_values(&mut s, 1).await, [r#"{"e":5}"#]);
+    // An error in a value that starts mid-line: the column counts from the line's start.
+    append(&path, "{\"f\":6} {\"g\": x}\n{\"h\":8}\n");
+    assert_eq!(read_values(&mut s, 1).await, [r#"{"f":6}"#]);
+    let Err(ConnectorError::BadRecord { message, .. }) = s.next_batch(10).await else {
+        panic!()
+    };
+    assert!(
+        message.starts_with(&format!(
+            "{}:7:15: invalid JSON: expected value",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert_eq!(value(&s.take_rejected().unwrap().records[0]), r#"{"g": x}"#);
+    assert_eq!(read_values(&mut s, 1).await, [r#"{"h":8}"#]);
 }
 
 #[tokio::test]
@@ -633,4 +648,20 @@ async fn next_batch_before_start_is_an_error() {
         s.next_batch(1).await,
         Err(ConnectorError::Fatal(_))
     ));
+}
+
+#[tokio::test]
+async fn a_directory_created_after_start_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("later");
+    for watch in [WatchMode::Poll, WatchMode::Notify] {
+        let _ = fs::remove_dir_all(&sub);
+        let mut c = config(&[&sub.join("*.log")]);
+        c.watch = watch;
+        let mut s = started(c, None).await;
+        assert_quiet(&mut s).await;
+        fs::create_dir(&sub).unwrap();
+        append(&sub.join("a.log"), "hello\n");
+        assert_eq!(read_values(&mut s, 1).await, ["hello"]);
+    }
 }

@@ -109,6 +109,8 @@ struct Entry {
     pos: u64,
     /// Newlines before `pos`, if known.
     line: Option<u64>,
+    /// Bytes between the last newline and `pos`, if known (`json` error columns).
+    col: Option<u64>,
     read_pos: u64,
     buf: BytesMut,
     /// Leading bytes of `buf` known to hold no newline.
@@ -140,6 +142,7 @@ impl Entry {
             key,
             pos,
             line: (pos == 0).then_some(0),
+            col: (pos == 0).then_some(0),
             read_pos: pos,
             buf: BytesMut::new(),
             scanned: 0,
@@ -184,6 +187,14 @@ impl Entry {
 
 fn path_bytes(path: &Path) -> Bytes {
     Bytes::copy_from_slice(path.as_os_str().as_bytes())
+}
+
+/// Moves a column past `bytes`.
+fn advance_col(col: &mut Option<u64>, bytes: &[u8]) {
+    *col = match memchr::memrchr(b'\n', bytes) {
+        Some(i) => Some((bytes.len() - i - 1) as u64),
+        None => col.map(|c| c + bytes.len() as u64),
+    };
 }
 
 fn count_newlines(bytes: &[u8]) -> u64 {
@@ -569,6 +580,7 @@ impl Tailer {
                         debug!("file source: {} is shorter than its saved position: reading it from the start", c.path.display());
                         e.pos = 0;
                         e.line = Some(0);
+                        e.col = Some(0);
                     }
                     bind(e, c.path, c.file, c.key);
                 }
@@ -588,6 +600,7 @@ impl Tailer {
                 if c.size < e.pos {
                     e.pos = c.size;
                     e.line = None;
+                    e.col = None;
                 }
                 debug!(
                     "file source: {} continues {} at byte {}",
@@ -649,6 +662,7 @@ impl Tailer {
             let mut e = Entry::new(c.path, Some(c.file), Some(c.key), Some(c.fp), pos);
             if pos != 0 {
                 e.line = None;
+                e.col = None;
             }
             self.files.push(e);
         }
@@ -902,6 +916,7 @@ fn next_unit(settings: &Settings, e: &mut Entry, now: i64) -> Option<Record> {
                 let first = json::skip_ws(&e.buf);
                 if first > 0 {
                     let newlines = count_newlines(&e.buf[..first]);
+                    advance_col(&mut e.col, &e.buf[..first]);
                     e.consume(first, newlines);
                 }
                 if e.buf.is_empty() {
@@ -935,6 +950,7 @@ fn next_unit(settings: &Settings, e: &mut Entry, now: i64) -> Option<Record> {
                         }
                         let value = e.buf.split_to(end).freeze();
                         e.pos += end as u64;
+                        advance_col(&mut e.col, &value);
                         if let Some(l) = &mut e.line {
                             *l += count_newlines(&value);
                         }
@@ -948,13 +964,19 @@ fn next_unit(settings: &Settings, e: &mut Entry, now: i64) -> Option<Record> {
                     }
                     Some(Err(err)) => {
                         let (message, line, column) = json::describe(&err);
+                        // serde counts the first line's columns from the value's start.
+                        let column = if line <= 1 {
+                            e.col.map(|c| c as usize + column)
+                        } else {
+                            Some(column)
+                        };
                         start_skip(
                             e,
                             settings.max_line_bytes,
                             Resync::JsonValueLine,
                             format!("invalid JSON: {message}"),
                             line.saturating_sub(1) as u64,
-                            Some(column),
+                            column,
                         );
                         continue;
                     }
@@ -1084,6 +1106,7 @@ fn deliver_bad(e: &mut Entry, out: &mut Out) {
     let column = skip.column.map(|c| format!(":{c}")).unwrap_or_default();
     let message = format!("{}:{line_text}{column}: {}", e.path.display(), skip.message);
     e.pos = end;
+    e.col = Some(0); // rejected input ends at a line start
     if let Some(l) = &mut e.line {
         *l += skip.newlines;
     }
