@@ -80,7 +80,9 @@ pub enum ConnectorError {
     #[error("transient: {0:#}")]
     Transient(anyhow::Error),
     /// One record of the batch cannot be handled (bad JSON, a row the table refuses); the
-    /// runtime routes it to the dead-letter topic or stops, as the pipeline says.
+    /// runtime routes it to the dead-letter topic or stops, as the pipeline says. From a sink,
+    /// `index` is the record's place in the batch given to `write`; from a source it is 0 and
+    /// the rejected input comes from [`Source::take_rejected`].
     #[error("record {index}: {message}")]
     BadRecord { index: usize, message: String },
     /// The connector cannot go on (bad configuration, missing permission).
