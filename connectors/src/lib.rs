@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod file;
+
 /// A record as sources produce it and sinks receive it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -78,7 +80,9 @@ pub enum ConnectorError {
     #[error("transient: {0:#}")]
     Transient(anyhow::Error),
     /// One record of the batch cannot be handled (bad JSON, a row the table refuses); the
-    /// runtime routes it to the dead-letter topic or stops, as the pipeline says.
+    /// runtime routes it to the dead-letter topic or stops, as the pipeline says. From a sink,
+    /// `index` is the record's place in the batch given to `write`; from a source it is 0 and
+    /// the rejected input comes from [`Source::take_rejected`].
     #[error("record {index}: {message}")]
     BadRecord { index: usize, message: String },
     /// The connector cannot go on (bad configuration, missing permission).
@@ -97,6 +101,17 @@ pub trait Source: Send {
     /// Waits for the next batch of at most `max_records` records. `Ok(None)` means the source
     /// has ended (a bounded source); an unbounded one waits for more input instead.
     async fn next_batch(&mut self, max_records: usize) -> Result<Option<SourceBatch>>;
+
+    /// After [`Source::next_batch`] returned [`ConnectorError::BadRecord`]: the rejected input,
+    /// as a one-record batch for the dead-letter topic (value = the raw bytes, headers saying
+    /// where they came from) with the source offset just after it. Storing that offset with the
+    /// dead letter (one transaction) moves the source past the bad input exactly once; a
+    /// pipeline that stops on errors leaves it unstored, and a restart meets the error again.
+    /// Sources whose errors carry nothing worth keeping return None (the default). The source
+    /// goes on past the bad input on the next call whether or not this is taken.
+    fn take_rejected(&mut self) -> Option<SourceBatch> {
+        None
+    }
 
     /// Everything up to `offset` is durable in the topic. Sources that can acknowledge
     /// upstream do it here; the default does nothing.
