@@ -284,6 +284,11 @@ impl PipelineManager {
                 })?;
                 Some(Box::new(TopicSource::new(topic, t.start_at)))
             }
+            (SourceSpec::File(f), _) => {
+                let source = weir_connectors::file::FileSource::new(f.clone())
+                    .map_err(|e| anyhow!("source.file: {e}"))?;
+                Some(Box::new(source))
+            }
             (SourceSpec::Http(h), _) => {
                 let (source, ep) = HttpSource::new(&spec.name, h);
                 let mut endpoints = self.endpoints.write();
@@ -346,6 +351,11 @@ impl PipelineManager {
     async fn build_sinks(&self, spec: &PipelineSpec, out: &mut Vec<Box<dyn Sink>>) -> Result<()> {
         for (i, sink) in spec.sinks.iter().enumerate() {
             match sink {
+                SinkSpec::File(f) => {
+                    let sink = weir_connectors::file::FileSink::new(f.clone())
+                        .map_err(|e| anyhow!("sinks[{i}].file: {e}"))?;
+                    out.push(Box::new(sink));
+                }
                 SinkSpec::Topic(t) => {
                     let target = ensure_topic(
                         &self.ctx.log,

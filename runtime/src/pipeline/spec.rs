@@ -39,6 +39,8 @@ fn default_batch_records() -> usize {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceSpec {
+    /// Files matched by globs, followed as they grow and rotate (docs/connectors/file.md).
+    File(weir_connectors::file::FileSourceConfig),
     /// Records POSTed to the daemon's HTTP address.
     Http(HttpSourceSpec),
     /// An existing topic.
@@ -119,6 +121,8 @@ pub struct TopicSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkSpec {
+    /// A file, NDJSON or lines, rolled by size or age (docs/connectors/file.md).
+    File(weir_connectors::file::FileSinkConfig),
     /// Another topic.
     Topic(TopicSinkSpec),
 }
@@ -273,6 +277,14 @@ impl PipelineSpec {
                     return bad("source.topic.name", e.to_string());
                 }
             }
+            SourceSpec::File(f) => {
+                if f.paths.is_empty() {
+                    return bad(
+                        "source.file.paths",
+                        "needs at least one path or glob".into(),
+                    );
+                }
+            }
         }
         match (&self.topic, &self.source) {
             (None, SourceSpec::Topic(_)) if !self.transforms.is_empty() => {
@@ -318,6 +330,7 @@ impl PipelineSpec {
                         );
                     }
                 }
+                SinkSpec::File(_) => {}
             }
         }
         if let Some(d) = &self.errors.dead_letter_topic {

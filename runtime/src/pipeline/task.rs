@@ -71,31 +71,51 @@ fn rand_below(n: u64) -> u64 {
 }
 
 /// Failed records, with headers saying where and why, in the pipeline's dead-letter topic.
+/// The source task writes them in its batch's transaction; sinks through their own writer.
 pub struct DeadLetters {
     pipeline: String,
     topic: Arc<Topic>,
-    writer: TopicWriter,
+    writer: Option<TopicWriter>,
 }
 
 impl DeadLetters {
-    pub async fn open(ctx: &Context, spec: &PipelineSpec) -> Result<DeadLetters> {
+    pub fn open(ctx: &Context, spec: &PipelineSpec) -> Result<DeadLetters> {
         let topic = ensure_topic(&ctx.log, &spec.dead_letter_topic(), None, 1)?;
         Ok(DeadLetters {
             pipeline: spec.name.clone(),
             topic,
-            writer: TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), None).await?,
+            writer: None,
         })
     }
 
-    /// Writes one failed record; `origin` is its topic position when it came from one.
+    /// Writes one failed record now (sinks: the record is already in a topic, so a repeat
+    /// after a crash is the only risk).
     pub async fn send(
         &mut self,
+        ctx: &Context,
+        record: &Record,
+        stage: &str,
+        error: &str,
+        origin: Option<(&str, i32, i64)>,
+    ) -> Result<()> {
+        let letter = self.letter(record, stage, error, 1, origin);
+        if self.writer.is_none() {
+            self.writer = Some(TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), None).await?);
+        }
+        let writer = self.writer.as_mut().expect("just opened");
+        writer.write(vec![letter], None).await
+    }
+
+    /// The dead-letter record for a failed one; `origin` is its topic position when it came
+    /// from one.
+    pub fn letter(
+        &self,
         record: &Record,
         stage: &str,
         error: &str,
         attempt: u32,
         origin: Option<(&str, i32, i64)>,
-    ) -> Result<()> {
+    ) -> Outgoing {
         let mut r = record.clone();
         let mut add = |k: &str, v: String| r.headers.push((k.to_string(), Bytes::from(v)));
         add("weir.pipeline", self.pipeline.clone());
@@ -108,12 +128,11 @@ impl DeadLetters {
             add("weir.offset", o.to_string());
         }
         tracing::warn!(pipeline = %self.pipeline, stage, error, "record sent to the dead-letter topic");
-        let out = Outgoing {
+        Outgoing {
             topic: self.topic.name.clone(),
             partition: 0,
             record: r,
-        };
-        self.writer.write(vec![out], None).await
+        }
     }
 }
 
@@ -227,24 +246,48 @@ pub async fn run_source(
                 }
                 continue;
             }
-            Err(ConnectorError::BadRecord { index, message }) => {
+            Err(ConnectorError::BadRecord { message, .. }) => {
                 if spec.errors.tolerance == Tolerance::None {
-                    bail!("source: record {index}: {message}");
+                    bail!("source: {message}");
                 }
-                let record = Record::new(Bytes::new());
-                dead_letters_for(&ctx, &spec, &mut dead_letters)
-                    .await?
-                    .send(&record, "source", &message, 1, None)
-                    .await?;
-                status.lock().dead_letters += 1;
+                // The rejected input goes to the dead letters with the source offset past it,
+                // in one transaction: written once, and never met again.
+                let Some(rejected) = source.take_rejected() else {
+                    tracing::warn!(pipeline = %spec.name, error = %message, "source skipped bad input");
+                    continue;
+                };
+                let letters = dead_letters_for(&ctx, &spec, &mut dead_letters)?;
+                let out = rejected
+                    .records
+                    .iter()
+                    .map(|r| letters.letter(r, "source", &message, 1, None))
+                    .collect::<Vec<_>>();
+                let n = out.len() as u64;
+                let offset = serde_json::to_vec(&rejected.offset)?;
+                if !write_retrying(
+                    &mut writer,
+                    out,
+                    &ctx,
+                    &key,
+                    offset,
+                    &mut backoff,
+                    &mut stop,
+                )
+                .await?
+                {
+                    return Ok(());
+                }
+                if let Err(e) = source.committed(&rejected.offset).await {
+                    tracing::warn!(pipeline = %spec.name, error = %e, "source could not acknowledge a committed batch");
+                }
+                status.lock().dead_letters += n;
                 continue;
             }
             Err(e) => bail!("source: {e}"),
         };
         backoff.reset();
-        let n = batch.records.len() as u64;
         let mut out = Vec::with_capacity(batch.records.len());
-        let mut failed = Vec::new();
+        let mut failed = 0u64;
         for r in batch.records {
             match router.route(r) {
                 Ok(o) => out.push(o),
@@ -252,50 +295,75 @@ pub async fn run_source(
                     if spec.errors.tolerance == Tolerance::None {
                         bail!("topic: {message}");
                     }
-                    failed.push((record, message));
+                    let letters = dead_letters_for(&ctx, &spec, &mut dead_letters)?;
+                    out.push(letters.letter(&record, "topic", &message, 1, None));
+                    failed += 1;
                 }
             }
         }
+        let n = out.len() as u64;
         let offset = serde_json::to_vec(&batch.offset)?;
-        loop {
-            let result = writer
-                .write(
-                    out.clone(),
-                    Some((ctx.offsets.partition(), key.clone(), offset.clone())),
-                )
-                .await;
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    if !backoff.wait(&e, &mut stop).await? {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        backoff.reset();
-        for (record, message) in &failed {
-            dead_letters_for(&ctx, &spec, &mut dead_letters)
-                .await?
-                .send(record, "topic", message, 1, None)
-                .await?;
+        if !write_retrying(
+            &mut writer,
+            out,
+            &ctx,
+            &key,
+            offset,
+            &mut backoff,
+            &mut stop,
+        )
+        .await?
+        {
+            return Ok(());
         }
         if let Err(e) = source.committed(&batch.offset).await {
             tracing::warn!(pipeline = %spec.name, error = %e, "source could not acknowledge a committed batch");
         }
         let mut s = status.lock();
-        s.records_in += n - failed.len() as u64;
-        s.dead_letters += failed.len() as u64;
+        s.records_in += n - failed;
+        s.dead_letters += failed;
     }
 }
 
-async fn dead_letters_for<'a>(
+/// Writes a batch and its source offset, retrying transient failures; false when the pipeline
+/// is stopping.
+async fn write_retrying(
+    writer: &mut TopicWriter,
+    out: Vec<Outgoing>,
+    ctx: &Context,
+    key: &[u8],
+    offset: Vec<u8>,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool> {
+    loop {
+        let result = writer
+            .write(
+                out.clone(),
+                Some((ctx.offsets.partition(), key.to_vec(), offset.clone())),
+            )
+            .await;
+        match result {
+            Ok(()) => {
+                backoff.reset();
+                return Ok(true);
+            }
+            Err(e) => {
+                if !backoff.wait(&e, stop).await? {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+fn dead_letters_for<'a>(
     ctx: &Context,
     spec: &PipelineSpec,
     slot: &'a mut Option<DeadLetters>,
 ) -> Result<&'a mut DeadLetters> {
     if slot.is_none() {
-        *slot = Some(DeadLetters::open(ctx, spec).await?);
+        *slot = Some(DeadLetters::open(ctx, spec)?);
     }
     Ok(slot.as_mut().expect("just set"))
 }
@@ -395,13 +463,12 @@ pub async fn run_sink(
                         );
                     }
                     let bad = records.remove(i);
-                    dead_letters_for(&ctx, &spec, &mut dead_letters)
-                        .await?
+                    dead_letters_for(&ctx, &spec, &mut dead_letters)?
                         .send(
+                            &ctx,
                             &bad.record,
                             &stage,
                             &message,
-                            1,
                             Some((&bad.position.topic, bad.position.partition, bad.offset)),
                         )
                         .await?;
