@@ -371,3 +371,33 @@ errors: {{ tolerance: all }}
     time.sleep(1.5)
     assert len(read_committed(weir.bootstrap, "events.dlq")) == 1
     assert len(read_committed(weir.bootstrap, "events")) == 2
+
+
+def test_example_pipelines(weir_factory, tmp_path, monkeypatch):
+    """The pipelines shipped in pipelines/ run as documented."""
+    logs, archive = tmp_path / "logs", tmp_path / "archive"
+    logs.mkdir()
+    monkeypatch.setenv("WEIR_LOG_DIR", str(logs))
+    monkeypatch.setenv("WEIR_ARCHIVE_DIR", str(archive))
+    examples = Path(__file__).resolve().parents[2] / "pipelines"
+    files = {p.name: p.read_text() for p in examples.glob("*.yaml")}
+    assert {"user-activity.yaml", "service-logs.yaml"} <= set(files)
+    weir, _ = pipelines_daemon(weir_factory, tmp_path, **files)
+    for name in ("user-activity", "service-logs"):
+        wait_until(lambda: (pipeline_state(weir, name) or {}).get("state") == "running",
+                   message=f"{name} to run")
+    assert not [f for f in statuses(weir) if f.get("invalid")]
+
+    events = b"".join(json.dumps({"user_id": f"u{i % 3}", "page": f"/p/{i}"}).encode() + b"\n"
+                      for i in range(30))
+    assert post(weir, "/ingest/activity", events, key="example-1").status_code == 200
+    (logs / "api.log").write_text("".join(f"api line {i}\n" for i in range(20)))
+    (logs / "web.log").write_text("".join(f"web line {i}\n" for i in range(20)))
+
+    def archived(pattern):
+        return sorted(line for p in archive.glob(pattern) for line in p.read_bytes().splitlines())
+
+    wait_until(lambda: len(archived("user-activity*.ndjson")) == 30, message="the activity archive")
+    wait_until(lambda: len(archived("service-logs*.txt")) == 40, message="the log archive")
+    assert {json.loads(line)["page"] for line in archived("user-activity*.ndjson")} == \
+        {f"/p/{i}" for i in range(30)}

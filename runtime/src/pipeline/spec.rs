@@ -1,7 +1,7 @@
 //! The pipeline file: one YAML file, one pipeline (docs/pipelines.md documents every field).
 //!
-//! `${NAME}` is replaced by the environment variable NAME before parsing (`$${` writes a
-//! literal `${`). Every error names the file, line and column, and the field.
+//! `${NAME}` is replaced by the environment variable NAME before parsing, `${NAME:-default}`
+//! falls back to the default when NAME is unset (`$${` writes a literal `${`). Every error names the file, line and column, and the field.
 
 use std::path::{Path, PathBuf};
 
@@ -370,11 +370,15 @@ fn interpolate(
                         "unterminated ${ (write $${ for a literal)".into(),
                     ));
                 };
-                let name = &open[..end];
+                let inner = &open[..end];
+                let (name, default) = match inner.split_once(":-") {
+                    Some((name, default)) => (name, Some(default)),
+                    None => (inner, None),
+                };
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err((n + 1, col, format!("'${{{name}}}' is not a variable name")));
+                    return Err((n + 1, col, format!("'${{{inner}}}' is not a variable name")));
                 }
-                match env(name) {
+                match env(name).or(default.map(str::to_string)) {
                     Some(v) => out.push_str(&v),
                     None => {
                         return Err((
@@ -385,7 +389,7 @@ fn interpolate(
                     }
                 }
                 rest = &open[end + 1..];
-                col += name.chars().count() + 3;
+                col += inner.chars().count() + 3;
             } else {
                 out.push('$');
                 rest = &tail[1..];
@@ -480,6 +484,13 @@ mod tests {
             .unwrap_err();
         assert_eq!((e.line, e.column), (3, 18), "{e}");
         assert!(e.message.contains("MISSING is not set"));
+        let spec =
+            parse("name: a\nsource:\n  http: { path: /${MISSING:-x/y} }\ntopic: { name: t }\n")
+                .unwrap();
+        let SourceSpec::Http(h) = &spec.source else {
+            panic!()
+        };
+        assert_eq!(h.path, "/x/y");
         let spec = parse("name: a\nsource:\n  http:\n    path: \"/a$${b}\"\ntopic: { name: t }\n")
             .unwrap();
         let SourceSpec::Http(h) = &spec.source else {
