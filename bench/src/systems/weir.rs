@@ -9,11 +9,11 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{CreateTopicsRequest, ProduceRequest, TopicName};
+use kafka_protocol::messages::{CreateTopicsRequest, FetchRequest, ProduceRequest, TopicName};
 use kafka_protocol::records::Compression;
 use tokio::sync::{mpsc, oneshot};
 use weir::cli::consume::fetch_request;
-use weir::client::{check, Connection, Sender};
+use weir::client::{check, Connection, Receiver, Sender};
 use weir::kafka::str_bytes;
 use weir::log::batch::{complete_batches, BatchBuilder};
 
@@ -90,11 +90,14 @@ impl System for Weir {
     }
 
     async fn consumer(&mut self, topic: &str, partitions: usize) -> Result<WeirConsumer> {
+        let (sender, receiver) = Connection::connect(&self.addr).await?.into_split();
         Ok(WeirConsumer {
-            conn: Connection::connect(&self.addr).await?,
+            sender,
+            receiver,
             topic: topic.to_string(),
             positions: (0..partitions as i32).map(|p| (p, 0)).collect(),
             fetch_bytes: self.fetch_bytes,
+            in_flight: None,
         })
     }
 
@@ -171,41 +174,67 @@ impl Producer for WeirProducer {
     }
 }
 
-/// Fetches every partition on one connection, one request at a time (as `weir consume` does),
-/// checking each batch's CRC and decoding every record.
+/// Fetches every partition on one connection, checking each batch's CRC and decoding every
+/// record. Like Kafka's consumers it keeps the next fetch in flight while it decodes the
+/// previous response: the positions it needs come from the batch headers alone.
 pub struct WeirConsumer {
-    conn: Connection,
+    sender: Sender,
+    receiver: Receiver,
     topic: String,
+    /// Where the next fetch starts, per partition.
     positions: BTreeMap<i32, i64>,
     fetch_bytes: i32,
+    /// The version of the fetch sent and not yet answered.
+    in_flight: Option<i16>,
+}
+
+impl WeirConsumer {
+    async fn send_fetch(&mut self) -> Result<()> {
+        let req = fetch_request(&self.topic, &self.positions, 100, self.fetch_bytes);
+        let version = self.sender.send(&req).await?;
+        self.sender.flush().await?;
+        self.in_flight = Some(version);
+        Ok(())
+    }
 }
 
 impl Consumer for WeirConsumer {
     async fn poll(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> Result<u64> {
-        let req = fetch_request(&self.topic, &self.positions, 100, self.fetch_bytes);
-        let resp = self.conn.call(&req).await?;
-        let mut n = 0u64;
+        if self.in_flight.is_none() {
+            self.send_fetch().await?;
+        }
+        let version = self.in_flight.take().expect("a fetch is in flight");
+        let resp = self.receiver.recv::<FetchRequest>(version).await?;
+        let mut received = Vec::new();
         for t in resp.responses {
             for pd in t.partitions {
                 check(pd.error_code, "fetch")?;
                 let Some(records) = pd.records else { continue };
-                let pos = self.positions[&pd.partition_index];
-                let mut next = pos;
-                for batch in complete_batches(&records) {
-                    if batch.next_offset() <= pos {
-                        continue;
-                    }
-                    batch.check_integrity()?;
-                    let base = batch.base_offset();
-                    batch.for_each_record(|r| {
-                        if base + r.offset_delta as i64 >= pos {
-                            n += 1;
-                            f(r.value.unwrap_or_default());
-                        }
-                    })?;
-                    next = batch.next_offset();
-                }
+                let from = self.positions[&pd.partition_index];
+                let next = complete_batches(&records)
+                    .map(|b| b.next_offset())
+                    .filter(|&n| n > from)
+                    .last()
+                    .unwrap_or(from);
                 self.positions.insert(pd.partition_index, next);
+                received.push((from, records));
+            }
+        }
+        self.send_fetch().await?;
+        let mut n = 0u64;
+        for (from, records) in received {
+            for batch in complete_batches(&records) {
+                if batch.next_offset() <= from {
+                    continue;
+                }
+                batch.check_integrity()?;
+                let base = batch.base_offset();
+                batch.for_each_record(|r| {
+                    if base + r.offset_delta as i64 >= from {
+                        n += 1;
+                        f(r.value.unwrap_or_default());
+                    }
+                })?;
             }
         }
         Ok(n)
