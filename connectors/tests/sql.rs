@@ -186,6 +186,18 @@ async fn upsert_creates_table_and_updates(backend: Backend) {
         ],
         "{backend:?}"
     );
+    // A record of key columns only: inserted, then left alone.
+    s.write(&[
+        record("t", 0, 4, &json!({"id": 3})),
+        record("t", 0, 5, &json!({"id": 3})),
+    ])
+    .await
+    .expect("key-only records");
+    assert_eq!(db.int(&format!("SELECT COUNT(*) FROM {table}")).await, 3);
+    // Upsert needs the key.
+    let (index, message) = bad_index(s.write(&[record("t", 0, 6, &json!({"name": "?"}))]).await);
+    assert_eq!(index, 0);
+    assert!(message.contains("key column id"), "{message}");
     s.close().await;
     db.drop_table(&table).await;
 }
@@ -327,6 +339,27 @@ async fn mysql_insert_into_existing_table() {
 #[tokio::test]
 async fn sqlite_insert_into_existing_table() {
     insert_into_existing_table(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn unknown_fields_can_be_ignored() {
+    let db = Db::sqlite().await;
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)")
+        .await;
+    let mut s = sink(&db, "t", json!({ "ignore_unknown_fields": true })).await;
+    s.start().await.expect("start");
+    s.write(&[record(
+        "t",
+        0,
+        0,
+        &json!({"id": 1, "name": "a", "extra": [1]}),
+    )])
+    .await
+    .expect("extra fields dropped");
+    assert_eq!(
+        read_table(&db, "t", &[]).await,
+        vec![json!({"id": 1, "name": "a"})]
+    );
 }
 
 #[tokio::test]

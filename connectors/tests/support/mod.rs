@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection, Row};
 use weir_connectors::{Record, SinkRecord, TopicPartition};
 
 pub const POSTGRES_VAR: &str = "WEIR_TEST_POSTGRES_URL";
@@ -50,16 +50,18 @@ impl Db {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
         let options = PgConnectOptions::from_str(&url)
             .unwrap_or_else(|e| panic!("{POSTGRES_VAR}={url} is not a PostgreSQL URL: {e}"));
+        // One plain connection first: its error says why (refused, auth, no database).
+        if let Err(e) = sqlx::PgConnection::connect_with(&options).await {
+            panic!(
+                "PostgreSQL is needed by this test and is not reachable at {url}: {e}\n\
+                 Start it, or point {POSTGRES_VAR} at one (trust auth, database test)."
+            )
+        }
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "PostgreSQL is needed by this test and is not reachable at {url}: {e}\n\
-                     Start it, or point {POSTGRES_VAR} at one (trust auth, database test)."
-                )
-            });
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
         Db {
             backend: Backend::Postgres,
             url,
@@ -73,16 +75,17 @@ impl Db {
             .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_string());
         let options = MySqlConnectOptions::from_str(&url)
             .unwrap_or_else(|e| panic!("{MYSQL_VAR}={url} is not a MySQL URL: {e}"));
+        if let Err(e) = sqlx::MySqlConnection::connect_with(&options).await {
+            panic!(
+                "MariaDB/MySQL is needed by this test and is not reachable at {url}: {e}\n\
+                 Start it, or point {MYSQL_VAR} at one (root without password, database test)."
+            )
+        }
         let pool = MySqlPoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "MariaDB/MySQL is needed by this test and is not reachable at {url}: {e}\n\
-                     Start it, or point {MYSQL_VAR} at one (root without password, database test)."
-                )
-            });
+            .unwrap_or_else(|e| panic!("MariaDB/MySQL at {url}: {e}"));
         Db {
             backend: Backend::MySql,
             url,
