@@ -152,7 +152,8 @@ pub(crate) async fn connect(
                 pool = pool.after_connect(|conn, _meta| {
                     Box::pin(async move {
                         conn.execute(
-                            "SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')",
+                            "SET SESSION sql_mode = \
+                             CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'STRICT_ALL_TABLES')",
                         )
                         .await?;
                         Ok(())
