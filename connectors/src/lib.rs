@@ -10,6 +10,9 @@
 //! Each connector has a configuration struct that is deserialised straight from the pipeline
 //! YAML (`deny_unknown_fields`, so a typo is an error naming the field).
 
+pub mod http;
+pub mod sql;
+
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
