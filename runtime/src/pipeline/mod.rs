@@ -16,21 +16,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use weir_connectors::{Sink, Source};
+use weir_connectors::Source;
 
 use crate::group::GroupCoordinator;
 use crate::log::manager::LogManager;
 use crate::txn::TxnCoordinator;
 use http_source::{HttpSource, IngestEndpoint};
-use io::{ensure_topic, TopicWriter};
 use offsets::OffsetStore;
-use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError};
-use topic::{TopicSink, TopicSource};
+use spec::{PipelineSpec, SourceSpec, SpecError};
 
 /// How often the directory is rescanned even without a notification.
 const RESCAN: Duration = Duration::from_secs(2);
@@ -276,20 +274,10 @@ impl PipelineManager {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_tx = Arc::new(stop_tx);
         let mut endpoint = None;
-        let source: Option<Box<dyn Source>> = match (&spec.source, &spec.topic) {
-            (SourceSpec::Topic(_), None) => None,
-            (SourceSpec::Topic(t), Some(_)) => {
-                let topic = self.ctx.log.topic(&t.name).ok_or_else(|| {
-                    anyhow!("source.topic.name: topic '{}' does not exist", t.name)
-                })?;
-                Some(Box::new(TopicSource::new(topic, t.start_at)))
-            }
-            (SourceSpec::File(f), _) => {
-                let source = weir_connectors::file::FileSource::new(f.clone())
-                    .map_err(|e| anyhow!("source.file: {e}"))?;
-                Some(Box::new(source))
-            }
-            (SourceSpec::Http(h), _) => {
+        // The HTTP source is mounted here so that its path is taken (or refused) at once; the
+        // other sources and the sinks are opened by their tasks, which retry what is down.
+        let mounted: Option<Box<dyn Source>> = match &spec.source {
+            SourceSpec::Http(h) => {
                 let (source, ep) = HttpSource::new(&spec.name, h);
                 let mut endpoints = self.endpoints.write();
                 if let Some(other) = endpoints.get(&h.path) {
@@ -303,17 +291,12 @@ impl PipelineManager {
                 endpoint = Some(h.path.clone());
                 Some(Box::new(source))
             }
+            _ => None,
         };
-        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-        let built = self.build_sinks(&spec, &mut sinks).await;
-        if let Err(e) = built {
-            if let Some(p) = &endpoint {
-                self.endpoints.write().remove(p);
-            }
-            return Err(e);
-        }
+        // A topic source without an output topic feeds the sinks directly.
+        let runs_source = !matches!((&spec.source, &spec.topic), (SourceSpec::Topic(_), None));
         let mut tasks = Vec::new();
-        if let Some(source) = source {
+        if runs_source {
             let (ctx, spec2, status2, stop, stop_all) = (
                 ctx.clone(),
                 spec.clone(),
@@ -322,11 +305,11 @@ impl PipelineManager {
                 stop_tx.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                let r = task::run_source(ctx, spec2, source, status2.clone(), stop).await;
+                let r = task::run_source(ctx, spec2, mounted, status2.clone(), stop).await;
                 finish(&status2, &stop_all, "source", r);
             }));
         }
-        for (i, sink) in sinks.into_iter().enumerate() {
+        for i in 0..spec.sinks.len() {
             let (ctx, spec2, status2, stop, stop_all) = (
                 ctx.clone(),
                 spec.clone(),
@@ -335,7 +318,7 @@ impl PipelineManager {
                 stop_tx.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                let r = task::run_sink(ctx, spec2, i, sink, status2.clone(), stop).await;
+                let r = task::run_sink(ctx, spec2, i, status2.clone(), stop).await;
                 finish(&status2, &stop_all, &format!("sinks[{i}]"), r);
             }));
         }
@@ -346,41 +329,6 @@ impl PipelineManager {
             tasks,
             endpoint,
         })
-    }
-
-    async fn build_sinks(&self, spec: &PipelineSpec, out: &mut Vec<Box<dyn Sink>>) -> Result<()> {
-        for (i, sink) in spec.sinks.iter().enumerate() {
-            match sink {
-                SinkSpec::File(f) => {
-                    let sink = weir_connectors::file::FileSink::new(f.clone())
-                        .map_err(|e| anyhow!("sinks[{i}].file: {e}"))?;
-                    out.push(Box::new(sink));
-                }
-                SinkSpec::Topic(t) => {
-                    let target = ensure_topic(
-                        &self.ctx.log,
-                        &t.name,
-                        t.partitions,
-                        self.ctx.default_partitions,
-                    )?;
-                    let writer = TopicWriter::open(
-                        self.ctx.log.clone(),
-                        self.ctx.txns.clone(),
-                        Some(format!("weir-pipeline-{}-sink-{i}", spec.name)),
-                    )
-                    .await?;
-                    out.push(Box::new(TopicSink::new(
-                        target,
-                        writer,
-                        self.ctx.offsets.clone(),
-                        &spec.name,
-                        i,
-                        spec.sink_input_topic(),
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 
     async fn stop(&self, r: Running) {

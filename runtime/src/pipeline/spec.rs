@@ -43,6 +43,11 @@ pub enum SourceSpec {
     File(weir_connectors::file::FileSourceConfig),
     /// Records POSTed to the daemon's HTTP address.
     Http(HttpSourceSpec),
+    /// A URL fetched every interval, with a cursor (docs/connectors/http.md).
+    HttpPoll(weir_connectors::http::HttpPollSourceConfig),
+    /// Rows of a table or query, by an incrementing and/or timestamp column
+    /// (docs/connectors/sql.md).
+    Sql(weir_connectors::sql::SqlSourceConfig),
     /// An existing topic.
     Topic(TopicSourceSpec),
 }
@@ -123,6 +128,10 @@ pub struct TopicSpec {
 pub enum SinkSpec {
     /// A file, NDJSON or lines, rolled by size or age (docs/connectors/file.md).
     File(weir_connectors::file::FileSinkConfig),
+    /// POSTed batches, at least once with an Idempotency-Key (docs/connectors/http.md).
+    Http(weir_connectors::http::HttpSinkConfig),
+    /// Rows inserted or upserted, exactly once (docs/connectors/sql.md).
+    Sql(weir_connectors::sql::SqlSinkConfig),
     /// Another topic.
     Topic(TopicSinkSpec),
 }
@@ -277,6 +286,7 @@ impl PipelineSpec {
                     return bad("source.topic.name", e.to_string());
                 }
             }
+            SourceSpec::HttpPoll(_) | SourceSpec::Sql(_) => {}
             SourceSpec::File(f) => {
                 if f.paths.is_empty() {
                     return bad(
@@ -330,7 +340,7 @@ impl PipelineSpec {
                         );
                     }
                 }
-                SinkSpec::File(_) => {}
+                SinkSpec::File(_) | SinkSpec::Http(_) | SinkSpec::Sql(_) => {}
             }
         }
         if let Some(d) = &self.errors.dead_letter_topic {

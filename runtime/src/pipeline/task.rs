@@ -13,11 +13,15 @@ use weir_connectors::{ConnectorError, Record, Sink, SinkRecord, Source};
 
 use super::io::{ensure_topic, Outgoing, TopicReader, TopicWriter};
 use super::offsets::OffsetStore;
-use super::spec::{Delivery, PipelineSpec, Tolerance};
+use super::spec::{Delivery, PipelineSpec, SinkSpec, SourceSpec, Tolerance};
+use super::topic::{TopicSink, TopicSource};
 use super::{Context, Status};
 use crate::client::partitioner::partition_for_key;
 use crate::group::CommittedOffset;
 use crate::log::manager::Topic;
+use weir_connectors::file::{FileSink, FileSource};
+use weir_connectors::http::{HttpPollSource, HttpSink};
+use weir_connectors::sql::{SqlSink, SqlSource};
 
 /// Bytes a sink reads per partition per poll.
 const SINK_READ_BYTES: u64 = 1 << 20;
@@ -188,7 +192,7 @@ fn key_of(value: Option<&[u8]>, field: &str) -> Result<Option<Bytes>, String> {
 pub async fn run_source(
     ctx: Context,
     spec: PipelineSpec,
-    mut source: Box<dyn Source>,
+    mounted: Option<Box<dyn Source>>,
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -210,6 +214,20 @@ pub async fn run_source(
     let key = OffsetStore::key(&spec.name, None);
     let resume = ctx.offsets.load(&key)?;
     let mut backoff = Backoff::new(spec.errors.max_retries);
+    let mut source = match mounted {
+        Some(s) => s,
+        None => loop {
+            match open_source(&ctx, &spec).await {
+                Ok(s) => break s,
+                Err(ConnectorError::Transient(e)) => {
+                    if !backoff.wait(&e, &mut stop).await? {
+                        return Ok(());
+                    }
+                }
+                Err(e) => bail!("source: {e}"),
+            }
+        },
+    };
     loop {
         match source.start(resume.clone()).await {
             Ok(()) => break,
@@ -378,7 +396,6 @@ pub async fn run_sink(
     ctx: Context,
     spec: PipelineSpec,
     index: usize,
-    mut sink: Box<dyn Sink>,
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -392,6 +409,17 @@ pub async fn run_sink(
     let group = sink_group(&spec.name, index);
     let stage = format!("sinks[{index}]");
     let mut backoff = Backoff::new(spec.errors.max_retries);
+    let mut sink = loop {
+        match open_sink(&ctx, &spec, index).await {
+            Ok(s) => break s,
+            Err(ConnectorError::Transient(e)) => {
+                if !backoff.wait(&e, &mut stop).await? {
+                    return Ok(());
+                }
+            }
+            Err(e) => bail!("{stage}: {e}"),
+        }
+    };
     let stored = loop {
         match sink.start().await {
             Ok(s) => break s,
@@ -507,4 +535,69 @@ pub async fn run_sink(
         }
         s.dead_letters += dead;
     }
+}
+
+/// Opens the pipeline's source (the HTTP push source is mounted by the manager instead).
+async fn open_source(
+    ctx: &Context,
+    spec: &PipelineSpec,
+) -> weir_connectors::Result<Box<dyn Source>> {
+    Ok(match &spec.source {
+        SourceSpec::File(c) => Box::new(FileSource::new(c.clone())?),
+        SourceSpec::Sql(c) => Box::new(SqlSource::connect(c.clone()).await?),
+        SourceSpec::HttpPoll(c) => Box::new(HttpPollSource::new(c.clone())?),
+        SourceSpec::Topic(t) => {
+            let topic = ctx.log.topic(&t.name).ok_or_else(|| {
+                ConnectorError::Transient(anyhow!("topic '{}' does not exist yet", t.name))
+            })?;
+            Box::new(TopicSource::new(topic, t.start_at))
+        }
+        SourceSpec::Http(_) => {
+            return Err(ConnectorError::Fatal(anyhow!(
+                "the HTTP source is mounted by the pipeline manager"
+            )))
+        }
+    })
+}
+
+/// Opens sink `index` of the pipeline. Sinks that keep offsets of their own are named
+/// `<pipeline>/<index>` there.
+async fn open_sink(
+    ctx: &Context,
+    spec: &PipelineSpec,
+    index: usize,
+) -> weir_connectors::Result<Box<dyn Sink>> {
+    let name = format!("{}/{index}", spec.name);
+    Ok(match &spec.sinks[index] {
+        SinkSpec::File(c) => Box::new(FileSink::new(c.clone())?),
+        SinkSpec::Sql(c) => {
+            let mut c = c.clone();
+            c.name = name;
+            Box::new(SqlSink::connect(c).await?)
+        }
+        SinkSpec::Http(c) => {
+            let mut c = c.clone();
+            c.name = name;
+            Box::new(HttpSink::new(c)?)
+        }
+        SinkSpec::Topic(t) => {
+            let target = ensure_topic(&ctx.log, &t.name, t.partitions, ctx.default_partitions)
+                .map_err(ConnectorError::Fatal)?;
+            let writer = TopicWriter::open(
+                ctx.log.clone(),
+                ctx.txns.clone(),
+                Some(format!("weir-pipeline-{}-sink-{index}", spec.name)),
+            )
+            .await
+            .map_err(ConnectorError::Transient)?;
+            Box::new(TopicSink::new(
+                target,
+                writer,
+                ctx.offsets.clone(),
+                &spec.name,
+                index,
+                spec.sink_input_topic(),
+            ))
+        }
+    })
 }
