@@ -38,6 +38,7 @@ pub mod guest;
 pub mod json;
 pub mod log;
 mod record;
+mod state;
 pub mod testing;
 
 pub use config::Config;
@@ -46,6 +47,7 @@ pub use guest::{FilterFn, FlatMapFn, InitFn, MapFn, Transform};
 pub use record::{Header, Record};
 /// The `serde_json` this SDK uses (for [`Record::value_json`] and [`Config`]).
 pub use serde_json;
+pub use state::State;
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = core::result::Result<T, E>;

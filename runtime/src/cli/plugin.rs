@@ -187,8 +187,7 @@ fn lib_rs(name: &str, kind: Kind) -> String {
             "a map: prefixes each value with the `prefix` setting and upper-cases it",
             r#"fn transform(mut record: Record) -> Result<Record, Error> {
     let text = record.value_str()?;
-    let prefix = PREFIX.get().map(String::as_str).unwrap_or("");
-    let out = format!("{prefix}{}", text.to_uppercase());
+    let out = format!("{}{}", PREFIX.get()?, text.to_uppercase());
     record.value = Some(out.into_bytes());
     Ok(record)
 }"#,
@@ -237,17 +236,15 @@ fn lib_rs(name: &str, kind: Kind) -> String {
 //! `cargo test` runs the unit tests natively; `weir plugin build` makes the .wasm module;
 //! `weir plugin test <module.wasm> --input sample.ndjson` runs it over sample records.
 
-use std::sync::OnceLock;
-
-use weir_plugin_sdk::{{Config, Error, Record}};
+use weir_plugin_sdk::{{Config, Error, Record, State}};
 
 /// Settings read once by `init` from the pipeline's `config:` map.
-static PREFIX: OnceLock<String> = OnceLock::new();
+static PREFIX: State<String> = State::new();
 
 fn init(config: &Config) -> Result<(), Error> {{
     let prefix = config.str("prefix")?.unwrap_or("").to_string();
     weir_plugin_sdk::info!("starting, prefix {{prefix:?}}");
-    let _ = PREFIX.set(prefix);
+    PREFIX.set(prefix);
     Ok(())
 }}
 

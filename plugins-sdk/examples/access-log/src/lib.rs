@@ -17,11 +17,9 @@
 //!
 //! A line that is not in either format goes to the dead letters.
 
-use std::sync::OnceLock;
-
 use regex::Regex;
 use weir_plugin_sdk::serde_json::{json, Map, Value};
-use weir_plugin_sdk::{bail, Config, Error, Record};
+use weir_plugin_sdk::{bail, Config, Error, Record, State};
 
 struct Parser {
     line: Regex,
@@ -29,7 +27,7 @@ struct Parser {
     keep_raw: bool,
 }
 
-static PARSER: OnceLock<Parser> = OnceLock::new();
+static PARSER: State<Parser> = State::new();
 
 // host ident user [time] "request" status bytes ["referer" "user agent"] [anything else]
 const LINE: &str = concat!(
@@ -154,15 +152,12 @@ impl Parser {
 }
 
 fn init(config: &Config) -> Result<(), Error> {
-    let p = parser_from(config)?;
-    let _ = PARSER.set(p);
+    PARSER.set(parser_from(config)?);
     Ok(())
 }
 
 fn parse(mut record: Record) -> Result<Record, Error> {
-    let Some(p) = PARSER.get() else {
-        bail!("access-log was not initialised");
-    };
+    let p = PARSER.get()?;
     let (doc, ms) = p.parse(record.value_str()?)?;
     record.set_value_json(&doc);
     if p.set_timestamp {

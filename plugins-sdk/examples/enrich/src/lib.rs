@@ -13,11 +13,9 @@
 //!
 //! A value that is not a JSON object goes to the dead letters.
 
-use std::sync::OnceLock;
-
 use weir_plugin_sdk::json::{pointer, scalar_text};
 use weir_plugin_sdk::serde_json::{Map, Value};
-use weir_plugin_sdk::{bail, Config, Error, Record};
+use weir_plugin_sdk::{bail, Config, Error, Record, State};
 
 struct Enricher {
     field: String,
@@ -27,7 +25,7 @@ struct Enricher {
     default: Option<Value>,
 }
 
-static ENRICHER: OnceLock<Enricher> = OnceLock::new();
+static ENRICHER: State<Enricher> = State::new();
 
 fn enricher_from(config: &Config) -> Result<Enricher, Error> {
     let field = pointer(config.require_str("field")?);
@@ -109,17 +107,13 @@ impl Enricher {
 }
 
 fn init(config: &Config) -> Result<(), Error> {
-    let e = enricher_from(config)?;
-    let _ = ENRICHER.set(e);
+    ENRICHER.set(enricher_from(config)?);
     Ok(())
 }
 
 fn enrich(mut record: Record) -> Result<Record, Error> {
-    let Some(e) = ENRICHER.get() else {
-        bail!("enrich was not initialised");
-    };
     let mut doc = record.value_json()?;
-    e.apply(&mut doc)?;
+    ENRICHER.get()?.apply(&mut doc)?;
     record.set_value_json(&doc);
     Ok(record)
 }

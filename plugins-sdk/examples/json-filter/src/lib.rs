@@ -10,11 +10,9 @@
 //!
 //! A value that is not JSON goes to the dead letters.
 
-use std::sync::OnceLock;
-
 use weir_plugin_sdk::json::{pointer, scalar_text};
 use weir_plugin_sdk::serde_json::Value;
-use weir_plugin_sdk::{bail, Config, Error, Record};
+use weir_plugin_sdk::{bail, Config, Error, Record, State};
 
 enum Test {
     Exists,
@@ -27,7 +25,7 @@ struct Rule {
     negate: bool,
 }
 
-static RULE: OnceLock<Rule> = OnceLock::new();
+static RULE: State<Rule> = State::new();
 
 fn rule_from(config: &Config) -> Result<Rule, Error> {
     let field = config.require_str("field")?;
@@ -54,8 +52,7 @@ fn rule_from(config: &Config) -> Result<Rule, Error> {
 }
 
 fn init(config: &Config) -> Result<(), Error> {
-    let rule = rule_from(config)?;
-    let _ = RULE.set(rule);
+    RULE.set(rule_from(config)?);
     Ok(())
 }
 
@@ -78,10 +75,7 @@ fn matches(rule: &Rule, record: &Record) -> Result<bool, Error> {
 }
 
 fn keep(record: &Record) -> Result<bool, Error> {
-    match RULE.get() {
-        Some(rule) => matches(rule, record),
-        None => Err(Error::new("json-filter was not initialised")),
-    }
+    matches(RULE.get()?, record)
 }
 
 weir_plugin_sdk::export_filter!(keep, init = init);

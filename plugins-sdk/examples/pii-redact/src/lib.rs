@@ -11,10 +11,9 @@
 //! Values must be UTF-8 text (JSON is text too); others go to the dead letters.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::OnceLock;
 
 use regex::{Captures, Regex};
-use weir_plugin_sdk::{bail, Config, Error, Record};
+use weir_plugin_sdk::{bail, Config, Error, Record, State};
 
 struct Redactor {
     email: Option<Regex>,
@@ -25,7 +24,7 @@ struct Redactor {
     count_header: Option<String>,
 }
 
-static REDACTOR: OnceLock<Redactor> = OnceLock::new();
+static REDACTOR: State<Redactor> = State::new();
 
 // Unicode mode stays on (so nothing can match half a character), but the patterns use only
 // ASCII classes: the regex crate is built without its Unicode tables to keep the module small.
@@ -152,15 +151,12 @@ impl Redactor {
 }
 
 fn init(config: &Config) -> Result<(), Error> {
-    let r = redactor_from(config)?;
-    let _ = REDACTOR.set(r);
+    REDACTOR.set(redactor_from(config)?);
     Ok(())
 }
 
 fn redact(mut record: Record) -> Result<Record, Error> {
-    let Some(r) = REDACTOR.get() else {
-        bail!("pii-redact was not initialised");
-    };
+    let r = REDACTOR.get()?;
     let (text, count) = r.redact(record.value_str()?);
     record.value = Some(text.into_bytes());
     if let Some(h) = &r.count_header {

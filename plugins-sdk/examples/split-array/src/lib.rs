@@ -9,18 +9,16 @@
 //! JSON text. An empty array produces no record; a value without an array goes to the dead
 //! letters.
 
-use std::sync::OnceLock;
-
 use weir_plugin_sdk::json::pointer;
 use weir_plugin_sdk::serde_json::{self, Value};
-use weir_plugin_sdk::{bail, Config, Error, Record};
+use weir_plugin_sdk::{bail, Config, Error, Record, State};
 
 struct Splitter {
     pointer: String,
     index_header: Option<String>,
 }
 
-static SPLITTER: OnceLock<Splitter> = OnceLock::new();
+static SPLITTER: State<Splitter> = State::new();
 
 fn splitter_from(config: &Config) -> Result<Splitter, Error> {
     Ok(Splitter {
@@ -64,16 +62,12 @@ impl Splitter {
 }
 
 fn init(config: &Config) -> Result<(), Error> {
-    let s = splitter_from(config)?;
-    let _ = SPLITTER.set(s);
+    SPLITTER.set(splitter_from(config)?);
     Ok(())
 }
 
 fn split(record: Record) -> Result<Vec<Record>, Error> {
-    match SPLITTER.get() {
-        Some(s) => s.split(record),
-        None => Err(Error::new("split-array was not initialised")),
-    }
+    SPLITTER.get()?.split(record)
 }
 
 weir_plugin_sdk::export_flat_map!(split, init = init);
