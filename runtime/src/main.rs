@@ -68,6 +68,11 @@ enum Command {
     Consume(cli::consume::ConsumeArgs),
     /// Measure produce and consume throughput and latency over the Kafka protocol.
     Bench(cli::bench::BenchArgs),
+    /// Write, build, test and benchmark WASM transform plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: cli::plugin::PluginCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -120,6 +125,7 @@ fn main() -> Result<()> {
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,
+            Command::Plugin { command } => cli::plugin::run(command),
         }
     });
     if let Err(e) = result {
