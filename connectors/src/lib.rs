@@ -116,6 +116,12 @@ pub trait Source: Send {
         None
     }
 
+    /// Where each record of the last batch was in its topic (topic, partition, offset), for
+    /// sources that read a topic; transforms see it. The default: None.
+    fn last_batch_origins(&self) -> Option<&[(String, i32, i64)]> {
+        None
+    }
+
     /// Everything up to `offset` is durable in the topic. Sources that can acknowledge
     /// upstream do it here; the default does nothing.
     async fn committed(&mut self, _offset: &serde_json::Value) -> Result<()> {

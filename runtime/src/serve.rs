@@ -66,6 +66,9 @@ pub async fn run(settings: Settings) -> Result<()> {
                 txns: txns.clone(),
                 offsets,
                 default_partitions: settings.default_partitions.max(1),
+                plugins: Arc::new(weir_wasm::Host::new(Some(
+                    &settings.data_dir.join("plugin-cache"),
+                ))?),
             };
             tracing::info!(dir = %dir.display(), "loading pipelines");
             Some(Arc::new(crate::pipeline::PipelineManager::new(ctx, dir)))

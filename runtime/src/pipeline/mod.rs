@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -43,6 +43,8 @@ pub struct Context {
     pub txns: Arc<TxnCoordinator>,
     pub offsets: Arc<OffsetStore>,
     pub default_partitions: i32,
+    /// The WASM plugin host (one engine and module cache for every pipeline).
+    pub plugins: Arc<weir_wasm::Host>,
 }
 
 /// A pipeline's state as `GET /pipelines` shows it.
@@ -81,6 +83,8 @@ struct Running {
 #[derive(Default)]
 struct FileState {
     content_hash: u64,
+    /// Size and modification time of the running version's plugin files.
+    plugins_stamp: u64,
     running: Option<Running>,
     invalid: Option<String>,
 }
@@ -190,7 +194,14 @@ impl PipelineManager {
             };
             let hash = content_hash(&text);
             let state = files.entry(file.clone()).or_default();
-            if state.content_hash == hash && (state.running.is_some() || state.invalid.is_some()) {
+            let plugins_changed = state
+                .running
+                .as_ref()
+                .is_some_and(|r| plugins_stamp(&r.spec, &file) != state.plugins_stamp);
+            if state.content_hash == hash
+                && !plugins_changed
+                && (state.running.is_some() || state.invalid.is_some())
+            {
                 continue;
             }
             state.content_hash = hash;
@@ -201,7 +212,7 @@ impl PipelineManager {
                     continue;
                 }
             };
-            if state.running.as_ref().is_some_and(|r| r.spec == spec) {
+            if !plugins_changed && state.running.as_ref().is_some_and(|r| r.spec == spec) {
                 state.invalid = None;
                 continue;
             }
@@ -229,10 +240,12 @@ impl PipelineManager {
                 tracing::info!(pipeline = %old.spec.name, file = %file.display(), "pipeline file changed: restarting");
                 self.stop(old).await;
             }
+            let stamp = plugins_stamp(&spec, &file);
             match self.start(spec.clone(), &file).await {
                 Ok(r) => {
                     tracing::info!(pipeline = %spec.name, file = %file.display(), "pipeline started");
                     state.running = Some(r);
+                    state.plugins_stamp = stamp;
                     state.invalid = None;
                 }
                 Err(e) => {
@@ -255,10 +268,22 @@ impl PipelineManager {
     }
 
     async fn start(&self, spec: PipelineSpec, file: &Path) -> Result<Running> {
-        if let Some((i, t)) = spec.transforms.iter().enumerate().next() {
-            bail!(
-                "transforms[{i}].plugin ({}): WASM transforms are not available in this build yet",
-                t.plugin.display()
+        // Modules are compiled (or taken from the cache) and checked before anything starts,
+        // so a bad plugin is reported as the file's error.
+        let mut plugins = Vec::with_capacity(spec.transforms.len());
+        for (i, t) in spec.transforms.iter().enumerate() {
+            let path = plugin_path(file, &t.plugin);
+            let options = weir_wasm::PluginOptions {
+                pipeline: Some(spec.name.clone()),
+                config: t.config.clone(),
+                ..Default::default()
+            };
+            let host = self.ctx.plugins.clone();
+            let load_path = path.clone();
+            let loaded =
+                tokio::task::spawn_blocking(move || host.load(&load_path, options)).await?;
+            plugins.push(
+                loaded.map_err(|e| anyhow!("transforms[{i}].plugin ({}): {e}", path.display()))?,
             );
         }
         let ctx = self.ctx.clone();
@@ -305,7 +330,7 @@ impl PipelineManager {
                 stop_tx.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                let r = task::run_source(ctx, spec2, mounted, status2.clone(), stop).await;
+                let r = task::run_source(ctx, spec2, mounted, plugins, status2.clone(), stop).await;
                 finish(&status2, &stop_all, "source", r);
             }));
         }
@@ -360,6 +385,29 @@ fn finish(status: &Mutex<Status>, stop_all: &watch::Sender<bool>, stage: &str, r
         s.error = Some(message);
         let _ = stop_all.send(true);
     }
+}
+
+/// A plugin path from a pipeline file: relative paths are relative to the file's directory.
+fn plugin_path(pipeline_file: &Path, plugin: &Path) -> PathBuf {
+    if plugin.is_absolute() {
+        plugin.to_path_buf()
+    } else {
+        pipeline_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(plugin)
+    }
+}
+
+/// Changes when a plugin file of the pipeline is replaced (size or modification time).
+fn plugins_stamp(spec: &PipelineSpec, file: &Path) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in &spec.transforms {
+        let meta = std::fs::metadata(plugin_path(file, &t.plugin)).ok();
+        meta.as_ref().map(|m| m.len()).hash(&mut h);
+        meta.and_then(|m| m.modified().ok()).hash(&mut h);
+    }
+    h.finish()
 }
 
 fn list_pipeline_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {

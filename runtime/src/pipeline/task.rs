@@ -193,9 +193,18 @@ pub async fn run_source(
     ctx: Context,
     spec: PipelineSpec,
     mounted: Option<Box<dyn Source>>,
+    plugins: Vec<weir_wasm::Plugin>,
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    // One instance per transform, reused across batches (the host replaces a trapped one).
+    let mut transforms = Vec::with_capacity(plugins.len());
+    for (i, p) in plugins.iter().enumerate() {
+        let instance = p
+            .instance()
+            .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", p.name()))?;
+        transforms.push(instance);
+    }
     let output_spec = spec
         .topic
         .clone()
@@ -306,7 +315,17 @@ pub async fn run_source(
         backoff.reset();
         let mut out = Vec::with_capacity(batch.records.len());
         let mut failed = 0u64;
-        for r in batch.records {
+        let origins = source.last_batch_origins().map(<[_]>::to_vec);
+        let (records, rejected) = transform(&mut transforms, batch.records, origins.as_deref())?;
+        for (record, stage, message) in rejected {
+            if spec.errors.tolerance == Tolerance::None {
+                bail!("{stage}: {message}");
+            }
+            let letters = dead_letters_for(&ctx, &spec, &mut dead_letters)?;
+            out.push(letters.letter(&record, &stage, &message, 1, None));
+            failed += 1;
+        }
+        for r in records {
             match router.route(r) {
                 Ok(o) => out.push(o),
                 Err((record, message)) => {
@@ -340,6 +359,79 @@ pub async fn run_source(
         let mut s = status.lock();
         s.records_in += n - failed;
         s.dead_letters += failed;
+    }
+}
+
+/// A record rejected by a stage: the record as the stage got it, the stage, the reason.
+type Rejected = (Record, String, String);
+
+/// Runs a batch through the WASM transforms in order: one guest call per stage per batch.
+/// Returns what comes out of the last stage and the records a stage rejected (a plugin error,
+/// trap, panic or exhausted budget; the host isolates them record by record).
+fn transform(
+    stages: &mut [weir_wasm::Instance],
+    records: Vec<Record>,
+    origins: Option<&[(String, i32, i64)]>,
+) -> Result<(Vec<Record>, Vec<Rejected>)> {
+    if stages.is_empty() {
+        return Ok((records, Vec::new()));
+    }
+    let mut batch: Vec<weir_wasm::Record> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| to_plugin_record(r, origins.and_then(|o| o.get(i))))
+        .collect();
+    let mut rejected = Vec::new();
+    for (i, stage) in stages.iter_mut().enumerate() {
+        // The guest call is CPU work: keep it off the other tasks' worker thread.
+        let output = tokio::task::block_in_place(|| stage.process(&batch))
+            .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", stage.name()))?;
+        for dl in output.dead_letters {
+            if let Some(r) = batch.get(dl.input_index) {
+                rejected.push((
+                    from_plugin_record(r.clone()),
+                    format!("transforms[{i}]"),
+                    format!("{} ({})", dl.fault, stage.name()),
+                ));
+            }
+        }
+        batch = output.records.into_iter().map(|p| p.record).collect();
+    }
+    Ok((
+        batch.into_iter().map(from_plugin_record).collect(),
+        rejected,
+    ))
+}
+
+fn to_plugin_record(r: Record, origin: Option<&(String, i32, i64)>) -> weir_wasm::Record {
+    weir_wasm::Record {
+        key: r.key.map(|k| k.to_vec()),
+        value: r.value.map(|v| v.to_vec()),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(name, value)| weir_wasm::Header {
+                name,
+                value: Some(value.to_vec()),
+            })
+            .collect(),
+        timestamp: r.timestamp,
+        topic: origin.map(|o| o.0.clone()),
+        partition: origin.map(|o| o.1),
+        offset: origin.map(|o| o.2),
+    }
+}
+
+fn from_plugin_record(r: weir_wasm::Record) -> Record {
+    Record {
+        key: r.key.map(Bytes::from),
+        value: r.value.map(Bytes::from),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|h| (h.name, Bytes::from(h.value.unwrap_or_default())))
+            .collect(),
+        timestamp: r.timestamp,
     }
 }
 

@@ -26,6 +26,7 @@ pub struct TopicSource {
     topic: Arc<Topic>,
     start_at: StartAt,
     reader: Option<TopicReader>,
+    origins: Vec<(String, i32, i64)>,
 }
 
 impl TopicSource {
@@ -34,6 +35,7 @@ impl TopicSource {
             topic,
             start_at,
             reader: None,
+            origins: Vec::new(),
         }
     }
 }
@@ -89,12 +91,20 @@ impl Source for TopicSource {
                 .await
                 .map_err(ConnectorError::Transient)?;
             if !records.is_empty() {
+                self.origins = records
+                    .iter()
+                    .map(|r| (r.position.topic.clone(), r.position.partition, r.offset))
+                    .collect();
                 return Ok(Some(SourceBatch {
                     records: records.into_iter().map(|r| r.record).collect(),
                     offset: positions_json(&reader.positions()),
                 }));
             }
         }
+    }
+
+    fn last_batch_origins(&self) -> Option<&[(String, i32, i64)]> {
+        Some(&self.origins)
     }
 }
 
