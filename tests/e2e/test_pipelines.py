@@ -379,11 +379,13 @@ def test_example_pipelines(weir_factory, tmp_path, monkeypatch):
     logs.mkdir()
     monkeypatch.setenv("WEIR_LOG_DIR", str(logs))
     monkeypatch.setenv("WEIR_ARCHIVE_DIR", str(archive))
+    orders_db = tmp_path / "orders.db"
+    monkeypatch.setenv("WEIR_ORDERS_DB", f"sqlite://{orders_db}")
     examples = Path(__file__).resolve().parents[2] / "pipelines"
     files = {p.name: p.read_text() for p in examples.glob("*.yaml")}
-    assert {"user-activity.yaml", "service-logs.yaml"} <= set(files)
+    assert {"user-activity.yaml", "service-logs.yaml", "orders.yaml"} <= set(files)
     weir, _ = pipelines_daemon(weir_factory, tmp_path, **files)
-    for name in ("user-activity", "service-logs"):
+    for name in ("user-activity", "service-logs", "orders"):
         wait_until(lambda: (pipeline_state(weir, name) or {}).get("state") == "running",
                    message=f"{name} to run")
     assert not [f for f in statuses(weir) if f.get("invalid")]
@@ -401,3 +403,22 @@ def test_example_pipelines(weir_factory, tmp_path, monkeypatch):
     wait_until(lambda: len(archived("service-logs*.txt")) == 40, message="the log archive")
     assert {json.loads(line)["page"] for line in archived("user-activity*.ndjson")} == \
         {f"/p/{i}" for i in range(30)}
+
+    # Orders: a burst, then a correction of order 3 (upsert keeps the latest).
+    orders = [{"order_id": i, "total": i * 1.5, "items": [{"sku": f"s{i}"}]} for i in range(50)]
+    r = requests.post(f"{weir.http_url}/ingest/orders", json=orders, timeout=30)
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{weir.http_url}/ingest/orders", json={"order_id": 3, "total": 99.0,
+                                                              "items": []}, timeout=30)
+    assert r.status_code == 200, r.text
+    import sqlite3
+
+    def rows():
+        try:
+            with sqlite3.connect(orders_db) as c:
+                return c.execute("SELECT order_id, total FROM orders ORDER BY order_id").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+    wait_until(lambda: len(rows()) == 50 and dict(rows())[3] == 99.0, timeout=30,
+               message="the orders in the database")

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Records/s through a pipeline with a trivial map plugin against the same pipeline with no
+transform (docs/benchmarks.md, "WASM plugin stage in a pipeline").
+
+Starts `weir serve` on a scratch directory, fills a topic with N records of 100 bytes, then runs
+a topic-to-topic pipeline over it twice, exactly once (a transaction per batch): without a
+transform, then with the plugin. Each run is timed from the pipeline file's creation until its
+`records_in` counter reaches N.
+
+Usage: bench/pipeline_stage.py --weir target/release/weir --plugin passthrough.wasm [-n N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            v = predicate()
+            if v:
+                return v
+        except OSError:
+            pass
+        time.sleep(0.05)
+    sys.exit(f"pipeline_stage: timed out waiting for {what}")
+
+
+def records_in(http: str, name: str) -> int:
+    for f in get(f"{http}/pipelines")["pipelines"]:
+        p = f.get("pipeline")
+        if p and p["name"] == name:
+            if p["state"] == "failed":
+                sys.exit(f"pipeline_stage: pipeline {name} failed: {p['error']}")
+            return p["records_in"]
+    return -1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weir", required=True, help="the weir binary (a release build)")
+    ap.add_argument("--plugin", required=True, help="a trivial map plugin, e.g. passthrough.wasm")
+    ap.add_argument("-n", type=int, default=1_000_000, help="records (default 1,000,000)")
+    ap.add_argument("--batch-records", type=int, default=1000)
+    a = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="weir-pipeline-stage-"))
+    pipelines = work / "pipelines"
+    pipelines.mkdir()
+    shutil.copy(a.plugin, pipelines / "map.wasm")
+    kafka, http_port = free_port(), free_port()
+    http = f"http://127.0.0.1:{http_port}"
+    server = subprocess.Popen(
+        [a.weir, "serve", "--data-dir", str(work / "data"), "--kafka-addr", f"127.0.0.1:{kafka}",
+         "--http-addr", f"127.0.0.1:{http_port}", "--pipelines", str(pipelines)],
+        stdout=subprocess.DEVNULL, stderr=open(work / "weir.log", "wb"))
+    try:
+        wait(lambda: get(f"{http}/health"), 30, "the daemon")
+        brokers = ["--brokers", f"127.0.0.1:{kafka}"]
+        subprocess.run([a.weir, "topic", "create", "in", "--partitions", "1", *brokers], check=True,
+                       stdout=subprocess.DEVNULL)
+        # 100-byte values: a JSON object padded to size, as a log or activity record would be.
+        line = json.dumps({"user": "u0000001", "pad": ""})
+        pad = "x" * (100 - len(line))
+        payload = "".join(json.dumps({"user": f"u{i % 9999999:07d}", "pad": pad}) + "\n"
+                          for i in range(a.n)).encode()
+        t = time.monotonic()
+        subprocess.run([a.weir, "produce", "in", *brokers], input=payload, check=True)
+        print(f"filled topic 'in' with {a.n:,} records of 100 B in {time.monotonic() - t:.1f} s")
+
+        results = {}
+        for name, transforms in (("plain", ""), ("map", "transforms:\n  - plugin: map.wasm\n")):
+            text = (f"name: {name}\nsource:\n  topic: {{ name: in }}\n{transforms}"
+                    f"topic: {{ name: out-{name}, partitions: 1 }}\nbatch_records: {a.batch_records}\n")
+            (pipelines / f"{name}.yaml").write_text(text)
+            # Timed from the first committed batch, so loading the plugin is not counted.
+            first = wait(lambda: records_in(http, name) > 0 and records_in(http, name), 120,
+                         f"pipeline {name} to start")
+            started = time.monotonic()
+            wait(lambda: records_in(http, name) >= a.n, 600, f"pipeline {name}")
+            secs = time.monotonic() - started
+            results[name] = (a.n - first) / secs
+            print(f"{name:>5}: {a.n - first:,} records in {secs:.2f} s = {results[name]:,.0f} records/s")
+            (pipelines / f"{name}.yaml").unlink()
+        cost = 1 - results["map"] / results["plain"]
+        print(f"plugin stage: {results['map'] / results['plain']:.2f}x the plain pipeline's rate "
+              f"({cost:.0%} of its throughput)")
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
