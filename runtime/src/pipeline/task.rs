@@ -290,22 +290,15 @@ pub async fn run_source(
                     .map(|r| letters.letter(r, "source", &message, 1, None))
                     .collect::<Vec<_>>();
                 let n = out.len() as u64;
-                let offset = serde_json::to_vec(&rejected.offset)?;
-                if !write_retrying(
-                    &mut writer,
-                    out,
-                    &ctx,
-                    &key,
-                    offset,
-                    &mut backoff,
-                    &mut stop,
-                )
-                .await?
-                {
+                let mut commit = Commit {
+                    writer: &mut writer,
+                    ctx: &ctx,
+                    key: &key,
+                    backoff: &mut backoff,
+                    stop: &mut stop,
+                };
+                if !commit.batch(out, source.as_mut(), &rejected.offset).await? {
                     return Ok(());
-                }
-                if let Err(e) = source.committed(&rejected.offset).await {
-                    tracing::warn!(pipeline = %spec.name, error = %e, "source could not acknowledge a committed batch");
                 }
                 status.lock().dead_letters += n;
                 continue;
@@ -339,22 +332,15 @@ pub async fn run_source(
             }
         }
         let n = out.len() as u64;
-        let offset = serde_json::to_vec(&batch.offset)?;
-        if !write_retrying(
-            &mut writer,
-            out,
-            &ctx,
-            &key,
-            offset,
-            &mut backoff,
-            &mut stop,
-        )
-        .await?
-        {
+        let mut commit = Commit {
+            writer: &mut writer,
+            ctx: &ctx,
+            key: &key,
+            backoff: &mut backoff,
+            stop: &mut stop,
+        };
+        if !commit.batch(out, source.as_mut(), &batch.offset).await? {
             return Ok(());
-        }
-        if let Err(e) = source.committed(&batch.offset).await {
-            tracing::warn!(pipeline = %spec.name, error = %e, "source could not acknowledge a committed batch");
         }
         let mut s = status.lock();
         s.records_in += n - failed;
@@ -435,35 +421,52 @@ fn from_plugin_record(r: weir_wasm::Record) -> Record {
     }
 }
 
-/// Writes a batch and its source offset, retrying transient failures; false when the pipeline
-/// is stopping.
-async fn write_retrying(
-    writer: &mut TopicWriter,
-    out: Vec<Outgoing>,
-    ctx: &Context,
-    key: &[u8],
-    offset: Vec<u8>,
-    backoff: &mut Backoff,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<bool> {
-    loop {
-        let result = writer
-            .write(
-                out.clone(),
-                Some((ctx.offsets.partition(), key.to_vec(), offset.clone())),
-            )
-            .await;
-        match result {
-            Ok(()) => {
-                backoff.reset();
-                return Ok(true);
-            }
-            Err(e) => {
-                if !backoff.wait(&e, stop).await? {
-                    return Ok(false);
+/// What committing a source batch needs: the writer, where the offset goes, and the retry
+/// state.
+struct Commit<'a> {
+    writer: &'a mut TopicWriter,
+    ctx: &'a Context,
+    key: &'a [u8],
+    backoff: &'a mut Backoff,
+    stop: &'a mut watch::Receiver<bool>,
+}
+
+impl Commit<'_> {
+    /// Writes the records and the source offset after them (one transaction with exactly_once),
+    /// retrying transient failures, then tells the source. False when the pipeline is stopping.
+    async fn batch(
+        &mut self,
+        out: Vec<Outgoing>,
+        source: &mut dyn Source,
+        offset: &serde_json::Value,
+    ) -> Result<bool> {
+        let value = serde_json::to_vec(offset)?;
+        loop {
+            let result = self
+                .writer
+                .write(
+                    out.clone(),
+                    Some((
+                        self.ctx.offsets.partition(),
+                        self.key.to_vec(),
+                        value.clone(),
+                    )),
+                )
+                .await;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    if !self.backoff.wait(&e, self.stop).await? {
+                        return Ok(false);
+                    }
                 }
             }
         }
+        self.backoff.reset();
+        if let Err(e) = source.committed(offset).await {
+            tracing::warn!(error = %e, "source could not acknowledge a committed batch");
+        }
+        Ok(true)
     }
 }
 
