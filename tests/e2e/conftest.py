@@ -136,9 +136,11 @@ class WeirDaemon:
                 log.flush()
                 env = dict(os.environ)
                 env.setdefault("RUST_BACKTRACE", "1")
+                # The daemon's working directory is the test's own: defaults such as
+                # ./pipelines must not pick up the repository's example pipelines.
                 self.proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True,
+                    env=env, start_new_session=True, cwd=self.workdir,
                 )
             _LIVE_DAEMONS.add(self)
             outcome = self._wait_healthy(timeout)
