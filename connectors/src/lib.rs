@@ -116,9 +116,9 @@ pub trait Source: Send {
         None
     }
 
-    /// Where each record of the last batch was in its topic (topic, partition, offset), for
-    /// sources that read a topic; transforms see it. The default: None.
-    fn last_batch_origins(&self) -> Option<&[(String, i32, i64)]> {
+    /// Where each record of the last batch was, for sources that read a topic: the topic, and
+    /// (partition, offset) per record. Transforms see it. The default: None.
+    fn last_batch_origins(&self) -> Option<(&str, &[(i32, i64)])> {
         None
     }
 

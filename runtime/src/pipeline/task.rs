@@ -308,8 +308,8 @@ pub async fn run_source(
         backoff.reset();
         let mut out = Vec::with_capacity(batch.records.len());
         let mut failed = 0u64;
-        let origins = source.last_batch_origins().map(<[_]>::to_vec);
-        let (records, rejected) = transform(&mut transforms, batch.records, origins.as_deref())?;
+        let origins = source.last_batch_origins();
+        let (records, rejected) = transform(&mut transforms, batch.records, origins)?;
         for (record, stage, message) in rejected {
             if spec.errors.tolerance == Tolerance::None {
                 bail!("{stage}: {message}");
@@ -357,7 +357,7 @@ type Rejected = (Record, String, String);
 fn transform(
     stages: &mut [weir_wasm::Instance],
     records: Vec<Record>,
-    origins: Option<&[(String, i32, i64)]>,
+    origins: Option<(&str, &[(i32, i64)])>,
 ) -> Result<(Vec<Record>, Vec<Rejected>)> {
     if stages.is_empty() {
         return Ok((records, Vec::new()));
@@ -365,7 +365,10 @@ fn transform(
     let mut batch: Vec<weir_wasm::Record> = records
         .into_iter()
         .enumerate()
-        .map(|(i, r)| to_plugin_record(r, origins.and_then(|o| o.get(i))))
+        .map(|(i, r)| {
+            let origin = origins.and_then(|(topic, o)| o.get(i).map(|&(p, off)| (topic, p, off)));
+            to_plugin_record(r, origin)
+        })
         .collect();
     let mut rejected = Vec::new();
     for (i, stage) in stages.iter_mut().enumerate() {
@@ -389,7 +392,7 @@ fn transform(
     ))
 }
 
-fn to_plugin_record(r: Record, origin: Option<&(String, i32, i64)>) -> weir_wasm::Record {
+fn to_plugin_record(r: Record, origin: Option<(&str, i32, i64)>) -> weir_wasm::Record {
     weir_wasm::Record {
         key: r.key.map(|k| k.to_vec()),
         value: r.value.map(|v| v.to_vec()),
@@ -402,7 +405,7 @@ fn to_plugin_record(r: Record, origin: Option<&(String, i32, i64)>) -> weir_wasm
             })
             .collect(),
         timestamp: r.timestamp,
-        topic: origin.map(|o| o.0.clone()),
+        topic: origin.map(|o| o.0.to_string()),
         partition: origin.map(|o| o.1),
         offset: origin.map(|o| o.2),
     }

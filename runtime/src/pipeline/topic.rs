@@ -26,7 +26,7 @@ pub struct TopicSource {
     topic: Arc<Topic>,
     start_at: StartAt,
     reader: Option<TopicReader>,
-    origins: Vec<(String, i32, i64)>,
+    origins: Vec<(i32, i64)>,
 }
 
 impl TopicSource {
@@ -93,7 +93,7 @@ impl Source for TopicSource {
             if !records.is_empty() {
                 self.origins = records
                     .iter()
-                    .map(|r| (r.position.topic.clone(), r.position.partition, r.offset))
+                    .map(|r| (r.position.partition, r.offset))
                     .collect();
                 return Ok(Some(SourceBatch {
                     records: records.into_iter().map(|r| r.record).collect(),
@@ -103,8 +103,8 @@ impl Source for TopicSource {
         }
     }
 
-    fn last_batch_origins(&self) -> Option<&[(String, i32, i64)]> {
-        Some(&self.origins)
+    fn last_batch_origins(&self) -> Option<(&str, &[(i32, i64)])> {
+        Some((&self.topic.name, &self.origins))
     }
 }
 
