@@ -97,7 +97,7 @@ pub struct ProducerState {
     aborted: Vec<AbortedTxn>,
 }
 
-fn seq_add(seq: i32, n: i32) -> i32 {
+pub fn seq_add(seq: i32, n: i32) -> i32 {
     // Sequences wrap from i32::MAX to 0 (Kafka's DefaultRecordBatch.incrementSequence).
     ((seq as i64 + n as i64) % (i32::MAX as i64 + 1)) as i32
 }

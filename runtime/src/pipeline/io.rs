@@ -16,6 +16,7 @@ use weir_connectors::{Record, SinkRecord, TopicPartition};
 use crate::log::batch::{complete_batches, BatchBuilder, ProducerFields};
 use crate::log::manager::{LogManager, Topic, TopicError};
 use crate::log::partition::{Isolation, Partition, ReadError};
+use crate::log::producer_state::seq_add;
 use crate::txn::{ProducerRef, TxnCoordinator};
 
 /// Largest batch the writer builds (below the default max.message.bytes).
@@ -65,10 +66,11 @@ impl TopicWriter {
 
     /// Writes the records, then `offset` (key and value, into its topic partition), as one
     /// transaction when transactional; in that order otherwise.
+    /// The records are borrowed, so a caller retrying a failed write copies nothing.
     pub async fn write(
         &mut self,
-        records: Vec<Outgoing>,
-        offset: Option<(Arc<Partition>, Vec<u8>, Vec<u8>)>,
+        records: &[Outgoing],
+        offset: Option<(Arc<Partition>, Bytes, Bytes)>,
     ) -> Result<()> {
         if self.reinit {
             self.producer = self
@@ -86,32 +88,35 @@ impl TopicWriter {
 
     async fn write_once(
         &mut self,
-        records: Vec<Outgoing>,
-        offset: Option<(Arc<Partition>, Vec<u8>, Vec<u8>)>,
+        records: &[Outgoing],
+        offset: Option<(Arc<Partition>, Bytes, Bytes)>,
     ) -> Result<()> {
-        let mut groups: BTreeMap<(Arc<str>, i32), Vec<Record>> = BTreeMap::new();
+        let mut groups: BTreeMap<(&str, i32), Vec<&Record>> = BTreeMap::new();
         for o in records {
             groups
-                .entry((o.topic, o.partition))
+                .entry((&o.topic, o.partition))
                 .or_default()
-                .push(o.record);
+                .push(&o.record);
         }
-        let mut targets: Vec<(Arc<Partition>, Vec<Record>)> = Vec::new();
-        for ((topic, p), recs) in groups {
-            let partition = self
-                .log
-                .partition(&topic, p)
-                .with_context(|| format!("topic {topic} has no partition {p}"))?;
-            targets.push((partition, recs));
-        }
-        if let Some((p, key, value)) = offset {
+        let offset = offset.map(|(p, key, value)| {
             let record = Record {
-                key: Some(Bytes::from(key)),
-                value: Some(Bytes::from(value)),
+                key: Some(key),
+                value: Some(value),
                 headers: vec![],
                 timestamp: crate::now_ms(),
             };
-            targets.push((p, vec![record]));
+            (p, record)
+        });
+        let mut targets: Vec<(Arc<Partition>, Vec<&Record>)> = Vec::new();
+        for ((topic, p), recs) in groups {
+            let partition = self
+                .log
+                .partition(topic, p)
+                .with_context(|| format!("topic {topic} has no partition {p}"))?;
+            targets.push((partition, recs));
+        }
+        if let Some((p, record)) = &offset {
+            targets.push((p.clone(), vec![record]));
         }
         if targets.is_empty() {
             return Ok(());
@@ -147,7 +152,7 @@ impl TopicWriter {
         Ok(())
     }
 
-    async fn append_all(&mut self, targets: &[(Arc<Partition>, Vec<Record>)]) -> Result<()> {
+    async fn append_all(&mut self, targets: &[(Arc<Partition>, Vec<&Record>)]) -> Result<()> {
         let transactional = self.transactional_id.is_some();
         for (p, records) in targets {
             let mut rest = &records[..];
@@ -162,7 +167,7 @@ impl TopicWriter {
                         base_sequence: seq,
                         transactional,
                     });
-                let mut taken = 0;
+                let mut taken: i32 = 0;
                 for r in rest {
                     if taken > 0 && b.size() >= MAX_BATCH_BYTES {
                         break;
@@ -177,11 +182,8 @@ impl TopicWriter {
                 }
                 p.append(&b.finish(Compression::None))
                     .with_context(|| format!("cannot append to {}-{}", p.topic, p.id))?;
-                self.sequences.insert(
-                    key,
-                    ((seq as i64 + taken as i64) % (i32::MAX as i64 + 1)) as i32,
-                );
-                rest = &rest[taken..];
+                self.sequences.insert(key, seq_add(seq, taken));
+                rest = &rest[taken as usize..];
             }
         }
         Ok(())

@@ -107,7 +107,7 @@ impl DeadLetters {
             self.writer = Some(TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), None).await?);
         }
         let writer = self.writer.as_mut().expect("just opened");
-        writer.write(vec![letter], None).await
+        writer.write(&[letter], None).await
     }
 
     /// The dead-letter record for a failed one; `origin` is its topic position when it came
@@ -443,17 +443,14 @@ impl Commit<'_> {
         source: &mut dyn Source,
         offset: &serde_json::Value,
     ) -> Result<bool> {
-        let value = serde_json::to_vec(offset)?;
+        let key = Bytes::copy_from_slice(self.key);
+        let value = Bytes::from(serde_json::to_vec(offset)?);
         loop {
             let result = self
                 .writer
                 .write(
-                    out.clone(),
-                    Some((
-                        self.ctx.offsets.partition(),
-                        self.key.to_vec(),
-                        value.clone(),
-                    )),
+                    &out,
+                    Some((self.ctx.offsets.partition(), key.clone(), value.clone())),
                 )
                 .await;
             match result {

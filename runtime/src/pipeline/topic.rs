@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde_json::json;
 use weir_connectors::{
     ConnectorError, Guarantee, Record, Sink, SinkRecord, Source, SourceBatch, TopicPartition,
@@ -114,7 +115,7 @@ pub struct TopicSink {
     target: Arc<Topic>,
     writer: TopicWriter,
     offsets: Arc<OffsetStore>,
-    key: Vec<u8>,
+    key: Bytes,
     input_topic: String,
     applied: BTreeMap<i32, i64>,
     next_partition: i32,
@@ -133,7 +134,7 @@ impl TopicSink {
             target,
             writer,
             offsets,
-            key: OffsetStore::key(pipeline, Some(sink_index)),
+            key: Bytes::from(OffsetStore::key(pipeline, Some(sink_index))),
             input_topic: input_topic.to_string(),
             applied: BTreeMap::new(),
             next_partition: 0,
@@ -190,8 +191,12 @@ impl Sink for TopicSink {
         let value = serde_json::to_vec(&positions_json(&applied)).expect("offsets serialise");
         self.writer
             .write(
-                out,
-                Some((self.offsets.partition(), self.key.clone(), value)),
+                &out,
+                Some((
+                    self.offsets.partition(),
+                    self.key.clone(),
+                    Bytes::from(value),
+                )),
             )
             .await
             .map_err(ConnectorError::Transient)?;
