@@ -237,7 +237,7 @@ fn offset_records(
                     topic: topic.clone(),
                     partition: *partition,
                 },
-                serde_json::to_vec(&value).ok(),
+                Some(serde_json::to_vec(&value).expect("offset values serialise")),
             )
         })
         .collect()
