@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -48,6 +49,12 @@ def wait(predicate, timeout: float, what: str):
             pass
         time.sleep(0.05)
     sys.exit(f"pipeline_stage: timed out waiting for {what}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def records_in(http: str, name: str) -> int:
@@ -100,11 +107,13 @@ def main() -> None:
             # Timed from the first committed batch, so loading the plugin is not counted.
             first = wait(lambda: records_in(http, name) > 0 and records_in(http, name), 120,
                          f"pipeline {name} to start")
-            started = time.monotonic()
+            started, cpu = time.monotonic(), cpu_seconds(server.pid)
             wait(lambda: records_in(http, name) >= a.n, 600, f"pipeline {name}")
             secs = time.monotonic() - started
+            cores = (cpu_seconds(server.pid) - cpu) / secs
             results[name] = (a.n - first) / secs
-            print(f"{name:>5}: {a.n - first:,} records in {secs:.2f} s = {results[name]:,.0f} records/s")
+            print(f"{name:>5}: {a.n - first:,} records in {secs:.2f} s = {results[name]:,.0f} records/s"
+                  f" ({cores:.2f} cores busy in the daemon)")
             (pipelines / f"{name}.yaml").unlink()
         cost = 1 - results["map"] / results["plain"]
         print(f"plugin stage: {results['map'] / results['plain']:.2f}x the plain pipeline's rate "

@@ -122,6 +122,15 @@ pub trait Source: Send {
         None
     }
 
+    /// Whether the runtime may call [`Source::next_batch`] again before the batches it returned
+    /// are committed, and drop a `next_batch` future that has not finished (it must lose
+    /// nothing then). The runtime then reads the next batch while the previous one is being
+    /// transformed and written. [`Source::committed`] is still called once per batch, in order.
+    /// The default: false.
+    fn allows_read_ahead(&self) -> bool {
+        false
+    }
+
     /// Everything up to `offset` is durable in the topic. Sources that can acknowledge
     /// upstream do it here; the default does nothing.
     async fn committed(&mut self, _offset: &serde_json::Value) -> Result<()> {

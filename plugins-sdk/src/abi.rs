@@ -64,6 +64,67 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// A decoded record whose fields borrow the buffer it was decoded from: decoding one costs no
+/// copy. [`RecordView::to_record`] makes an owned [`Record`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    pub timestamp: i64,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub topic: Option<&'a str>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+}
+
+impl RecordView<'_> {
+    pub fn to_record(&self) -> Record {
+        Record {
+            key: self.key.map(<[u8]>::to_vec),
+            value: self.value.map(<[u8]>::to_vec),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| Header {
+                    name: name.to_string(),
+                    value: value.map(<[u8]>::to_vec),
+                })
+                .collect(),
+            timestamp: self.timestamp,
+            topic: self.topic.map(str::to_string),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+impl EncodeRecord for RecordView<'_> {
+    fn timestamp(&self) -> i64 {
+        self.timestamp
+    }
+    fn topic(&self) -> Option<&str> {
+        self.topic
+    }
+    fn partition(&self) -> i32 {
+        self.partition.unwrap_or(-1)
+    }
+    fn offset(&self) -> i64 {
+        self.offset.unwrap_or(-1)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        self.key
+    }
+    fn value(&self) -> Option<&[u8]> {
+        self.value
+    }
+    fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+    fn header(&self, i: usize) -> (&str, Option<&[u8]>) {
+        self.headers[i]
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // encoding
 // ---------------------------------------------------------------------------------------------
@@ -93,36 +154,85 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// A record the encoder can write: the SDK's [`Record`], a [`RecordView`], or a host's own
+/// record type, so a host encodes its records without converting them first.
+pub trait EncodeRecord {
+    fn timestamp(&self) -> i64;
+    /// The topic the record was read from, if any.
+    fn topic(&self) -> Option<&str>;
+    /// The partition it was read from, or -1.
+    fn partition(&self) -> i32;
+    /// Its offset in that partition, or -1.
+    fn offset(&self) -> i64;
+    fn key(&self) -> Option<&[u8]>;
+    fn value(&self) -> Option<&[u8]>;
+    fn header_count(&self) -> usize;
+    /// Header `i` (`i < header_count()`): name and value.
+    fn header(&self, i: usize) -> (&str, Option<&[u8]>);
+}
+
+impl EncodeRecord for Record {
+    fn timestamp(&self) -> i64 {
+        self.timestamp
+    }
+    fn topic(&self) -> Option<&str> {
+        self.topic.as_deref()
+    }
+    fn partition(&self) -> i32 {
+        self.partition.unwrap_or(-1)
+    }
+    fn offset(&self) -> i64 {
+        self.offset.unwrap_or(-1)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+    fn value(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+    fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+    fn header(&self, i: usize) -> (&str, Option<&[u8]>) {
+        let h = &self.headers[i];
+        (&h.name, h.value.as_deref())
+    }
+}
+
 /// The exact encoded size of `r`.
-pub fn encoded_len(r: &Record) -> usize {
+pub fn encoded_len<R: EncodeRecord + ?Sized>(r: &R) -> usize {
     let opt = |v: Option<usize>| 4 + v.unwrap_or(0);
     MIN_RECORD_LEN - 12
-        + opt(r.topic.as_ref().map(|t| t.len()))
-        + opt(r.key.as_ref().map(|k| k.len()))
-        + opt(r.value.as_ref().map(|v| v.len()))
-        + r.headers
-            .iter()
-            .map(|h| 4 + h.name.len() + opt(h.value.as_ref().map(|v| v.len())))
+        + opt(r.topic().map(str::len))
+        + opt(r.key().map(<[u8]>::len))
+        + opt(r.value().map(<[u8]>::len))
+        + (0..r.header_count())
+            .map(|i| {
+                let (name, value) = r.header(i);
+                4 + name.len() + opt(value.map(<[u8]>::len))
+            })
             .sum::<usize>()
 }
 
 /// Append the encoding of one record.
-pub fn encode_record(r: &Record, out: &mut Vec<u8>) {
-    out.extend_from_slice(&r.timestamp.to_le_bytes());
-    out.extend_from_slice(&r.partition.unwrap_or(-1).to_le_bytes());
-    out.extend_from_slice(&r.offset.unwrap_or(-1).to_le_bytes());
-    put_opt_bytes(out, r.topic.as_deref().map(str::as_bytes));
-    put_opt_bytes(out, r.key.as_deref());
-    put_opt_bytes(out, r.value.as_deref());
-    put_len(out, r.headers.len());
-    for h in &r.headers {
-        put_str(out, &h.name);
-        put_opt_bytes(out, h.value.as_deref());
+pub fn encode_record<R: EncodeRecord + ?Sized>(r: &R, out: &mut Vec<u8>) {
+    out.extend_from_slice(&r.timestamp().to_le_bytes());
+    out.extend_from_slice(&r.partition().to_le_bytes());
+    out.extend_from_slice(&r.offset().to_le_bytes());
+    put_opt_bytes(out, r.topic().map(str::as_bytes));
+    put_opt_bytes(out, r.key());
+    put_opt_bytes(out, r.value());
+    let n = r.header_count();
+    put_len(out, n);
+    for i in 0..n {
+        let (name, value) = r.header(i);
+        put_str(out, name);
+        put_opt_bytes(out, value);
     }
 }
 
 /// Append a whole input batch (`count` then the records).
-pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
+pub fn encode_batch<R: EncodeRecord>(records: &[R], out: &mut Vec<u8>) {
     out.reserve(4 + records.iter().map(encoded_len).sum::<usize>());
     put_len(out, records.len());
     for r in records {
@@ -152,7 +262,7 @@ impl<'a> OutputWriter<'a> {
     }
 
     /// A record produced from input `index`.
-    pub fn record(&mut self, index: u32, r: &Record) {
+    pub fn record<R: EncodeRecord + ?Sized>(&mut self, index: u32, r: &R) {
         put_u32(self.out, index);
         self.out.push(ENTRY_RECORD);
         encode_record(r, self.out);
@@ -291,40 +401,36 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    /// One record.
-    pub fn record(&mut self) -> Result<Record, DecodeError> {
+    /// One record, borrowed from the buffer.
+    pub fn record(&mut self) -> Result<RecordView<'a>, DecodeError> {
         let timestamp = self.i64("record timestamp")?;
         let partition = self.i32("record partition")?;
         let offset = self.i64("record offset")?;
         let topic_at = self.pos;
         let topic = match self.opt_bytes("record topic")? {
             None => None,
-            Some(t) => Some(
-                std::str::from_utf8(t)
-                    .map_err(|_| DecodeError {
-                        offset: topic_at,
-                        what: "record topic is not UTF-8".into(),
-                    })?
-                    .to_string(),
-            ),
+            Some(t) => Some(std::str::from_utf8(t).map_err(|_| DecodeError {
+                offset: topic_at,
+                what: "record topic is not UTF-8".into(),
+            })?),
         };
-        let key = self.opt_bytes("record key")?.map(<[u8]>::to_vec);
-        let value = self.opt_bytes("record value")?.map(<[u8]>::to_vec);
+        let key = self.opt_bytes("record key")?;
+        let value = self.opt_bytes("record value")?;
         let n = self.count("header count", 8)?;
         let mut headers = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let name = self.str("header name")?.to_string();
-            let value = self.opt_bytes("header value")?.map(<[u8]>::to_vec);
-            headers.push(Header { name, value });
+            let name = self.str("header name")?;
+            let value = self.opt_bytes("header value")?;
+            headers.push((name, value));
         }
-        Ok(Record {
+        Ok(RecordView {
+            timestamp,
+            partition: (partition >= 0).then_some(partition),
+            offset: (offset >= 0).then_some(offset),
+            topic,
             key,
             value,
             headers,
-            timestamp,
-            topic,
-            partition: if partition < 0 { None } else { Some(partition) },
-            offset: if offset < 0 { None } else { Some(offset) },
         })
     }
 
@@ -363,8 +469,8 @@ impl<'a> BatchReader<'a> {
     }
 }
 
-impl Iterator for BatchReader<'_> {
-    type Item = Result<Record, DecodeError>;
+impl<'a> Iterator for BatchReader<'a> {
+    type Item = Result<RecordView<'a>, DecodeError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
@@ -388,26 +494,38 @@ impl Iterator for BatchReader<'_> {
 
 /// Decode a whole input batch.
 pub fn decode_batch(buf: &[u8]) -> Result<Vec<Record>, DecodeError> {
-    BatchReader::new(buf)?.collect()
+    BatchReader::new(buf)?
+        .map(|r| r.map(|v| v.to_record()))
+        .collect()
 }
 
-/// What one input produced, in a successful output.
+/// What one input produced, in a successful output: a record (by default the SDK's [`Record`];
+/// see [`decode_output_with`]) or the plugin's error message.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Record(Record),
+pub enum Outcome<T = Record> {
+    Record(T),
     Error(String),
 }
 
 /// One entry of a successful output.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub struct Entry<T = Record> {
     pub input_index: u32,
-    pub outcome: Outcome,
+    pub outcome: Outcome<T>,
 }
 
 /// Decode the result of `weir_process`: `Ok(Ok(entries))`, `Ok(Err(message))` when the call
 /// failed as a whole, `Err` when the bytes are malformed.
 pub fn decode_output(buf: &[u8]) -> Result<Result<Vec<Entry>, String>, DecodeError> {
+    decode_output_with(buf, |v| v.to_record())
+}
+
+/// [`decode_output`], building each produced record with `build` from a view into `buf` (a host
+/// keeps slices of its own copy of the output instead of copying every field).
+pub fn decode_output_with<'a, T>(
+    buf: &'a [u8],
+    mut build: impl FnMut(RecordView<'a>) -> T,
+) -> Result<Result<Vec<Entry<T>>, String>, DecodeError> {
     let mut r = Reader::new(buf);
     match r.u8("output status")? {
         STATUS_OK => {}
@@ -423,7 +541,7 @@ pub fn decode_output(buf: &[u8]) -> Result<Result<Vec<Entry>, String>, DecodeErr
     for _ in 0..n {
         let input_index = r.u32("entry input index")?;
         let outcome = match r.u8("entry tag")? {
-            ENTRY_RECORD => Outcome::Record(r.record()?),
+            ENTRY_RECORD => Outcome::Record(build(r.record()?)),
             ENTRY_ERROR => Outcome::Error(r.message("entry error message")?),
             other => return Err(r.error(format!("unknown entry tag {other}"))),
         };

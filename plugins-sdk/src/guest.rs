@@ -1,8 +1,10 @@
 //! The module side of the ABI: what the `export_*!` macros' exported functions do. Plugin code
 //! does not call this directly; [`crate::testing`] runs the same code natively.
 
-use crate::abi::{encode_failure, BatchReader, OutputWriter, STATUS_OK};
-use crate::{Config, Error, Record};
+use std::cell::RefCell;
+
+use crate::abi::{encode_failure, BatchReader, OutputWriter, RecordView, STATUS_OK};
+use crate::{Config, Error, Header, Record};
 
 /// A filter keeps the records for which it returns `true`.
 pub type FilterFn = fn(&Record) -> Result<bool, Error>;
@@ -22,27 +24,132 @@ pub enum Transform {
 }
 
 impl Transform {
-    fn apply(&self, index: u32, record: Record, w: &mut OutputWriter<'_>) {
+    /// Runs the author's function on one record and writes its result; the records written are
+    /// handed back to `pool` for the next inputs.
+    fn apply(&self, index: u32, record: Record, w: &mut OutputWriter<'_>, pool: &mut Pool) {
         match self {
             Transform::Filter(f) => match f(&record) {
-                Ok(true) => w.record(index, &record),
-                Ok(false) => {}
-                Err(e) => w.error(index, e.message()),
+                Ok(true) => {
+                    w.record(index, &record);
+                    pool.recycle(record);
+                }
+                Ok(false) => pool.recycle(record),
+                Err(e) => {
+                    w.error(index, e.message());
+                    pool.recycle(record);
+                }
             },
             Transform::Map(f) => match f(record) {
-                Ok(r) => w.record(index, &r),
+                Ok(r) => {
+                    w.record(index, &r);
+                    pool.recycle(r);
+                }
                 Err(e) => w.error(index, e.message()),
             },
             Transform::FlatMap(f) => match f(record) {
                 Ok(rs) => {
-                    for r in &rs {
-                        w.record(index, r);
+                    for r in rs {
+                        w.record(index, &r);
+                        pool.recycle(r);
                     }
                 }
                 Err(e) => w.error(index, e.message()),
             },
         }
     }
+}
+
+/// Buffers of records already written to the output, reused for the next records decoded, so
+/// that a batch costs no allocation per record once the pool is warm (a plain map hands every
+/// buffer back). Bounded in count and in the size of the buffers it keeps.
+#[derive(Default)]
+struct Pool {
+    bytes: Vec<Vec<u8>>,
+    strings: Vec<String>,
+    headers: Vec<Vec<Header>>,
+}
+
+const POOL_MAX_BUFFERS: usize = 4096;
+const POOL_MAX_BUFFER_BYTES: usize = 64 << 10;
+
+impl Pool {
+    fn bytes(&mut self, src: &[u8]) -> Vec<u8> {
+        let mut b = self.bytes.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(src);
+        b
+    }
+
+    fn string(&mut self, src: &str) -> String {
+        let mut s = self.strings.pop().unwrap_or_default();
+        s.clear();
+        s.push_str(src);
+        s
+    }
+
+    fn record(&mut self, v: &RecordView<'_>) -> Record {
+        let mut headers = match v.headers.is_empty() {
+            true => Vec::new(),
+            false => self.headers.pop().unwrap_or_default(),
+        };
+        for (name, value) in &v.headers {
+            let name = self.string(name);
+            let value = value.map(|x| self.bytes(x));
+            headers.push(Header { name, value });
+        }
+        Record {
+            key: v.key.map(|k| self.bytes(k)),
+            value: v.value.map(|x| self.bytes(x)),
+            headers,
+            timestamp: v.timestamp,
+            topic: v.topic.map(|t| self.string(t)),
+            partition: v.partition,
+            offset: v.offset,
+        }
+    }
+
+    fn keep_bytes(&mut self, b: Vec<u8>) {
+        if self.bytes.len() < POOL_MAX_BUFFERS && b.capacity() <= POOL_MAX_BUFFER_BYTES {
+            self.bytes.push(b);
+        }
+    }
+
+    fn keep_string(&mut self, s: String) {
+        if self.strings.len() < POOL_MAX_BUFFERS && s.capacity() <= POOL_MAX_BUFFER_BYTES {
+            self.strings.push(s);
+        }
+    }
+
+    fn recycle(&mut self, r: Record) {
+        let Record {
+            key,
+            value,
+            mut headers,
+            topic,
+            ..
+        } = r;
+        key.into_iter()
+            .chain(value)
+            .for_each(|b| self.keep_bytes(b));
+        if let Some(t) = topic {
+            self.keep_string(t);
+        }
+        if headers.capacity() > 0 {
+            for h in headers.drain(..) {
+                self.keep_string(h.name);
+                if let Some(v) = h.value {
+                    self.keep_bytes(v);
+                }
+            }
+            if self.headers.len() < POOL_MAX_BUFFERS {
+                self.headers.push(headers);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
 /// Run `t` over an encoded input batch, writing the encoded output into `out` (cleared first).
@@ -58,12 +165,18 @@ pub fn process_batch(t: &Transform, input: &[u8], out: &mut Vec<u8>) {
             return;
         }
     };
+    // An output is about as large as its input for most transforms: grow once, not per record.
+    out.reserve(input.len() + input.len() / 8);
     let mut failure = None;
-    {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
         let mut w = OutputWriter::new(out);
         for (i, rec) in reader.enumerate() {
             match rec {
-                Ok(r) => t.apply(i as u32, r, &mut w),
+                Ok(v) => {
+                    let r = pool.record(&v);
+                    t.apply(i as u32, r, &mut w, &mut pool);
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -73,7 +186,7 @@ pub fn process_batch(t: &Transform, input: &[u8], out: &mut Vec<u8>) {
         if failure.is_none() {
             w.finish();
         }
-    }
+    });
     if let Some(e) = failure {
         out.clear();
         encode_failure(

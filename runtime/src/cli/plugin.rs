@@ -751,7 +751,7 @@ fn test(a: TestArgs) -> Result<()> {
     let (mut produced, mut dead, mut batches) = (0usize, 0usize, 0usize);
     for (b, chunk) in records.chunks(a.run.batch_size).enumerate() {
         let base = b * a.run.batch_size;
-        let result = inst.process(chunk)?;
+        let result = inst.process_records(chunk)?;
         batches += 1;
         produced += result.records.len();
         dead += result.dead_letters.len();
@@ -835,13 +835,13 @@ fn bench(a: BenchArgs) -> Result<()> {
         })
         .collect();
     // warm-up: grows the module's buffers and the caches
-    inst.process(&batch)?;
+    inst.process_records(&batch)?;
     let (mut done, mut produced, mut dead) = (0usize, 0usize, 0usize);
     let cpu0 = cpu_seconds();
     let started = Instant::now();
     while done < a.records {
         let n = batch_size.min(a.records - done);
-        let out = inst.process(&batch[..n])?;
+        let out = inst.process_records(&batch[..n])?;
         produced += out.records.len();
         dead += out.dead_letters.len();
         done += n;

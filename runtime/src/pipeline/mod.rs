@@ -9,6 +9,7 @@ pub mod offsets;
 pub mod spec;
 pub mod task;
 pub mod topic;
+pub mod transform;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};

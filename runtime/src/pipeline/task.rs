@@ -9,12 +9,13 @@ use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
-use weir_connectors::{ConnectorError, Record, Sink, SinkRecord, Source};
+use weir_connectors::{ConnectorError, Record, Sink, SinkRecord, Source, SourceBatch};
 
 use super::io::{ensure_topic, Outgoing, TopicReader, TopicWriter};
 use super::offsets::OffsetStore;
 use super::spec::{Delivery, PipelineSpec, SinkSpec, SourceSpec, Tolerance};
 use super::topic::{TopicSink, TopicSource};
+use super::transform::{Rejected, Transformed, Transforms};
 use super::{Context, Status};
 use crate::client::partitioner::partition_for_key;
 use crate::group::CommittedOffset;
@@ -197,14 +198,7 @@ pub async fn run_source(
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    // One instance per transform, reused across batches (the host replaces a trapped one).
-    let mut transforms = Vec::with_capacity(plugins.len());
-    for (i, p) in plugins.iter().enumerate() {
-        let instance = p
-            .instance()
-            .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", p.name()))?;
-        transforms.push(instance);
-    }
+    let transforms = Transforms::start(&plugins)?;
     let output_spec = spec
         .topic
         .clone()
@@ -219,7 +213,7 @@ pub async fn run_source(
         (spec.delivery == Delivery::ExactlyOnce).then(|| format!("weir-pipeline-{}", spec.name));
     // Opening the writer first fences an earlier instance and aborts its open transaction,
     // so the offset loaded next is the committed one.
-    let mut writer = TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), transactional_id).await?;
+    let writer = TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), transactional_id).await?;
     let key = OffsetStore::key(&spec.name, None);
     let resume = ctx.offsets.load(&key)?;
     let mut backoff = Backoff::new(spec.errors.max_retries);
@@ -249,26 +243,89 @@ pub async fn run_source(
         }
     }
     backoff.reset();
-    let mut dead_letters = None;
-    let mut router = Router {
-        topic: output,
-        key_field: output_spec.key.clone(),
-        next: 0,
+    let mut committer = Committer {
+        ctx: &ctx,
+        spec: &spec,
+        writer,
+        key: Bytes::from(key),
+        backoff,
+        router: Router {
+            topic: output,
+            key_field: output_spec.key.clone(),
+            next: 0,
+        },
+        dead_letters: None,
+        status,
     };
+    // With transforms and a source that allows it, a batch is transformed on a blocking thread
+    // while this task commits the batch before it and reads the one after: the plugins run on
+    // one core, reading and writing the log on another.
+    let read_ahead = source.allows_read_ahead() && !transforms.is_empty();
+    let mut transforms = Some(transforms);
+    let mut in_flight: Option<InFlight> = None;
+    let mut queued: Option<(SourceBatch, Option<Origins>)> = None;
     loop {
-        let batch = tokio::select! {
+        if in_flight.is_none() {
+            if let Some((batch, origins)) = queued.take() {
+                let t = transforms.take().expect("the transforms are free");
+                in_flight = Some(InFlight::start(t, batch, origins));
+            }
+        }
+        let event = tokio::select! {
             _ = stop.changed() => return Ok(()),
-            b = source.next_batch(spec.batch_records) => b,
+            done = InFlight::wait(&mut in_flight) => Event::Transformed(done),
+            b = source.next_batch(spec.batch_records), if queued.is_none() => Event::Read(b),
         };
-        let batch = match batch {
+        let read = match event {
+            Event::Read(Ok(Some(b))) if read_ahead => {
+                let origins = source
+                    .last_batch_origins()
+                    .map(|(t, o)| (t.to_string(), o.to_vec()));
+                queued = Some((b, origins));
+                continue;
+            }
+            Event::Transformed(done) => {
+                let (t, result, offset) = done?;
+                // The next batch goes to the plugins before this one is committed.
+                match queued.take() {
+                    Some((batch, origins)) => in_flight = Some(InFlight::start(t, batch, origins)),
+                    None => transforms = Some(t),
+                }
+                let (records, rejected) = result?;
+                if !committer
+                    .transformed(records, rejected, &offset, source.as_mut(), &mut stop)
+                    .await?
+                {
+                    return Ok(());
+                }
+                continue;
+            }
+            Event::Read(read) => {
+                // Anything but a batch to read ahead: commit what is in flight first, so that
+                // batches and source offsets reach the log in order.
+                if in_flight.is_some() {
+                    let (t, result, offset) = InFlight::wait(&mut in_flight).await?;
+                    transforms = Some(t);
+                    let (records, rejected) = result?;
+                    if !committer
+                        .transformed(records, rejected, &offset, source.as_mut(), &mut stop)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                }
+                read
+            }
+        };
+        let batch = match read {
             Ok(Some(b)) => b,
             Ok(None) => {
-                status.lock().state = "finished".into();
+                committer.status.lock().state = "finished".into();
                 let _ = stop.changed().await;
                 return Ok(());
             }
             Err(ConnectorError::Transient(e)) => {
-                if !backoff.wait(&e, &mut stop).await? {
+                if !committer.backoff.wait(&e, &mut stop).await? {
                     return Ok(());
                 }
                 continue;
@@ -283,158 +340,167 @@ pub async fn run_source(
                     tracing::warn!(pipeline = %spec.name, error = %message, "source skipped bad input");
                     continue;
                 };
-                let letters = dead_letters_for(&ctx, &spec, &mut dead_letters)?;
+                let letters = committer.dead_letters()?;
                 let out = rejected
                     .records
                     .iter()
                     .map(|r| letters.letter(r, "source", &message, 1, None))
                     .collect::<Vec<_>>();
                 let n = out.len() as u64;
-                let mut commit = Commit {
-                    writer: &mut writer,
-                    ctx: &ctx,
-                    key: &key,
-                    backoff: &mut backoff,
-                    stop: &mut stop,
-                };
-                if !commit.batch(out, source.as_mut(), &rejected.offset).await? {
+                if !committer
+                    .batch(out, source.as_mut(), &rejected.offset, &mut stop)
+                    .await?
+                {
                     return Ok(());
                 }
-                status.lock().dead_letters += n;
+                committer.status.lock().dead_letters += n;
                 continue;
             }
             Err(e) => bail!("source: {e}"),
         };
-        backoff.reset();
-        let mut out = Vec::with_capacity(batch.records.len());
+        committer.backoff.reset();
+        let t = transforms.as_mut().expect("no transform in flight");
+        let (records, rejected) = if t.is_empty() {
+            (batch.records, Vec::new())
+        } else {
+            let origins = source.last_batch_origins();
+            // The guest calls are CPU work: keep them off the other tasks' worker thread.
+            tokio::task::block_in_place(|| t.run(batch.records, origins))?
+        };
+        if !committer
+            .transformed(records, rejected, &batch.offset, source.as_mut(), &mut stop)
+            .await?
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Where a topic source read each record of a batch: the topic, and (partition, offset) per
+/// record.
+type Origins = (String, Vec<(i32, i64)>);
+
+/// What woke the source loop.
+enum Event {
+    Transformed(Result<Done>),
+    Read(weir_connectors::Result<Option<SourceBatch>>),
+}
+
+/// What a transform in flight hands back: the plugin instances, the result, the source offset
+/// after the batch.
+type Done = (Transforms, Result<Transformed>, serde_json::Value);
+
+/// A batch being transformed on a blocking thread.
+struct InFlight {
+    task: tokio::task::JoinHandle<(Transforms, Result<Transformed>)>,
+    offset: serde_json::Value,
+}
+
+impl InFlight {
+    fn start(mut transforms: Transforms, batch: SourceBatch, origins: Option<Origins>) -> InFlight {
+        let task = tokio::task::spawn_blocking(move || {
+            let origins = origins.as_ref().map(|(t, o)| (t.as_str(), o.as_slice()));
+            let result = transforms.run(batch.records, origins);
+            (transforms, result)
+        });
+        InFlight {
+            task,
+            offset: batch.offset,
+        }
+    }
+
+    /// Waits for the transform in flight, if any (else never returns); takes it out when done.
+    async fn wait(slot: &mut Option<InFlight>) -> Result<Done> {
+        let Some(f) = slot.as_mut() else {
+            return std::future::pending().await;
+        };
+        let joined = (&mut f.task).await;
+        let f = slot.take().expect("checked above");
+        let (transforms, result) = joined.map_err(|e| anyhow!("the transform task failed: {e}"))?;
+        Ok((transforms, result, f.offset))
+    }
+}
+
+/// Writes a source task's batches: the records routed to the output topic, dead letters, and
+/// the source offset after each batch in the same transaction (exactly once), with retries.
+struct Committer<'a> {
+    ctx: &'a Context,
+    spec: &'a PipelineSpec,
+    writer: TopicWriter,
+    /// The source's key in the offsets topic.
+    key: Bytes,
+    backoff: Backoff,
+    router: Router,
+    dead_letters: Option<DeadLetters>,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Committer<'_> {
+    fn dead_letters(&mut self) -> Result<&mut DeadLetters> {
+        dead_letters_for(self.ctx, self.spec, &mut self.dead_letters)
+    }
+
+    /// The records to write for a batch: each record routed to its partition of the output
+    /// topic, and the ones a stage rejected (or that cannot be routed) as dead letters. Err
+    /// when the pipeline stops on errors. Also returns how many are dead letters.
+    fn assemble(
+        &mut self,
+        records: Vec<Record>,
+        rejected: Vec<Rejected>,
+    ) -> Result<(Vec<Outgoing>, u64)> {
+        let stop_on_errors = self.spec.errors.tolerance == Tolerance::None;
+        let mut out = Vec::with_capacity(records.len() + rejected.len());
         let mut failed = 0u64;
-        let origins = source.last_batch_origins();
-        let (records, rejected) = transform(&mut transforms, batch.records, origins)?;
         for (record, stage, message) in rejected {
-            if spec.errors.tolerance == Tolerance::None {
+            if stop_on_errors {
                 bail!("{stage}: {message}");
             }
-            let letters = dead_letters_for(&ctx, &spec, &mut dead_letters)?;
-            out.push(letters.letter(&record, &stage, &message, 1, None));
+            out.push(
+                self.dead_letters()?
+                    .letter(&record, &stage, &message, 1, None),
+            );
             failed += 1;
         }
         for r in records {
-            match router.route(r) {
+            match self.router.route(r) {
                 Ok(o) => out.push(o),
                 Err((record, message)) => {
-                    if spec.errors.tolerance == Tolerance::None {
+                    if stop_on_errors {
                         bail!("topic: {message}");
                     }
-                    let letters = dead_letters_for(&ctx, &spec, &mut dead_letters)?;
-                    out.push(letters.letter(&record, "topic", &message, 1, None));
+                    out.push(
+                        self.dead_letters()?
+                            .letter(&record, "topic", &message, 1, None),
+                    );
                     failed += 1;
                 }
             }
         }
+        Ok((out, failed))
+    }
+
+    /// Commits a batch that went through the transforms (if any): its records and dead
+    /// letters, and the source offset after it; then counts them. False when the pipeline is
+    /// stopping.
+    async fn transformed(
+        &mut self,
+        records: Vec<Record>,
+        rejected: Vec<Rejected>,
+        offset: &serde_json::Value,
+        source: &mut dyn Source,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let (out, failed) = self.assemble(records, rejected)?;
         let n = out.len() as u64;
-        let mut commit = Commit {
-            writer: &mut writer,
-            ctx: &ctx,
-            key: &key,
-            backoff: &mut backoff,
-            stop: &mut stop,
-        };
-        if !commit.batch(out, source.as_mut(), &batch.offset).await? {
-            return Ok(());
+        if !self.batch(out, source, offset, stop).await? {
+            return Ok(false);
         }
-        let mut s = status.lock();
+        let mut s = self.status.lock();
         s.records_in += n - failed;
         s.dead_letters += failed;
+        Ok(true)
     }
-}
 
-/// A record rejected by a stage: the record as the stage got it, the stage, the reason.
-type Rejected = (Record, String, String);
-
-/// Runs a batch through the WASM transforms in order: one guest call per stage per batch.
-/// Returns what comes out of the last stage and the records a stage rejected (a plugin error,
-/// trap, panic or exhausted budget; the host isolates them record by record).
-fn transform(
-    stages: &mut [weir_wasm::Instance],
-    records: Vec<Record>,
-    origins: Option<(&str, &[(i32, i64)])>,
-) -> Result<(Vec<Record>, Vec<Rejected>)> {
-    if stages.is_empty() {
-        return Ok((records, Vec::new()));
-    }
-    let mut batch: Vec<weir_wasm::Record> = records
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let origin = origins.and_then(|(topic, o)| o.get(i).map(|&(p, off)| (topic, p, off)));
-            to_plugin_record(r, origin)
-        })
-        .collect();
-    let mut rejected = Vec::new();
-    for (i, stage) in stages.iter_mut().enumerate() {
-        // The guest call is CPU work: keep it off the other tasks' worker thread.
-        let output = tokio::task::block_in_place(|| stage.process(&batch))
-            .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", stage.name()))?;
-        for dl in output.dead_letters {
-            if let Some(r) = batch.get(dl.input_index) {
-                rejected.push((
-                    from_plugin_record(r.clone()),
-                    format!("transforms[{i}]"),
-                    format!("{} ({})", dl.fault, stage.name()),
-                ));
-            }
-        }
-        batch = output.records.into_iter().map(|p| p.record).collect();
-    }
-    Ok((
-        batch.into_iter().map(from_plugin_record).collect(),
-        rejected,
-    ))
-}
-
-fn to_plugin_record(r: Record, origin: Option<(&str, i32, i64)>) -> weir_wasm::Record {
-    weir_wasm::Record {
-        key: r.key.map(|k| k.to_vec()),
-        value: r.value.map(|v| v.to_vec()),
-        headers: r
-            .headers
-            .into_iter()
-            .map(|(name, value)| weir_wasm::Header {
-                name,
-                value: Some(value.to_vec()),
-            })
-            .collect(),
-        timestamp: r.timestamp,
-        topic: origin.map(|o| o.0.to_string()),
-        partition: origin.map(|o| o.1),
-        offset: origin.map(|o| o.2),
-    }
-}
-
-fn from_plugin_record(r: weir_wasm::Record) -> Record {
-    Record {
-        key: r.key.map(Bytes::from),
-        value: r.value.map(Bytes::from),
-        headers: r
-            .headers
-            .into_iter()
-            .map(|h| (h.name, Bytes::from(h.value.unwrap_or_default())))
-            .collect(),
-        timestamp: r.timestamp,
-    }
-}
-
-/// What committing a source batch needs: the writer, where the offset goes, and the retry
-/// state.
-struct Commit<'a> {
-    writer: &'a mut TopicWriter,
-    ctx: &'a Context,
-    key: &'a [u8],
-    backoff: &'a mut Backoff,
-    stop: &'a mut watch::Receiver<bool>,
-}
-
-impl Commit<'_> {
     /// Writes the records and the source offset after them (one transaction with exactly_once),
     /// retrying transient failures, then tells the source. False when the pipeline is stopping.
     async fn batch(
@@ -442,21 +508,25 @@ impl Commit<'_> {
         out: Vec<Outgoing>,
         source: &mut dyn Source,
         offset: &serde_json::Value,
+        stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
-        let key = Bytes::copy_from_slice(self.key);
         let value = Bytes::from(serde_json::to_vec(offset)?);
         loop {
             let result = self
                 .writer
                 .write(
                     &out,
-                    Some((self.ctx.offsets.partition(), key.clone(), value.clone())),
+                    Some((
+                        self.ctx.offsets.partition(),
+                        self.key.clone(),
+                        value.clone(),
+                    )),
                 )
                 .await;
             match result {
                 Ok(()) => break,
                 Err(e) => {
-                    if !self.backoff.wait(&e, self.stop).await? {
+                    if !self.backoff.wait(&e, stop).await? {
                         return Ok(false);
                     }
                 }

@@ -3,17 +3,18 @@
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use wasmtime::{Memory, Store, Trap, TypedFunc};
-use weir_plugin_sdk::abi::{self, Entry, Outcome};
+use weir_plugin_sdk::abi::{self, EncodeRecord, Entry, Outcome, RecordView};
 
 use crate::plugin::{PluginInner, StoreState};
 use crate::{Error, Record};
 
 /// A record the plugin produced, and the index of the input record it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Produced {
+pub struct Produced<T = Record> {
     pub input_index: usize,
-    pub record: Record,
+    pub record: T,
 }
 
 /// An input record the plugin could not handle, and why.
@@ -24,10 +25,19 @@ pub struct DeadLetter {
 }
 
 /// The result of one batch: produced records in input order, and the dead letters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Output {
-    pub records: Vec<Produced>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output<T = Record> {
+    pub records: Vec<Produced<T>>,
     pub dead_letters: Vec<DeadLetter>,
+}
+
+impl<T> Default for Output<T> {
+    fn default() -> Self {
+        Output {
+            records: Vec::new(),
+            dead_letters: Vec::new(),
+        }
+    }
 }
 
 /// What went wrong with a record.
@@ -185,12 +195,20 @@ impl Instance {
     ///
     /// `Err` means the plugin cannot run at all any more: a fresh instance failed to start (its
     /// init fails now). The caller stops the pipeline with that error.
-    pub fn process(&mut self, batch: &[Record]) -> Result<Output, Error> {
+    ///
+    /// The records produced come as `T`, made by `build` from a view into the call's output and
+    /// that output itself (one copy of the module's output per call, which `build` may slice
+    /// instead of copying each field). [`Instance::process_records`] makes SDK records.
+    pub fn process<R: EncodeRecord, T>(
+        &mut self,
+        batch: &[R],
+        mut build: impl FnMut(&Bytes, RecordView<'_>) -> T,
+    ) -> Result<Output<T>, Error> {
         let mut out = Output::default();
         if batch.is_empty() {
             return Ok(out);
         }
-        let fault = match self.call(batch) {
+        let fault = match self.call(batch, &mut build) {
             Ok(entries) => {
                 absorb(&mut out, entries, 0);
                 return Ok(out);
@@ -212,7 +230,7 @@ impl Instance {
             batch.len()
         );
         for (i, record) in batch.iter().enumerate() {
-            match self.call(std::slice::from_ref(record)) {
+            match self.call(std::slice::from_ref(record), &mut build) {
                 Ok(entries) => absorb(&mut out, entries, i),
                 Err(fault) => {
                     self.restart(&fault)?;
@@ -224,6 +242,11 @@ impl Instance {
             }
         }
         Ok(out)
+    }
+
+    /// [`Instance::process`] with owned SDK records in and out.
+    pub fn process_records(&mut self, batch: &[Record]) -> Result<Output, Error> {
+        self.process(batch, |_, v| v.to_record())
     }
 
     fn restart(&mut self, why: &Fault) -> Result<(), Error> {
@@ -239,7 +262,11 @@ impl Instance {
     }
 
     /// One call into the module with `records`.
-    fn call(&mut self, records: &[Record]) -> Result<Vec<Entry>, Fault> {
+    fn call<R: EncodeRecord, T>(
+        &mut self,
+        records: &[R],
+        build: &mut impl FnMut(&Bytes, RecordView<'_>) -> T,
+    ) -> Result<Vec<Entry<T>>, Fault> {
         let limits = &self.inner.limits;
         let budget = limits
             .fuel_per_call
@@ -260,19 +287,20 @@ impl Instance {
             .set_fuel(budget)
             .map_err(|e| Fault::new(FaultKind::Trap, format!("{e:#}")))?;
         live.store.data_mut().begin_call();
-        let result = call_module(live, &self.input, len, budget, records.len());
+        let result = call_module(live, &self.input, len, budget, records.len(), build);
         live.store.data_mut().end_call();
         result
     }
 }
 
-fn call_module(
+fn call_module<T>(
     live: &mut Live,
     input: &[u8],
     len: u32,
     budget: u64,
     count: usize,
-) -> Result<Vec<Entry>, Fault> {
+    build: &mut impl FnMut(&Bytes, RecordView<'_>) -> T,
+) -> Result<Vec<Entry<T>>, Fault> {
     let ptr = live
         .alloc
         .call(&mut live.store, len)
@@ -301,7 +329,9 @@ fn call_module(
                 ),
             )
         })?;
-    let entries = match abi::decode_output(bytes) {
+    // One copy of the whole output, which the records produced may share.
+    let bytes = Bytes::copy_from_slice(bytes);
+    let entries = match abi::decode_output_with(&bytes, |v| build(&bytes, v)) {
         Ok(Ok(entries)) => entries,
         Ok(Err(message)) => {
             return Err(Fault::new(
@@ -333,7 +363,7 @@ fn region(data: &mut [u8], ptr: u32, len: u32) -> Option<&mut [u8]> {
     data.get_mut(start..start.checked_add(len as usize)?)
 }
 
-fn absorb(out: &mut Output, entries: Vec<Entry>, base: usize) {
+fn absorb<T>(out: &mut Output<T>, entries: Vec<Entry<T>>, base: usize) {
     for e in entries {
         let input_index = base + e.input_index as usize;
         match e.outcome {

@@ -23,6 +23,7 @@ mod plugin;
 
 pub use instance::{DeadLetter, Fault, FaultKind, Instance, Output, Produced};
 pub use plugin::{Host, HostStats, LogLine, LogSink, Plugin, PluginOptions};
+pub use weir_plugin_sdk::abi;
 pub use weir_plugin_sdk::abi::ABI_VERSION;
 pub use weir_plugin_sdk::{Header, Record};
 

@@ -179,8 +179,10 @@ fn run_and_recover(values: &[&str]) -> (weir_wasm::Output, weir_wasm::Instance, 
     let host = Host::new(None).unwrap();
     let (plugin, lines) = echo(&host);
     let mut inst = plugin.instance().unwrap();
-    let out = inst.process(&records(values)).unwrap();
-    let after = inst.process(&records(&["fine", "also fine"])).unwrap();
+    let out = inst.process_records(&records(values)).unwrap();
+    let after = inst
+        .process_records(&records(&["fine", "also fine"]))
+        .unwrap();
     assert_eq!(
         after.records.len(),
         2,
@@ -203,7 +205,7 @@ fn a_batch_is_one_call_and_records_round_trip() {
     let (plugin, lines) = echo(&host);
     let mut inst = plugin.instance().unwrap();
     let input = records(&["a", "b", "c", ""]);
-    let out = inst.process(&input).unwrap();
+    let out = inst.process_records(&input).unwrap();
     assert_eq!(calls(&lines), 1);
     assert!(out.dead_letters.is_empty());
     let got: Vec<Record> = out.records.iter().map(|p| p.record.clone()).collect();
@@ -461,7 +463,7 @@ fn output_outside_memory_or_malformed_is_a_bad_output_fault() {
         let (opts, _) = options(small_limits());
         let plugin = host.load_bytes(&wasm(&text), opts).unwrap();
         let mut inst = plugin.instance().unwrap();
-        let out = inst.process(&records(&["x"])).unwrap();
+        let out = inst.process_records(&records(&["x"])).unwrap();
         assert!(out.records.is_empty());
         let dl = &out.dead_letters[0];
         assert_eq!(dl.fault.kind, FaultKind::BadOutput);
@@ -496,7 +498,7 @@ fn log_floods_are_capped_per_call() {
         .unwrap()
         .instance()
         .unwrap();
-    inst.process(&records(&["x"])).unwrap();
+    inst.process_records(&records(&["x"])).unwrap();
     let lines = lines.lock().unwrap();
     assert_eq!(lines.iter().filter(|(_, m)| m == "spam").count(), 10);
     assert!(
@@ -523,7 +525,7 @@ fn a_log_call_pointing_outside_memory_traps_only_the_plugin() {
         .unwrap()
         .instance()
         .unwrap();
-    let out = inst.process(&records(&["x"])).unwrap();
+    let out = inst.process_records(&records(&["x"])).unwrap();
     let dl = &out.dead_letters[0];
     assert_eq!(dl.fault.kind, FaultKind::Trap);
     assert!(
@@ -557,7 +559,7 @@ fn compiled_modules_are_cached_in_memory_and_on_disk() {
     let out = plugin
         .instance()
         .unwrap()
-        .process(&records(&["z"]))
+        .process_records(&records(&["z"]))
         .unwrap();
     assert_eq!(values(&out), vec![(0, "z".into())]);
 
@@ -571,7 +573,7 @@ fn compiled_modules_are_cached_in_memory_and_on_disk() {
     let out = plugin
         .instance()
         .unwrap()
-        .process(&records(&["still"]))
+        .process_records(&records(&["still"]))
         .unwrap();
     assert_eq!(values(&out), vec![(0, "still".into())]);
 }
