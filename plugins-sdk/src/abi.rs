@@ -129,16 +129,19 @@ impl EncodeRecord for RecordView<'_> {
 // encoding
 // ---------------------------------------------------------------------------------------------
 
+#[inline]
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+#[inline]
 fn put_len(out: &mut Vec<u8>, len: usize) {
     // Lengths come from Rust values in memory; on wasm32 they fit in u32 by construction, and a
     // host never encodes a single field of 4 GiB (the guest memory could not hold it).
     put_u32(out, u32::try_from(len).unwrap_or(NULL_LEN - 1));
 }
 
+#[inline]
 fn put_opt_bytes(out: &mut Vec<u8>, v: Option<&[u8]>) {
     match v {
         None => put_u32(out, NULL_LEN),
@@ -149,6 +152,7 @@ fn put_opt_bytes(out: &mut Vec<u8>, v: Option<&[u8]>) {
     }
 }
 
+#[inline]
 fn put_str(out: &mut Vec<u8>, s: &str) {
     put_len(out, s.len());
     out.extend_from_slice(s.as_bytes());
@@ -319,41 +323,56 @@ impl<'a> Reader<'a> {
         }
     }
 
+    // The accessors below run for every field of every record, in the module and in the host:
+    // inlined, with the error built out of line.
+    #[inline]
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
-        if self.remaining() < n {
-            return Err(self.error(format!(
-                "truncated {what}: {n} bytes needed, {} left",
-                self.remaining()
-            )));
+        match self.buf.get(self.pos..self.pos.saturating_add(n)) {
+            Some(s) => {
+                self.pos += n;
+                Ok(s)
+            }
+            None => Err(self.truncated(n, what)),
         }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
     }
 
+    #[cold]
+    #[inline(never)]
+    fn truncated(&self, n: usize, what: &str) -> DecodeError {
+        self.error(format!(
+            "truncated {what}: {n} bytes needed, {} left",
+            self.remaining()
+        ))
+    }
+
+    #[inline]
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, what)?);
-        Ok(a)
+        let s = self.take(N, what)?;
+        Ok(s.try_into().expect("take returned N bytes"))
     }
 
+    #[inline]
     pub fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
         Ok(self.array::<1>(what)?[0])
     }
 
+    #[inline]
     pub fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
         self.array(what).map(u32::from_le_bytes)
     }
 
+    #[inline]
     pub fn i32(&mut self, what: &str) -> Result<i32, DecodeError> {
         self.array(what).map(i32::from_le_bytes)
     }
 
+    #[inline]
     pub fn i64(&mut self, what: &str) -> Result<i64, DecodeError> {
         self.array(what).map(i64::from_le_bytes)
     }
 
     /// A `bytes?` field, borrowed from the buffer.
+    #[inline]
     pub fn opt_bytes(&mut self, what: &str) -> Result<Option<&'a [u8]>, DecodeError> {
         let len = self.u32(what)?;
         if len == NULL_LEN {
@@ -417,7 +436,10 @@ impl<'a> Reader<'a> {
         let key = self.opt_bytes("record key")?;
         let value = self.opt_bytes("record value")?;
         let n = self.count("header count", 8)?;
-        let mut headers = Vec::with_capacity(n as usize);
+        let mut headers = match n {
+            0 => Vec::new(),
+            n => Vec::with_capacity(n as usize),
+        };
         for _ in 0..n {
             let name = self.str("header name")?;
             let value = self.opt_bytes("header value")?;

@@ -1,7 +1,7 @@
 //! The loops that run a pipeline: one source task (source → topic, offsets in the same
 //! transaction) and one task per sink (topic → sink), with retries, dead letters and status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -257,43 +257,35 @@ pub async fn run_source(
         dead_letters: None,
         status,
     };
-    // With transforms and a source that allows it, a batch is transformed on a blocking thread
-    // while this task commits the batch before it and reads the one after: the plugins run on
-    // one core, reading and writing the log on another.
+    // With transforms and a source that allows it, batches are transformed on a blocking thread
+    // while this task reads the next ones and commits the ones before: the plugins run on one
+    // core, reading and writing the log on another.
     let read_ahead = source.allows_read_ahead() && !transforms.is_empty();
-    let mut transforms = Some(transforms);
-    let mut in_flight: Option<InFlight> = None;
-    let mut queued: Option<(SourceBatch, Option<Origins>)> = None;
+    let mut stages = ReadAhead {
+        transforms: Some(transforms),
+        in_flight: None,
+        queued: VecDeque::new(),
+    };
     loop {
-        if in_flight.is_none() {
-            if let Some((batch, origins)) = queued.take() {
-                let t = transforms.take().expect("the transforms are free");
-                in_flight = Some(InFlight::start(t, batch, origins));
-            }
-        }
         let event = tokio::select! {
             _ = stop.changed() => return Ok(()),
-            done = InFlight::wait(&mut in_flight) => Event::Transformed(done),
-            b = source.next_batch(spec.batch_records), if queued.is_none() => Event::Read(b),
+            done = InFlight::wait(&mut stages.in_flight) => Event::Transformed(done),
+            b = source.next_batch(spec.batch_records), if stages.queued.len() < READ_AHEAD_BATCHES => {
+                Event::Read(b)
+            }
         };
         let read = match event {
             Event::Read(Ok(Some(b))) if read_ahead => {
                 let origins = source
                     .last_batch_origins()
                     .map(|(t, o)| (t.to_string(), o.to_vec()));
-                queued = Some((b, origins));
+                stages.queued.push_back((b, origins));
+                stages.start_next();
                 continue;
             }
             Event::Transformed(done) => {
-                let (t, result, offset) = done?;
-                // The next batch goes to the plugins before this one is committed.
-                match queued.take() {
-                    Some((batch, origins)) => in_flight = Some(InFlight::start(t, batch, origins)),
-                    None => transforms = Some(t),
-                }
-                let (records, rejected) = result?;
-                if !committer
-                    .transformed(records, rejected, &offset, source.as_mut(), &mut stop)
+                if !stages
+                    .commit(done?, &mut committer, source.as_mut(), &mut stop)
                     .await?
                 {
                     return Ok(());
@@ -301,14 +293,13 @@ pub async fn run_source(
                 continue;
             }
             Event::Read(read) => {
-                // Anything but a batch to read ahead: commit what is in flight first, so that
-                // batches and source offsets reach the log in order.
-                if in_flight.is_some() {
-                    let (t, result, offset) = InFlight::wait(&mut in_flight).await?;
-                    transforms = Some(t);
-                    let (records, rejected) = result?;
-                    if !committer
-                        .transformed(records, rejected, &offset, source.as_mut(), &mut stop)
+                // Anything but a batch to read ahead: commit the batches read before it first,
+                // so that batches and source offsets reach the log in order.
+                while stages.in_flight.is_some() || !stages.queued.is_empty() {
+                    stages.start_next();
+                    let done = InFlight::wait(&mut stages.in_flight).await?;
+                    if !stages
+                        .commit(done, &mut committer, source.as_mut(), &mut stop)
                         .await?
                     {
                         return Ok(());
@@ -359,7 +350,7 @@ pub async fn run_source(
             Err(e) => bail!("source: {e}"),
         };
         committer.backoff.reset();
-        let t = transforms.as_mut().expect("no transform in flight");
+        let t = stages.transforms.as_mut().expect("no transform in flight");
         let (records, rejected) = if t.is_empty() {
             (batch.records, Vec::new())
         } else {
@@ -389,6 +380,47 @@ enum Event {
 /// What a transform in flight hands back: the plugin instances, the result, the source offset
 /// after the batch.
 type Done = (Transforms, Result<Transformed>, serde_json::Value);
+
+/// Batches read ahead of the one being transformed, at most this many.
+const READ_AHEAD_BATCHES: usize = 2;
+
+/// The transforms of a source task that reads ahead: the plugin instances when idle, the batch
+/// they are transforming, and the batches read after it.
+struct ReadAhead {
+    transforms: Option<Transforms>,
+    in_flight: Option<InFlight>,
+    queued: VecDeque<(SourceBatch, Option<Origins>)>,
+}
+
+impl ReadAhead {
+    /// Hands the next queued batch to the plugins if they are idle.
+    fn start_next(&mut self) {
+        if self.in_flight.is_none() && !self.queued.is_empty() {
+            if let (Some(t), Some((batch, origins))) =
+                (self.transforms.take(), self.queued.pop_front())
+            {
+                self.in_flight = Some(InFlight::start(t, batch, origins));
+            }
+        }
+    }
+
+    /// Commits a transformed batch, after giving the plugins the next one to work on.
+    async fn commit(
+        &mut self,
+        done: Done,
+        committer: &mut Committer<'_>,
+        source: &mut dyn Source,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let (t, result, offset) = done;
+        self.transforms = Some(t);
+        self.start_next();
+        let (records, rejected) = result?;
+        committer
+            .transformed(records, rejected, &offset, source, stop)
+            .await
+    }
+}
 
 /// A batch being transformed on a blocking thread.
 struct InFlight {

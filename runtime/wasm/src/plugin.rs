@@ -76,6 +76,10 @@ impl Host {
         let mut config = Config::new();
         config.consume_fuel(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // For profiling plugins with `perf`: name the compiled functions in /tmp/perf-PID.map.
+        if std::env::var_os("WEIR_PLUGIN_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
         let linker = weir_linker(&engine)?;
         let disk = cache_dir.and_then(|dir| match DiskCache::open(dir) {
