@@ -13,6 +13,8 @@ use serde_json::{json, Map, Value};
 use weir_wasm::{Header, Host, Limits, LogSink, PluginOptions, Record};
 
 use crate::now_ms;
+use crate::pipeline::transform::Transforms;
+use weir_connectors::Record as PipelineRecord;
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
@@ -824,26 +826,33 @@ fn cpu_seconds() -> f64 {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let (_host, plugin) = load_plugin(&a.plugin, &a.run, LogSink::Tracing)?;
-    let mut inst = plugin.instance()?;
+    // The same stage a pipeline runs: pipeline records in, records sharing the module's output
+    // out.
+    let mut stage = Transforms::start(std::slice::from_ref(&plugin))?;
     let batch_size = a.run.batch_size.min(a.records.max(1));
-    let batch: Vec<Record> = (0..batch_size)
+    let batch: Vec<PipelineRecord> = (0..batch_size)
         .map(|i| {
             let value: Vec<u8> = (0..a.record_size)
                 .map(|j| b"abcdefghijklmnopqrstuvwxyz0123456789"[(i * 7 + j) % 36])
                 .collect();
-            Record::new(value).with_timestamp(1_700_000_000_000 + i as i64)
+            PipelineRecord {
+                key: None,
+                value: Some(value.into()),
+                headers: Vec::new(),
+                timestamp: 1_700_000_000_000 + i as i64,
+            }
         })
         .collect();
     // warm-up: grows the module's buffers and the caches
-    inst.process_records(&batch)?;
+    stage.run(batch.clone(), None)?;
     let (mut done, mut produced, mut dead) = (0usize, 0usize, 0usize);
     let cpu0 = cpu_seconds();
     let started = Instant::now();
     while done < a.records {
         let n = batch_size.min(a.records - done);
-        let out = inst.process_records(&batch[..n])?;
-        produced += out.records.len();
-        dead += out.dead_letters.len();
+        let (out, rejected) = stage.run(batch[..n].to_vec(), None)?;
+        produced += out.len();
+        dead += rejected.len();
         done += n;
     }
     let wall = started.elapsed().as_secs_f64();
@@ -862,7 +871,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     );
     println!(
         "  output: {produced} records, {dead} dead letters, {} restarts",
-        inst.restarts()
+        stage.restarts()
     );
     Ok(())
 }

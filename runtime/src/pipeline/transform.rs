@@ -31,6 +31,11 @@ impl Transforms {
         Ok(Transforms { stages })
     }
 
+    /// How many times a faulted instance was replaced, over all stages.
+    pub fn restarts(&self) -> u64 {
+        self.stages.iter().map(|s| s.restarts()).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.stages.is_empty()
     }
