@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use weir_connectors::{ConnectorError, Record, Sink, SinkRecord, Source, SourceBatch};
 
 use super::io::{ensure_topic, Outgoing, TopicReader, TopicWriter};
@@ -262,6 +262,7 @@ pub async fn run_source(
     // core, reading and writing the log on another.
     let read_ahead = source.allows_read_ahead() && !transforms.is_empty();
     let mut stages = ReadAhead {
+        thread: None,
         transforms: Some(transforms),
         in_flight: None,
         queued: VecDeque::new(),
@@ -276,6 +277,9 @@ pub async fn run_source(
         };
         let read = match event {
             Event::Read(Ok(Some(b))) if read_ahead => {
+                if stages.thread.is_none() {
+                    stages.thread = Some(PluginThread::spawn(&spec.name)?);
+                }
                 let origins = source
                     .last_batch_origins()
                     .map(|(t, o)| (t.to_string(), o.to_vec()));
@@ -387,6 +391,8 @@ const READ_AHEAD_BATCHES: usize = 2;
 /// The transforms of a source task that reads ahead: the plugin instances when idle, the batch
 /// they are transforming, and the batches read after it.
 struct ReadAhead {
+    /// Started with the first batch read ahead.
+    thread: Option<PluginThread>,
     transforms: Option<Transforms>,
     in_flight: Option<InFlight>,
     queued: VecDeque<(SourceBatch, Option<Origins>)>,
@@ -395,12 +401,15 @@ struct ReadAhead {
 impl ReadAhead {
     /// Hands the next queued batch to the plugins if they are idle.
     fn start_next(&mut self) {
-        if self.in_flight.is_none() && !self.queued.is_empty() {
-            if let (Some(t), Some((batch, origins))) =
-                (self.transforms.take(), self.queued.pop_front())
-            {
-                self.in_flight = Some(InFlight::start(t, batch, origins));
-            }
+        if self.in_flight.is_some() || self.queued.is_empty() {
+            return;
+        }
+        if let (Some(thread), Some(t), Some((batch, origins))) = (
+            self.thread.as_ref(),
+            self.transforms.take(),
+            self.queued.pop_front(),
+        ) {
+            self.in_flight = Some(InFlight::start(thread, t, batch, origins));
         }
     }
 
@@ -422,21 +431,67 @@ impl ReadAhead {
     }
 }
 
-/// A batch being transformed on a blocking thread.
+/// The thread a source task's plugins run on while the task reads and commits other batches.
+/// It runs at a lower CPU priority than the daemon's other threads: with as many busy threads
+/// as cores, the log's reads, writes and fsync wake-ups go first and the plugins take the rest.
+struct PluginThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+/// The plugins, a batch and its origins, and where to send the plugins and the result back.
+type Job = (
+    Transforms,
+    Vec<Record>,
+    Option<Origins>,
+    oneshot::Sender<(Transforms, Result<Transformed>)>,
+);
+
+/// How much lower the plugin thread's priority is (a nice value, 0 to 19).
+const PLUGIN_THREAD_NICE: i32 = 10;
+
+impl PluginThread {
+    fn spawn(pipeline: &str) -> Result<PluginThread> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("weir-plugins-{pipeline}"))
+            .spawn(move || {
+                // Per thread on Linux; raising one's own nice value needs no privilege. If it
+                // fails the plugins simply run at the normal priority.
+                // SAFETY: plain system calls on the calling thread.
+                unsafe {
+                    let tid = libc::gettid() as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, PLUGIN_THREAD_NICE);
+                }
+                for (mut transforms, records, origins, reply) in queue {
+                    let origins = origins.as_ref().map(|(t, o)| (t.as_str(), o.as_slice()));
+                    let result = transforms.run(records, origins);
+                    let _ = reply.send((transforms, result));
+                }
+            })?;
+        Ok(PluginThread { jobs })
+    }
+}
+
+/// A batch being transformed on the plugin thread.
 struct InFlight {
-    task: tokio::task::JoinHandle<(Transforms, Result<Transformed>)>,
+    reply: oneshot::Receiver<(Transforms, Result<Transformed>)>,
     offset: serde_json::Value,
 }
 
 impl InFlight {
-    fn start(mut transforms: Transforms, batch: SourceBatch, origins: Option<Origins>) -> InFlight {
-        let task = tokio::task::spawn_blocking(move || {
-            let origins = origins.as_ref().map(|(t, o)| (t.as_str(), o.as_slice()));
-            let result = transforms.run(batch.records, origins);
-            (transforms, result)
-        });
+    fn start(
+        thread: &PluginThread,
+        transforms: Transforms,
+        batch: SourceBatch,
+        origins: Option<Origins>,
+    ) -> InFlight {
+        let (reply, rx) = oneshot::channel();
+        // A closed queue means the thread is gone; the dropped reply then reports it in wait().
+        let _ = thread
+            .jobs
+            .send((transforms, batch.records, origins, reply));
         InFlight {
-            task,
+            reply: rx,
             offset: batch.offset,
         }
     }
@@ -446,9 +501,10 @@ impl InFlight {
         let Some(f) = slot.as_mut() else {
             return std::future::pending().await;
         };
-        let joined = (&mut f.task).await;
+        let replied = (&mut f.reply).await;
         let f = slot.take().expect("checked above");
-        let (transforms, result) = joined.map_err(|e| anyhow!("the transform task failed: {e}"))?;
+        let (transforms, result) =
+            replied.map_err(|_| anyhow!("the plugin thread stopped unexpectedly"))?;
         Ok((transforms, result, f.offset))
     }
 }

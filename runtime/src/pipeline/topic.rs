@@ -1,6 +1,6 @@
 //! Topics as a pipeline source and as a sink.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ pub struct TopicSource {
     topic: Arc<Topic>,
     start_at: StartAt,
     reader: Option<TopicReader>,
+    /// Records read from the log but not handed over yet (a read can return more records than
+    /// a batch may hold).
+    pending: VecDeque<SinkRecord>,
     origins: Vec<(i32, i64)>,
 }
 
@@ -36,6 +39,7 @@ impl TopicSource {
             topic,
             start_at,
             reader: None,
+            pending: VecDeque::new(),
             origins: Vec::new(),
         }
     }
@@ -83,7 +87,7 @@ impl Source for TopicSource {
             .reader
             .as_mut()
             .ok_or_else(|| ConnectorError::Fatal(anyhow!("topic source used before start")))?;
-        loop {
+        while self.pending.is_empty() {
             let records = reader
                 .poll(
                     READ_BYTES.min(max_records as u64 * 1024),
@@ -91,17 +95,25 @@ impl Source for TopicSource {
                 )
                 .await
                 .map_err(ConnectorError::Transient)?;
-            if !records.is_empty() {
-                self.origins = records
-                    .iter()
-                    .map(|r| (r.position.partition, r.offset))
-                    .collect();
-                return Ok(Some(SourceBatch {
-                    records: records.into_iter().map(|r| r.record).collect(),
-                    offset: positions_json(&reader.positions()),
-                }));
-            }
+            self.pending.extend(records);
         }
+        // No await from here on: a dropped call loses nothing (see allows_read_ahead).
+        let n = self.pending.len().min(max_records.max(1));
+        let records: Vec<SinkRecord> = self.pending.drain(..n).collect();
+        self.origins = records
+            .iter()
+            .map(|r| (r.position.partition, r.offset))
+            .collect();
+        // Past everything read, except in partitions where records are still pending: there,
+        // up to the first of them.
+        let mut positions = reader.positions();
+        for r in self.pending.iter().rev() {
+            positions.insert(r.position.partition, r.offset);
+        }
+        Ok(Some(SourceBatch {
+            records: records.into_iter().map(|r| r.record).collect(),
+            offset: positions_json(&positions),
+        }))
     }
 
     fn last_batch_origins(&self) -> Option<(&str, &[(i32, i64)])> {
