@@ -299,3 +299,52 @@ pub mod exports {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{records, run_flat_map, run_map};
+
+    fn identity(r: Record) -> Result<Record, Error> {
+        Ok(r)
+    }
+
+    fn twice(r: Record) -> Result<Vec<Record>, Error> {
+        Ok(vec![r.clone(), r])
+    }
+
+    fn shapes() -> Vec<Record> {
+        let mut with_origin = Record::new(vec![b'x'; 300]).with_key("a-long-key");
+        with_origin.topic = Some("a-topic".into());
+        with_origin.partition = Some(2);
+        with_origin.offset = Some(77);
+        vec![
+            with_origin.with_header("h1", "v1").with_header("h2", ""),
+            Record::new("s"),
+            Record {
+                value: None,
+                headers: vec![Header {
+                    name: "n".into(),
+                    value: None,
+                }],
+                ..Record::new("")
+            },
+            Record::new(Vec::new()).with_key(""),
+        ]
+    }
+
+    #[test]
+    fn reused_buffers_never_carry_one_record_into_the_next() {
+        // Each round decodes into the buffers the previous rounds handed back, in another
+        // order of shapes: long values into short ones, headers into none, null into empty.
+        let mut input = shapes();
+        for round in 0..6 {
+            input.rotate_left(1);
+            let out = run_map(identity, &input);
+            let got: Vec<Record> = records(&out).into_iter().cloned().collect();
+            assert_eq!(got, input, "round {round}");
+            let doubled = run_flat_map(twice, &input);
+            assert_eq!(records(&doubled).len(), 2 * input.len(), "round {round}");
+        }
+    }
+}

@@ -121,6 +121,51 @@ topic: { name: other }
     assert "panic" in state["error"]
 
 
+def test_stages_over_a_topic_see_each_record_origin_in_small_batches(weir_factory, tmp_path,
+                                                                    plugin_dir):
+    """Two stages over a topic source, in batches of 40 read ahead of the one being transformed:
+    the second stage sees the topic, partition and offset each input was read at (after the
+    first stage), records it refuses go to the dead letters, and every input comes out once."""
+    weir, d = pipelines_daemon(weir_factory, tmp_path)
+    create_topic(weir.bootstrap, "src", 2)
+    first = install(plugin_dir, d, "passthrough")
+    second = install(plugin_dir, d, "hostile")
+    n = 1200
+    p = Producer({"bootstrap.servers": weir.bootstrap, "linger.ms": 5})
+    for i in range(n):
+        p.produce("src", partition=i % 2, value=b"error" if i % 97 == 0 else b"origin")
+    assert p.flush(60) == 0
+    inputs = read_committed(weir.bootstrap, "src")
+    assert len(inputs) == n
+    (d / "stages.yaml").write_text(f"""\
+name: stages
+source:
+  topic: {{ name: src }}
+transforms:
+  - plugin: {first}
+  - plugin: {second}
+topic: {{ name: stages-out, partitions: 1 }}
+batch_records: 40
+errors: {{ tolerance: all }}
+""")
+    refused = [(part, off) for part, off, _, v, _ in inputs if v == b"error"]
+    wanted = sorted(f"src/{part}/{off}" for part, off, _, v, _ in inputs if v == b"origin")
+    out = wait_until(lambda: (lambda o: len(o) >= len(wanted) and o)(
+        read_committed(weir.bootstrap, "stages-out")), timeout=90, message="every input")
+    dead = wait_until(lambda: (lambda o: len(o) >= len(refused) and o)(
+        read_committed(weir.bootstrap, "stages.dlq")), timeout=30, message="the dead letters")
+    time.sleep(1)
+    out = read_committed(weir.bootstrap, "stages-out")
+    assert sorted(v.decode() for _, _, _, v, _ in out) == wanted
+    dead = read_committed(weir.bootstrap, "stages.dlq")
+    assert len(dead) == len(refused)
+    for _, _, _, v, h in dead:
+        headers = {k: x.decode() for k, x in h}
+        assert v == b"error" and headers["weir.stage"] == "transforms[1]", headers
+    status = pipeline_state(weir, "stages")
+    assert status["records_in"] == len(wanted) and status["dead_letters"] == len(refused), status
+
+
 def test_bad_modules_are_reported_and_a_changed_module_is_reloaded(weir_factory, tmp_path, plugin_dir):
     weir, d = pipelines_daemon(weir_factory, tmp_path)
     (d / "plugins").mkdir()

@@ -226,3 +226,74 @@ impl Sink for TopicSink {
         Guarantee::ExactlyOnce
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::batch::BatchBuilder;
+    use crate::log::manager::LogManager;
+    use crate::pipeline::io::ensure_topic;
+    use kafka_protocol::records::Compression;
+
+    fn fill(topic: &Topic, partition: i32, values: std::ops::Range<usize>) {
+        let now = crate::now_ms();
+        let mut b = BatchBuilder::new(now);
+        for v in values {
+            b.push(None, Some(v.to_string().as_bytes()), &[], now);
+        }
+        topic.partitions[partition as usize]
+            .append(&b.finish(Compression::None))
+            .unwrap();
+    }
+
+    fn values(batch: &SourceBatch) -> Vec<String> {
+        batch
+            .records
+            .iter()
+            .map(|r| String::from_utf8(r.value.as_deref().unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_max_records_and_resume_where_they_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(dir.path(), Default::default()).unwrap();
+        let topic = ensure_topic(&log, "in", Some(2), 1).unwrap();
+        fill(&topic, 0, 0..25);
+        fill(&topic, 1, 100..110);
+
+        let mut source = TopicSource::new(topic.clone(), StartAt::Beginning);
+        source.start(None).await.unwrap();
+        let first = source.next_batch(7).await.unwrap().unwrap();
+        assert_eq!(first.records.len(), 7);
+        let (name, origins) = source.last_batch_origins().unwrap();
+        assert_eq!(name, "in");
+        assert_eq!(origins.len(), 7);
+        let mut seen = values(&first);
+
+        // A restart from the first batch's offset hands over exactly what came after it.
+        let mut resumed = TopicSource::new(topic.clone(), StartAt::Beginning);
+        resumed.start(Some(first.offset.clone())).await.unwrap();
+        while seen.len() < 35 {
+            let b = resumed.next_batch(7).await.unwrap().unwrap();
+            assert!(b.records.len() <= 7, "a batch of {}", b.records.len());
+            assert_eq!(
+                resumed.last_batch_origins().unwrap().1.len(),
+                b.records.len()
+            );
+            seen.extend(values(&b));
+        }
+        let mut expected: Vec<String> = (0..25).chain(100..110).map(|v| v.to_string()).collect();
+        seen.sort();
+        expected.sort();
+        assert_eq!(seen, expected, "every record once");
+
+        // The source that read ahead goes on after its first batch, without repeating it.
+        let mut rest = Vec::new();
+        while rest.len() < 28 {
+            rest.extend(values(&source.next_batch(7).await.unwrap().unwrap()));
+        }
+        assert!(rest.iter().all(|v| !values(&first).contains(v)));
+        assert_eq!(rest.len(), 28);
+    }
+}

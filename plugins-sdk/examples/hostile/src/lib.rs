@@ -7,6 +7,8 @@
 //! - `recurse`: recurses until the call stack overflows
 //! - `big-frames`: recurses with large locals until Rust's stack in linear memory overflows
 //! - `error`: returns an error (the well-behaved way to refuse a record)
+//! - `origin`: replaces the value with where the record came from, `topic/partition/offset`
+//!   (`-` for what the host did not say), so tests can check what the host passes in
 
 use std::hint::black_box;
 
@@ -50,6 +52,16 @@ fn misbehave(record: Record) -> Result<Record, Error> {
             bail!("recursion ended at {n}")
         }
         b"error" => bail!("hostile plugin: error requested"),
+        b"origin" => {
+            let place = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            let origin = format!(
+                "{}/{}/{}",
+                place(record.topic.clone()),
+                place(record.partition.map(|p| p.to_string())),
+                place(record.offset.map(|o| o.to_string()))
+            );
+            Ok(record.with_value(origin))
+        }
         _ => Ok(record),
     }
 }
@@ -68,6 +80,15 @@ mod tests {
             &[Record::new("ok"), Record::new("error")],
         );
         assert_eq!(weir_plugin_sdk::testing::records(&out).len(), 1);
+        let mut r = Record::new("origin");
+        r.topic = Some("t".into());
+        r.partition = Some(1);
+        let origins = weir_plugin_sdk::testing::run_map(misbehave, &[r, Record::new("origin")]);
+        let values: Vec<&str> = weir_plugin_sdk::testing::records(&origins)
+            .iter()
+            .map(|r| r.value_str().unwrap())
+            .collect();
+        assert_eq!(values, vec!["t/1/-", "-/-/-"]);
         assert_eq!(
             weir_plugin_sdk::testing::errors(&out),
             vec![(1, "hostile plugin: error requested")]
