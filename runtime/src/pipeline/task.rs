@@ -257,7 +257,7 @@ pub async fn run_source(
         dead_letters: None,
         status,
     };
-    // With transforms and a source that allows it, batches are transformed on a blocking thread
+    // With transforms and a source that allows it, batches are transformed on a plugin thread
     // while this task reads the next ones and commits the ones before: the plugins run on one
     // core, reading and writing the log on another.
     let read_ahead = source.allows_read_ahead() && !transforms.is_empty();
@@ -277,6 +277,7 @@ pub async fn run_source(
         };
         let read = match event {
             Event::Read(Ok(Some(b))) if read_ahead => {
+                committer.backoff.reset();
                 if stages.thread.is_none() {
                     stages.thread = Some(PluginThread::spawn(&spec.name)?);
                 }
