@@ -67,14 +67,20 @@ struct Pool {
     bytes: Vec<Vec<u8>>,
     strings: Vec<String>,
     headers: Vec<Vec<Header>>,
+    /// The capacity of the byte buffers and strings kept, in bytes.
+    kept: usize,
 }
 
 const POOL_MAX_BUFFERS: usize = 4096;
 const POOL_MAX_BUFFER_BYTES: usize = 64 << 10;
+/// At most this much memory is kept for reuse, whatever the transform hands back (a flat-map
+/// hands back more buffers than it took), so the pool never eats into the module's memory cap.
+const POOL_MAX_BYTES: usize = 2 << 20;
 
 impl Pool {
     fn bytes(&mut self, src: &[u8]) -> Vec<u8> {
         let mut b = self.bytes.pop().unwrap_or_default();
+        self.kept -= b.capacity();
         b.clear();
         b.extend_from_slice(src);
         b
@@ -82,6 +88,7 @@ impl Pool {
 
     fn string(&mut self, src: &str) -> String {
         let mut s = self.strings.pop().unwrap_or_default();
+        self.kept -= s.capacity();
         s.clear();
         s.push_str(src);
         s
@@ -108,14 +115,22 @@ impl Pool {
         }
     }
 
+    fn has_room(&self, count: usize, capacity: usize) -> bool {
+        count < POOL_MAX_BUFFERS
+            && capacity <= POOL_MAX_BUFFER_BYTES
+            && self.kept + capacity <= POOL_MAX_BYTES
+    }
+
     fn keep_bytes(&mut self, b: Vec<u8>) {
-        if self.bytes.len() < POOL_MAX_BUFFERS && b.capacity() <= POOL_MAX_BUFFER_BYTES {
+        if self.has_room(self.bytes.len(), b.capacity()) {
+            self.kept += b.capacity();
             self.bytes.push(b);
         }
     }
 
     fn keep_string(&mut self, s: String) {
-        if self.strings.len() < POOL_MAX_BUFFERS && s.capacity() <= POOL_MAX_BUFFER_BYTES {
+        if self.has_room(self.strings.len(), s.capacity()) {
+            self.kept += s.capacity();
             self.strings.push(s);
         }
     }
@@ -166,7 +181,7 @@ pub fn process_batch(t: &Transform, input: &[u8], out: &mut Vec<u8>) {
         }
     };
     // An output is about as large as its input for most transforms: grow once, not per record.
-    out.reserve(input.len() + input.len() / 8);
+    out.reserve(input.len());
     let mut failure = None;
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
@@ -331,6 +346,23 @@ mod tests {
             },
             Record::new(Vec::new()).with_key(""),
         ]
+    }
+
+    #[test]
+    fn the_pool_keeps_a_bounded_amount_of_memory() {
+        // A flat-map hands back more buffers than it takes: 20 KB values doubled, many times.
+        let input: Vec<Record> = (0..64).map(|_| Record::new(vec![b'v'; 20_000])).collect();
+        for _ in 0..20 {
+            run_flat_map(twice, &input);
+        }
+        let kept = POOL.with(|p| {
+            let p = p.borrow();
+            let actual: usize = p.bytes.iter().map(Vec::capacity).sum::<usize>()
+                + p.strings.iter().map(String::capacity).sum::<usize>();
+            assert_eq!(actual, p.kept, "the running total matches the buffers");
+            actual
+        });
+        assert!(kept <= POOL_MAX_BYTES, "the pool keeps {kept} bytes");
     }
 
     #[test]

@@ -377,7 +377,10 @@ impl Partition {
         let mut waiters = self.waiters.lock();
         // Drop waiters whose fetch already returned, so an idle partition does not collect them.
         waiters.retain(|w| Arc::strong_count(w) > 1);
-        waiters.push(notify);
+        // A reader that polls an idle partition again registers the same waiter: keep one.
+        if !waiters.iter().any(|w| Arc::ptr_eq(w, &notify)) {
+            waiters.push(notify);
+        }
     }
 
     /// Reads batches starting at the one containing `offset`, up to `max_bytes` (at least one
@@ -899,6 +902,19 @@ mod tests {
         Partition::open(dir, Arc::from("t"), 0, small_config(), 0)
             .unwrap()
             .0
+    }
+
+    #[test]
+    fn a_reader_polling_an_idle_partition_is_registered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let reader = Arc::new(tokio::sync::Notify::new());
+        for _ in 0..100 {
+            p.register_waiter(reader.clone());
+        }
+        let other = Arc::new(tokio::sync::Notify::new());
+        p.register_waiter(other.clone());
+        assert_eq!(p.waiters.lock().len(), 2);
     }
 
     /// Reads every record value from `from` on, following batches across segments.

@@ -272,7 +272,10 @@ impl TopicReader {
 
     fn read_once(&mut self, max_bytes: u64) -> Result<Vec<SinkRecord>> {
         let mut out = Vec::new();
-        for (p, next) in &mut self.partitions {
+        // Positions move only if every partition was read: after an error the records already
+        // read are dropped, and the next call reads them again.
+        let mut positions: Vec<i64> = self.partitions.iter().map(|(_, o)| *o).collect();
+        for ((p, _), next) in self.partitions.iter().zip(positions.iter_mut()) {
             let data = match p.read_with(*next, max_bytes, true, Isolation::ReadCommitted) {
                 Ok(d) => d,
                 Err(ReadError::OffsetOutOfRange { start, .. }) if *next < start => {
@@ -328,6 +331,9 @@ impl TopicReader {
                 }
                 *next = batch.next_offset();
             }
+        }
+        for ((_, o), next) in self.partitions.iter_mut().zip(positions) {
+            *o = next;
         }
         Ok(out)
     }

@@ -302,7 +302,11 @@ pub async fn run_source(
                 // so that batches and source offsets reach the log in order.
                 while stages.in_flight.is_some() || !stages.queued.is_empty() {
                     stages.start_next();
-                    let done = InFlight::wait(&mut stages.in_flight).await?;
+                    // On stop the batches not committed yet are read again after a restart.
+                    let done = tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        done = InFlight::wait(&mut stages.in_flight) => done?,
+                    };
                     if !stages
                         .commit(done, &mut committer, source.as_mut(), &mut stop)
                         .await?
@@ -402,16 +406,19 @@ struct ReadAhead {
 impl ReadAhead {
     /// Hands the next queued batch to the plugins if they are idle.
     fn start_next(&mut self) {
-        if self.in_flight.is_some() || self.queued.is_empty() {
-            return;
-        }
-        if let (Some(thread), Some(t), Some((batch, origins))) = (
+        let (Some(thread), Some(_), None, false) = (
             self.thread.as_ref(),
-            self.transforms.take(),
-            self.queued.pop_front(),
-        ) {
-            self.in_flight = Some(InFlight::start(thread, t, batch, origins));
-        }
+            self.transforms.as_ref(),
+            self.in_flight.as_ref(),
+            self.queued.is_empty(),
+        ) else {
+            return;
+        };
+        let (Some(t), Some((batch, origins))) = (self.transforms.take(), self.queued.pop_front())
+        else {
+            unreachable!("both checked above");
+        };
+        self.in_flight = Some(InFlight::start(thread, t, batch, origins));
     }
 
     /// Commits a transformed batch, after giving the plugins the next one to work on.
@@ -456,13 +463,7 @@ impl PluginThread {
         std::thread::Builder::new()
             .name(format!("weir-plugins-{pipeline}"))
             .spawn(move || {
-                // Per thread on Linux; raising one's own nice value needs no privilege. If it
-                // fails the plugins simply run at the normal priority.
-                // SAFETY: plain system calls on the calling thread.
-                unsafe {
-                    let tid = libc::gettid() as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, tid, PLUGIN_THREAD_NICE);
-                }
+                lower_this_threads_priority();
                 for (mut transforms, records, origins, reply) in queue {
                     let origins = origins.as_ref().map(|(t, o)| (t.as_str(), o.as_slice()));
                     let result = transforms.run(records, origins);
@@ -472,6 +473,22 @@ impl PluginThread {
         Ok(PluginThread { jobs })
     }
 }
+
+/// Raises the calling thread's nice value to [`PLUGIN_THREAD_NICE`]. Nice values are per thread
+/// on Linux, and raising one's own needs no privilege; if it fails the plugins simply run at the
+/// normal priority.
+#[cfg(target_os = "linux")]
+fn lower_this_threads_priority() {
+    // SAFETY: plain system calls about the calling thread.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, PLUGIN_THREAD_NICE);
+    }
+}
+
+/// Elsewhere nice values belong to the whole process: the plugins keep the normal priority.
+#[cfg(not(target_os = "linux"))]
+fn lower_this_threads_priority() {}
 
 /// A batch being transformed on the plugin thread.
 struct InFlight {
