@@ -313,14 +313,14 @@ impl TopicReader {
                             .map(|(k, v)| {
                                 (
                                     String::from_utf8_lossy(k).into_owned(),
-                                    Bytes::copy_from_slice(v.unwrap_or_default()),
+                                    share(&bytes, v.unwrap_or_default()),
                                 )
                             })
                             .collect();
                         out.push(SinkRecord {
                             record: Record {
-                                key: r.key.map(Bytes::copy_from_slice),
-                                value: r.value.map(Bytes::copy_from_slice),
+                                key: r.key.map(|k| share(&bytes, k)),
+                                value: r.value.map(|v| share(&bytes, v)),
                                 headers,
                                 timestamp: base_ts + r.timestamp_delta,
                             },
@@ -336,5 +336,35 @@ impl TopicReader {
             *o = next;
         }
         Ok(out)
+    }
+}
+
+/// `part` as `Bytes`: a slice of `buf` (no copy) when it lies in `buf`, as the fields of an
+/// uncompressed batch do; a copy otherwise (a compressed batch's fields live in a scratch buffer).
+fn share(buf: &Bytes, part: &[u8]) -> Bytes {
+    let range = buf.as_ptr_range();
+    let inside = range.start <= part.as_ptr() && part.as_ptr_range().end <= range.end;
+    if inside && !part.is_empty() {
+        buf.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_inside_the_read_buffer_are_shared_others_copied() {
+        let buf = Bytes::from(b"0123456789".to_vec());
+        let inside = share(&buf, &buf[2..5]);
+        assert_eq!(&inside[..], b"234");
+        assert_eq!(inside.as_ptr(), buf[2..].as_ptr(), "a slice, not a copy");
+        let scratch = b"234".to_vec();
+        let outside = share(&buf, &scratch);
+        assert_eq!(&outside[..], b"234");
+        assert_ne!(outside.as_ptr(), scratch.as_ptr());
+        assert!(share(&buf, &buf[4..4]).is_empty());
     }
 }
