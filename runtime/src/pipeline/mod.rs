@@ -323,30 +323,25 @@ impl PipelineManager {
         let runs_source = !matches!((&spec.source, &spec.topic), (SourceSpec::Topic(_), None));
         let mut tasks = Vec::new();
         if runs_source {
-            let (ctx, spec2, status2, stop, stop_all) = (
+            let run = task::run_source(
                 ctx.clone(),
                 spec.clone(),
+                mounted,
+                plugins,
                 status.clone(),
                 stop_rx.clone(),
-                stop_tx.clone(),
             );
-            tasks.push(tokio::spawn(async move {
-                let r = task::run_source(ctx, spec2, mounted, plugins, status2.clone(), stop).await;
-                finish(&status2, &stop_all, "source", r);
-            }));
+            tasks.push(spawn_stage(&status, &stop_tx, "source".into(), run));
         }
         for i in 0..spec.sinks.len() {
-            let (ctx, spec2, status2, stop, stop_all) = (
+            let run = task::run_sink(
                 ctx.clone(),
                 spec.clone(),
+                i,
                 status.clone(),
                 stop_rx.clone(),
-                stop_tx.clone(),
             );
-            tasks.push(tokio::spawn(async move {
-                let r = task::run_sink(ctx, spec2, i, status2.clone(), stop).await;
-                finish(&status2, &stop_all, &format!("sinks[{i}]"), r);
-            }));
+            tasks.push(spawn_stage(&status, &stop_tx, format!("sinks[{i}]"), run));
         }
         Ok(Running {
             spec,
@@ -377,6 +372,20 @@ impl PipelineManager {
 }
 
 /// Records how a task ended; a failure stops the pipeline's other tasks.
+/// Runs one stage of a pipeline as a task; when it fails, the pipeline shows why and stops.
+fn spawn_stage(
+    status: &Arc<Mutex<Status>>,
+    stop_all: &watch::Sender<bool>,
+    stage: String,
+    run: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let (status, stop_all) = (status.clone(), stop_all.clone());
+    tokio::spawn(async move {
+        let r = run.await;
+        finish(&status, &stop_all, &stage, r);
+    })
+}
+
 fn finish(status: &Mutex<Status>, stop_all: &watch::Sender<bool>, stage: &str, r: Result<()>) {
     if let Err(e) = r {
         let message = format!("{e:#}");
