@@ -254,7 +254,7 @@ impl TopicReader {
     /// Records committed since the last call (at most about `max_bytes` per partition); waits
     /// up to `wait` for some when there are none.
     pub async fn poll(&mut self, max_bytes: u64, wait: Duration) -> Result<Vec<SinkRecord>> {
-        let out = self.read_once(max_bytes)?;
+        let out = self.read_now(max_bytes)?;
         if !out.is_empty() {
             return Ok(out);
         }
@@ -262,15 +262,16 @@ impl TopicReader {
             p.register_waiter(self.notify.clone());
         }
         // Appends made between the read and the registration would be missed otherwise.
-        let out = self.read_once(max_bytes)?;
+        let out = self.read_now(max_bytes)?;
         if !out.is_empty() {
             return Ok(out);
         }
         let _ = tokio::time::timeout(wait, self.notify.notified()).await;
-        self.read_once(max_bytes)
+        self.read_now(max_bytes)
     }
 
-    fn read_once(&mut self, max_bytes: u64) -> Result<Vec<SinkRecord>> {
+    /// What is in the log now, without waiting (empty if nothing).
+    pub fn read_now(&mut self, max_bytes: u64) -> Result<Vec<SinkRecord>> {
         let mut out = Vec::new();
         // Positions move only if every partition was read: after an error the records already
         // read are dropped, and the next call reads them again.
