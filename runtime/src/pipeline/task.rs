@@ -260,55 +260,51 @@ pub async fn run_source(
     // With transforms and a source that allows it, batches are transformed on a plugin thread
     // while this task reads the next ones and commits the ones before: the plugins run on one
     // core, reading and writing the log on another.
-    let read_ahead = source.allows_read_ahead() && !transforms.is_empty();
-    let mut stages = ReadAhead {
-        thread: None,
-        transforms: Some(transforms),
-        in_flight: None,
-        queued: VecDeque::new(),
+    let (mut inline, mut ahead) = if source.allows_read_ahead() && !transforms.is_empty() {
+        (None, Some(ReadAhead::start(&spec.name, transforms)?))
+    } else {
+        (Some(transforms), None)
     };
     loop {
+        // Reading ahead comes before committing, so the plugins never wait for a batch the
+        // log already holds.
         let event = tokio::select! {
+            biased;
             _ = stop.changed() => return Ok(()),
-            done = InFlight::wait(&mut stages.in_flight) => Event::Transformed(done),
-            b = source.next_batch(spec.batch_records), if stages.queued.len() < READ_AHEAD_BATCHES => {
+            b = source.next_batch(spec.batch_records), if ahead.as_ref().is_none_or(ReadAhead::has_room) => {
                 Event::Read(b)
             }
+            done = ReadAhead::next_done(&mut ahead) => Event::Transformed(done),
         };
-        let read = match event {
-            Event::Read(Ok(Some(b))) if read_ahead => {
+        let read = match (event, ahead.as_mut()) {
+            (Event::Read(Ok(Some(b))), Some(ahead)) => {
                 committer.backoff.reset();
-                if stages.thread.is_none() {
-                    stages.thread = Some(PluginThread::spawn(&spec.name)?);
-                }
                 let origins = source
                     .last_batch_origins()
                     .map(|(t, o)| (t.to_string(), o.to_vec()));
-                stages.queued.push_back((b, origins));
-                stages.start_next();
+                ahead.submit(b, origins);
                 continue;
             }
-            Event::Transformed(done) => {
-                if !stages
-                    .commit(done?, &mut committer, source.as_mut(), &mut stop)
+            (Event::Transformed(done), _) => {
+                if !committer
+                    .read_ahead(done?, source.as_mut(), &mut stop)
                     .await?
                 {
                     return Ok(());
                 }
                 continue;
             }
-            Event::Read(read) => {
+            (Event::Read(read), _) => {
                 // Anything but a batch to read ahead: commit the batches read before it first,
                 // so that batches and source offsets reach the log in order.
-                while stages.in_flight.is_some() || !stages.queued.is_empty() {
-                    stages.start_next();
+                while ahead.as_ref().is_some_and(ReadAhead::is_busy) {
                     // On stop the batches not committed yet are read again after a restart.
                     let done = tokio::select! {
                         _ = stop.changed() => return Ok(()),
-                        done = InFlight::wait(&mut stages.in_flight) => done?,
+                        done = ReadAhead::next_done(&mut ahead) => done?,
                     };
-                    if !stages
-                        .commit(done, &mut committer, source.as_mut(), &mut stop)
+                    if !committer
+                        .read_ahead(done, source.as_mut(), &mut stop)
                         .await?
                     {
                         return Ok(());
@@ -359,7 +355,9 @@ pub async fn run_source(
             Err(e) => bail!("source: {e}"),
         };
         committer.backoff.reset();
-        let t = stages.transforms.as_mut().expect("no transform in flight");
+        let t = inline
+            .as_mut()
+            .expect("batches are read ahead only with a plugin thread");
         let (records, rejected) = if t.is_empty() {
             (batch.records, Vec::new())
         } else {
@@ -386,56 +384,59 @@ enum Event {
     Read(weir_connectors::Result<Option<SourceBatch>>),
 }
 
-/// What a transform in flight hands back: the plugin instances, the result, the source offset
-/// after the batch.
-type Done = (Transforms, Result<Transformed>, serde_json::Value);
+/// What the plugin thread hands back for a batch, with the source offset after the batch.
+type Done = (Result<Transformed>, serde_json::Value);
 
-/// Batches read ahead of the one being transformed, at most this many.
-const READ_AHEAD_BATCHES: usize = 2;
+/// Batches handed to the plugin thread and not taken back yet, at most this many: while the
+/// task commits one batch, the plugins transform the next and the one after waits for them.
+const BATCHES_AHEAD: usize = 2;
 
-/// The transforms of a source task that reads ahead: the plugin instances when idle, the batch
-/// they are transforming, and the batches read after it.
+/// The transforms of a source task that reads ahead: a plugin thread of their own, and the
+/// batches handed to it in read order.
 struct ReadAhead {
-    /// Started with the first batch read ahead.
-    thread: Option<PluginThread>,
-    transforms: Option<Transforms>,
-    in_flight: Option<InFlight>,
-    queued: VecDeque<(SourceBatch, Option<Origins>)>,
+    thread: PluginThread,
+    in_flight: VecDeque<InFlight>,
 }
 
 impl ReadAhead {
-    /// Hands the next queued batch to the plugins if they are idle.
-    fn start_next(&mut self) {
-        let (Some(thread), Some(_), None, false) = (
-            self.thread.as_ref(),
-            self.transforms.as_ref(),
-            self.in_flight.as_ref(),
-            self.queued.is_empty(),
-        ) else {
-            return;
-        };
-        let (Some(t), Some((batch, origins))) = (self.transforms.take(), self.queued.pop_front())
-        else {
-            unreachable!("both checked above");
-        };
-        self.in_flight = Some(InFlight::start(thread, t, batch, origins));
+    fn start(pipeline: &str, transforms: Transforms) -> Result<ReadAhead> {
+        Ok(ReadAhead {
+            thread: PluginThread::spawn(pipeline, transforms)?,
+            in_flight: VecDeque::new(),
+        })
     }
 
-    /// Commits a transformed batch, after giving the plugins the next one to work on.
-    async fn commit(
-        &mut self,
-        done: Done,
-        committer: &mut Committer<'_>,
-        source: &mut dyn Source,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool> {
-        let (t, result, offset) = done;
-        self.transforms = Some(t);
-        self.start_next();
-        let (records, rejected) = result?;
-        committer
-            .transformed(records, rejected, &offset, source, stop)
-            .await
+    fn has_room(&self) -> bool {
+        self.in_flight.len() < BATCHES_AHEAD
+    }
+
+    fn is_busy(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    fn submit(&mut self, batch: SourceBatch, origins: Option<Origins>) {
+        let (reply, rx) = oneshot::channel();
+        // A closed queue means the thread is gone; the dropped reply then reports it.
+        let _ = self.thread.jobs.send((batch.records, origins, reply));
+        self.in_flight.push_back(InFlight {
+            reply: rx,
+            offset: batch.offset,
+        });
+    }
+
+    /// Waits for the oldest batch in flight to be transformed and takes it out (never
+    /// returns when there is none).
+    async fn next_done(ahead: &mut Option<ReadAhead>) -> Result<Done> {
+        let Some(f) = ahead.as_mut().and_then(|a| a.in_flight.front_mut()) else {
+            return std::future::pending().await;
+        };
+        let replied = (&mut f.reply).await;
+        let f = ahead
+            .as_mut()
+            .and_then(|a| a.in_flight.pop_front())
+            .expect("checked above");
+        let result = replied.map_err(|_| anyhow!("the plugin thread stopped unexpectedly"))?;
+        Ok((result, f.offset))
     }
 }
 
@@ -446,28 +447,32 @@ struct PluginThread {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
-/// The plugins, a batch and its origins, and where to send the plugins and the result back.
+/// A batch and its origins, and where to send the result.
 type Job = (
-    Transforms,
     Vec<Record>,
     Option<Origins>,
-    oneshot::Sender<(Transforms, Result<Transformed>)>,
+    oneshot::Sender<Result<Transformed>>,
 );
 
 /// How much lower the plugin thread's priority is (a nice value, 0 to 19).
 const PLUGIN_THREAD_NICE: i32 = 10;
 
 impl PluginThread {
-    fn spawn(pipeline: &str) -> Result<PluginThread> {
+    /// The thread owns the plugin instances; it ends when the task drops its queue.
+    fn spawn(pipeline: &str, mut transforms: Transforms) -> Result<PluginThread> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name(format!("weir-plugins-{pipeline}"))
             .spawn(move || {
                 lower_this_threads_priority();
-                for (mut transforms, records, origins, reply) in queue {
+                for (records, origins, reply) in queue {
+                    // The task stopped waiting for it (it is stopping): skip the work.
+                    if reply.is_closed() {
+                        continue;
+                    }
                     let origins = origins.as_ref().map(|(t, o)| (t.as_str(), o.as_slice()));
                     let result = transforms.run(records, origins);
-                    let _ = reply.send((transforms, result));
+                    let _ = reply.send(result);
                 }
             })?;
         Ok(PluginThread { jobs })
@@ -490,41 +495,10 @@ fn lower_this_threads_priority() {
 #[cfg(not(target_os = "linux"))]
 fn lower_this_threads_priority() {}
 
-/// A batch being transformed on the plugin thread.
+/// A batch handed to the plugin thread.
 struct InFlight {
-    reply: oneshot::Receiver<(Transforms, Result<Transformed>)>,
+    reply: oneshot::Receiver<Result<Transformed>>,
     offset: serde_json::Value,
-}
-
-impl InFlight {
-    fn start(
-        thread: &PluginThread,
-        transforms: Transforms,
-        batch: SourceBatch,
-        origins: Option<Origins>,
-    ) -> InFlight {
-        let (reply, rx) = oneshot::channel();
-        // A closed queue means the thread is gone; the dropped reply then reports it in wait().
-        let _ = thread
-            .jobs
-            .send((transforms, batch.records, origins, reply));
-        InFlight {
-            reply: rx,
-            offset: batch.offset,
-        }
-    }
-
-    /// Waits for the transform in flight, if any (else never returns); takes it out when done.
-    async fn wait(slot: &mut Option<InFlight>) -> Result<Done> {
-        let Some(f) = slot.as_mut() else {
-            return std::future::pending().await;
-        };
-        let replied = (&mut f.reply).await;
-        let f = slot.take().expect("checked above");
-        let (transforms, result) =
-            replied.map_err(|_| anyhow!("the plugin thread stopped unexpectedly"))?;
-        Ok((transforms, result, f.offset))
-    }
 }
 
 /// Writes a source task's batches: the records routed to the output topic, dead letters, and
@@ -605,6 +579,18 @@ impl Committer<'_> {
         s.records_in += n - failed;
         s.dead_letters += failed;
         Ok(true)
+    }
+
+    /// Commits a batch read ahead, as the plugin thread handed it back.
+    async fn read_ahead(
+        &mut self,
+        (result, offset): Done,
+        source: &mut dyn Source,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let (records, rejected) = result?;
+        self.transformed(records, rejected, &offset, source, stop)
+            .await
     }
 
     /// Writes the records and the source offset after them (one transaction with exactly_once),
