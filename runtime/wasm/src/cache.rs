@@ -81,7 +81,7 @@ impl DiskCache {
         }
     }
 
-    fn try_store(&self, key: &str, module: &Module) -> anyhow::Result<()> {
+    fn try_store(&self, key: &str, module: &Module) -> wasmtime::Result<()> {
         let bytes = module.serialize()?;
         let path = self.path(key);
         let tmp = self

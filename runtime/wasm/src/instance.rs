@@ -108,7 +108,7 @@ impl fmt::Display for Fault {
 }
 
 /// Name the cause of a failed call into the module.
-pub(crate) fn classify(state: &StoreState, err: &anyhow::Error, budget: u64) -> Fault {
+pub(crate) fn classify(state: &StoreState, err: &wasmtime::Error, budget: u64) -> Fault {
     if let Some(msg) = &state.panic_message {
         return Fault::new(FaultKind::Panic, format!("the plugin panicked: {msg}"));
     }

@@ -360,7 +360,7 @@ impl ResourceLimiter for MemoryLimiter {
         _current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> anyhow::Result<bool> {
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.denied = Some(desired);
             return Ok(false);
@@ -373,7 +373,7 @@ impl ResourceLimiter for MemoryLimiter {
         _current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> anyhow::Result<bool> {
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 
@@ -396,18 +396,18 @@ fn guest_bytes(
     ptr: u32,
     len: u32,
     cap: usize,
-) -> anyhow::Result<Vec<u8>> {
+) -> wasmtime::Result<Vec<u8>> {
     let memory = caller
         .get_export("memory")
         .and_then(|e| e.into_memory())
-        .ok_or_else(|| anyhow::anyhow!("the module has no exported memory"))?;
+        .ok_or_else(|| wasmtime::format_err!("the module has no exported memory"))?;
     let data = memory.data(&caller);
     let start = ptr as usize;
     let end = start
         .checked_add(len as usize)
         .filter(|&e| e <= data.len())
         .ok_or_else(|| {
-            anyhow::anyhow!(
+            wasmtime::format_err!(
                 "the message at {ptr}+{len} lies outside the module's memory ({} bytes)",
                 data.len()
             )
@@ -425,7 +425,7 @@ fn weir_linker(engine: &Engine) -> Result<Linker<StoreState>, Error> {
              lvl: u32,
              ptr: u32,
              len: u32|
-             -> anyhow::Result<()> {
+             -> wasmtime::Result<()> {
                 let st = caller.data();
                 if st.logs_in_call >= st.max_log_lines {
                     caller.data_mut().logs_dropped += 1;
@@ -433,7 +433,7 @@ fn weir_linker(engine: &Engine) -> Result<Linker<StoreState>, Error> {
                 }
                 let cap = st.max_log_bytes;
                 let bytes = guest_bytes(&mut caller, ptr, len, cap)
-                    .map_err(|e| anyhow::anyhow!("weir.log: {e}"))?;
+                    .map_err(|e| wasmtime::format_err!("weir.log: {e}"))?;
                 let mut message = String::from_utf8_lossy(&bytes).into_owned();
                 if len as usize > cap {
                     message.push_str(&format!(" … ({} more bytes cut)", len as usize - cap));
@@ -449,9 +449,9 @@ fn weir_linker(engine: &Engine) -> Result<Linker<StoreState>, Error> {
         .func_wrap(
             "weir",
             "panic",
-            |mut caller: Caller<'_, StoreState>, ptr: u32, len: u32| -> anyhow::Result<()> {
+            |mut caller: Caller<'_, StoreState>, ptr: u32, len: u32| -> wasmtime::Result<()> {
                 let bytes = guest_bytes(&mut caller, ptr, len, 4096)
-                    .map_err(|e| anyhow::anyhow!("weir.panic: {e}"))?;
+                    .map_err(|e| wasmtime::format_err!("weir.panic: {e}"))?;
                 caller.data_mut().panic_message =
                     Some(String::from_utf8_lossy(&bytes).into_owned());
                 Ok(())
