@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,12 +68,40 @@ def records_in(http: str, name: str) -> int:
     return -1
 
 
+def run(a, http: str, pipelines: Path, brokers: list, kind: str, round_no: int, pid: int) -> float:
+    """Runs one pipeline over the whole input topic; returns its records/s."""
+    name = f"{kind}{round_no}"
+    transforms = "transforms:\n  - plugin: map.wasm\n" if kind == "map" else ""
+    text = (f"name: {name}\nsource:\n  topic: {{ name: in }}\n{transforms}"
+            f"topic: {{ name: out-{name}, partitions: 1 }}\nbatch_records: {a.batch_records}\n")
+    # Dirty pages left by filling the topic or by the run before would be written back during
+    # this run, and cost whichever run comes second: flush them first.
+    os.sync()
+    (pipelines / f"{name}.yaml").write_text(text)
+    # Timed from the first committed batch, so loading the plugin is not counted.
+    first = wait(lambda: records_in(http, name) > 0 and records_in(http, name), 120,
+                 f"pipeline {name} to start")
+    started, cpu = time.monotonic(), cpu_seconds(pid)
+    wait(lambda: records_in(http, name) >= a.n, 600, f"pipeline {name}")
+    secs = time.monotonic() - started
+    cores = (cpu_seconds(pid) - cpu) / secs
+    rate = (a.n - first) / secs
+    print(f"{kind:>5}: {a.n - first:,} records in {secs:.2f} s = {rate:,.0f} records/s"
+          f" ({cores:.2f} cores busy in the daemon)")
+    (pipelines / f"{name}.yaml").unlink()
+    subprocess.run([a.weir, "topic", "delete", f"out-{name}", *brokers], check=True,
+                   stdout=subprocess.DEVNULL)
+    return rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weir", required=True, help="the weir binary (a release build)")
     ap.add_argument("--plugin", required=True, help="a trivial map plugin, e.g. passthrough.wasm")
     ap.add_argument("-n", type=int, default=1_000_000, help="records (default 1,000,000)")
     ap.add_argument("--batch-records", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each pipeline, alternating which goes first (default 1)")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="weir-pipeline-stage-"))
@@ -99,28 +128,22 @@ def main() -> None:
         subprocess.run([a.weir, "produce", "in", *brokers], input=payload, check=True)
         print(f"filled topic 'in' with {a.n:,} records of 100 B in {time.monotonic() - t:.1f} s")
 
-        results = {}
-        for name, transforms in (("plain", ""), ("map", "transforms:\n  - plugin: map.wasm\n")):
-            text = (f"name: {name}\nsource:\n  topic: {{ name: in }}\n{transforms}"
-                    f"topic: {{ name: out-{name}, partitions: 1 }}\nbatch_records: {a.batch_records}\n")
-            # Dirty pages left by filling the topic or by the run before would be written back
-            # during this run, and cost whichever run comes second: flush them first.
-            os.sync()
-            (pipelines / f"{name}.yaml").write_text(text)
-            # Timed from the first committed batch, so loading the plugin is not counted.
-            first = wait(lambda: records_in(http, name) > 0 and records_in(http, name), 120,
-                         f"pipeline {name} to start")
-            started, cpu = time.monotonic(), cpu_seconds(server.pid)
-            wait(lambda: records_in(http, name) >= a.n, 600, f"pipeline {name}")
-            secs = time.monotonic() - started
-            cores = (cpu_seconds(server.pid) - cpu) / secs
-            results[name] = (a.n - first) / secs
-            print(f"{name:>5}: {a.n - first:,} records in {secs:.2f} s = {results[name]:,.0f} records/s"
-                  f" ({cores:.2f} cores busy in the daemon)")
-            (pipelines / f"{name}.yaml").unlink()
-        cost = 1 - results["map"] / results["plain"]
-        print(f"plugin stage: {results['map'] / results['plain']:.2f}x the plain pipeline's rate "
-              f"({cost:.0%} of its throughput)")
+        # Rounds alternate which pipeline goes first, and the medians are reported: on a busy
+        # machine one run of each says little.
+        rates = {"plain": [], "map": []}
+        ratios = []
+        for r in range(1, a.rounds + 1):
+            order = ("plain", "map") if r % 2 else ("map", "plain")
+            got = {kind: run(a, http, pipelines, brokers, kind, r, server.pid) for kind in order}
+            for kind, rate in got.items():
+                rates[kind].append(rate)
+            ratios.append(got["map"] / got["plain"])
+        ratio = statistics.median(ratios)
+        if a.rounds > 1:
+            print(f"medians of {a.rounds} rounds: plain {statistics.median(rates['plain']):,.0f}, "
+                  f"map {statistics.median(rates['map']):,.0f} records/s; map/plain per round "
+                  + ", ".join(f"{x:.2f}" for x in ratios))
+        print(f"plugin stage: {ratio:.2f}x the plain pipeline's rate ({1 - ratio:.0%} of its throughput)")
     finally:
         server.terminate()
         server.wait(30)
