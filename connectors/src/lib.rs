@@ -124,7 +124,7 @@ pub trait Source: Send {
 
     /// Whether the runtime may call [`Source::next_batch`] again before the batches it returned
     /// are committed, and drop a `next_batch` future that has not finished (it must lose
-    /// nothing then). The runtime then reads the next batch while the previous one is being
+    /// nothing then). The runtime then reads the next batches while the previous ones are being
     /// transformed and written. [`Source::committed`] is still called once per batch, in order.
     /// The default: false.
     fn allows_read_ahead(&self) -> bool {

@@ -2,6 +2,8 @@
 //! transaction) and one task per sink (topic → sink), with retries, dead letters and status.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -243,7 +245,7 @@ pub async fn run_source(
         }
     }
     backoff.reset();
-    let mut committer = Committer {
+    let committer = Committer {
         ctx: &ctx,
         spec: &spec,
         writer,
@@ -257,28 +259,50 @@ pub async fn run_source(
         dead_letters: None,
         status,
     };
-    // With transforms and a source that allows it, batches are transformed on a plugin thread
-    // while this task reads the next ones and commits the ones before: the plugins run on one
-    // core, reading and writing the log on another.
-    let (mut inline, mut ahead) = if source.allows_read_ahead() && !transforms.is_empty() {
+    // A source that allows it is read ahead: the task reads the next batches while it commits
+    // the one before, and its transforms run on a plugin thread of their own meanwhile. With
+    // two cores, the plugins take one, reading and writing the log the other, and a commit's
+    // waits for fsync overlap reading.
+    let (mut inline, mut ahead) = if source.allows_read_ahead() {
         (None, Some(ReadAhead::start(&spec.name, transforms)?))
     } else {
         (Some(transforms), None)
     };
+    let mut committer = Some(committer);
+    // Set while a commit of a batch read ahead runs; it holds the committer until done.
+    let mut committing: Option<Commit<'_>> = None;
     loop {
-        // Reading ahead comes before committing, so the plugins never wait for a batch the
-        // log already holds.
+        // A finished commit is acknowledged first; reading ahead comes before starting the next
+        // commit, so the plugins never wait for a batch the log already holds.
         let event = tokio::select! {
             biased;
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => {
+                // A transaction under way is finished, not dropped half-way.
+                if let Some(commit) = committing.take() {
+                    commit.await.1?;
+                }
+                return Ok(());
+            }
+            finished = commit_finished(&mut committing) => Event::Committed(Box::new(finished)),
             b = source.next_batch(spec.batch_records), if ahead.as_ref().is_none_or(ReadAhead::has_room) => {
                 Event::Read(b)
             }
-            done = ReadAhead::next_done(&mut ahead) => Event::Transformed(done),
+            done = ReadAhead::next_done(&mut ahead), if committing.is_none() => Event::Transformed(done),
         };
         let read = match (event, ahead.as_mut()) {
+            (Event::Committed(finished), _) => {
+                let (c, finished, offset) = *finished;
+                committer = Some(c);
+                if !finished? {
+                    return Ok(());
+                }
+                acknowledge(source.as_mut(), &offset).await;
+                continue;
+            }
             (Event::Read(Ok(Some(b))), Some(ahead)) => {
-                committer.backoff.reset();
+                if let Some(c) = committer.as_mut() {
+                    c.backoff.reset();
+                }
                 let origins = source
                     .last_batch_origins()
                     .map(|(t, o)| (t.to_string(), o.to_vec()));
@@ -286,33 +310,37 @@ pub async fn run_source(
                 continue;
             }
             (Event::Transformed(done), _) => {
-                if !committer
-                    .read_ahead(done?, source.as_mut(), &mut stop)
-                    .await?
-                {
-                    return Ok(());
-                }
+                let c = committer.take().expect("no commit under way");
+                committing = Some(Box::pin(c.commit_read_ahead(done?, stop.clone())));
                 continue;
             }
             (Event::Read(read), _) => {
                 // Anything but a batch to read ahead: commit the batches read before it first,
                 // so that batches and source offsets reach the log in order.
-                while ahead.as_ref().is_some_and(ReadAhead::is_busy) {
-                    // On stop the batches not committed yet are read again after a restart.
-                    let done = tokio::select! {
-                        _ = stop.changed() => return Ok(()),
-                        done = ReadAhead::next_done(&mut ahead) => done?,
+                loop {
+                    let commit = match committing.take() {
+                        Some(commit) => commit,
+                        None if ahead.as_ref().is_some_and(ReadAhead::is_busy) => {
+                            let done = tokio::select! {
+                                _ = stop.changed() => return Ok(()),
+                                done = ReadAhead::next_done(&mut ahead) => done?,
+                            };
+                            let c = committer.take().expect("no commit under way");
+                            Box::pin(c.commit_read_ahead(done, stop.clone()))
+                        }
+                        None => break,
                     };
-                    if !committer
-                        .read_ahead(done, source.as_mut(), &mut stop)
-                        .await?
-                    {
+                    let (c, finished, offset) = commit.await;
+                    committer = Some(c);
+                    if !finished? {
                         return Ok(());
                     }
+                    acknowledge(source.as_mut(), &offset).await;
                 }
                 read
             }
         };
+        let committer = committer.as_mut().expect("no commit under way");
         let batch = match read {
             Ok(Some(b)) => b,
             Ok(None) => {
@@ -357,7 +385,7 @@ pub async fn run_source(
         committer.backoff.reset();
         let t = inline
             .as_mut()
-            .expect("batches are read ahead only with a plugin thread");
+            .expect("batches read ahead are not transformed here");
         let (records, rejected) = if t.is_empty() {
             (batch.records, Vec::new())
         } else {
@@ -379,7 +407,8 @@ pub async fn run_source(
 type Origins = (String, Vec<(i32, i64)>);
 
 /// What woke the source loop.
-enum Event {
+enum Event<'a> {
+    Committed(Box<Finished<'a>>),
     Transformed(Result<Done>),
     Read(weir_connectors::Result<Option<SourceBatch>>),
 }
@@ -387,21 +416,49 @@ enum Event {
 /// What the plugin thread hands back for a batch, with the source offset after the batch.
 type Done = (Result<Transformed>, serde_json::Value);
 
-/// Batches handed to the plugin thread and not taken back yet, at most this many: while the
-/// task commits one batch, the plugins transform the next and the one after waits for them.
+/// A commit of a batch read ahead, under way: it holds the committer and hands it back with
+/// whether the batch was written (false: the pipeline is stopping) and the source offset to
+/// acknowledge.
+type Commit<'a> = Pin<Box<dyn Future<Output = Finished<'a>> + Send + 'a>>;
+type Finished<'a> = (Committer<'a>, Result<bool>, serde_json::Value);
+
+/// Waits for the commit under way, if any (else never returns), and takes it out.
+async fn commit_finished<'a>(slot: &mut Option<Commit<'a>>) -> Finished<'a> {
+    let Some(commit) = slot.as_mut() else {
+        return std::future::pending().await;
+    };
+    let finished = commit.await;
+    *slot = None;
+    finished
+}
+
+/// Tells the source a batch is committed.
+async fn acknowledge(source: &mut dyn Source, offset: &serde_json::Value) {
+    if let Err(e) = source.committed(offset).await {
+        tracing::warn!(error = %e, "source could not acknowledge a committed batch");
+    }
+}
+
+/// Batches read ahead and not taken back to commit yet, at most this many: while the task
+/// commits one batch, the plugins transform the next and the one after waits for them.
 const BATCHES_AHEAD: usize = 2;
 
-/// The transforms of a source task that reads ahead: a plugin thread of their own, and the
-/// batches handed to it in read order.
+/// A source task's batches read ahead, in read order, and the plugin thread transforming them
+/// (none without transforms).
 struct ReadAhead {
-    thread: PluginThread,
+    thread: Option<PluginThread>,
     in_flight: VecDeque<InFlight>,
 }
 
 impl ReadAhead {
     fn start(pipeline: &str, transforms: Transforms) -> Result<ReadAhead> {
+        let thread = if transforms.is_empty() {
+            None
+        } else {
+            Some(PluginThread::spawn(pipeline, transforms)?)
+        };
         Ok(ReadAhead {
-            thread: PluginThread::spawn(pipeline, transforms)?,
+            thread,
             in_flight: VecDeque::new(),
         })
     }
@@ -416,8 +473,15 @@ impl ReadAhead {
 
     fn submit(&mut self, batch: SourceBatch, origins: Option<Origins>) {
         let (reply, rx) = oneshot::channel();
-        // A closed queue means the thread is gone; the dropped reply then reports it.
-        let _ = self.thread.jobs.send((batch.records, origins, reply));
+        match &self.thread {
+            // A closed queue means the thread is gone; the dropped reply then reports it.
+            Some(thread) => {
+                let _ = thread.jobs.send((batch.records, origins, reply));
+            }
+            None => {
+                let _ = reply.send(Ok((batch.records, Vec::new())));
+            }
+        }
         self.in_flight.push_back(InFlight {
             reply: rx,
             offset: batch.offset,
@@ -515,7 +579,7 @@ struct Committer<'a> {
     status: Arc<Mutex<Status>>,
 }
 
-impl Committer<'_> {
+impl<'a> Committer<'a> {
     fn dead_letters(&mut self) -> Result<&mut DeadLetters> {
         dead_letters_for(self.ctx, self.spec, &mut self.dead_letters)
     }
@@ -560,8 +624,8 @@ impl Committer<'_> {
     }
 
     /// Commits a batch that went through the transforms (if any): its records and dead
-    /// letters, and the source offset after it; then counts them. False when the pipeline is
-    /// stopping.
+    /// letters, and the source offset after it; then counts them and tells the source. False
+    /// when the pipeline is stopping.
     async fn transformed(
         &mut self,
         records: Vec<Record>,
@@ -570,9 +634,27 @@ impl Committer<'_> {
         source: &mut dyn Source,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
+        if !self
+            .write_transformed(records, rejected, offset, stop)
+            .await?
+        {
+            return Ok(false);
+        }
+        acknowledge(source, offset).await;
+        Ok(true)
+    }
+
+    /// As [`Committer::transformed`], without telling the source.
+    async fn write_transformed(
+        &mut self,
+        records: Vec<Record>,
+        rejected: Vec<Rejected>,
+        offset: &serde_json::Value,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
         let (out, failed) = self.assemble(records, rejected)?;
         let n = out.len() as u64;
-        if !self.batch(out, source, offset, stop).await? {
+        if !self.write(out, offset, stop).await? {
             return Ok(false);
         }
         let mut s = self.status.lock();
@@ -581,16 +663,21 @@ impl Committer<'_> {
         Ok(true)
     }
 
-    /// Commits a batch read ahead, as the plugin thread handed it back.
-    async fn read_ahead(
-        &mut self,
+    /// Commits a batch read ahead, as the plugin thread handed it back, while the task goes on
+    /// reading: takes the committer and hands it back when done (see [`Commit`]).
+    async fn commit_read_ahead(
+        mut self,
         (result, offset): Done,
-        source: &mut dyn Source,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool> {
-        let (records, rejected) = result?;
-        self.transformed(records, rejected, &offset, source, stop)
-            .await
+        mut stop: watch::Receiver<bool>,
+    ) -> Finished<'a> {
+        let written = match result {
+            Ok((records, rejected)) => {
+                self.write_transformed(records, rejected, &offset, &mut stop)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        (self, written, offset)
     }
 
     /// Writes the records and the source offset after them (one transaction with exactly_once),
@@ -599,6 +686,20 @@ impl Committer<'_> {
         &mut self,
         out: Vec<Outgoing>,
         source: &mut dyn Source,
+        offset: &serde_json::Value,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        if !self.write(out, offset, stop).await? {
+            return Ok(false);
+        }
+        acknowledge(source, offset).await;
+        Ok(true)
+    }
+
+    /// As [`Committer::batch`], without telling the source.
+    async fn write(
+        &mut self,
+        out: Vec<Outgoing>,
         offset: &serde_json::Value,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
@@ -625,9 +726,6 @@ impl Committer<'_> {
             }
         }
         self.backoff.reset();
-        if let Err(e) = source.committed(offset).await {
-            tracing::warn!(error = %e, "source could not acknowledge a committed batch");
-        }
         Ok(true)
     }
 }
