@@ -180,7 +180,7 @@ impl TopicWriter {
                     b.push(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp);
                     taken += 1;
                 }
-                p.append(&b.finish(Compression::None))
+                p.append_built(b.finish(Compression::None))
                     .with_context(|| format!("cannot append to {}-{}", p.topic, p.id))?;
                 self.sequences.insert(key, seq_add(seq, taken));
                 rest = &rest[taken as usize..];
