@@ -3,11 +3,13 @@
 transform (docs/benchmarks.md, "WASM plugin stage in a pipeline").
 
 Starts `weir serve` on a scratch directory, fills a topic with N records of 100 bytes, then runs
-a topic-to-topic pipeline over it twice, exactly once (a transaction per batch): without a
-transform, then with the plugin. Each run is timed from the pipeline file's creation until its
-`records_in` counter reaches N.
+a topic-to-topic pipeline over it, exactly once (a transaction per batch): without a transform,
+and with the plugin. Each run is timed from its first committed batch until its `records_in`
+counter reaches N. With --rounds R each pipeline runs R times, alternating which goes first, and
+the medians are reported.
 
 Usage: bench/pipeline_stage.py --weir target/release/weir --plugin passthrough.wasm [-n N]
+           [--batch-records B] [--rounds R]
 """
 
 from __future__ import annotations
