@@ -371,12 +371,10 @@ pub async fn run_source(
                     .map(|r| letters.letter(r, "source", &message, 1, None))
                     .collect::<Vec<_>>();
                 let n = out.len() as u64;
-                if !committer
-                    .batch(out, source.as_mut(), &rejected.offset, &mut stop)
-                    .await?
-                {
+                if !committer.write(out, &rejected.offset, &mut stop).await? {
                     return Ok(());
                 }
+                acknowledge(source.as_mut(), &rejected.offset).await;
                 committer.status.lock().dead_letters += n;
                 continue;
             }
@@ -394,11 +392,12 @@ pub async fn run_source(
             tokio::task::block_in_place(|| t.run(batch.records, origins))?
         };
         if !committer
-            .transformed(records, rejected, &batch.offset, source.as_mut(), &mut stop)
+            .transformed(records, rejected, &batch.offset, &mut stop)
             .await?
         {
             return Ok(());
         }
+        acknowledge(source.as_mut(), &batch.offset).await;
     }
 }
 
@@ -624,28 +623,9 @@ impl<'a> Committer<'a> {
     }
 
     /// Commits a batch that went through the transforms (if any): its records and dead
-    /// letters, and the source offset after it; then counts them and tells the source. False
-    /// when the pipeline is stopping.
+    /// letters, and the source offset after it; then counts them. The caller tells the source
+    /// (see [`acknowledge`]). False when the pipeline is stopping.
     async fn transformed(
-        &mut self,
-        records: Vec<Record>,
-        rejected: Vec<Rejected>,
-        offset: &serde_json::Value,
-        source: &mut dyn Source,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool> {
-        if !self
-            .write_transformed(records, rejected, offset, stop)
-            .await?
-        {
-            return Ok(false);
-        }
-        acknowledge(source, offset).await;
-        Ok(true)
-    }
-
-    /// As [`Committer::transformed`], without telling the source.
-    async fn write_transformed(
         &mut self,
         records: Vec<Record>,
         rejected: Vec<Rejected>,
@@ -672,7 +652,7 @@ impl<'a> Committer<'a> {
     ) -> Finished<'a> {
         let written = match result {
             Ok((records, rejected)) => {
-                self.write_transformed(records, rejected, &offset, &mut stop)
+                self.transformed(records, rejected, &offset, &mut stop)
                     .await
             }
             Err(e) => Err(e),
@@ -681,22 +661,8 @@ impl<'a> Committer<'a> {
     }
 
     /// Writes the records and the source offset after them (one transaction with exactly_once),
-    /// retrying transient failures, then tells the source. False when the pipeline is stopping.
-    async fn batch(
-        &mut self,
-        out: Vec<Outgoing>,
-        source: &mut dyn Source,
-        offset: &serde_json::Value,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool> {
-        if !self.write(out, offset, stop).await? {
-            return Ok(false);
-        }
-        acknowledge(source, offset).await;
-        Ok(true)
-    }
-
-    /// As [`Committer::batch`], without telling the source.
+    /// retrying transient failures. The caller tells the source. False when the pipeline is
+    /// stopping.
     async fn write(
         &mut self,
         out: Vec<Outgoing>,
