@@ -279,7 +279,10 @@ pub async fn run_source(
             _ = stop.changed() => {
                 // A transaction under way is finished, not dropped half-way.
                 if let Some(commit) = committing.take() {
-                    commit.await.1?;
+                    let (_, written, offset) = commit.await;
+                    if written? {
+                        acknowledge(source.as_mut(), &offset).await;
+                    }
                 }
                 return Ok(());
             }
@@ -303,8 +306,10 @@ pub async fn run_source(
                 if let Some(c) = committer.as_mut() {
                     c.backoff.reset();
                 }
-                let origins = source
-                    .last_batch_origins()
+                let origins = ahead
+                    .transforms()
+                    .then(|| source.last_batch_origins())
+                    .flatten()
                     .map(|(t, o)| (t.to_string(), o.to_vec()));
                 ahead.submit(b, origins);
                 continue;
@@ -460,6 +465,11 @@ impl ReadAhead {
             thread,
             in_flight: VecDeque::new(),
         })
+    }
+
+    /// Whether batches go through transforms (which see each record's origin).
+    fn transforms(&self) -> bool {
+        self.thread.is_some()
     }
 
     fn has_room(&self) -> bool {

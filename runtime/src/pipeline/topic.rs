@@ -102,14 +102,12 @@ impl Source for TopicSource {
         }
         // Fill the batch with what is already in the log rather than hand over the remains
         // of the last read alone: fewer, fuller batches (each one a transaction) go faster.
+        // A read error here hands over what is pending; the next call's read reports it.
         while self.pending.len() < max_records {
-            let records = reader
-                .read_now(read_bytes(max_records - self.pending.len()))
-                .map_err(ConnectorError::Transient)?;
-            if records.is_empty() {
-                break;
+            match reader.read_now(read_bytes(max_records - self.pending.len())) {
+                Ok(records) if !records.is_empty() => self.pending.extend(records),
+                _ => break,
             }
-            self.pending.extend(records);
         }
         // No await from here on: a dropped call loses nothing (see allows_read_ahead).
         let n = self.pending.len().min(max_records);
@@ -134,8 +132,9 @@ impl Source for TopicSource {
         Some((&self.topic.name, &self.origins))
     }
 
-    // Positions move only when a poll returns records, with no await after it: a dropped
-    // next_batch loses nothing, and the offset of each batch stands on its own.
+    // The reader's positions move only in a read that has no await after it, and what it
+    // returns goes straight into `pending`: a dropped next_batch loses nothing, and the offset
+    // of each batch stands on its own.
     fn allows_read_ahead(&self) -> bool {
         true
     }
