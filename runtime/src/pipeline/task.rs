@@ -279,10 +279,7 @@ pub async fn run_source(
             _ = stop.changed() => {
                 // A transaction under way is finished, not dropped half-way.
                 if let Some(commit) = committing.take() {
-                    let (_, written, offset) = commit.await;
-                    if written? {
-                        acknowledge(source.as_mut(), &offset).await;
-                    }
+                    settle(commit.await, &mut committer, source.as_mut()).await?;
                 }
                 return Ok(());
             }
@@ -294,12 +291,9 @@ pub async fn run_source(
         };
         let read = match (event, ahead.as_mut()) {
             (Event::Committed(finished), _) => {
-                let (c, finished, offset) = *finished;
-                committer = Some(c);
-                if !finished? {
+                if !settle(*finished, &mut committer, source.as_mut()).await? {
                     return Ok(());
                 }
-                acknowledge(source.as_mut(), &offset).await;
                 continue;
             }
             (Event::Read(Ok(Some(b))), Some(ahead)) => {
@@ -315,8 +309,7 @@ pub async fn run_source(
                 continue;
             }
             (Event::Transformed(done), _) => {
-                let c = committer.take().expect("no commit under way");
-                committing = Some(Box::pin(c.commit_read_ahead(done?, stop.clone())));
+                committing = Some(start_commit(&mut committer, done?, &stop));
                 continue;
             }
             (Event::Read(read), _) => {
@@ -330,17 +323,13 @@ pub async fn run_source(
                                 _ = stop.changed() => return Ok(()),
                                 done = ReadAhead::next_done(&mut ahead) => done?,
                             };
-                            let c = committer.take().expect("no commit under way");
-                            Box::pin(c.commit_read_ahead(done, stop.clone()))
+                            start_commit(&mut committer, done, &stop)
                         }
                         None => break,
                     };
-                    let (c, finished, offset) = commit.await;
-                    committer = Some(c);
-                    if !finished? {
+                    if !settle(commit.await, &mut committer, source.as_mut()).await? {
                         return Ok(());
                     }
-                    acknowledge(source.as_mut(), &offset).await;
                 }
                 read
             }
@@ -434,6 +423,31 @@ async fn commit_finished<'a>(slot: &mut Option<Commit<'a>>) -> Finished<'a> {
     let finished = commit.await;
     *slot = None;
     finished
+}
+
+/// Starts committing a batch read ahead; the commit holds the committer until it is settled.
+fn start_commit<'a>(
+    committer: &mut Option<Committer<'a>>,
+    done: Done,
+    stop: &watch::Receiver<bool>,
+) -> Commit<'a> {
+    let c = committer.take().expect("no commit under way");
+    Box::pin(c.commit_read_ahead(done, stop.clone()))
+}
+
+/// Takes the committer back from a finished commit and tells the source the batch is
+/// committed. False when the pipeline is stopping.
+async fn settle<'a>(
+    (c, written, offset): Finished<'a>,
+    committer: &mut Option<Committer<'a>>,
+    source: &mut dyn Source,
+) -> Result<bool> {
+    *committer = Some(c);
+    if !written? {
+        return Ok(false);
+    }
+    acknowledge(source, &offset).await;
+    Ok(true)
 }
 
 /// Tells the source a batch is committed.
