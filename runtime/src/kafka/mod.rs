@@ -139,6 +139,7 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
             ResponseError::OutOfOrderSequenceNumber
         }
         AppendError::Producer(ProducerError::InvalidTxnState(_)) => ResponseError::InvalidTxnState,
+        AppendError::OutOfOrderReplica { .. } => ResponseError::UnknownServerError,
         AppendError::Io(_) => ResponseError::KafkaStorageError,
     }
 }

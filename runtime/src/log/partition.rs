@@ -36,6 +36,10 @@ pub enum AppendError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Producer(#[from] ProducerError),
+    /// Batches copied from the leader do not continue this log: the follower must fetch from
+    /// its log end (or truncate first).
+    #[error("replicated batch at offset {got} does not follow the log end {expected}")]
+    OutOfOrderReplica { expected: i64, got: i64 },
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
 }
@@ -99,6 +103,9 @@ pub enum Isolation {
     ReadUncommitted,
     /// Only up to the last stable offset, with the aborted transactions listed.
     ReadCommitted,
+    /// A follower's fetch: everything up to the log end, in whole batches only (at least one,
+    /// whatever `max_bytes` and `min_one_batch` say); no aborted transactions are listed.
+    Replica,
 }
 
 /// What recovery did when the partition was opened.
@@ -125,7 +132,11 @@ pub(super) struct PartitionLog {
     pub(super) config: LogConfig,
     pub(super) segments: BTreeMap<i64, Segment>,
     next_offset: i64,
+    /// The epoch new batches are stamped with (from topics.json, or set by `become_leader`).
     leader_epoch: i32,
+    /// Replicated partitions move the high watermark only by `advance_high_watermark`; others
+    /// with every append.
+    replicated: bool,
     epochs: EpochCache,
     unflushed_messages: i64,
     oldest_unflushed: Option<Instant>,
@@ -133,6 +144,9 @@ pub(super) struct PartitionLog {
     producers: ProducerState,
     /// The producer state changed since the last snapshot.
     producers_dirty: bool,
+    /// The end of the last producer batch the state has seen (a bound: it may be larger): a
+    /// truncation below it rebuilds the state.
+    producers_end: i64,
 }
 
 impl Partition {
@@ -203,6 +217,7 @@ impl Partition {
         let log_start = *segments.keys().next().unwrap();
         let mut epochs = EpochCache::load(dir)?;
         epochs.truncate_from_end(next_offset.max(1))?;
+        epochs.truncate_from_start(log_start)?;
         if report.truncated_bytes > 0 {
             tracing::warn!(topic = %topic, partition = id, bytes = report.truncated_bytes, next_offset, "truncated a torn or corrupt log tail");
         }
@@ -212,12 +227,14 @@ impl Partition {
             segments,
             next_offset,
             leader_epoch,
+            replicated: false,
             epochs,
             unflushed_messages: 0,
             oldest_unflushed: None,
             dir_dirty: true,
             producers: ProducerState::default(),
             producers_dirty: false,
+            producers_end: 0,
         };
         log.rebuild_producer_state(dir)?;
         let partition = Partition {
@@ -237,8 +254,14 @@ impl Partition {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// The offset below which records are committed and visible to consumers. For a
+    /// partition that is not replicated it is the log end.
     pub fn high_watermark(&self) -> i64 {
         self.high_watermark.load(Ordering::Acquire)
+    }
+    /// The offset the next record will be written at.
+    pub fn log_end_offset(&self) -> i64 {
+        self.log.lock().next_offset
     }
     pub fn log_start_offset(&self) -> i64 {
         self.log_start_offset.load(Ordering::Acquire)
@@ -358,22 +381,173 @@ impl Partition {
                 if view.producer_id() >= 0 {
                     track_batch(&mut log.producers, &view, now, || Ok(chunk[s..e].to_vec()))?;
                     log.producers_dirty = true;
+                    log.producers_end = log.producers_end.max(view.next_offset());
                 }
+            }
+            // Under the lock, so concurrent appends cannot move it backwards.
+            if !log.replicated {
+                self.high_watermark
+                    .store(info.last_offset + 1, Ordering::Release);
             }
             info
         };
-        self.high_watermark
-            .store(info.last_offset + 1, Ordering::Release);
         self.log_start_offset
             .store(info.log_start_offset, Ordering::Release);
         self.wake_waiters();
         Ok(info)
     }
 
-    /// The offset below which no transaction is open.
+    /// Appends batches copied verbatim from the leader (follower side of replication): their
+    /// offsets, leader epochs and bytes are kept. The first must start at the log end and each
+    /// must follow the previous one (a compacted topic may skip offsets, never go back). Framing
+    /// and CRCs are checked; the producer state is updated as on the leader, without the
+    /// producers' sequence checks. New leader epochs are recorded where they start.
+    pub fn append_replica(&self, records: &[u8]) -> Result<AppendInfo, AppendError> {
+        let ranges = batch::split_batches(records)?;
+        for &(s, e) in &ranges {
+            let view = BatchView::new(&records[s..e]);
+            view.check_integrity()?;
+            if view.last_offset_delta() < 0 {
+                return Err(BatchError::Corrupt("negative last offset delta".into()).into());
+            }
+        }
+        let info = {
+            let mut log = self.log.lock();
+            let gaps_allowed = log.config.compacts();
+            let mut expected = log.next_offset;
+            let mut batches = Vec::with_capacity(ranges.len());
+            let mut count = 0i64;
+            for &(s, e) in &ranges {
+                let view = BatchView::new(&records[s..e]);
+                let got = view.base_offset();
+                if got < expected || (got > expected && !gaps_allowed) {
+                    return Err(AppendError::OutOfOrderReplica { expected, got });
+                }
+                batches.push(AppendedBatch {
+                    base_offset: got,
+                    next_offset: view.next_offset(),
+                    max_timestamp: view.max_timestamp(),
+                    chunk_pos: s as u64,
+                });
+                count += view.record_count().max(0) as i64;
+                expected = view.next_offset();
+            }
+            let info = log.write_batches(&self.dir, records, &batches, expected, count)?;
+            let now = now_ms();
+            for &(s, e) in &ranges {
+                let view = BatchView::new(&records[s..e]);
+                let epoch = view.leader_epoch();
+                if epoch >= 0 && log.epochs.latest_epoch().is_none_or(|l| l < epoch) {
+                    log.epochs.assign(epoch, view.base_offset())?;
+                }
+                if view.producer_id() >= 0 {
+                    track_batch(
+                        &mut log.producers,
+                        &view,
+                        now,
+                        || Ok(records[s..e].to_vec()),
+                    )?;
+                    log.producers_dirty = true;
+                    log.producers_end = log.producers_end.max(view.next_offset());
+                }
+            }
+            if !log.replicated {
+                self.high_watermark
+                    .store(info.last_offset + 1, Ordering::Release);
+            }
+            info
+        };
+        self.log_start_offset
+            .store(info.log_start_offset, Ordering::Release);
+        self.wake_waiters();
+        Ok(info)
+    }
+
+    /// Makes the high watermark move only by [`advance_high_watermark`] (replicated) or with
+    /// every append (not replicated, the default). Leaving replicated mode moves it to the log
+    /// end.
+    pub fn set_replicated(&self, replicated: bool) {
+        let moved = {
+            let mut log = self.log.lock();
+            let was = std::mem::replace(&mut log.replicated, replicated);
+            let end = log.next_offset;
+            let moved = was && !replicated && self.high_watermark() < end;
+            if moved {
+                self.high_watermark.store(end, Ordering::Release);
+            }
+            moved
+        };
+        if moved {
+            self.wake_waiters();
+        }
+    }
+
+    pub fn is_replicated(&self) -> bool {
+        self.log.lock().replicated
+    }
+
+    /// Moves the high watermark forward to `hw`, at most to the log end, never back; wakes
+    /// long-polling readers when it moved. Returns whether it moved.
+    pub fn advance_high_watermark(&self, hw: i64) -> bool {
+        {
+            let log = self.log.lock();
+            let hw = hw.min(log.next_offset);
+            if hw <= self.high_watermark() {
+                return false;
+            }
+            self.high_watermark.store(hw, Ordering::Release);
+        }
+        self.wake_waiters();
+        true
+    }
+
+    /// Sets the high watermark, backwards too, within [log start, log end]: for a replica
+    /// starting up (from a checkpointed value) or taking over. Returns the value set.
+    pub fn reset_high_watermark(&self, hw: i64) -> i64 {
+        let (hw, up) = {
+            let log = self.log.lock();
+            let start = *log.segments.keys().next().unwrap();
+            let hw = hw.clamp(start, log.next_offset);
+            let up = hw > self.high_watermark();
+            self.high_watermark.store(hw, Ordering::Release);
+            (hw, up)
+        };
+        if up {
+            self.wake_waiters();
+        }
+        hw
+    }
+
+    /// Becomes the partition's leader in `epoch`: new batches are stamped with it, and the
+    /// epoch is recorded as starting at the log end if it is newer than the latest known.
+    pub fn become_leader(&self, epoch: i32) -> io::Result<()> {
+        let mut log = self.log.lock();
+        log.leader_epoch = epoch;
+        let end = log.next_offset;
+        log.epochs.assign(epoch, end)
+    }
+
+    /// Follows the leader of `epoch`; epochs are then learnt from the replicated batches.
+    pub fn become_follower(&self, epoch: i32) {
+        self.log.lock().leader_epoch = epoch;
+    }
+
+    /// The latest leader epoch this log holds batches of (or was led in).
+    pub fn latest_epoch(&self) -> Option<i32> {
+        self.log.lock().epochs.latest_epoch()
+    }
+
+    /// OffsetsForLeaderEpoch (KIP-101/279): the largest epoch <= `epoch` this log knows and the
+    /// offset where it ends; see [`EpochCache::end_offset_for`]. (-1, -1) when undefined.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> (i32, i64) {
+        let log = self.log.lock();
+        log.epochs.end_offset_for(epoch, log.next_offset)
+    }
+
+    /// The offset below which no transaction is open (never above the high watermark).
     pub fn last_stable_offset(&self) -> i64 {
         let log = self.log.lock();
-        log.last_stable_offset()
+        log.last_stable_offset().min(self.high_watermark())
     }
 
     /// Open transactions here, as (producer id, producer epoch, first offset).
@@ -405,7 +579,8 @@ impl Partition {
     }
 
     /// Reads batches starting at the one containing `offset`, up to `max_bytes` (at least one
-    /// whole batch when `min_one_batch`); everything up to the high watermark.
+    /// whole batch when `min_one_batch`); everything below the high watermark. Offsets from the
+    /// high watermark to the log end are valid positions with nothing to read yet.
     pub fn read(
         &self,
         offset: i64,
@@ -425,19 +600,19 @@ impl Partition {
     ) -> Result<ReadData, ReadError> {
         let log = self.log.lock();
         let start = *log.segments.keys().next().unwrap();
-        let hw = log.next_offset;
-        if offset < start || offset > hw {
-            return Err(ReadError::OffsetOutOfRange {
-                offset,
-                start,
-                end: hw,
-            });
+        let end = log.next_offset;
+        if offset < start || offset > end {
+            return Err(ReadError::OffsetOutOfRange { offset, start, end });
         }
-        let lso = log.last_stable_offset();
+        // Written under the lock, so consistent with the log end.
+        let hw = self.high_watermark();
+        let lso = log.last_stable_offset().min(hw);
         let upper = match isolation {
             Isolation::ReadUncommitted => hw,
             Isolation::ReadCommitted => lso,
+            Isolation::Replica => end,
         };
+        let min_one_batch = min_one_batch || isolation == Isolation::Replica;
         let empty = ReadData {
             records: None,
             high_watermark: hw,
@@ -464,18 +639,22 @@ impl Partition {
                 if want == 0 {
                     return Ok(empty);
                 }
-                // An open transaction starts a batch, so the stable part ends at a boundary.
+                // An open transaction starts a batch, so the stable part ends at a boundary; a
+                // batch holding the high watermark is not returned until it is all below it.
                 let end = if upper < seg.next_offset() {
                     seg.locate_offset(upper)?.map_or(seg.size(), |(p, _)| p)
                 } else {
                     seg.size()
                 };
-                let len = want.min(end.saturating_sub(pos));
+                let mut len = want.min(end.saturating_sub(pos));
+                if isolation == Isolation::Replica && len > 0 {
+                    len = seg.whole_batches_end(pos, pos + len)? - pos;
+                }
                 if len == 0 {
                     return Ok(empty);
                 }
                 let aborted = match isolation {
-                    Isolation::ReadUncommitted => vec![],
+                    Isolation::ReadUncommitted | Isolation::Replica => vec![],
                     Isolation::ReadCommitted => log.producers.aborted_between(offset, upper),
                 };
                 return Ok(ReadData {
@@ -492,6 +671,12 @@ impl Partition {
             }
         }
         Ok(empty)
+    }
+
+    /// A follower's fetch: whole batches from the one containing `offset` up to the log end,
+    /// at most `max_bytes` but at least one batch; `high_watermark` is the leader's.
+    pub fn read_replica(&self, offset: i64, max_bytes: u64) -> Result<ReadData, ReadError> {
+        self.read_with(offset, max_bytes, true, Isolation::Replica)
     }
 
     /// The offset of the first record with timestamp >= `ts`, and that record's timestamp.
@@ -591,12 +776,13 @@ impl Partition {
             by_count || by_age || rolled
         };
         if needs_flush {
-            let end = self.high_watermark();
+            let end = self.log_end_offset();
             self.flush_to(end).await?;
         }
         let start = {
             let mut log = self.log.lock();
             let start = log.apply_retention(&self.dir, now_ms())?;
+            log.epochs.truncate_from_start(start)?;
             log.expire_producers(start);
             start
         };
@@ -606,7 +792,7 @@ impl Partition {
 
     /// Flushes everything and records the recovery point, so the next start trusts all of it.
     pub async fn checkpoint(&self) -> io::Result<()> {
-        let end = self.high_watermark();
+        let end = self.log_end_offset();
         self.flush_to(end).await?;
         let (durable, snapshot) = {
             let mut log = self.log.lock();
@@ -630,7 +816,10 @@ impl Partition {
         )
     }
 
-    /// Removes everything from `offset` on (offset must be a batch boundary or the log end).
+    /// Removes everything from `offset` on (offset should be a batch boundary: otherwise the
+    /// batch holding it goes too). Leader epochs starting there are forgotten, the producer
+    /// state is rebuilt if it saw anything removed, and the high watermark and the durable
+    /// offset are lowered to the new log end if above it.
     pub fn truncate_to(&self, offset: i64) -> io::Result<()> {
         let mut log = self.log.lock();
         if offset >= log.next_offset {
@@ -653,22 +842,81 @@ impl Partition {
         }
         let next = log.segments.values().next_back().unwrap().next_offset();
         log.next_offset = next;
+        self.high_watermark.fetch_min(next, Ordering::AcqRel);
+        self.durable_offset.fetch_min(next, Ordering::AcqRel);
+        // A recovery point past the new end would trust segments written after it unflushed.
+        let recovery_point = self.dir.join(RECOVERY_POINT_FILE);
+        let on_disk = std::fs::read_to_string(&recovery_point)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok());
+        if on_disk.is_some_and(|rp| rp > next) {
+            write_atomically(&recovery_point, next.to_string().as_bytes())?;
+        }
         log.epochs.truncate_from_end(next)?;
-        if log.producers.covers_offsets_from(next) {
-            let _ = std::fs::remove_file(self.dir.join(PRODUCER_SNAPSHOT_FILE));
+        // A snapshot taken past the new end describes batches that are gone.
+        let snapshot = self.dir.join(PRODUCER_SNAPSHOT_FILE);
+        if snapshot_offset(&snapshot).is_some_and(|o| o > next) {
+            std::fs::remove_file(&snapshot)?;
+        }
+        if log.producers_end > next || log.producers.covers_offsets_from(next) {
             log.producers = ProducerState::default();
             log.rebuild_producer_state(&self.dir)?;
         }
-        drop(log);
-        self.high_watermark.store(next, Ordering::Release);
-        self.durable_offset.fetch_min(next, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Empties the log and restarts it at `offset` (a follower whose log is all below the
+    /// leader's log start): all segments, leader epochs and producer state are dropped; log
+    /// start, log end, high watermark and recovery point become `offset`.
+    pub fn truncate_fully_and_start_at(&self, offset: i64) -> io::Result<()> {
+        let mut log = self.log.lock();
+        // Creating the segment first leaves the log whole if it fails (an old segment with the
+        // same base is emptied by it, which is what is wanted anyway).
+        let seg = Segment::create(&self.dir, offset, log.config.index_interval_bytes)?;
+        let old = std::mem::replace(&mut log.segments, BTreeMap::from([(offset, seg)]));
+        for (base, s) in old {
+            if base != offset {
+                s.delete_files();
+            }
+        }
+        log.next_offset = offset;
+        log.unflushed_messages = 0;
+        log.oldest_unflushed = None;
+        log.dir_dirty = true;
+        self.high_watermark.store(offset, Ordering::Release);
+        self.log_start_offset.store(offset, Ordering::Release);
+        self.durable_offset.store(offset, Ordering::Release);
+        log.epochs.clear()?;
+        match std::fs::remove_file(self.dir.join(PRODUCER_SNAPSHOT_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        log.producers = ProducerState::default();
+        log.producers_dirty = false;
+        log.producers_end = offset;
+        // A recovery point from the old log would trust segments of the new one unflushed.
+        write_atomically(
+            &self.dir.join(RECOVERY_POINT_FILE),
+            offset.to_string().as_bytes(),
+        )
     }
 
     /// Deletes every file of the partition.
     pub fn delete_files(&self) -> io::Result<()> {
         std::fs::remove_dir_all(&self.dir)
     }
+}
+
+/// The log offset a producer-state snapshot file was taken at.
+fn snapshot_offset(path: &Path) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        offset: i64,
+    }
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<Head>(&bytes)
+        .ok()
+        .map(|h| h.offset)
 }
 
 /// What the producer fields of a client's batch must satisfy.
@@ -749,9 +997,7 @@ impl PartitionLog {
             records += view.record_count() as i64;
             next = view.next_offset();
         }
-        self.maybe_roll(dir, chunk.len() as u64, next - 1)?;
-        let active = self.segments.values_mut().next_back().unwrap();
-        active.append(chunk, &batches)?;
+        let info = self.write_batches(dir, chunk, &batches, next, records)?;
         if self
             .epochs
             .latest_epoch()
@@ -759,6 +1005,22 @@ impl PartitionLog {
         {
             self.epochs.assign(self.leader_epoch, base_offset)?;
         }
+        Ok(info)
+    }
+
+    /// Writes stamped batches (described by `batches`, ending at `next`) at the log end.
+    fn write_batches(
+        &mut self,
+        dir: &Path,
+        chunk: &[u8],
+        batches: &[AppendedBatch],
+        next: i64,
+        records: i64,
+    ) -> Result<AppendInfo, AppendError> {
+        let base_offset = batches[0].base_offset;
+        self.maybe_roll(dir, chunk.len() as u64, next - 1)?;
+        let active = self.segments.values_mut().next_back().unwrap();
+        active.append(chunk, batches)?;
         self.next_offset = next;
         self.unflushed_messages = self.unflushed_messages.saturating_add(records);
         self.oldest_unflushed.get_or_insert_with(Instant::now);
@@ -798,6 +1060,7 @@ impl PartitionLog {
             None => log_start,
         };
         let now = now_ms();
+        let mut end = from;
         let state = &mut self.producers;
         for seg in self.segments.values() {
             if seg.next_offset() <= from {
@@ -808,9 +1071,11 @@ impl PartitionLog {
                 if view.producer_id() < 0 || view.base_offset() < from {
                     return Ok(());
                 }
+                end = end.max(view.next_offset());
                 track_batch(state, &view, now, || seg.read_at(pos, len))
             })?;
         }
+        self.producers_end = end;
         self.producers_dirty = false;
         Ok(())
     }
@@ -1086,6 +1351,486 @@ mod tests {
             p.read(0, 100, true),
             Err(ReadError::OffsetOutOfRange { .. })
         ));
+    }
+
+    fn idempotent(pid: i64, seq: i32, values: &[&[u8]], txn: bool) -> Vec<u8> {
+        let mut b = batch::BatchBuilder::new(1000).with_producer(batch::ProducerFields {
+            producer_id: pid,
+            producer_epoch: 0,
+            base_sequence: seq,
+            transactional: txn,
+        });
+        for v in values {
+            b.push(None, Some(v), &[], 1000);
+        }
+        b.finish(Compression::None)
+    }
+
+    /// Every byte of every segment, in offset order.
+    fn log_bytes(p: &Partition) -> Vec<u8> {
+        let log = p.log.lock();
+        let mut out = vec![];
+        for seg in log.segments.values() {
+            out.extend(seg.read_at(0, seg.size()).unwrap());
+        }
+        out
+    }
+
+    fn epochs(p: &Partition) -> Vec<(i32, i64)> {
+        p.log.lock().epochs.entries().to_vec()
+    }
+
+    /// Copies the leader's batches to the follower until it has them all, `max_bytes` a fetch.
+    fn catch_up(leader: &Partition, follower: &Partition, max_bytes: u64) {
+        while follower.log_end_offset() < leader.log_end_offset() {
+            let data = leader
+                .read_replica(follower.log_end_offset(), max_bytes)
+                .unwrap();
+            assert_eq!(data.high_watermark, leader.high_watermark());
+            let bytes = data
+                .records
+                .expect("batches below the log end")
+                .read_bytes()
+                .unwrap();
+            let info = follower.append_replica(&bytes).unwrap();
+            assert!(!info.duplicate);
+            follower.advance_high_watermark(data.high_watermark);
+        }
+    }
+
+    fn values_read(p: &Partition, isolation: Isolation) -> Vec<i64> {
+        let mut out = vec![];
+        let Some(slice) = p.read_with(0, 1 << 20, true, isolation).unwrap().records else {
+            return out;
+        };
+        let bytes = slice.read_bytes().unwrap();
+        for v in batch::complete_batches(&bytes) {
+            out.extend(v.base_offset()..v.next_offset());
+        }
+        out
+    }
+
+    #[test]
+    fn replicated_appends_wait_for_the_high_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        p.set_replicated(true);
+        assert!(p.is_replicated());
+        p.append(&batch(&[b"a", b"b"], Compression::None, 0))
+            .unwrap();
+        p.append(&batch(&[b"c"], Compression::None, 0)).unwrap();
+        assert_eq!((p.log_end_offset(), p.high_watermark()), (3, 0));
+        assert!(values_read(&p, Isolation::ReadUncommitted).is_empty());
+        assert!(values_read(&p, Isolation::ReadCommitted).is_empty());
+        assert_eq!(values_read(&p, Isolation::Replica), vec![0, 1, 2]);
+        // Past the high watermark but within the log: a valid position, nothing to read.
+        let at_end = p.read(3, 1000, true).unwrap();
+        assert!(at_end.records.is_none());
+        assert_eq!(at_end.high_watermark, 0);
+        assert!(matches!(
+            p.read(4, 1000, true),
+            Err(ReadError::OffsetOutOfRange { end: 3, .. })
+        ));
+
+        let waiter = Arc::new(Notify::new());
+        p.register_waiter(waiter.clone());
+        // Inside the first batch: none of it is visible until all of it is committed.
+        assert!(p.advance_high_watermark(1));
+        assert!(values_read(&p, Isolation::ReadUncommitted).is_empty());
+        assert_eq!(p.waiters.lock().len(), 0, "waiters are woken when it moves");
+        p.register_waiter(waiter.clone());
+        assert!(!p.advance_high_watermark(1));
+        assert!(!p.advance_high_watermark(0), "never backwards");
+        assert_eq!(p.waiters.lock().len(), 1);
+        assert!(p.advance_high_watermark(2));
+        assert_eq!(values_read(&p, Isolation::ReadUncommitted), vec![0, 1]);
+        assert_eq!(values_read(&p, Isolation::ReadCommitted), vec![0, 1]);
+        assert_eq!(p.last_stable_offset(), 2);
+        // Clamped to the log end.
+        assert!(p.advance_high_watermark(100));
+        assert_eq!(p.high_watermark(), 3);
+        assert!(!p.advance_high_watermark(100));
+        assert_eq!(values_read(&p, Isolation::ReadUncommitted), vec![0, 1, 2]);
+
+        // Leaving replicated mode catches up with the log end, and appends move it again.
+        p.append(&batch(&[b"d"], Compression::None, 0)).unwrap();
+        assert_eq!(p.high_watermark(), 3);
+        p.set_replicated(false);
+        assert_eq!(p.high_watermark(), 4);
+        p.append(&batch(&[b"e"], Compression::None, 0)).unwrap();
+        assert_eq!(p.high_watermark(), 5);
+        assert_eq!(p.reset_high_watermark(2), 2);
+        assert_eq!(p.reset_high_watermark(99), 5);
+    }
+
+    #[test]
+    fn an_open_transaction_below_the_high_watermark_still_holds_the_stable_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        p.set_replicated(true);
+        p.append(&batch(&[b"a"], Compression::None, 0)).unwrap();
+        p.append(&idempotent(5, 0, &[b"t"], true)).unwrap();
+        p.append(&batch(&[b"b"], Compression::None, 0)).unwrap();
+        assert_eq!(p.last_stable_offset(), 0);
+        p.advance_high_watermark(3);
+        assert_eq!(p.last_stable_offset(), 1);
+        p.append_marker(5, 0, true, 0).unwrap();
+        assert_eq!(p.last_stable_offset(), 3, "never above the high watermark");
+        p.advance_high_watermark(4);
+        assert_eq!(p.last_stable_offset(), 4);
+    }
+
+    /// A leader log with every kind of batch: codecs, leader epochs, an idempotent producer,
+    /// an aborted and a committed transaction.
+    fn varied_leader(dir: &Path) -> Partition {
+        let leader = open(dir);
+        leader.become_leader(1).unwrap();
+        for (i, codec) in [Compression::None, Compression::Gzip, Compression::Lz4]
+            .into_iter()
+            .enumerate()
+        {
+            let v = format!("value-{i}");
+            leader
+                .append(&batch(&[v.as_bytes(), b"x"], codec, i as i64))
+                .unwrap();
+        }
+        leader
+            .append(&idempotent(7, 0, &[b"p0", b"p1"], false))
+            .unwrap();
+        leader.become_leader(3).unwrap();
+        leader.append(&idempotent(8, 0, &[b"t0"], true)).unwrap();
+        leader.append(&idempotent(7, 2, &[b"p2"], false)).unwrap();
+        leader.append_marker(8, 0, false, 0).unwrap();
+        leader.become_leader(4).unwrap();
+        leader.append(&idempotent(8, 1, &[b"t1"], true)).unwrap();
+        leader.append_marker(8, 0, true, 0).unwrap();
+        leader
+            .append(&batch(&[&[b'z'; 300][..]], Compression::Zstd, 9))
+            .unwrap();
+        leader
+    }
+
+    #[test]
+    fn followers_copy_the_leaders_batches_verbatim() {
+        let (ld, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = varied_leader(ld.path());
+        for max_bytes in [0, 150, 1 << 20] {
+            let follower = open(fd.path());
+            follower.truncate_fully_and_start_at(0).unwrap();
+            follower.set_replicated(true);
+            follower.become_follower(4);
+            catch_up(&leader, &follower, max_bytes);
+            assert_eq!(follower.log_end_offset(), leader.log_end_offset());
+            assert_eq!(log_bytes(&follower), log_bytes(&leader));
+            assert_eq!(epochs(&follower), epochs(&leader));
+            assert_eq!(epochs(&leader), vec![(1, 0), (3, 8), (4, 11)]);
+            assert_eq!(follower.end_offset_for_epoch(3), (3, 11));
+            // Transactions are known as on the leader: read_committed lists the abort.
+            let data = follower
+                .read_with(0, 1 << 20, true, Isolation::ReadCommitted)
+                .unwrap();
+            let on_leader = leader
+                .read_with(0, 1 << 20, true, Isolation::ReadCommitted)
+                .unwrap();
+            assert_eq!(data.aborted, on_leader.aborted);
+            assert_eq!(data.aborted.len(), 1);
+            assert_eq!(follower.last_stable_offset(), leader.last_stable_offset());
+            assert!(follower.open_transactions().is_empty());
+            // And after a reopen, from the log alone.
+            drop(follower);
+            let follower = open(fd.path());
+            assert_eq!(log_bytes(&follower), log_bytes(&leader));
+            assert_eq!(epochs(&follower), epochs(&leader));
+            assert!(follower.is_aborted(8, 8));
+        }
+    }
+
+    #[test]
+    fn a_follower_turned_leader_knows_the_producers() {
+        let (ld, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = varied_leader(ld.path());
+        leader.append(&idempotent(8, 2, &[b"t2"], true)).unwrap();
+        let follower = open(fd.path());
+        follower.become_follower(4);
+        catch_up(&leader, &follower, 1 << 20);
+        follower.become_leader(5).unwrap();
+        // Producer 7's retry of its last batch is answered with the original offsets.
+        let retry = follower.append(&idempotent(7, 2, &[b"p2"], false)).unwrap();
+        assert!(retry.duplicate);
+        assert_eq!((retry.base_offset, retry.last_offset), (9, 9));
+        let next = follower.append(&idempotent(7, 3, &[b"p3"], false)).unwrap();
+        assert!(!next.duplicate);
+        assert_eq!(next.base_offset, leader.log_end_offset());
+        assert!(matches!(
+            follower.append(&idempotent(7, 9, &[b"p9"], false)),
+            Err(AppendError::Producer(ProducerError::OutOfOrder { .. }))
+        ));
+        // Producer 8's open transaction holds the stable offset on the new leader too.
+        assert_eq!(follower.open_transactions(), vec![(8, 0, 14)]);
+        follower.append_marker(8, 0, false, 0).unwrap();
+        assert!(follower.open_transactions().is_empty());
+        assert!(follower.is_aborted(8, 14));
+        // The new epoch starts where the old leader's log ended.
+        assert_eq!(follower.end_offset_for_epoch(4), (4, 15));
+        let written = BatchView::new(&log_bytes(&follower)[..]).leader_epoch();
+        assert_eq!(written, 1);
+        assert_eq!(follower.latest_epoch(), Some(5));
+    }
+
+    #[test]
+    fn replica_batches_must_continue_the_log() {
+        let (ld, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(ld.path());
+        for i in 0..3 {
+            leader
+                .append(&batch(&[format!("v{i}").as_bytes()], Compression::None, i))
+                .unwrap();
+        }
+        let all = leader.read_replica(0, 1 << 20).unwrap().records.unwrap();
+        let all = all.read_bytes().unwrap();
+        let ranges = batch::split_batches(&all).unwrap();
+        let nth = |i: usize| &all[ranges[i].0..ranges[i].1];
+        let follower = open(fd.path());
+        assert!(matches!(
+            follower.append_replica(nth(1)),
+            Err(AppendError::OutOfOrderReplica {
+                expected: 0,
+                got: 1
+            })
+        ));
+        // A gap inside the set refuses all of it.
+        let gapped = [nth(0), nth(2)].concat();
+        assert!(matches!(
+            follower.append_replica(&gapped),
+            Err(AppendError::OutOfOrderReplica {
+                expected: 1,
+                got: 2
+            })
+        ));
+        assert_eq!(follower.log_end_offset(), 0);
+        follower.append_replica(nth(0)).unwrap();
+        assert!(matches!(
+            follower.append_replica(nth(0)),
+            Err(AppendError::OutOfOrderReplica {
+                expected: 1,
+                got: 0
+            })
+        ));
+        let mut corrupt = nth(1).to_vec();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        assert!(matches!(
+            follower.append_replica(&corrupt),
+            Err(AppendError::Batch(BatchError::Corrupt(_)))
+        ));
+        assert!(follower.append_replica(&nth(1)[..40]).is_err());
+        follower.append_replica(&all[ranges[1].0..]).unwrap();
+        assert_eq!(log_bytes(&follower), log_bytes(&leader));
+    }
+
+    #[test]
+    fn divergent_logs_converge_through_epoch_end_offsets() {
+        let (ad, bd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (open(ad.path()), open(bd.path()));
+        for p in [&a, &b] {
+            p.set_replicated(true);
+        }
+        // Epoch 0, led by a, fully replicated.
+        a.become_leader(0).unwrap();
+        for i in 0..4 {
+            a.append(&batch(
+                &[format!("shared{i}").as_bytes()],
+                Compression::None,
+                i,
+            ))
+            .unwrap();
+        }
+        b.become_follower(0);
+        catch_up(&a, &b, 1 << 20);
+        let shared = a.log_end_offset();
+        // Epoch 1: b leads and writes batches nobody copies, one of an idempotent producer.
+        b.become_leader(1).unwrap();
+        b.append(&batch(&[b"lost0", b"lost1"], Compression::None, 9))
+            .unwrap();
+        b.append(&idempotent(9, 0, &[b"lost"], false)).unwrap();
+        b.append(&idempotent(6, 0, &[b"open"], true)).unwrap();
+        b.advance_high_watermark(shared);
+        // Epoch 2: a leads (it never saw epoch 1) and writes other batches.
+        a.become_leader(2).unwrap();
+        a.append(&idempotent(9, 0, &[b"kept0", b"kept1"], false))
+            .unwrap();
+        a.append(&batch(&[b"x"], Compression::Snappy, 10)).unwrap();
+        // b follows again: where does its log leave a's?
+        b.become_follower(2);
+        let (epoch, leader_end) = a.end_offset_for_epoch(b.latest_epoch().unwrap());
+        assert_eq!((epoch, leader_end), (0, shared));
+        let (_, own_end) = b.end_offset_for_epoch(epoch);
+        let at = leader_end.min(own_end);
+        assert_eq!(at, shared);
+        b.truncate_to(at).unwrap();
+        assert_eq!(b.log_end_offset(), shared);
+        assert!(b.high_watermark() <= shared);
+        assert_eq!(epochs(&b), vec![(0, 0)]);
+        assert!(
+            b.open_transactions().is_empty(),
+            "the producer state is rebuilt"
+        );
+        catch_up(&a, &b, 100);
+        assert_eq!(log_bytes(&b), log_bytes(&a));
+        assert_eq!(epochs(&b), epochs(&a));
+        // After a failover to b, producer 9's retry answers with a's offsets.
+        b.become_leader(3).unwrap();
+        let retry = b
+            .append(&idempotent(9, 0, &[b"kept0", b"kept1"], false))
+            .unwrap();
+        assert!(retry.duplicate);
+        assert_eq!((retry.base_offset, retry.last_offset), (shared, shared + 1));
+    }
+
+    #[test]
+    fn truncation_lowers_the_durable_offset_and_drops_a_newer_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let p = open(dir.path());
+        p.append(&idempotent(3, 0, &[b"a"], true)).unwrap();
+        p.append_marker(3, 0, true, 0).unwrap();
+        p.append(&batch(&[b"b"], Compression::None, 0)).unwrap();
+        rt.block_on(p.checkpoint()).unwrap();
+        assert_eq!(p.durable_offset.load(Ordering::Acquire), 3);
+        assert!(p.open_transactions().is_empty());
+        // The commit marker goes: the transaction of producer 3 is open again.
+        p.truncate_to(1).unwrap();
+        assert_eq!(p.durable_offset.load(Ordering::Acquire), 1);
+        let recovery_point = std::fs::read_to_string(dir.path().join(RECOVERY_POINT_FILE));
+        assert_eq!(recovery_point.unwrap(), "1");
+        assert_eq!(p.open_transactions(), vec![(3, 0, 0)]);
+        drop(p);
+        let p = open(dir.path());
+        assert_eq!(p.open_transactions(), vec![(3, 0, 0)]);
+    }
+
+    #[test]
+    fn a_follower_restarts_its_log_at_the_leaders_start() {
+        let (ld, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(ld.path());
+        leader.truncate_fully_and_start_at(100).unwrap();
+        leader.become_leader(2).unwrap();
+        leader
+            .append(&batch(&[b"a", b"b"], Compression::None, 0))
+            .unwrap();
+        assert_eq!(leader.log_start_offset(), 100);
+        let follower = open(fd.path());
+        for i in 0..20 {
+            follower
+                .append(&batch(
+                    &[format!("old{i}").as_bytes()],
+                    Compression::None,
+                    i,
+                ))
+                .unwrap();
+        }
+        assert!(follower.segment_count() > 1);
+        follower.truncate_fully_and_start_at(100).unwrap();
+        assert_eq!(follower.segment_count(), 1);
+        assert_eq!(
+            (
+                follower.log_start_offset(),
+                follower.log_end_offset(),
+                follower.high_watermark()
+            ),
+            (100, 100, 100)
+        );
+        assert!(epochs(&follower).is_empty());
+        assert!(matches!(
+            follower.read(0, 100, true),
+            Err(ReadError::OffsetOutOfRange { .. })
+        ));
+        catch_up(&leader, &follower, 1 << 20);
+        assert_eq!(log_bytes(&follower), log_bytes(&leader));
+        assert_eq!(epochs(&follower), vec![(2, 100)]);
+        drop(follower);
+        let follower = open(fd.path());
+        assert_eq!(
+            (follower.log_start_offset(), follower.log_end_offset()),
+            (100, 102)
+        );
+        assert_eq!(log_bytes(&follower), log_bytes(&leader));
+    }
+
+    #[derive(Debug, Clone)]
+    enum ReplicaOp {
+        Append(Vec<Vec<u8>>, u8),
+        NewEpoch,
+        CatchUp(u16),
+        ReopenFollower,
+    }
+
+    fn replica_op() -> impl Strategy<Value = ReplicaOp> {
+        prop_oneof![
+            6 => (prop::collection::vec(prop::collection::vec(any::<u8>(), 0..60), 1..4), 0u8..5)
+                .prop_map(|(v, c)| ReplicaOp::Append(v, c)),
+            1 => Just(ReplicaOp::NewEpoch),
+            3 => any::<u16>().prop_map(ReplicaOp::CatchUp),
+            1 => Just(ReplicaOp::ReopenFollower),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Random leader appends and epoch changes, and follower fetches of random sizes: the
+        /// follower's log is always a byte-for-byte prefix of the leader's, whole batches only,
+        /// with the same epochs.
+        #[test]
+        fn followers_hold_a_prefix_of_the_leader(ops in prop::collection::vec(replica_op(), 1..40)) {
+            let codecs = [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
+            let (ld, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let leader = open(ld.path());
+            leader.set_replicated(true);
+            let mut follower = open(fd.path());
+            let mut epoch = 0;
+            for op in ops {
+                match op {
+                    ReplicaOp::Append(values, c) => {
+                        let refs: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
+                        leader.append(&batch(&refs, codecs[c as usize], 0)).unwrap();
+                    }
+                    ReplicaOp::NewEpoch => {
+                        epoch += 1;
+                        leader.become_leader(epoch).unwrap();
+                    }
+                    ReplicaOp::CatchUp(max) => {
+                        let from = follower.log_end_offset();
+                        if from < leader.log_end_offset() {
+                            let data = leader.read_replica(from, max as u64).unwrap();
+                            let bytes = data.records.unwrap().read_bytes().unwrap();
+                            prop_assert!(bytes.len() <= (max as usize).max(batch::split_batches(&bytes).unwrap().first().unwrap().1));
+                            follower.append_replica(&bytes).unwrap();
+                            // The leader commits what the follower has.
+                            leader.advance_high_watermark(follower.log_end_offset());
+                        }
+                        let (f, l) = (log_bytes(&follower), log_bytes(&leader));
+                        prop_assert_eq!(&f[..], &l[..f.len()]);
+                        prop_assert!(leader.high_watermark() <= leader.log_end_offset());
+                    }
+                    ReplicaOp::ReopenFollower => {
+                        drop(follower);
+                        follower = open(fd.path());
+                    }
+                }
+            }
+            catch_up(&leader, &follower, 1 << 20);
+            prop_assert_eq!(log_bytes(&follower), log_bytes(&leader));
+            let leader_epochs = epochs(&leader);
+            let follower_epochs = epochs(&follower);
+            if leader.log_end_offset() > 0 {
+                // An epoch the leader took without writing anything is not in the follower's.
+                let written: Vec<_> = leader_epochs.iter().copied().filter(|&(_, o)| o < leader.log_end_offset()).collect();
+                prop_assert_eq!(follower_epochs, written);
+            }
+        }
     }
 
     #[derive(Debug, Clone)]

@@ -432,6 +432,27 @@ impl Segment {
             .map(|h| (h.pos, h.len)))
     }
 
+    /// The end of the last whole batch that ends by `limit`, walking from `pos` (a batch
+    /// boundary); `pos` itself when not even the first batch fits.
+    pub fn whole_batches_end(&self, pos: u64, limit: u64) -> io::Result<u64> {
+        let limit = limit.min(self.size);
+        // Index entries are batch boundaries: walk only from the last one before the limit.
+        let idx = self
+            .offset_index
+            .partition_point(|&(_, p)| p as u64 <= limit);
+        let mut at = match idx {
+            0 => pos,
+            i => (self.offset_index[i - 1].1 as u64).max(pos),
+        };
+        while let Some(h) = self.header_at(at)? {
+            if at + h.len > limit {
+                break;
+            }
+            at += h.len;
+        }
+        Ok(at)
+    }
+
     /// Position and base offset of the first batch whose max timestamp is >= `ts`.
     pub fn locate_timestamp(&self, ts: i64) -> io::Result<Option<(u64, u64)>> {
         let idx = self.time_index.partition_point(|&(t, _)| t < ts);
