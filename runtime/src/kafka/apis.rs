@@ -10,7 +10,7 @@ use kafka_protocol::messages::{
 
 use crate::log::partition::FileSlice;
 
-use super::{admin, fetch, groups, metadata, produce, txn, Broker};
+use super::{admin, epochs, fetch, groups, metadata, produce, txn, Broker};
 
 /// (API, lowest, highest version) that weir implements. Only these are advertised.
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
@@ -44,6 +44,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::TxnOffsetCommit, 0, 3),
     (ApiKey::DescribeTransactions, 0, 0),
     (ApiKey::ListTransactions, 0, 1),
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
 ];
 
 pub fn is_supported(key: ApiKey, version: i16) -> bool {
@@ -172,6 +173,9 @@ pub async fn dispatch(
         }
         RequestKind::ListTransactions(r) => {
             ResponseKind::ListTransactions(txn::list_transactions(broker, ctx, r).await)
+        }
+        RequestKind::OffsetForLeaderEpoch(r) => {
+            ResponseKind::OffsetForLeaderEpoch(epochs::offset_for_leader_epoch(broker, r))
         }
         // is_supported() admits only the APIs above.
         other => unreachable!("dispatch of unadvertised request {other:?}"),

@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod apis;
+mod epochs;
 mod fetch;
 pub mod fetch_encode;
 mod groups;

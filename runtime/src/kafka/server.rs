@@ -532,6 +532,18 @@ mod tests {
                     ApiKey::ListTransactions => RequestKind::ListTransactions(
                         ListTransactionsRequest::default().with_state_filters(vec![sb("Empty"), sb("Bogus")]),
                     ),
+                    ApiKey::OffsetForLeaderEpoch => RequestKind::OffsetForLeaderEpoch(
+                        OffsetForLeaderEpochRequest::default().with_topics(vec![
+                            offset_for_leader_epoch_request::OffsetForLeaderTopic::default()
+                                .with_topic(name(&t))
+                                .with_partitions(vec![
+                                    offset_for_leader_epoch_request::OffsetForLeaderPartition::default()
+                                        .with_current_leader_epoch(-1),
+                                    offset_for_leader_epoch_request::OffsetForLeaderPartition::default()
+                                        .with_partition(5),
+                                ]),
+                        ]),
+                    ),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {
