@@ -1688,6 +1688,51 @@ mod tests {
     }
 
     #[test]
+    fn followers_of_a_compacted_topic_copy_its_gaps() {
+        let config = LogConfig {
+            cleanup_policy: super::super::config::CleanupPolicy::Compact,
+            segment_bytes: 400,
+            min_cleanable_dirty_ratio: 0.0,
+            ..LogConfig::default()
+        };
+        let open = |dir: &Path| {
+            Partition::open(dir, Arc::from("c"), 0, config.clone(), 0)
+                .unwrap()
+                .0
+        };
+        let (ld, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(ld.path());
+        for i in 0..40 {
+            let mut b = batch::BatchBuilder::new(i);
+            let key = format!("k{}", i % 3);
+            b.push(Some(key.as_bytes()), Some(b"v"), &[], i);
+            leader.append(&b.finish(Compression::None)).unwrap();
+        }
+        let report = leader.compact(now_ms(), 1000).unwrap().unwrap();
+        assert!(report.records_removed > 0);
+        let follower = open(fd.path());
+        catch_up(&leader, &follower, 200);
+        assert_eq!(log_bytes(&follower), log_bytes(&leader));
+        assert_eq!(follower.log_end_offset(), 40);
+        // Only a compacted topic may skip offsets.
+        let plain = tempfile::tempdir().unwrap();
+        let plain = Partition::open(plain.path(), Arc::from("p"), 0, small_config(), 0)
+            .unwrap()
+            .0;
+        let all = log_bytes(&leader);
+        let ranges = batch::split_batches(&all).unwrap();
+        let gapped = ranges
+            .iter()
+            .map(|&(s, e)| &all[s..e])
+            .find(|b| BatchView::new(b).base_offset() > 0)
+            .unwrap();
+        assert!(matches!(
+            plain.append_replica(gapped),
+            Err(AppendError::OutOfOrderReplica { expected: 0, .. })
+        ));
+    }
+
+    #[test]
     fn truncation_lowers_the_durable_offset_and_drops_a_newer_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
