@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::cluster::{parse_voters, ClusterSettings};
 use crate::group::GroupSettings;
 use crate::log::config::LogConfig;
 use crate::txn::TxnSettings;
@@ -45,6 +46,25 @@ pub struct Settings {
     pub transaction_max_timeout_ms: i32,
     /// An idle transactional id is forgotten after this long (transactional.id.expiration.ms).
     pub transactional_id_expiration_ms: i64,
+    /// The controller voters of a cluster, `1@host:port,2@host:port,...` (their cluster
+    /// addresses). Unset: a single node.
+    pub voters: Option<String>,
+    /// This node's Raft and cluster listener (in a cluster).
+    pub cluster_addr: Option<String>,
+    /// This node's rack: replicas of a partition are spread over racks.
+    pub rack: Option<String>,
+    /// Raft heartbeat interval and election timeout; sized for a busy machine.
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_timeout_ms: u64,
+    /// How long a metadata change (topic creation, ...) may wait for the quorum.
+    pub metadata_timeout_ms: u64,
+    /// A follower not caught up for this long leaves the in-sync set (replica.lag.time.max.ms).
+    pub replica_lag_time_max_ms: u64,
+    /// A node whose heartbeats stop for this long is fenced: its partitions get new leaders
+    /// (broker.session.timeout.ms).
+    pub node_session_timeout_ms: u64,
+    /// How often partitions go back to their preferred leaders once those are in sync.
+    pub preferred_leader_check_ms: u64,
 }
 
 impl Default for Settings {
@@ -67,6 +87,15 @@ impl Default for Settings {
             pipelines_dir: None,
             transaction_max_timeout_ms: TxnSettings::default().max_timeout_ms,
             transactional_id_expiration_ms: TxnSettings::default().id_expiration_ms,
+            voters: None,
+            cluster_addr: None,
+            rack: None,
+            raft_heartbeat_ms: 250,
+            raft_election_timeout_ms: 1500,
+            metadata_timeout_ms: 15_000,
+            replica_lag_time_max_ms: 10_000,
+            node_session_timeout_ms: 6_000,
+            preferred_leader_check_ms: 10_000,
         }
     }
 }
@@ -103,6 +132,40 @@ impl Settings {
             max_timeout_ms: self.transaction_max_timeout_ms,
             id_expiration_ms: self.transactional_id_expiration_ms,
         }
+    }
+
+    /// The cluster settings, when `voters` is set.
+    pub fn cluster_settings(&self) -> Result<Option<ClusterSettings>> {
+        let Some(voters) = &self.voters else {
+            return Ok(None);
+        };
+        let voters = parse_voters(voters).context("voters")?;
+        let cluster_addr = match (&self.cluster_addr, voters.get(&self.node_id)) {
+            (Some(a), _) => a.clone(),
+            (None, Some(a)) => a.clone(),
+            (None, None) => anyhow::bail!(
+                "node {} is not among the voters; give it a cluster_addr (--cluster-addr)",
+                self.node_id
+            ),
+        };
+        Ok(Some(ClusterSettings {
+            node_id: self.node_id,
+            cluster_addr,
+            voters,
+            rack: self.rack.clone(),
+            heartbeat_ms: self.raft_heartbeat_ms.max(10),
+            election_timeout_ms: self
+                .raft_election_timeout_ms
+                .max(self.raft_heartbeat_ms * 3),
+            propose_timeout: std::time::Duration::from_millis(self.metadata_timeout_ms.max(100)),
+            replica_lag_time_max: std::time::Duration::from_millis(self.replica_lag_time_max_ms),
+            session_timeout: std::time::Duration::from_millis(
+                self.node_session_timeout_ms.max(self.raft_heartbeat_ms * 2),
+            ),
+            preferred_leader_check: std::time::Duration::from_millis(
+                self.preferred_leader_check_ms.max(100),
+            ),
+        }))
     }
 
     pub fn log_defaults(&self) -> Result<LogConfig> {

@@ -30,6 +30,7 @@ pub async fn serve(
 ) {
     let app = Router::new()
         .route("/health", get(health))
+        .route("/cluster", get(cluster_status))
         .route("/pipelines", get(list_pipelines))
         .route("/pipelines/{name}", get(get_pipeline))
         .fallback(ingest)
@@ -48,12 +49,37 @@ pub async fn serve(
 /// 200 once the node serves: the log is loaded and the Kafka listener is bound before this
 /// listener accepts anything.
 async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let cluster = s.broker.cluster.as_ref().map(|c| {
+        let image = c.image();
+        let me = image.nodes.get(&c.node_id);
+        json!({
+            "raft_leader": c.raft_leader(),
+            "controller": c.raft_leader() == Some(c.node_id),
+            "fenced": me.is_none_or(|n| n.fenced),
+            "nodes": image.nodes.len(),
+            "leader_of": image.topics.values().flat_map(|t| &t.partitions)
+                .filter(|p| p.leader == c.node_id).count(),
+        })
+    });
     Json(json!({
         "status": "ok",
         "node_id": s.broker.node_id,
-        "cluster_id": s.broker.cluster_id,
+        "cluster_id": s.broker.cluster.as_ref().map_or(s.broker.cluster_id.clone(), |c| c.image().cluster_id.clone()),
         "topics": s.broker.log.topics().len(),
+        "cluster": cluster,
     }))
+}
+
+/// The cluster's state as this node sees it; 404 on a single node.
+async fn cluster_status(State(s): State<AppState>) -> Response {
+    match &s.broker.cluster {
+        Some(c) => Json(c.status()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "this node is a single node, not part of a cluster"})),
+        )
+            .into_response(),
+    }
 }
 
 async fn list_pipelines(State(s): State<AppState>) -> Response {

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod group;
 pub mod http;

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon (single node).
+    /// Run the daemon (a single node, or a node of a cluster with --voters).
     Serve {
         /// Settings file (YAML); flags given here win over it.
         #[arg(long)]
@@ -40,6 +40,18 @@ enum Command {
         /// Directory of pipeline files, watched for changes [default: ./pipelines if present]
         #[arg(long)]
         pipelines: Option<PathBuf>,
+        /// This node's id in a cluster (its Kafka broker id) [default: 0]
+        #[arg(long)]
+        node_id: Option<i32>,
+        /// This node's Raft and cluster listener [default: its entry in --voters]
+        #[arg(long)]
+        cluster_addr: Option<String>,
+        /// The cluster's controller voters: ID@HOST:PORT,... (their cluster listeners)
+        #[arg(long)]
+        voters: Option<String>,
+        /// This node's rack; replicas of a partition are spread over racks
+        #[arg(long)]
+        rack: Option<String>,
     },
     /// Create, list, describe and delete topics.
     Topic {
@@ -54,6 +66,11 @@ enum Command {
         command: cli::group::GroupCommand,
         #[command(flatten)]
         conn: cli::ConnectArgs,
+    },
+    /// The state of a cluster: nodes, the Raft leader, under-replicated partitions.
+    Cluster {
+        #[command(subcommand)]
+        command: cli::cluster::ClusterCommand,
     },
     /// List and describe transactions.
     Txn {
@@ -81,7 +98,15 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("WEIR_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(if serving { "info" } else { "warn" })),
+                // Raft's own logs repeat every retry while a node is down; weir logs leader
+                // changes and fencing itself. WEIR_LOG=openraft=info shows them.
+                .unwrap_or_else(|_| {
+                    EnvFilter::new(if serving {
+                        "info,openraft=off"
+                    } else {
+                        "warn,openraft=off"
+                    })
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -97,6 +122,10 @@ fn main() -> Result<()> {
                 http_addr,
                 default_partitions,
                 pipelines,
+                node_id,
+                cluster_addr,
+                voters,
+                rack,
             } => {
                 let mut settings = match config {
                     Some(path) => Settings::load(&path)?,
@@ -117,11 +146,24 @@ fn main() -> Result<()> {
                 if let Some(d) = pipelines {
                     settings.pipelines_dir = Some(d);
                 }
+                if let Some(n) = node_id {
+                    settings.node_id = n;
+                }
+                if let Some(a) = cluster_addr {
+                    settings.cluster_addr = Some(a);
+                }
+                if let Some(v) = voters {
+                    settings.voters = Some(v);
+                }
+                if let Some(r) = rack {
+                    settings.rack = Some(r);
+                }
                 weir::serve::run(settings).await
             }
             Command::Topic { command, conn } => cli::topic::run(command, &conn).await,
             Command::Group { command, conn } => cli::group::run(command, &conn).await,
             Command::Txn { command, conn } => cli::txn::run(command, &conn).await,
+            Command::Cluster { command } => cli::cluster::run(command).await,
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,

@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cluster::image::NodeInfo;
+use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::group::GroupCoordinator;
 use crate::kafka::{self, Broker};
@@ -15,6 +17,7 @@ use crate::txn::TxnCoordinator;
 
 pub async fn run(settings: Settings) -> Result<()> {
     let defaults = settings.log_defaults()?;
+    let cluster_settings = settings.cluster_settings()?;
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create data dir {}", settings.data_dir.display()))?;
     let log = Arc::new(
@@ -38,6 +41,26 @@ pub async fn run(settings: Settings) -> Result<()> {
             kafka_local.ip().to_string()
         }
     });
+    let advertised_port = settings.advertised_port.unwrap_or(kafka_local.port()) as i32;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // In a cluster the coordinators' internal topics come from the metadata, so the quorum
+    // is joined before they open.
+    let cluster = match cluster_settings {
+        Some(cs) => {
+            let info = NodeInfo {
+                id: cs.node_id,
+                kafka_host: advertised_host.clone(),
+                kafka_port: advertised_port,
+                cluster_addr: cs.cluster_addr.clone(),
+                rack: cs.rack.clone(),
+                incarnation: uuid::Uuid::new_v4(),
+                fenced: false,
+            };
+            tracing::info!(node = cs.node_id, cluster = %cs.cluster_addr, voters = ?cs.voters, "joining the cluster");
+            Some(Cluster::start(cs, log.clone(), info, stop_rx.clone()).await?)
+        }
+        None => None,
+    };
     let groups = Arc::new(
         tokio::task::spawn_blocking({
             let log = log.clone();
@@ -55,9 +78,23 @@ pub async fn run(settings: Settings) -> Result<()> {
         })
         .await??,
     );
+    if let Some(c) = &cluster {
+        txns.use_id_source(Arc::new(crate::cluster::ClusterProducerIds(c.clone())));
+    }
     // Before any client connects: finish or abort what the previous run left open.
     txns.recover().await?;
-    let pipelines = match pipelines_dir(&settings) {
+    let pipelines_dir = match (&cluster, pipelines_dir(&settings)) {
+        (Some(_), Some(dir)) if settings.pipelines_dir.is_some() => anyhow::bail!(
+            "pipelines ({}) do not run on a cluster node yet; start a single node for them",
+            dir.display()
+        ),
+        (Some(_), Some(dir)) => {
+            tracing::warn!(dir = %dir.display(), "pipelines do not run on a cluster node yet; not loading them");
+            None
+        }
+        (_, dir) => dir,
+    };
+    let pipelines = match pipelines_dir {
         Some(dir) => {
             let offsets = Arc::new(crate::pipeline::offsets::OffsetStore::open(&log)?);
             let ctx = crate::pipeline::Context {
@@ -79,15 +116,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         node_id: settings.node_id,
         cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
         advertised_host,
-        advertised_port: settings.advertised_port.unwrap_or(kafka_local.port()) as i32,
+        advertised_port,
         log: log.clone(),
         groups: groups.clone(),
         txns: txns.clone(),
         auto_create_topics: settings.auto_create_topics,
         default_partitions: settings.default_partitions.max(1),
+        cluster,
     });
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = tokio::spawn(log.clone().run_maintenance(
         Duration::from_millis(100),
         Duration::from_secs(30),
@@ -122,6 +159,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    // A cluster node first hands its leaderships to the other in-sync replicas.
+    if let Some(c) = &broker.cluster {
+        c.leave().await;
     }
     let _ = stop_tx.send(true);
     // Pipelines finish their current batch while the log is still open.

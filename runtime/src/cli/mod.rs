@@ -1,6 +1,7 @@
 //! Command-line tools that talk to a node over the Kafka protocol.
 
 pub mod bench;
+pub mod cluster;
 pub mod consume;
 pub mod group;
 pub mod plugin;

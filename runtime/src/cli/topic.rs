@@ -1,10 +1,13 @@
 //! `weir topic create|list|describe|delete`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{anyhow, Result};
 use clap::Subcommand;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
     CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest, MetadataRequest, TopicName,
 };
@@ -20,6 +23,9 @@ pub enum TopicCommand {
         name: String,
         #[arg(long, short = 'p', default_value_t = 1)]
         partitions: i32,
+        /// Replicas of each partition [default: the cluster's default, at most 3]
+        #[arg(long, short = 'r', default_value_t = -1)]
+        replication_factor: i16,
         /// Topic config, repeatable: --config retention.ms=3600000
         #[arg(long = "config", short = 'c', value_parser = parse_kv)]
         configs: Vec<(String, String)>,
@@ -44,12 +50,13 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
         TopicCommand::Create {
             name,
             partitions,
+            replication_factor,
             configs,
         } => {
             let topic = CreatableTopic::default()
                 .with_name(TopicName(str_bytes(name.clone())))
                 .with_num_partitions(partitions)
-                .with_replication_factor(-1)
+                .with_replication_factor(replication_factor)
                 .with_configs(
                     configs
                         .into_iter()
@@ -77,7 +84,10 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
                 Some(m) => anyhow!("{e}: {m}"),
                 None => e,
             })?;
-            println!("created topic {name} with {partitions} partition(s)");
+            println!(
+                "created topic {name} with {partitions} partition(s), {} replica(s) each",
+                r.replication_factor
+            );
         }
         TopicCommand::List => {
             let resp = c
@@ -114,18 +124,67 @@ pub async fn run(cmd: TopicCommand, conn: &ConnectArgs) -> Result<()> {
 }
 
 async fn describe(c: &mut Connection, name: &str) -> Result<()> {
-    let partitions = super::topic_partitions(c, name, false).await?;
-    let start = super::consume::list_offsets(c, name, &partitions, -2).await?;
-    let end = super::consume::list_offsets(c, name, &partitions, -1).await?;
-    let total: i64 = partitions.iter().map(|p| end[p] - start[p]).sum();
+    let resp = c
+        .call(
+            &MetadataRequest::default()
+                .with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(TopicName(str_bytes(name))))
+                ]))
+                .with_allow_auto_topic_creation(false),
+        )
+        .await?;
+    let t = resp
+        .topics
+        .first()
+        .ok_or_else(|| anyhow!("no metadata for topic '{name}'"))?;
+    check(t.error_code, &format!("topic '{name}'"))?;
+    let brokers: BTreeMap<i32, String> = resp
+        .brokers
+        .iter()
+        .map(|b| (b.node_id.0, format!("{}:{}", &*b.host, b.port)))
+        .collect();
+    let mut parts: Vec<_> = t.partitions.iter().collect();
+    parts.sort_by_key(|p| p.partition_index);
+    // Offsets come from each partition's leader.
+    let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for p in &parts {
+        by_leader
+            .entry(p.leader_id.0)
+            .or_default()
+            .push(p.partition_index);
+    }
+    let (mut start, mut end) = (BTreeMap::new(), BTreeMap::new());
+    for (leader, ps) in &by_leader {
+        let Some(addr) = brokers.get(leader) else {
+            continue;
+        };
+        let mut lc = Connection::connect(addr).await?;
+        start.extend(super::consume::list_offsets(&mut lc, name, ps, -2).await?);
+        end.extend(super::consume::list_offsets(&mut lc, name, ps, -1).await?);
+    }
+    let total: i64 = end.iter().map(|(p, e)| e - start.get(p).unwrap_or(e)).sum();
     println!(
-        "Topic: {name}\tpartitions: {}\trecords: {total}",
-        partitions.len()
+        "Topic: {name}\tpartitions: {}\treplication factor: {}\trecords: {total}",
+        parts.len(),
+        parts.first().map_or(0, |p| p.replica_nodes.len())
     );
-    for p in &partitions {
+    let ids = |v: &[kafka_protocol::messages::BrokerId]| {
+        v.iter()
+            .map(|b| b.0.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let offset = |m: &BTreeMap<i32, i64>, p: i32| m.get(&p).map_or("-".to_string(), i64::to_string);
+    for p in parts {
+        let i = p.partition_index;
         println!(
-            "  partition {p}\tleader: 0\tlog-start: {}\tlog-end: {}",
-            start[p], end[p]
+            "  partition {i}\tleader: {}\tepoch: {}\treplicas: {}\tisr: {}\tlog-start: {}\tlog-end: {}",
+            p.leader_id.0,
+            p.leader_epoch,
+            ids(&p.replica_nodes),
+            ids(&p.isr_nodes),
+            offset(&start, i),
+            offset(&end, i)
         );
     }
     let resp = c

@@ -40,7 +40,9 @@ const TYPE_LIST: i8 = 7;
 fn config_type(key: &str) -> i8 {
     match key {
         "cleanup.policy" => TYPE_LIST,
-        "max.message.bytes" | "segment.bytes" | "index.interval.bytes" => TYPE_INT,
+        "max.message.bytes" | "segment.bytes" | "index.interval.bytes" | "min.insync.replicas" => {
+            TYPE_INT
+        }
         "min.cleanable.dirty.ratio" => TYPE_DOUBLE,
         _ => TYPE_LONG,
     }
@@ -50,7 +52,7 @@ fn error_parts(e: &TopicError) -> (i16, Option<StrBytes>) {
     (topic_error_code(e).code(), Some(str_bytes(e.to_string())))
 }
 
-pub fn create_topics(
+pub async fn create_topics(
     broker: &Broker,
     ctx: &RequestContext,
     req: CreateTopicsRequest,
@@ -97,19 +99,18 @@ pub fn create_topics(
         }
         let outcome = if req.validate_only {
             broker
-                .log
                 .validate_new_topic(&name, partitions, t.replication_factor as i32, &overrides)
                 .map(|config| (None, config))
         } else {
             broker
-                .log
                 .create_topic(
                     &name,
                     partitions,
                     t.replication_factor as i32,
                     overrides.clone(),
                 )
-                .map(|topic| (Some(topic.id), topic.config.clone()))
+                .await
+                .map(|(id, config)| (Some(id), config))
         };
         match outcome {
             Ok((id, config)) => {
@@ -117,7 +118,13 @@ pub fn create_topics(
                     result.topic_id = id;
                 }
                 result.num_partitions = partitions;
-                result.replication_factor = 1;
+                result.replication_factor = match &broker.cluster {
+                    Some(c) => c
+                        .image()
+                        .partition(&name, 0)
+                        .map_or(t.replication_factor, |p| p.replicas.len() as i16),
+                    None => 1,
+                };
                 if ctx.version >= 5 {
                     result.configs = Some(
                         KEYS.iter()
@@ -146,7 +153,7 @@ pub fn create_topics(
     CreateTopicsResponse::default().with_topics(results)
 }
 
-pub fn delete_topics(
+pub async fn delete_topics(
     broker: &Broker,
     ctx: &RequestContext,
     req: DeleteTopicsRequest,
@@ -162,61 +169,55 @@ pub fn delete_topics(
             .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
             .collect()
     };
-    let responses = targets
-        .into_iter()
-        .map(|(name, id)| {
-            let name = name.or_else(|| broker.log.topic_by_id(id).map(|t| t.name.to_string()));
-            let mut r = DeletableTopicResult::default()
-                .with_name(name.clone().map(|n| TopicName(str_bytes(n))))
-                .with_topic_id(id);
-            let Some(name) = name else {
-                r.error_code = ResponseError::UnknownTopicId.code();
-                return r;
-            };
-            if broker.log.topic(&name).is_some_and(|t| t.is_internal()) {
+    let mut responses = Vec::with_capacity(targets.len());
+    for (name, id) in targets {
+        let name = name.or_else(|| broker.log.topic_by_id(id).map(|t| t.name.to_string()));
+        let mut r = DeletableTopicResult::default()
+            .with_name(name.clone().map(|n| TopicName(str_bytes(n))))
+            .with_topic_id(id);
+        match name {
+            None => r.error_code = ResponseError::UnknownTopicId.code(),
+            Some(name) if name.starts_with("__") && broker.topic_id(&name).is_some() => {
                 r.error_code = ResponseError::InvalidRequest.code();
                 r.error_message = Some(str_bytes(format!(
                     "'{name}' is an internal topic and cannot be deleted"
                 )));
-                return r;
             }
-            match broker.log.delete_topic(&name) {
-                Ok(t) => r.topic_id = t.id,
+            Some(name) => match broker.delete_topic(&name).await {
+                Ok(id) => r.topic_id = id,
                 Err(e) => (r.error_code, r.error_message) = error_parts(&e),
-            }
-            r
-        })
-        .collect();
+            },
+        }
+        responses.push(r);
+    }
     DeleteTopicsResponse::default().with_responses(responses)
 }
 
-pub fn create_partitions(
+pub async fn create_partitions(
     broker: &Broker,
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
-    let results = req
-        .topics
-        .into_iter()
-        .map(|t| {
-            let mut r = CreatePartitionsTopicResult::default().with_name(t.name.clone());
-            let bad_assignment = t
-                .assignments
-                .iter()
-                .flatten()
-                .any(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id));
-            if bad_assignment {
-                r.error_code = ResponseError::InvalidReplicaAssignment.code();
-                r.error_message = Some(str_bytes(format!("only broker {} exists", broker.node_id)));
-            } else if let Err(e) =
-                broker
-                    .log
-                    .create_partitions(&t.name.0, t.count, req.validate_only)
-            {
-                (r.error_code, r.error_message) = error_parts(&e);
-            }
-            r
-        })
-        .collect();
+    let mut results = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let mut r = CreatePartitionsTopicResult::default().with_name(t.name.clone());
+        let bad_assignment = t
+            .assignments
+            .iter()
+            .flatten()
+            .any(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id));
+        if bad_assignment {
+            r.error_code = ResponseError::InvalidReplicaAssignment.code();
+            r.error_message = Some(str_bytes(
+                "explicit replica assignments are not supported; replicas are placed by the controller",
+            ));
+        } else if let Err(e) = broker
+            .create_partitions(&t.name.0, t.count, req.validate_only)
+            .await
+        {
+            (r.error_code, r.error_message) = error_parts(&e);
+        }
+        results.push(r);
+    }
     CreatePartitionsResponse::default().with_results(results)
 }
 
@@ -333,7 +334,7 @@ pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> Describ
 }
 
 /// Applies new overrides to a topic resource; returns (error code, message).
-fn alter_topic(
+async fn alter_topic(
     broker: &Broker,
     resource_type: i8,
     name: &str,
@@ -348,63 +349,63 @@ fn alter_topic(
             )),
         );
     }
-    let Some(topic) = broker.log.topic(name) else {
+    let Some(mut overrides) = broker.topic_overrides(name) else {
         return (
             ResponseError::UnknownTopicOrPartition.code(),
             Some(str_bytes(format!("unknown topic '{name}'"))),
         );
     };
-    let mut overrides = topic.overrides.clone();
     if let Err(msg) = edit(&mut overrides) {
         return (ResponseError::InvalidConfig.code(), Some(str_bytes(msg)));
     }
-    match broker.log.set_topic_configs(name, overrides, validate_only) {
+    match broker
+        .set_topic_configs(name, overrides, validate_only)
+        .await
+    {
         Ok(()) => (0, None),
         Err(e) => error_parts(&e),
     }
 }
 
-pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsResponse {
-    let responses = req
-        .resources
-        .into_iter()
-        .map(|res| {
-            let (code, msg) = alter_topic(
-                broker,
-                res.resource_type,
-                &res.resource_name,
-                |o| {
-                    // AlterConfigs replaces the whole set of topic overrides.
-                    o.clear();
-                    for c in &res.configs {
-                        if let Some(v) = &c.value {
-                            o.insert(c.name.to_string(), v.to_string());
-                        }
+pub async fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsResponse {
+    let mut responses = Vec::with_capacity(req.resources.len());
+    for res in req.resources {
+        let (code, msg) = alter_topic(
+            broker,
+            res.resource_type,
+            &res.resource_name,
+            |o| {
+                // AlterConfigs replaces the whole set of topic overrides.
+                o.clear();
+                for c in &res.configs {
+                    if let Some(v) = &c.value {
+                        o.insert(c.name.to_string(), v.to_string());
                     }
-                    Ok(())
-                },
-                req.validate_only,
-            );
+                }
+                Ok(())
+            },
+            req.validate_only,
+        )
+        .await;
+        responses.push(
             alter_configs_response::AlterConfigsResourceResponse::default()
                 .with_error_code(code)
                 .with_error_message(msg)
                 .with_resource_type(res.resource_type)
-                .with_resource_name(res.resource_name)
-        })
-        .collect();
+                .with_resource_name(res.resource_name),
+        );
+    }
     AlterConfigsResponse::default().with_responses(responses)
 }
 
-pub fn incremental_alter_configs(
+pub async fn incremental_alter_configs(
     broker: &Broker,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {
-    let responses = req
-        .resources
-        .into_iter()
-        .map(|res| {
-            let defaults = broker.log.defaults().clone();
-            let (code, msg) = alter_topic(broker, res.resource_type, &res.resource_name, |o| {
+    let mut responses = Vec::with_capacity(req.resources.len());
+    for res in req.resources {
+        let defaults = broker.log.defaults().clone();
+        let (code, msg) = alter_topic(broker, res.resource_type, &res.resource_name, |o| {
                 for c in &res.configs {
                     let key = c.name.to_string();
                     let value = c.value.as_ref().map(|v| v.to_string());
@@ -434,13 +435,14 @@ pub fn incremental_alter_configs(
                     }
                 }
                 Ok(())
-            }, req.validate_only);
+            }, req.validate_only).await;
+        responses.push(
             incremental_alter_configs_response::AlterConfigsResourceResponse::default()
                 .with_error_code(code)
                 .with_error_message(msg)
                 .with_resource_type(res.resource_type)
-                .with_resource_name(res.resource_name)
-        })
-        .collect();
+                .with_resource_name(res.resource_name),
+        );
+    }
     IncrementalAlterConfigsResponse::default().with_responses(responses)
 }

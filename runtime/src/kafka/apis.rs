@@ -96,7 +96,9 @@ pub async fn dispatch(
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(
             ApiVersionsResponse::default().with_api_keys(api_version_list()),
         ),
-        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::metadata(broker, ctx, r)),
+        RequestKind::Metadata(r) => {
+            ResponseKind::Metadata(metadata::metadata(broker, ctx, r).await)
+        }
         RequestKind::DescribeCluster(r) => {
             ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
         }
@@ -113,20 +115,22 @@ pub async fn dispatch(
             ResponseKind::ListOffsets(fetch::list_offsets(broker, ctx, r))
         }
         RequestKind::CreateTopics(r) => {
-            ResponseKind::CreateTopics(admin::create_topics(broker, ctx, r))
+            ResponseKind::CreateTopics(admin::create_topics(broker, ctx, r).await)
         }
         RequestKind::DeleteTopics(r) => {
-            ResponseKind::DeleteTopics(admin::delete_topics(broker, ctx, r))
+            ResponseKind::DeleteTopics(admin::delete_topics(broker, ctx, r).await)
         }
         RequestKind::CreatePartitions(r) => {
-            ResponseKind::CreatePartitions(admin::create_partitions(broker, r))
+            ResponseKind::CreatePartitions(admin::create_partitions(broker, r).await)
         }
         RequestKind::DescribeConfigs(r) => {
             ResponseKind::DescribeConfigs(admin::describe_configs(broker, r))
         }
-        RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(admin::alter_configs(broker, r)),
+        RequestKind::AlterConfigs(r) => {
+            ResponseKind::AlterConfigs(admin::alter_configs(broker, r).await)
+        }
         RequestKind::IncrementalAlterConfigs(r) => {
-            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(broker, r))
+            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(broker, r).await)
         }
         RequestKind::FindCoordinator(r) => {
             ResponseKind::FindCoordinator(groups::find_coordinator(broker, ctx, r))

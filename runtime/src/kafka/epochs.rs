@@ -56,12 +56,12 @@ fn epoch_end_offset(
 /// Whether this node may answer for the partition: only its leader does. `current_epoch` is
 /// the epoch the requester believes current (-1: no check).
 fn check_leader(
-    _broker: &Broker,
+    broker: &Broker,
     partition: &Partition,
     current_epoch: i32,
 ) -> Result<(), ResponseError> {
-    // Single node: this node leads every partition. A cluster answers NotLeaderOrFollower here
-    // for partitions it does not lead.
+    // A single node leads every partition; a cluster node only those the metadata gives it.
+    broker.leadership(&partition.topic, partition.id)?;
     let epoch = partition.leader_epoch();
     match current_epoch {
         -1 => Ok(()),

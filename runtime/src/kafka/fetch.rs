@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use super::apis::RequestContext;
 use super::{read_error_code, Broker};
+use crate::cluster::replication::LeaderState;
 use crate::log::partition::{FileSlice, Isolation, Partition};
 use kafka_protocol::messages::fetch_response::AbortedTransaction;
 use kafka_protocol::messages::ProducerId;
@@ -103,11 +104,32 @@ fn read_once(
             match partition {
                 None => pd.error_code = ResponseError::UnknownTopicOrPartition.code(),
                 Some(p) => {
+                    let leader = match broker.leadership(&p.topic, p.id).and_then(|l| {
+                        check_epoch(l.as_deref(), fp.current_leader_epoch)?;
+                        Ok(l)
+                    }) {
+                        Ok(l) => l,
+                        Err(code) => {
+                            pd.error_code = code.code();
+                            slices.push(None);
+                            partitions.push(pd);
+                            continue;
+                        }
+                    };
                     found += 1;
                     p.register_waiter(notify.clone());
                     let limit = (fp.partition_max_bytes.max(0) as u64).min(remaining);
-                    // KIP-74: the first batch of the response is sent whole even if it is larger.
-                    match p.read_with(fp.fetch_offset, limit, total == 0, isolation) {
+                    // A follower replicating the partition reads up to the log end.
+                    let follower = (req.replica_id.0 >= 0).then_some(req.replica_id.0);
+                    let read = match (follower, &leader, &broker.cluster) {
+                        (Some(f), Some(state), Some(c)) => {
+                            c.replicas.follower_fetched(p, state, f, fp.fetch_offset);
+                            p.read_replica(fp.fetch_offset, limit)
+                        }
+                        // KIP-74: the first batch of the response is sent whole even if larger.
+                        _ => p.read_with(fp.fetch_offset, limit, total == 0, isolation),
+                    };
+                    match read {
                         Ok(data) => {
                             pd.high_watermark = data.high_watermark;
                             pd.last_stable_offset = data.last_stable_offset;
@@ -156,6 +178,16 @@ fn read_once(
     )
 }
 
+/// KIP-320: a client or follower that knows a newer leader epoch than this leader waits for
+/// the metadata to catch up here; one that knows an older epoch refreshes its own.
+fn check_epoch(leader: Option<&LeaderState>, requested: i32) -> Result<(), ResponseError> {
+    match leader {
+        Some(l) if requested >= 0 && requested < l.epoch => Err(ResponseError::FencedLeaderEpoch),
+        Some(l) if requested > l.epoch => Err(ResponseError::UnknownLeaderEpoch),
+        _ => Ok(()),
+    }
+}
+
 /// Special timestamps of ListOffsets.
 const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
@@ -186,6 +218,10 @@ pub fn list_offsets(
                         r.error_code = ResponseError::UnknownTopicOrPartition.code();
                         return r;
                     };
+                    if let Err(code) = broker.leadership(&p.topic, p.id) {
+                        r.error_code = code.code();
+                        return r;
+                    }
                     if ctx.version >= 4 {
                         r.leader_epoch = p.leader_epoch();
                     }

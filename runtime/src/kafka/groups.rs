@@ -53,7 +53,8 @@ pub fn find_coordinator(
     } else {
         0
     };
-    let host = str_bytes(broker.advertised_host.clone());
+    let (node, host, port) = coordinator_node(broker, req.key_type);
+    let host = str_bytes(host);
     if ctx.version >= 4 {
         let coordinators = req
             .coordinator_keys
@@ -65,9 +66,9 @@ pub fn find_coordinator(
                     .with_error_message(message.clone());
                 if !unsupported {
                     c = c
-                        .with_node_id(BrokerId(broker.node_id))
+                        .with_node_id(BrokerId(node))
                         .with_host(host.clone())
-                        .with_port(broker.advertised_port);
+                        .with_port(port);
                 } else {
                     c = c.with_node_id(BrokerId(-1)).with_port(-1);
                 }
@@ -83,10 +84,33 @@ pub fn find_coordinator(
     if unsupported {
         r.with_node_id(BrokerId(-1)).with_port(-1)
     } else {
-        r.with_node_id(BrokerId(broker.node_id))
+        r.with_node_id(BrokerId(node))
             .with_host(host)
-            .with_port(broker.advertised_port)
+            .with_port(port)
     }
+}
+
+/// The node that coordinates groups (or transactions): in a cluster, the leader of the
+/// internal topic that holds their state.
+fn coordinator_node(broker: &Broker, key_type: i8) -> (i32, String, i32) {
+    let here = (
+        broker.node_id,
+        broker.advertised_host.clone(),
+        broker.advertised_port,
+    );
+    let Some(cluster) = &broker.cluster else {
+        return here;
+    };
+    let topic = if key_type == KEY_TYPE_TRANSACTION {
+        crate::txn::TOPIC
+    } else {
+        crate::group::store::TOPIC
+    };
+    let image = cluster.image();
+    image
+        .partition(topic, 0)
+        .and_then(|p| image.nodes.get(&p.leader))
+        .map_or(here, |n| (n.id, n.kafka_host.clone(), n.kafka_port))
 }
 
 pub async fn join_group(

@@ -11,9 +11,17 @@ use kafka_protocol::messages::{
 
 use super::apis::RequestContext;
 use super::{str_bytes, Broker};
+use std::sync::Arc;
+
+use kafka_protocol::error::ResponseError;
+
 use crate::log::manager::Topic;
 
-pub fn metadata(broker: &Broker, ctx: &RequestContext, req: MetadataRequest) -> MetadataResponse {
+pub async fn metadata(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: MetadataRequest,
+) -> MetadataResponse {
     // v0: an empty list means all topics; v1+: null means all topics.
     let wanted: Option<Vec<String>> = match req.topics {
         None => None,
@@ -22,69 +30,168 @@ pub fn metadata(broker: &Broker, ctx: &RequestContext, req: MetadataRequest) -> 
             t.into_iter()
                 .filter_map(|t| match t.name {
                     Some(n) => Some(n.0.to_string()),
-                    None => broker
-                        .log
-                        .topic_by_id(t.topic_id)
-                        .map(|t| t.name.to_string()),
+                    None => topic_name_by_id(broker, t.topic_id),
                 })
                 .collect(),
         ),
     };
     let allow_create = ctx.version < 4 || req.allow_auto_topic_creation;
-    let topics = match wanted {
-        None => broker
-            .log
-            .topics()
-            .iter()
-            .map(|t| topic_metadata(broker, t))
-            .collect(),
-        Some(names) => names
-            .into_iter()
-            .map(|name| match broker.topic_or_create(&name, allow_create) {
-                Ok(t) => topic_metadata(broker, &t),
-                Err(code) => MetadataResponseTopic::default()
-                    .with_name(Some(TopicName(str_bytes(name))))
-                    .with_error_code(code.code()),
-            })
-            .collect(),
-    };
-    MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(broker.node_id))
-            .with_host(str_bytes(broker.advertised_host.clone()))
-            .with_port(broker.advertised_port)])
-        .with_cluster_id(Some(str_bytes(broker.cluster_id.clone())))
-        .with_controller_id(BrokerId(broker.node_id))
-        .with_topics(topics)
-}
-
-fn topic_metadata(broker: &Broker, t: &Topic) -> MetadataResponseTopic {
-    let node = BrokerId(broker.node_id);
-    MetadataResponseTopic::default()
-        .with_name(Some(TopicName(str_bytes(t.name.to_string()))))
-        .with_topic_id(t.id)
-        .with_is_internal(t.is_internal())
-        .with_partitions(
-            t.partitions
+    let names = match wanted {
+        Some(names) => names,
+        None => match &broker.cluster {
+            Some(c) => c.image().topics.keys().cloned().collect(),
+            None => broker
+                .log
+                .topics()
                 .iter()
-                .map(|p| {
-                    MetadataResponsePartition::default()
-                        .with_partition_index(p.id)
-                        .with_leader_id(node)
-                        .with_leader_epoch(t.leader_epoch)
-                        .with_replica_nodes(vec![node])
-                        .with_isr_nodes(vec![node])
+                .map(|t| t.name.to_string())
+                .collect(),
+        },
+    };
+    let mut topics = Vec::with_capacity(names.len());
+    for name in names {
+        let meta = match broker.ensure_topic(&name, allow_create).await {
+            Ok(()) => topic_metadata(broker, &name),
+            Err(code) => Err(code),
+        };
+        topics.push(meta.unwrap_or_else(|code| {
+            MetadataResponseTopic::default()
+                .with_name(Some(TopicName(str_bytes(name))))
+                .with_error_code(code.code())
+        }));
+    }
+    let (brokers, controller) = brokers(broker);
+    MetadataResponse::default()
+        .with_brokers(
+            brokers
+                .into_iter()
+                .map(|(id, host, port, rack)| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(id))
+                        .with_host(str_bytes(host))
+                        .with_port(port)
+                        .with_rack(rack.map(str_bytes))
                 })
                 .collect(),
         )
+        .with_cluster_id(Some(str_bytes(cluster_id(broker))))
+        .with_controller_id(BrokerId(controller))
+        .with_topics(topics)
+}
+
+fn cluster_id(broker: &Broker) -> String {
+    match &broker.cluster {
+        Some(c) => c.image().cluster_id.clone(),
+        None => broker.cluster_id.clone(),
+    }
+}
+
+fn topic_name_by_id(broker: &Broker, id: uuid::Uuid) -> Option<String> {
+    match &broker.cluster {
+        Some(c) => c
+            .image()
+            .topics
+            .iter()
+            .find(|(_, t)| t.id == id)
+            .map(|(n, _)| n.clone()),
+        None => broker.log.topic_by_id(id).map(|t| t.name.to_string()),
+    }
+}
+
+/// The brokers clients may use (id, host, port, rack) and the controller's id.
+type BrokerEntry = (i32, String, i32, Option<String>);
+fn brokers(broker: &Broker) -> (Vec<BrokerEntry>, i32) {
+    match &broker.cluster {
+        Some(c) => (
+            c.image()
+                .nodes
+                .values()
+                .map(|n| (n.id, n.kafka_host.clone(), n.kafka_port, n.rack.clone()))
+                .collect(),
+            c.raft_leader().unwrap_or(-1),
+        ),
+        None => (
+            vec![(
+                broker.node_id,
+                broker.advertised_host.clone(),
+                broker.advertised_port,
+                None,
+            )],
+            broker.node_id,
+        ),
+    }
+}
+
+fn topic_metadata(broker: &Broker, name: &str) -> Result<MetadataResponseTopic, ResponseError> {
+    let topic = MetadataResponseTopic::default()
+        .with_name(Some(TopicName(str_bytes(name.to_string()))))
+        .with_is_internal(name.starts_with("__"));
+    if let Some(c) = &broker.cluster {
+        let image = c.image();
+        let t = image
+            .topics
+            .get(name)
+            .ok_or(ResponseError::UnknownTopicOrPartition)?;
+        let live = |n: &i32| image.nodes.contains_key(n);
+        return Ok(topic.with_topic_id(t.id).with_partitions(
+            t.partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let ids = |v: &[i32]| v.iter().map(|n| BrokerId(*n)).collect::<Vec<_>>();
+                    let offline: Vec<i32> =
+                        p.replicas.iter().copied().filter(|n| !live(n)).collect();
+                    MetadataResponsePartition::default()
+                        .with_partition_index(i as i32)
+                        .with_error_code(if p.leader < 0 {
+                            ResponseError::LeaderNotAvailable.code()
+                        } else {
+                            0
+                        })
+                        .with_leader_id(BrokerId(p.leader))
+                        .with_leader_epoch(p.leader_epoch)
+                        .with_replica_nodes(ids(&p.replicas))
+                        .with_isr_nodes(ids(&p.isr))
+                        .with_offline_replicas(ids(&offline))
+                })
+                .collect(),
+        ));
+    }
+    let t: Arc<Topic> = broker
+        .log
+        .topic(name)
+        .ok_or(ResponseError::UnknownTopicOrPartition)?;
+    let node = BrokerId(broker.node_id);
+    Ok(topic.with_topic_id(t.id).with_partitions(
+        t.partitions
+            .iter()
+            .map(|p| {
+                MetadataResponsePartition::default()
+                    .with_partition_index(p.id)
+                    .with_leader_id(node)
+                    .with_leader_epoch(t.leader_epoch)
+                    .with_replica_nodes(vec![node])
+                    .with_isr_nodes(vec![node])
+            })
+            .collect(),
+    ))
 }
 
 pub fn describe_cluster(broker: &Broker, _req: DescribeClusterRequest) -> DescribeClusterResponse {
+    let (brokers, controller) = brokers(broker);
     DescribeClusterResponse::default()
-        .with_cluster_id(str_bytes(broker.cluster_id.clone()))
-        .with_controller_id(BrokerId(broker.node_id))
-        .with_brokers(vec![DescribeClusterBroker::default()
-            .with_broker_id(BrokerId(broker.node_id))
-            .with_host(str_bytes(broker.advertised_host.clone()))
-            .with_port(broker.advertised_port)])
+        .with_cluster_id(str_bytes(cluster_id(broker)))
+        .with_controller_id(BrokerId(controller))
+        .with_brokers(
+            brokers
+                .into_iter()
+                .map(|(id, host, port, rack)| {
+                    DescribeClusterBroker::default()
+                        .with_broker_id(BrokerId(id))
+                        .with_host(str_bytes(host))
+                        .with_port(port)
+                        .with_rack(rack.map(str_bytes))
+                })
+                .collect(),
+        )
 }

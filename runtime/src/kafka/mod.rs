@@ -12,16 +12,23 @@ mod produce;
 pub mod server;
 mod txn;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::protocol::StrBytes;
 
+use uuid::Uuid;
+
+use crate::cluster::image::{Command, CommandError};
+use crate::cluster::replication::LeaderState;
+use crate::cluster::{Cluster, ClusterError};
 use crate::group::GroupCoordinator;
 use crate::log::batch::BatchError;
 use crate::log::config::validate_topic_name;
-use crate::log::manager::{LogManager, Topic, TopicError};
+use crate::log::config::LogConfig;
+use crate::log::manager::{LogManager, Topic, TopicError, MAX_PARTITIONS};
 use crate::log::partition::{AppendError, ReadError};
 use crate::log::producer_state::ProducerError;
 use crate::txn::TxnCoordinator;
@@ -38,17 +45,36 @@ pub struct Broker {
     pub txns: Arc<TxnCoordinator>,
     pub auto_create_topics: bool,
     pub default_partitions: i32,
+    /// The cluster this node belongs to; None for a single node.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Broker {
-    /// The topic, auto-created with the default partition count when allowed.
-    pub fn topic_or_create(
+    /// The topic, auto-created with the default partition count when allowed. In a cluster,
+    /// a topic this node hosts no replica of answers NOT_LEADER_OR_FOLLOWER.
+    pub async fn topic_or_create(
         &self,
         name: &str,
         allow_create: bool,
     ) -> Result<Arc<Topic>, ResponseError> {
         if let Some(t) = self.log.topic(name) {
             return Ok(t);
+        }
+        self.ensure_topic(name, allow_create).await?;
+        self.log
+            .topic(name)
+            .ok_or(ResponseError::NotLeaderOrFollower)
+    }
+
+    /// Makes sure the topic exists (in the cluster, when there is one), auto-creating it when
+    /// allowed.
+    pub async fn ensure_topic(&self, name: &str, allow_create: bool) -> Result<(), ResponseError> {
+        let exists = match &self.cluster {
+            Some(c) => c.image().topics.contains_key(name),
+            None => self.log.topic(name).is_some(),
+        };
+        if exists {
+            return Ok(());
         }
         if validate_topic_name(name).is_err() {
             return Err(ResponseError::InvalidTopicException);
@@ -57,16 +83,175 @@ impl Broker {
             return Err(ResponseError::UnknownTopicOrPartition);
         }
         match self
-            .log
             .create_topic(name, self.default_partitions, -1, Default::default())
+            .await
         {
-            Ok(t) => Ok(t),
             // Another request created it first.
-            Err(TopicError::AlreadyExists(_)) => self
-                .log
-                .topic(name)
-                .ok_or(ResponseError::UnknownTopicOrPartition),
+            Ok(_) | Err(TopicError::AlreadyExists(_)) => Ok(()),
             Err(e) => Err(topic_error_code(&e)),
+        }
+    }
+
+    /// Creates a topic: through the metadata quorum in a cluster, else in the local log.
+    /// Returns the topic id and its effective config.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<(Uuid, LogConfig), TopicError> {
+        let Some(cluster) = &self.cluster else {
+            let t = self
+                .log
+                .create_topic(name, partitions, replication_factor, overrides)?;
+            return Ok((t.id, t.config.clone()));
+        };
+        let config = self.validate_new_topic(name, partitions, replication_factor, &overrides)?;
+        let id = Uuid::new_v4();
+        cluster
+            .run(Command::CreateTopic {
+                name: name.to_string(),
+                id,
+                partitions,
+                replication_factor,
+                configs: overrides,
+                if_missing: false,
+            })
+            .await
+            .map_err(cluster_error)?;
+        Ok((id, config))
+    }
+
+    /// Checks a creation request without doing it; returns the effective config.
+    pub fn validate_new_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<LogConfig, TopicError> {
+        let Some(cluster) = &self.cluster else {
+            return self
+                .log
+                .validate_new_topic(name, partitions, replication_factor, overrides);
+        };
+        let config = self
+            .log
+            .validate_new_topic(name, partitions, -1, overrides)?;
+        let image = cluster.image();
+        if image.topics.contains_key(name) {
+            return Err(TopicError::AlreadyExists(name.to_string()));
+        }
+        let nodes = image.nodes.len() as i32;
+        if replication_factor != -1 && !(1..=nodes).contains(&replication_factor) {
+            return Err(TopicError::InvalidReplicationFactor(format!(
+                "replication factor {replication_factor} is not between 1 and the {nodes} registered node(s)"
+            )));
+        }
+        Ok(config)
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(self.log.delete_topic(name)?.id);
+        };
+        let id = self
+            .topic_id(name)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        cluster
+            .run(Command::DeleteTopic {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(cluster_error)?;
+        Ok(id)
+    }
+
+    pub async fn create_partitions(
+        &self,
+        name: &str,
+        total: i32,
+        validate_only: bool,
+    ) -> Result<(), TopicError> {
+        let Some(cluster) = &self.cluster else {
+            return self.log.create_partitions(name, total, validate_only);
+        };
+        let current = cluster
+            .image()
+            .topics
+            .get(name)
+            .map(|t| t.partitions.len() as i32)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        if total <= current || total > MAX_PARTITIONS {
+            return Err(TopicError::InvalidPartitions(format!(
+                "topic '{name}' has {current} partitions; the new count must be larger and at most {MAX_PARTITIONS}, got {total}"
+            )));
+        }
+        if validate_only {
+            return Ok(());
+        }
+        cluster
+            .run(Command::CreatePartitions {
+                name: name.to_string(),
+                total,
+            })
+            .await
+            .map_err(cluster_error)
+    }
+
+    pub async fn set_topic_configs(
+        &self,
+        name: &str,
+        overrides: BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<(), TopicError> {
+        let Some(cluster) = &self.cluster else {
+            return self.log.set_topic_configs(name, overrides, validate_only);
+        };
+        self.log.defaults().with_overrides(&overrides)?;
+        if validate_only {
+            return Ok(());
+        }
+        cluster
+            .run(Command::SetTopicConfigs {
+                name: name.to_string(),
+                configs: overrides,
+            })
+            .await
+            .map_err(cluster_error)
+    }
+
+    /// A topic's id, from the cluster image when there is one.
+    pub fn topic_id(&self, name: &str) -> Option<Uuid> {
+        match &self.cluster {
+            Some(c) => c.image().topics.get(name).map(|t| t.id),
+            None => self.log.topic(name).map(|t| t.id),
+        }
+    }
+
+    /// A topic's config overrides, from the cluster image when there is one.
+    pub fn topic_overrides(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        match &self.cluster {
+            Some(c) => c.image().topics.get(name).map(|t| t.configs.clone()),
+            None => self.log.topic(name).map(|t| t.overrides.clone()),
+        }
+    }
+
+    /// In a cluster: this node's leadership of the partition, or NOT_LEADER_OR_FOLLOWER.
+    /// A single node leads everything (None).
+    pub fn leadership(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<Arc<LeaderState>>, ResponseError> {
+        match &self.cluster {
+            None => Ok(None),
+            Some(c) => c
+                .replicas
+                .leader(topic, partition)
+                .map(Some)
+                .ok_or(ResponseError::NotLeaderOrFollower),
         }
     }
 
@@ -95,6 +280,7 @@ impl Broker {
             log,
             auto_create_topics: true,
             default_partitions: 1,
+            cluster: None,
         }
     }
 }
@@ -122,6 +308,24 @@ pub fn topic_error_code(e: &TopicError) -> ResponseError {
         TopicError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
         TopicError::InvalidConfig(_) => ResponseError::InvalidConfig,
         TopicError::Io(_) => ResponseError::KafkaStorageError,
+        TopicError::Unavailable(_) => ResponseError::RequestTimedOut,
+    }
+}
+
+fn cluster_error(e: ClusterError) -> TopicError {
+    match e {
+        ClusterError::Unavailable(e) => TopicError::Unavailable(format!("{e:#}")),
+        ClusterError::Refused(CommandError::TopicExists(n)) => TopicError::AlreadyExists(n),
+        ClusterError::Refused(CommandError::UnknownTopic(n)) => TopicError::Unknown(n),
+        ClusterError::Refused(CommandError::InvalidReplicationFactor(m)) => {
+            TopicError::InvalidReplicationFactor(m)
+        }
+        ClusterError::Refused(CommandError::InvalidPartitions(m)) => {
+            TopicError::InvalidPartitions(m)
+        }
+        ClusterError::Refused(e @ (CommandError::StaleLeader(_) | CommandError::StaleNode(_))) => {
+            TopicError::Unavailable(e.to_string())
+        }
     }
 }
 

@@ -6,7 +6,13 @@ use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 
 use super::apis::RequestContext;
 use super::{append_error_code, str_bytes, Broker};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::cluster::replication::LeaderState;
 use crate::log::batch::{BatchView, HEADER_LEN};
+use crate::log::partition::Partition;
 use crate::txn::ProducerRef;
 
 /// Returns None for acks=0: the client expects no response.
@@ -18,9 +24,11 @@ pub async fn produce(
     let acks = req.acks;
     let mut responses = Vec::with_capacity(req.topic_data.len());
     let mut to_flush = Vec::new();
+    // acks=all on replicated partitions: (partition, offset the high watermark must reach).
+    let mut to_replicate = Vec::new();
     for topic_data in req.topic_data {
         let name = topic_data.name.0.to_string();
-        let topic = broker.topic_or_create(&name, true);
+        let topic = broker.topic_or_create(&name, true).await;
         let mut partitions = Vec::with_capacity(topic_data.partition_data.len());
         for pd in topic_data.partition_data {
             let mut resp = PartitionProduceResponse::default()
@@ -56,20 +64,29 @@ pub async fn produce(
                             ResponseError::UnknownTopicOrPartition,
                             format!("topic '{name}' has no partition {}", pd.index),
                         )),
-                        Some(p) => match p.append(records) {
-                            Ok(info) => {
-                                if info.duplicate {
-                                    tracing::debug!(topic = %name, partition = pd.index, offset = info.base_offset, "duplicate batch answered with its original offset");
+                        Some(p) => match check_leader(broker, p, acks) {
+                            Err(refusal) => Err(refusal),
+                            Ok(leader) => match p.append(records) {
+                                Ok(info) => {
+                                    if let (Some(c), Some(state)) = (&broker.cluster, &leader) {
+                                        c.replicas.update_high_watermark(p, state);
+                                        if acks == -1 {
+                                            to_replicate.push((p.clone(), info.last_offset + 1));
+                                        }
+                                    }
+                                    if info.duplicate {
+                                        tracing::debug!(topic = %name, partition = pd.index, offset = info.base_offset, "duplicate batch answered with its original offset");
+                                    }
+                                    if info.needs_fsync {
+                                        to_flush.push((p.clone(), info.last_offset + 1));
+                                    }
+                                    Ok(info)
                                 }
-                                if info.needs_fsync {
-                                    to_flush.push((p.clone(), info.last_offset + 1));
+                                Err(e) => {
+                                    tracing::debug!(topic = %name, partition = pd.index, error = %e, "produce rejected");
+                                    Err((append_error_code(&e), e.to_string()))
                                 }
-                                Ok(info)
-                            }
-                            Err(e) => {
-                                tracing::debug!(topic = %name, partition = pd.index, error = %e, "produce rejected");
-                                Err((append_error_code(&e), e.to_string()))
-                            }
+                            },
                         },
                     },
                 }
@@ -106,7 +123,71 @@ pub async fn produce(
             }
         }
     }
+    if !to_replicate.is_empty() {
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(req.timeout_ms.max(0) as u64);
+        for (p, offset) in to_replicate {
+            if !wait_for_high_watermark(&p, offset, deadline).await {
+                for t in responses.iter_mut().filter(|t| *t.name.0 == *p.topic) {
+                    for r in t.partition_responses.iter_mut().filter(|r| r.index == p.id) {
+                        r.error_code = ResponseError::RequestTimedOut.code();
+                        r.error_message = Some(str_bytes(
+                            "the in-sync replicas did not all acknowledge the write in time",
+                        ));
+                    }
+                }
+            }
+        }
+    }
     (acks != 0).then(|| ProduceResponse::default().with_responses(responses))
+}
+
+/// In a cluster, only the partition's leader takes writes, and acks=all needs
+/// min.insync.replicas replicas in sync before anything is appended.
+fn check_leader(
+    broker: &Broker,
+    p: &Partition,
+    acks: i16,
+) -> Result<Option<Arc<LeaderState>>, (ResponseError, String)> {
+    let leader = broker
+        .leadership(&p.topic, p.id)
+        .map_err(|e| (e, format!("this node does not lead {}-{}", p.topic, p.id)))?;
+    if let Some(state) = &leader {
+        let min = p.config().min_insync_replicas;
+        if acks == -1 && (state.isr_len() as i32) < min {
+            return Err((
+                ResponseError::NotEnoughReplicas,
+                format!(
+                    "{}-{} has {} in-sync replica(s); min.insync.replicas is {min}",
+                    p.topic,
+                    p.id,
+                    state.isr_len()
+                ),
+            ));
+        }
+    }
+    Ok(leader)
+}
+
+/// Waits until the partition's high watermark reaches `offset`; false at the deadline.
+async fn wait_for_high_watermark(
+    p: &Partition,
+    offset: i64,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        let notify = Arc::new(Notify::new());
+        p.register_waiter(notify.clone());
+        if p.high_watermark() >= offset {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notify.notified())
+            .await
+            .is_err()
+        {
+            return p.high_watermark() >= offset;
+        }
+    }
 }
 
 /// A transactional batch may only go to a partition its producer added to its open

@@ -26,6 +26,8 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     pub delete_retention_ms: i64,
     pub min_cleanable_dirty_ratio: f64,
+    /// With acks=all, the in-sync replicas a write needs (Kafka's min.insync.replicas).
+    pub min_insync_replicas: i32,
 }
 
 impl Default for LogConfig {
@@ -42,6 +44,7 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             delete_retention_ms: 24 * 3600 * 1000,
             min_cleanable_dirty_ratio: 0.5,
+            min_insync_replicas: 1,
         }
     }
 }
@@ -71,6 +74,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "max.message.bytes",
         "largest record batch accepted, in bytes",
+    ),
+    (
+        "min.insync.replicas",
+        "with acks=all, a write fails with NOT_ENOUGH_REPLICAS unless this many replicas are in sync",
     ),
     (
         "retention.bytes",
@@ -162,6 +169,9 @@ impl LogConfig {
                 })?
             }
             "index.interval.bytes" => self.index_interval_bytes = positive()? as u64,
+            "min.insync.replicas" => {
+                self.min_insync_replicas = positive()?.min(i32::MAX as i64) as i32
+            }
             "delete.retention.ms" => self.delete_retention_ms = int()?.max(0),
             "min.cleanable.dirty.ratio" => {
                 let v: f64 = value.trim().parse().map_err(|_| invalid("not a number"))?;
@@ -202,6 +212,7 @@ impl LogConfig {
             "flush.ms" => self.flush_ms.to_string(),
             "index.interval.bytes" => self.index_interval_bytes.to_string(),
             "delete.retention.ms" => self.delete_retention_ms.to_string(),
+            "min.insync.replicas" => self.min_insync_replicas.to_string(),
             "min.cleanable.dirty.ratio" => self.min_cleanable_dirty_ratio.to_string(),
             "cleanup.policy" => match self.cleanup_policy {
                 CleanupPolicy::Delete => "delete",

@@ -17,6 +17,18 @@ use crate::now_ms;
 /// A record's key and value (None: a tombstone).
 pub type KeyValue = (Vec<u8>, Option<Vec<u8>>);
 
+/// An internal topic's configs: compacted, 100 MiB segments, plus `extra`.
+pub fn internal_configs(extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::from([
+        ("cleanup.policy".to_string(), "compact".to_string()),
+        ("segment.bytes".to_string(), (100 << 20).to_string()),
+    ]);
+    for (k, v) in extra {
+        all.insert(k.to_string(), v.to_string());
+    }
+    all
+}
+
 pub struct InternalTopic {
     partition: Arc<Partition>,
 }
@@ -26,16 +38,7 @@ impl InternalTopic {
     pub fn open(log: &LogManager, name: &str, configs: &[(&str, &str)]) -> Result<InternalTopic> {
         let topic = match log.topic(name) {
             Some(t) => t,
-            None => {
-                let mut all = BTreeMap::from([
-                    ("cleanup.policy".to_string(), "compact".to_string()),
-                    ("segment.bytes".to_string(), (100 << 20).to_string()),
-                ]);
-                for (k, v) in configs {
-                    all.insert(k.to_string(), v.to_string());
-                }
-                log.create_topic(name, 1, -1, all)?
-            }
+            None => log.create_topic(name, 1, -1, internal_configs(configs))?,
         };
         Ok(InternalTopic {
             partition: topic.partitions[0].clone(),

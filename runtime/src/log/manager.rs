@@ -36,6 +36,9 @@ pub enum TopicError {
     InvalidConfig(#[from] ConfigError),
     #[error("storage error: {0}")]
     Io(#[from] std::io::Error),
+    /// The cluster's metadata quorum could not take the change in time.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,6 +148,10 @@ impl LogManager {
         })
     }
 
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     pub fn defaults(&self) -> &LogConfig {
         &self.defaults
     }
@@ -212,6 +219,35 @@ impl LogManager {
         replication_factor: i32,
         overrides: BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
+        self.create_topic_as(
+            name,
+            Uuid::new_v4(),
+            partitions,
+            replication_factor,
+            overrides,
+        )
+    }
+
+    /// Creates the local copy of a topic the cluster metadata created (which checked the
+    /// replication factor and chose the id).
+    pub fn create_topic_with_id(
+        &self,
+        name: &str,
+        id: Uuid,
+        partitions: i32,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
+        self.create_topic_as(name, id, partitions, -1, overrides)
+    }
+
+    fn create_topic_as(
+        &self,
+        name: &str,
+        id: Uuid,
+        partitions: i32,
+        replication_factor: i32,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
         let _guard = self.changes.lock();
         let config = self.validate_new_topic(name, partitions, replication_factor, &overrides)?;
         let name: Arc<str> = Arc::from(name);
@@ -225,7 +261,7 @@ impl LogManager {
         }
         let topic = Arc::new(Topic {
             name: name.clone(),
-            id: Uuid::new_v4(),
+            id,
             overrides,
             config,
             partitions: parts,

@@ -106,6 +106,16 @@ struct Inner {
     txns: BTreeMap<String, TxnMeta>,
     next_producer_id: i64,
     block_end: i64,
+    /// The current block came from `TxnCoordinator::id_source`.
+    block_from_source: bool,
+}
+
+/// Where producer id blocks come from when this node is one of several (the cluster's
+/// metadata), so that ids are unique across the cluster.
+#[async_trait::async_trait]
+pub trait ProducerIdSource: Send + Sync {
+    /// Reserves `size` ids; returns [start, end).
+    async fn reserve(&self, size: i64) -> Result<(i64, i64), ResponseError>;
 }
 
 pub struct TxnCoordinator {
@@ -116,6 +126,7 @@ pub struct TxnCoordinator {
     /// Operations are serialised: each is a few appends, and the two phases of an end must not
     /// interleave with anything else on the same id.
     inner: tokio::sync::Mutex<Inner>,
+    id_source: std::sync::OnceLock<Arc<dyn ProducerIdSource>>,
 }
 
 /// What a producer sent: its id and epoch, checked against the coordinator's.
@@ -174,8 +185,15 @@ impl TxnCoordinator {
                 // A restart skips the rest of the last reserved block.
                 next_producer_id: block_end,
                 block_end,
+                block_from_source: false,
             }),
+            id_source: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Takes producer id blocks from `source` from now on (a cluster node).
+    pub fn use_id_source(&self, source: Arc<dyn ProducerIdSource>) {
+        let _ = self.id_source.set(source);
     }
 
     /// Ends what the previous run left open (see the module docs).
@@ -559,7 +577,14 @@ impl TxnCoordinator {
     }
 
     async fn allocate_producer_id(&self, inner: &mut Inner) -> Result<i64, ResponseError> {
-        if inner.next_producer_id >= inner.block_end {
+        if let Some(source) = self.id_source.get() {
+            if !inner.block_from_source || inner.next_producer_id >= inner.block_end {
+                let (start, end) = source.reserve(ID_BLOCK).await?;
+                inner.next_producer_id = start;
+                inner.block_end = end;
+                inner.block_from_source = true;
+            }
+        } else if inner.next_producer_id >= inner.block_end {
             let end = inner.block_end + ID_BLOCK;
             let value = serde_json::to_vec(&IdBlock { end }).expect("id block serialises");
             self.write(vec![(encode(&Key::ProducerIdBlock), Some(value))])

@@ -1,0 +1,133 @@
+//! `weir cluster status`: the cluster as one node sees it (its HTTP API's `GET /cluster`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use serde_json::Value;
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes, roles, the Raft leader, fenced nodes, under-replicated and offline partitions.
+    Status {
+        /// A node's HTTP API
+        #[arg(long, default_value = "http://127.0.0.1:8083", env = "WEIR_HTTP")]
+        url: String,
+        /// Print the raw JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cmd: ClusterCommand) -> Result<()> {
+    let ClusterCommand::Status { url, json } = cmd;
+    let url = format!("{}/cluster", url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body: Value = serde_json::from_slice(&resp.bytes().await?)
+        .with_context(|| format!("{url} did not answer JSON"))?;
+    if !status.is_success() {
+        bail!(
+            "{url}: {}",
+            body["error"].as_str().unwrap_or(status.as_str())
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    print!(
+        "{}",
+        render(&body).ok_or_else(|| anyhow!("unexpected answer from {url}"))?
+    );
+    Ok(())
+}
+
+fn render(s: &Value) -> Option<String> {
+    let mut out = String::new();
+    let raft = &s["raft"];
+    out += &format!(
+        "cluster {}  (seen from node {})\nraft leader: {}  term {}  applied {}\n\nnodes:\n",
+        s["cluster_id"].as_str()?,
+        s["node_id"],
+        raft["leader"],
+        raft["term"],
+        raft["last_applied"]
+    );
+    for n in s["nodes"].as_array()? {
+        let mut role = vec![if n["voter"].as_bool()? {
+            "voter"
+        } else {
+            "observer"
+        }];
+        if n["id"] == raft["leader"] {
+            role.push("controller");
+        }
+        if n["fenced"].as_bool()? {
+            role.push("FENCED");
+        }
+        out += &format!(
+            "  {:>3}  kafka {}  cluster {}  rack {}  leads {}  [{}]\n",
+            n["id"],
+            n["kafka"].as_str()?,
+            n["cluster"].as_str()?,
+            n["rack"].as_str().unwrap_or("-"),
+            n["leader_of"],
+            role.join(", ")
+        );
+    }
+    out += &format!(
+        "\n{} topic(s), {} partition(s)\n",
+        s["topics"], s["partitions"]
+    );
+    for (title, key) in [
+        ("under-replicated", "under_replicated"),
+        ("offline", "offline"),
+    ] {
+        let list = s[key].as_array()?;
+        out += &format!("{title} partitions: {}\n", list.len());
+        for p in list {
+            out += &format!(
+                "  {}-{}  leader {}  epoch {}  replicas {}  isr {}\n",
+                p["topic"].as_str()?,
+                p["partition"],
+                p["leader"],
+                p["leader_epoch"],
+                p["replicas"],
+                p["isr"]
+            );
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_rendered() {
+        let s = serde_json::json!({
+            "cluster_id": "abc", "node_id": 1,
+            "raft": {"leader": 2, "term": 3, "state": "Follower", "last_applied": 40},
+            "nodes": [
+                {"id": 1, "kafka": "h:1", "cluster": "h:11", "rack": null, "voter": true, "fenced": false, "leader_of": 2},
+                {"id": 2, "kafka": "h:2", "cluster": "h:12", "rack": "r", "voter": true, "fenced": true, "leader_of": 0},
+            ],
+            "topics": 1, "partitions": 2,
+            "under_replicated": [{"topic": "t", "partition": 0, "leader": 1, "leader_epoch": 1, "replicas": [1, 2], "isr": [1]}],
+            "offline": [],
+        });
+        let text = render(&s).unwrap();
+        assert!(text.contains("raft leader: 2"), "{text}");
+        assert!(text.contains("[voter, controller, FENCED]"), "{text}");
+        assert!(
+            text.contains("t-0  leader 1  epoch 1  replicas [1,2]  isr [1]"),
+            "{text}"
+        );
+        assert!(text.contains("offline partitions: 0"), "{text}");
+    }
+}

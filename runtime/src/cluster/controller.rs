@@ -1,0 +1,186 @@
+//! The controller: the node that leads the Raft quorum also watches the other nodes.
+//!
+//! Every node sends a heartbeat to the Raft leader twice a second. A node not heard from for
+//! `session_timeout` is fenced (its partitions get new leaders from their in-sync replicas); a
+//! fenced node heard from again is unfenced; and a partition whose preferred leader is back in
+//! sync is handed back to it. All of these are Raft proposals, so a new controller takes over
+//! where the last one stopped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::image::{Command, NodeId};
+use super::Cluster;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub id: NodeId,
+    pub incarnation: Uuid,
+}
+
+/// What the controller has heard from each node (kept only while this node leads Raft).
+#[derive(Default)]
+pub struct Liveness {
+    last_seen: Mutex<HashMap<NodeId, (Uuid, Instant)>>,
+}
+
+impl Liveness {
+    pub fn heard(&self, hb: &Heartbeat) {
+        self.last_seen
+            .lock()
+            .insert(hb.id, (hb.incarnation, Instant::now()));
+    }
+}
+
+impl Cluster {
+    /// Sends this node's heartbeat to the Raft leader until `stop`.
+    pub(super) async fn run_heartbeats(
+        self: Arc<Self>,
+        incarnation: Uuid,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let hb = Heartbeat {
+            id: self.node_id,
+            incarnation,
+        };
+        loop {
+            match self.raft_leader() {
+                Some(l) if l == self.node_id => self.liveness.heard(&hb),
+                Some(l) => {
+                    if let Some(addr) = self.cluster_addr_of(l) {
+                        let _ = self
+                            .http
+                            .post(format!("http://{addr}/cluster/heartbeat"))
+                            .header("content-type", "application/json")
+                            .body(serde_json::to_vec(&hb).unwrap_or_default())
+                            .timeout(Duration::from_secs(2))
+                            .send()
+                            .await;
+                    }
+                }
+                None => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// While this node leads Raft: fence silent nodes, unfence returning ones, move partitions
+    /// back to their preferred leaders.
+    pub(super) async fn run_controller(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut leading_since: Option<Instant> = None;
+        let mut last_preferred_check = Instant::now();
+        let mut known_leader = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let leader = self.raft_leader();
+            if leader != known_leader {
+                match leader {
+                    Some(l) => tracing::info!(controller = l, "the metadata quorum has a leader"),
+                    None => tracing::warn!("the metadata quorum has no leader"),
+                }
+                known_leader = leader;
+            }
+            if leader != Some(self.node_id) {
+                leading_since = None;
+                continue;
+            }
+            let since = *leading_since.get_or_insert_with(|| {
+                // A new controller gives every node a full session before fencing it.
+                self.liveness.last_seen.lock().clear();
+                Instant::now()
+            });
+            let image = self.image();
+            let now = Instant::now();
+            let timeout = self.settings.session_timeout;
+            let mut proposals = Vec::new();
+            {
+                let seen = self.liveness.last_seen.lock();
+                for n in image.nodes.values() {
+                    let heard = seen
+                        .get(&n.id)
+                        .filter(|(inc, _)| *inc == n.incarnation)
+                        .map(|(_, at)| *at);
+                    let silent_for = now.duration_since(heard.unwrap_or(since));
+                    if !n.fenced && silent_for > timeout {
+                        tracing::warn!(
+                            node = n.id,
+                            silent_ms = silent_for.as_millis() as u64,
+                            "fencing a node that missed its heartbeats"
+                        );
+                        proposals.push(Command::FenceNode {
+                            id: n.id,
+                            incarnation: n.incarnation,
+                        });
+                    } else if n.fenced && heard.is_some_and(|at| now.duration_since(at) < timeout) {
+                        tracing::info!(node = n.id, "unfencing a node that is back");
+                        proposals.push(Command::UnfenceNode {
+                            id: n.id,
+                            incarnation: n.incarnation,
+                        });
+                    }
+                }
+            }
+            if last_preferred_check.elapsed() >= self.settings.preferred_leader_check {
+                last_preferred_check = Instant::now();
+                for (name, t) in &image.topics {
+                    for (i, p) in t.partitions.iter().enumerate() {
+                        let preferred = p.replicas[0];
+                        let ready = p.leader != preferred
+                            && p.isr.contains(&preferred)
+                            && image.nodes.get(&preferred).is_some_and(|n| !n.fenced);
+                        if ready {
+                            proposals.push(Command::ElectPreferred {
+                                topic: name.clone(),
+                                partition: i as i32,
+                                leader_epoch: p.leader_epoch,
+                            });
+                        }
+                    }
+                }
+            }
+            for command in proposals {
+                if let Err(e) = self.proposer.propose(command).await {
+                    tracing::warn!(error = %e, "controller proposal not committed");
+                }
+            }
+        }
+    }
+
+    /// Controlled shutdown: ask to be fenced, so leadership moves to the other in-sync
+    /// replicas before this node stops serving.
+    pub async fn leave(&self) {
+        let image = self.image();
+        let Some(incarnation) = image.nodes.get(&self.node_id).map(|n| n.incarnation) else {
+            return;
+        };
+        if !image
+            .nodes
+            .values()
+            .any(|n| n.id != self.node_id && !n.fenced)
+        {
+            // The last node up: there is nobody to hand anything to.
+            return;
+        }
+        let command = Command::FenceNode {
+            id: self.node_id,
+            incarnation,
+        };
+        match tokio::time::timeout(Duration::from_secs(10), self.run(command)).await {
+            Ok(Ok(())) => tracing::info!("leadership moved to the other replicas"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "controlled shutdown: leadership not moved"),
+            Err(_) => tracing::warn!("controlled shutdown: no quorum to move leadership"),
+        }
+    }
+}

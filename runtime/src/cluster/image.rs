@@ -1,0 +1,678 @@
+//! The cluster image: what the Raft metadata quorum agrees on, and the commands that change it.
+//!
+//! Every node applies the same committed commands in the same order, so `apply` must be
+//! deterministic: no clocks, no randomness (ids are chosen by the proposer and carried in the
+//! command).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Broker ids as Kafka clients see them.
+pub type NodeId = i32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// Where Kafka clients (and follower fetchers) connect.
+    pub kafka_host: String,
+    pub kafka_port: i32,
+    /// The Raft and cluster RPC listener.
+    pub cluster_addr: String,
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// Changes at every start of the node's process, so a restart is visible.
+    pub incarnation: Uuid,
+    /// Missed its heartbeats, or shut down: leads nothing and is in no in-sync set.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionImage {
+    /// Replica nodes; the first is the preferred leader.
+    pub replicas: Vec<NodeId>,
+    /// -1 when no replica can lead.
+    pub leader: NodeId,
+    /// Bumped at every leader change.
+    pub leader_epoch: i32,
+    /// The in-sync replicas (always holds the leader while there is one).
+    pub isr: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicImage {
+    pub id: Uuid,
+    /// Topic config overrides by Kafka name.
+    pub configs: BTreeMap<String, String>,
+    pub partitions: Vec<PartitionImage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterImage {
+    /// Chosen by the first node to register; every node reports it to clients.
+    pub cluster_id: String,
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+    pub topics: BTreeMap<String, TopicImage>,
+    /// Ids of deleted topics: a node deletes local data only for these, so an image that is
+    /// merely behind never removes anything.
+    pub deleted_topics: BTreeSet<Uuid>,
+    /// Bumped by every command; nodes compare it to know what they have reconciled.
+    pub version: u64,
+    /// Producer ids are handed out in blocks, so every id is unique in the cluster.
+    pub next_producer_id: i64,
+    /// The last block each node reserved, [start, end).
+    pub producer_id_blocks: BTreeMap<NodeId, (i64, i64)>,
+}
+
+/// A change to the image, proposed through Raft.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    RegisterNode(NodeInfo),
+    CreateTopic {
+        name: String,
+        id: Uuid,
+        partitions: i32,
+        replication_factor: i32,
+        configs: BTreeMap<String, String>,
+        /// Creating a topic that exists is not an error (internal topics, auto-creation).
+        if_missing: bool,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    CreatePartitions {
+        name: String,
+        total: i32,
+    },
+    SetTopicConfigs {
+        name: String,
+        configs: BTreeMap<String, String>,
+    },
+    /// The controller fences a node that missed its heartbeats, or a node shutting down asks
+    /// for it: its partitions get new leaders from their in-sync replicas.
+    FenceNode {
+        id: NodeId,
+        incarnation: Uuid,
+    },
+    /// A fenced node is heard from again: it may lead the partitions it alone can lead.
+    UnfenceNode {
+        id: NodeId,
+        incarnation: Uuid,
+    },
+    /// Gives a partition back to its preferred leader (the first replica) once it is in sync.
+    ElectPreferred {
+        topic: String,
+        partition: i32,
+        leader_epoch: i32,
+    },
+    /// A node reserves the next block of producer ids.
+    AllocateProducerIds {
+        node: NodeId,
+        size: i64,
+    },
+    /// A leader changes its partition's in-sync set (Kafka's AlterPartition); refused unless
+    /// it still leads in that epoch.
+    AlterPartition {
+        topic: String,
+        partition: i32,
+        leader: NodeId,
+        leader_epoch: i32,
+        isr: Vec<NodeId>,
+    },
+}
+
+/// Why a command was refused; maps onto Kafka error codes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    #[error("topic '{0}' already exists")]
+    TopicExists(String),
+    #[error("unknown topic '{0}'")]
+    UnknownTopic(String),
+    #[error("{0}")]
+    InvalidReplicationFactor(String),
+    #[error("{0}")]
+    InvalidPartitions(String),
+    #[error("{0}")]
+    StaleLeader(String),
+    #[error("node {0} restarted or is unknown")]
+    StaleNode(NodeId),
+}
+
+fn info_id(command: &Command) -> NodeId {
+    match command {
+        Command::RegisterNode(info) => info.id,
+        _ => unreachable!(),
+    }
+}
+
+impl ClusterImage {
+    pub fn apply(&mut self, command: &Command) -> Result<(), CommandError> {
+        self.version += 1;
+        match command {
+            Command::RegisterNode(info) => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = info.incarnation.simple().to_string();
+                }
+                let mut info = info.clone();
+                info.fenced = false;
+                self.nodes.insert(info.id, info);
+                self.unfence(info_id(command));
+                Ok(())
+            }
+            Command::FenceNode { id, incarnation } => {
+                match self.nodes.get_mut(id) {
+                    Some(n) if n.incarnation == *incarnation => n.fenced = true,
+                    _ => return Err(CommandError::StaleNode(*id)),
+                }
+                self.fence(*id);
+                Ok(())
+            }
+            Command::UnfenceNode { id, incarnation } => {
+                match self.nodes.get_mut(id) {
+                    Some(n) if n.incarnation == *incarnation => n.fenced = false,
+                    _ => return Err(CommandError::StaleNode(*id)),
+                }
+                self.unfence(*id);
+                Ok(())
+            }
+            Command::AllocateProducerIds { node, size } => {
+                let start = self.next_producer_id;
+                self.next_producer_id += size.max(&1);
+                self.producer_id_blocks
+                    .insert(*node, (start, self.next_producer_id));
+                Ok(())
+            }
+            Command::ElectPreferred {
+                topic,
+                partition,
+                leader_epoch,
+            } => {
+                let fenced = self.fenced_nodes();
+                let p = self
+                    .topics
+                    .get_mut(topic)
+                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
+                    .ok_or_else(|| CommandError::UnknownTopic(format!("{topic}-{partition}")))?;
+                let preferred = p.replicas[0];
+                if p.leader_epoch != *leader_epoch
+                    || p.leader == preferred
+                    || !p.isr.contains(&preferred)
+                    || fenced.contains(&preferred)
+                {
+                    return Err(CommandError::StaleLeader(format!(
+                        "{topic}-{partition} cannot move to its preferred leader {preferred} now"
+                    )));
+                }
+                p.leader = preferred;
+                p.leader_epoch += 1;
+                Ok(())
+            }
+            Command::CreateTopic {
+                name,
+                id,
+                partitions,
+                replication_factor,
+                configs,
+                if_missing,
+            } => {
+                if self.topics.contains_key(name) {
+                    return if *if_missing {
+                        Ok(())
+                    } else {
+                        Err(CommandError::TopicExists(name.clone()))
+                    };
+                }
+                let rf = self.replication_factor(*replication_factor)?;
+                let start = self.assignment_start();
+                let partitions = (0..*partitions)
+                    .map(|p| self.new_partition(start + p as usize, rf))
+                    .collect();
+                self.topics.insert(
+                    name.clone(),
+                    TopicImage {
+                        id: *id,
+                        configs: configs.clone(),
+                        partitions,
+                    },
+                );
+                Ok(())
+            }
+            Command::DeleteTopic { name } => {
+                let t = self
+                    .topics
+                    .remove(name)
+                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                self.deleted_topics.insert(t.id);
+                Ok(())
+            }
+            Command::CreatePartitions { name, total } => {
+                let t = self
+                    .topics
+                    .get(name)
+                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                let current = t.partitions.len() as i32;
+                if *total <= current {
+                    return Err(CommandError::InvalidPartitions(format!(
+                        "topic '{name}' has {current} partitions; the new count must be larger, got {total}"
+                    )));
+                }
+                let rf = t.partitions[0].replicas.len();
+                let start = self.assignment_start();
+                let added: Vec<_> = (current..*total)
+                    .map(|p| self.new_partition(start + p as usize, rf))
+                    .collect();
+                self.topics.get_mut(name).unwrap().partitions.extend(added);
+                Ok(())
+            }
+            Command::SetTopicConfigs { name, configs } => {
+                let t = self
+                    .topics
+                    .get_mut(name)
+                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                t.configs = configs.clone();
+                Ok(())
+            }
+            Command::AlterPartition {
+                topic,
+                partition,
+                leader,
+                leader_epoch,
+                isr,
+            } => {
+                let p = self
+                    .topics
+                    .get_mut(topic)
+                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
+                    .ok_or_else(|| CommandError::UnknownTopic(format!("{topic}-{partition}")))?;
+                if p.leader != *leader || p.leader_epoch != *leader_epoch {
+                    return Err(CommandError::StaleLeader(format!(
+                        "{topic}-{partition} is led by {} in epoch {}, not by {leader} in epoch {leader_epoch}",
+                        p.leader, p.leader_epoch
+                    )));
+                }
+                if !isr.contains(leader) || isr.iter().any(|r| !p.replicas.contains(r)) {
+                    return Err(CommandError::StaleLeader(format!(
+                        "in-sync set {isr:?} must hold the leader and only replicas of {topic}-{partition}"
+                    )));
+                }
+                // Replica order, so equal sets compare equal.
+                p.isr = p
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|r| isr.contains(r))
+                    .collect();
+                Ok(())
+            }
+        }
+    }
+
+    /// The replication factor a creation asks for (-1: the default, 3 or fewer nodes).
+    fn replication_factor(&self, asked: i32) -> Result<usize, CommandError> {
+        let nodes = self.nodes.len();
+        if asked == -1 {
+            return Ok(nodes.clamp(1, 3));
+        }
+        if asked < 1 {
+            return Err(CommandError::InvalidReplicationFactor(format!(
+                "replication factor must be at least 1, got {asked}"
+            )));
+        }
+        if asked as usize > nodes {
+            return Err(CommandError::InvalidReplicationFactor(format!(
+                "replication factor {asked} is larger than the {nodes} registered node(s)"
+            )));
+        }
+        Ok(asked as usize)
+    }
+
+    /// Where a new topic's round-robin starts: spreads leaders across topics.
+    fn assignment_start(&self) -> usize {
+        self.topics.values().map(|t| t.partitions.len()).sum()
+    }
+
+    /// Replicas for the `n`th partition: round-robin over the nodes ordered so that racks
+    /// alternate, so consecutive replicas of a partition sit on different racks where possible.
+    fn new_partition(&self, n: usize, rf: usize) -> PartitionImage {
+        let order = self.rack_alternating_nodes();
+        let replicas: Vec<NodeId> = (0..rf).map(|i| order[(n + i) % order.len()]).collect();
+        PartitionImage {
+            leader: replicas[0],
+            leader_epoch: 0,
+            isr: replicas.clone(),
+            replicas,
+        }
+    }
+
+    fn rack_alternating_nodes(&self) -> Vec<NodeId> {
+        let mut by_rack: BTreeMap<Option<&str>, Vec<NodeId>> = BTreeMap::new();
+        for n in self.nodes.values() {
+            by_rack.entry(n.rack.as_deref()).or_default().push(n.id);
+        }
+        let mut order = Vec::with_capacity(self.nodes.len());
+        let longest = by_rack.values().map(Vec::len).max().unwrap_or(0);
+        for i in 0..longest {
+            for ids in by_rack.values() {
+                if let Some(id) = ids.get(i) {
+                    order.push(*id);
+                }
+            }
+        }
+        order
+    }
+
+    fn fenced_nodes(&self) -> BTreeSet<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.fenced)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Moves leadership away from a fenced node and drops it from every in-sync set. A
+    /// partition whose only in-sync replica it was keeps it there and goes offline (leader
+    /// -1), unless unclean.leader.election.enable lets another replica lead.
+    fn fence(&mut self, id: NodeId) {
+        let fenced = self.fenced_nodes();
+        for t in self.topics.values_mut() {
+            let unclean = t
+                .configs
+                .get("unclean.leader.election.enable")
+                .is_some_and(|v| v == "true");
+            for p in &mut t.partitions {
+                if !p.replicas.contains(&id) {
+                    continue;
+                }
+                let others: Vec<NodeId> = p.isr.iter().copied().filter(|r| *r != id).collect();
+                if p.leader == id {
+                    let next = others
+                        .iter()
+                        .copied()
+                        .find(|r| !fenced.contains(r))
+                        .or_else(|| {
+                            unclean
+                                .then(|| p.replicas.iter().copied().find(|r| !fenced.contains(r)))
+                                .flatten()
+                        });
+                    p.leader_epoch += 1;
+                    match next {
+                        Some(n) => {
+                            p.leader = n;
+                            p.isr = if others.contains(&n) { others } else { vec![n] };
+                        }
+                        None => p.leader = -1,
+                    }
+                } else if p.isr.contains(&id) && !others.is_empty() {
+                    p.isr = others;
+                }
+            }
+        }
+    }
+
+    /// Offline partitions that this node can lead again get it as leader.
+    fn unfence(&mut self, id: NodeId) {
+        for t in self.topics.values_mut() {
+            for p in &mut t.partitions {
+                if p.leader < 0 && p.isr.contains(&id) {
+                    p.leader = id;
+                    p.leader_epoch += 1;
+                    p.isr = vec![id];
+                }
+            }
+        }
+    }
+
+    pub fn partition(&self, topic: &str, p: i32) -> Option<&PartitionImage> {
+        self.topics
+            .get(topic)?
+            .partitions
+            .get(usize::try_from(p).ok()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: NodeId, rack: Option<&str>) -> Command {
+        Command::RegisterNode(NodeInfo {
+            id,
+            kafka_host: "127.0.0.1".into(),
+            kafka_port: 9092 + id,
+            cluster_addr: format!("127.0.0.1:{}", 9500 + id),
+            rack: rack.map(str::to_string),
+            incarnation: Uuid::nil(),
+            fenced: false,
+        })
+    }
+
+    fn create(name: &str, partitions: i32, rf: i32) -> Command {
+        Command::CreateTopic {
+            name: name.into(),
+            id: Uuid::new_v4(),
+            partitions,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+            if_missing: false,
+        }
+    }
+
+    #[test]
+    fn replicas_are_spread_over_nodes_and_racks() {
+        let mut img = ClusterImage::default();
+        for (id, rack) in [(1, "a"), (2, "a"), (3, "b"), (4, "b")] {
+            img.apply(&node(id, Some(rack))).unwrap();
+        }
+        img.apply(&create("t", 8, 2)).unwrap();
+        let t = &img.topics["t"];
+        let mut leaders = BTreeMap::new();
+        for p in &t.partitions {
+            assert_eq!(p.replicas.len(), 2);
+            assert_eq!(p.leader, p.replicas[0]);
+            assert_eq!(p.isr, p.replicas);
+            let racks: BTreeSet<_> = p
+                .replicas
+                .iter()
+                .map(|r| img.nodes[r].rack.clone())
+                .collect();
+            assert_eq!(racks.len(), 2, "{p:?} has both replicas on one rack");
+            *leaders.entry(p.leader).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), [2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn commands_are_checked_and_deletions_remembered() {
+        let mut img = ClusterImage::default();
+        for id in 1..=3 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        assert!(matches!(
+            img.apply(&create("t", 1, 4)),
+            Err(CommandError::InvalidReplicationFactor(_))
+        ));
+        img.apply(&create("t", 2, -1)).unwrap();
+        assert_eq!(img.topics["t"].partitions[0].replicas.len(), 3);
+        assert_eq!(
+            img.apply(&create("t", 1, 1)),
+            Err(CommandError::TopicExists("t".into()))
+        );
+        let mut again = create("t", 1, 1);
+        if let Command::CreateTopic { if_missing, .. } = &mut again {
+            *if_missing = true;
+        }
+        img.apply(&again).unwrap();
+        img.apply(&Command::CreatePartitions {
+            name: "t".into(),
+            total: 5,
+        })
+        .unwrap();
+        assert_eq!(img.topics["t"].partitions.len(), 5);
+        assert!(img
+            .apply(&Command::CreatePartitions {
+                name: "t".into(),
+                total: 5
+            })
+            .is_err());
+        let id = img.topics["t"].id;
+        img.apply(&Command::DeleteTopic { name: "t".into() })
+            .unwrap();
+        assert!(img.deleted_topics.contains(&id));
+        assert!(img.topics.is_empty());
+        assert_eq!(img.version, 10);
+    }
+
+    fn incarnation(img: &ClusterImage, id: NodeId) -> Uuid {
+        img.nodes[&id].incarnation
+    }
+
+    #[test]
+    fn fencing_moves_leadership_to_in_sync_replicas_and_back() {
+        let mut img = ClusterImage::default();
+        for id in 1..=3 {
+            let mut c = node(id, None);
+            if let Command::RegisterNode(info) = &mut c {
+                info.incarnation = Uuid::new_v4();
+            }
+            img.apply(&c).unwrap();
+        }
+        img.apply(&create("t", 3, 3)).unwrap();
+        let led_by_1 = img.topics["t"]
+            .partitions
+            .iter()
+            .position(|p| p.leader == 1)
+            .unwrap();
+        // A stale incarnation (the node restarted since) is refused.
+        assert_eq!(
+            img.apply(&Command::FenceNode {
+                id: 1,
+                incarnation: Uuid::nil()
+            }),
+            Err(CommandError::StaleNode(1))
+        );
+        img.apply(&Command::FenceNode {
+            id: 1,
+            incarnation: incarnation(&img, 1),
+        })
+        .unwrap();
+        for p in &img.topics["t"].partitions {
+            assert_ne!(p.leader, 1);
+            assert!(!p.isr.contains(&1), "{p:?}");
+        }
+        let p = &img.topics["t"].partitions[led_by_1];
+        assert_eq!(p.leader_epoch, 1);
+        assert!(p.isr.contains(&p.leader));
+        // Fence the other two: the last in-sync replica stays in the set, the partition is
+        // offline, and it comes back with that replica.
+        img.apply(&Command::FenceNode {
+            id: 2,
+            incarnation: incarnation(&img, 2),
+        })
+        .unwrap();
+        img.apply(&Command::FenceNode {
+            id: 3,
+            incarnation: incarnation(&img, 3),
+        })
+        .unwrap();
+        assert!(img.topics["t"]
+            .partitions
+            .iter()
+            .all(|p| p.leader == -1 && p.isr == [3]));
+        img.apply(&Command::UnfenceNode {
+            id: 1,
+            incarnation: incarnation(&img, 1),
+        })
+        .unwrap();
+        assert!(img.topics["t"].partitions.iter().all(|p| p.leader == -1));
+        img.apply(&Command::UnfenceNode {
+            id: 3,
+            incarnation: incarnation(&img, 3),
+        })
+        .unwrap();
+        assert!(img.topics["t"].partitions.iter().all(|p| p.leader == 3));
+        // The preferred leader returns once it is in sync again.
+        let epoch = img.topics["t"].partitions[led_by_1].leader_epoch;
+        let elect = Command::ElectPreferred {
+            topic: "t".into(),
+            partition: led_by_1 as i32,
+            leader_epoch: epoch,
+        };
+        assert!(img.apply(&elect).is_err(), "node 1 is not in sync yet");
+        img.apply(&Command::AlterPartition {
+            topic: "t".into(),
+            partition: led_by_1 as i32,
+            leader: 3,
+            leader_epoch: epoch,
+            isr: vec![3, 1],
+        })
+        .unwrap();
+        img.apply(&elect).unwrap();
+        let p = &img.topics["t"].partitions[led_by_1];
+        assert_eq!(
+            (p.leader, p.leader_epoch, p.isr.clone()),
+            (1, epoch + 1, vec![1, 3])
+        );
+        // An in-sync change from a leader of an older epoch is refused.
+        assert!(img
+            .apply(&Command::AlterPartition {
+                topic: "t".into(),
+                partition: led_by_1 as i32,
+                leader: 3,
+                leader_epoch: epoch,
+                isr: vec![3],
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn unclean_election_is_opt_in() {
+        let mut img = ClusterImage::default();
+        for id in 1..=2 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        let mut c = create("u", 1, 2);
+        if let Command::CreateTopic { configs, .. } = &mut c {
+            configs.insert("unclean.leader.election.enable".into(), "true".into());
+        }
+        img.apply(&c).unwrap();
+        img.apply(&create("c", 1, 2)).unwrap();
+        let leader = img.topics["c"].partitions[0].leader;
+        let other = 3 - leader;
+        for t in ["u", "c"] {
+            let p = &mut img.topics.get_mut(t).unwrap().partitions[0];
+            p.leader = leader;
+            p.isr = vec![leader];
+        }
+        img.apply(&Command::FenceNode {
+            id: leader,
+            incarnation: Uuid::nil(),
+        })
+        .unwrap();
+        assert_eq!(img.topics["c"].partitions[0].leader, -1);
+        assert_eq!(img.topics["u"].partitions[0].leader, other);
+    }
+
+    #[test]
+    fn producer_id_blocks_never_overlap() {
+        let mut img = ClusterImage::default();
+        img.apply(&Command::AllocateProducerIds {
+            node: 1,
+            size: 1000,
+        })
+        .unwrap();
+        img.apply(&Command::AllocateProducerIds {
+            node: 2,
+            size: 1000,
+        })
+        .unwrap();
+        img.apply(&Command::AllocateProducerIds {
+            node: 1,
+            size: 1000,
+        })
+        .unwrap();
+        assert_eq!(img.producer_id_blocks[&2], (1000, 2000));
+        assert_eq!(img.producer_id_blocks[&1], (2000, 3000));
+    }
+}

@@ -1,0 +1,555 @@
+//! A cluster of weir nodes: the Raft metadata quorum (openraft) that holds the cluster image,
+//! and the reconciliation of each node's log with that image.
+//!
+//! `weir serve` without `--voters` runs none of this: the node is a cluster of one and owns
+//! its metadata in `meta/topics.json`.
+
+pub mod controller;
+pub mod image;
+pub mod network;
+pub mod replication;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::log::manager::{LogManager, TopicError};
+use image::{ClusterImage, Command, CommandError, NodeId, NodeInfo};
+use network::{forward_proposal, ProposeReply};
+use store::CommandOutcome;
+
+openraft::declare_raft_types!(
+    /// openraft's types for the metadata quorum.
+    pub TypeConfig:
+        D = Command,
+        R = CommandOutcome,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// How this node takes part in a cluster (`--node-id`, `--cluster-addr`, `--voters`).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub node_id: NodeId,
+    pub cluster_addr: String,
+    /// The controller voters: node id → cluster address.
+    pub voters: BTreeMap<NodeId, String>,
+    pub rack: Option<String>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    /// How long a metadata change may wait for a quorum before the client gets an error.
+    pub propose_timeout: Duration,
+    /// A follower that has not caught up for this long leaves the in-sync set
+    /// (replica.lag.time.max.ms).
+    pub replica_lag_time_max: Duration,
+    /// A node not heard from for this long is fenced and loses its leaderships.
+    pub session_timeout: Duration,
+    /// How often the controller hands partitions back to their preferred leaders.
+    pub preferred_leader_check: Duration,
+}
+
+/// Parses `1@host:port,2@host:port`.
+pub fn parse_voters(text: &str) -> Result<BTreeMap<NodeId, String>> {
+    let mut voters = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('@')
+            .ok_or_else(|| anyhow!("voter '{part}' is not of the form ID@HOST:PORT"))?;
+        let id: NodeId = id
+            .parse()
+            .ok()
+            .filter(|i| *i >= 0)
+            .ok_or_else(|| anyhow!("voter '{part}': '{id}' is not a node id (0 or more)"))?;
+        if !addr.contains(':') {
+            bail!("voter '{part}': '{addr}' is not HOST:PORT");
+        }
+        if voters.insert(id, addr.to_string()).is_some() {
+            bail!("voter id {id} is listed twice");
+        }
+    }
+    if voters.is_empty() {
+        bail!("the voter list is empty");
+    }
+    Ok(voters)
+}
+
+/// Proposes commands to the Raft leader, wherever it is.
+pub struct Proposer {
+    raft: Raft,
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+impl Proposer {
+    /// Proposes on this node's Raft; answers NotLeader when another node leads.
+    pub async fn propose_here(&self, command: Command) -> ProposeReply {
+        match self.raft.client_write(command).await {
+            Ok(r) => ProposeReply::Applied {
+                index: r.log_id.index,
+                outcome: r.data,
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                ProposeReply::NotLeader {
+                    leader: f.leader_node,
+                }
+            }
+            Err(e) => ProposeReply::Failed(e.to_string()),
+        }
+    }
+
+    /// Proposes through the leader, retrying while there is none, until the timeout. Returns
+    /// the log index the command was committed at and its outcome.
+    pub async fn propose(&self, command: Command) -> Result<(u64, Result<(), CommandError>)> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut last_error;
+        loop {
+            let reply = match self.propose_here(command.clone()).await {
+                ProposeReply::NotLeader {
+                    leader: Some(leader),
+                } => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match forward_proposal(&self.http, &leader.addr, &command, left).await {
+                        Ok(r) => r,
+                        Err(e) => ProposeReply::Failed(format!(
+                            "forwarding to the Raft leader at {}: {e}",
+                            leader.addr
+                        )),
+                    }
+                }
+                other => other,
+            };
+            match reply {
+                ProposeReply::Applied { index, outcome } => return Ok((index, outcome.0)),
+                ProposeReply::NotLeader { .. } => last_error = "no Raft leader yet".into(),
+                ProposeReply::Failed(e) => last_error = e,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "metadata change not committed within {:?}: {last_error}",
+                    self.timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// This node's handle on the cluster.
+pub struct Cluster {
+    pub node_id: NodeId,
+    pub settings: ClusterSettings,
+    raft: Raft,
+    proposer: Arc<Proposer>,
+    image: watch::Receiver<Arc<ClusterImage>>,
+    /// The image version this node's log has been made to match.
+    reconciled: watch::Sender<u64>,
+    log: Arc<LogManager>,
+    pub replicas: Arc<replication::Replicas>,
+    http: reqwest::Client,
+    liveness: Arc<controller::Liveness>,
+}
+
+/// The internal topics every cluster has from its start, with their configs.
+pub fn internal_topics() -> Vec<(&'static str, BTreeMap<String, String>)> {
+    [
+        (crate::group::store::TOPIC, vec![]),
+        (crate::txn::TOPIC, vec![("flush.messages", "1")]),
+        (crate::pipeline::offsets::TOPIC, vec![]),
+    ]
+    .into_iter()
+    .map(|(name, extra)| (name, crate::log::internal::internal_configs(&extra)))
+    .collect()
+}
+
+impl Cluster {
+    /// Opens the Raft storage, starts Raft and the cluster listener, and initialises the
+    /// quorum on first start. Does not wait for a leader.
+    pub async fn start(
+        settings: ClusterSettings,
+        log: Arc<LogManager>,
+        this_node: NodeInfo,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<Cluster>> {
+        let dir = log.data_dir().join("raft");
+        let log_store = store::LogStore::open(&dir)
+            .with_context(|| format!("cannot open the Raft log in {}", dir.display()))?;
+        let (machine, image) = store::StateMachine::open(&dir)
+            .with_context(|| format!("cannot open the Raft snapshot in {}", dir.display()))?;
+        let config = openraft::Config {
+            cluster_name: "weir".into(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: settings.election_timeout_ms,
+            election_timeout_max: settings.election_timeout_ms * 2,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| anyhow!("invalid Raft settings: {e}"))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()?;
+        let raft = Raft::new(
+            settings.node_id as u64,
+            Arc::new(config),
+            network::Network { http: http.clone() },
+            log_store,
+            machine,
+        )
+        .await
+        .map_err(|e| anyhow!("cannot start Raft: {e}"))?;
+        let proposer = Arc::new(Proposer {
+            raft: raft.clone(),
+            http: http.clone(),
+            timeout: settings.propose_timeout,
+        });
+        let liveness = Arc::new(controller::Liveness::default());
+        let listener = tokio::net::TcpListener::bind(&settings.cluster_addr)
+            .await
+            .with_context(|| {
+                format!("cannot listen for the cluster on {}", settings.cluster_addr)
+            })?;
+        let app = network::router(raft.clone(), proposer.clone(), liveness.clone());
+        let mut stop_listener = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_listener.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        if settings.voters.contains_key(&settings.node_id)
+            && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))?
+        {
+            let members: BTreeMap<u64, BasicNode> = settings
+                .voters
+                .iter()
+                .map(|(id, addr)| (*id as u64, BasicNode { addr: addr.clone() }))
+                .collect();
+            // Every voter initialises with the same membership; the first log entry is then the
+            // same everywhere, so it does not matter who comes first.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(error = %e, "Raft already initialised");
+            }
+        }
+        let replicas = replication::Replicas::new(
+            settings.node_id,
+            log.clone(),
+            proposer.clone(),
+            settings.replica_lag_time_max,
+        );
+        tokio::spawn(replicas.clone().run_isr_checks(stop.clone()));
+        let (reconciled, _) = watch::channel(0);
+        let cluster = Arc::new(Cluster {
+            node_id: settings.node_id,
+            settings,
+            raft,
+            proposer,
+            image,
+            reconciled,
+            log,
+            replicas,
+            http,
+            liveness,
+        });
+        tokio::spawn(cluster.clone().run_reconciler(stop.clone()));
+        let incarnation = this_node.incarnation;
+        cluster.register(this_node).await?;
+        tokio::spawn(cluster.clone().run_heartbeats(incarnation, stop.clone()));
+        tokio::spawn(cluster.clone().run_controller(stop.clone()));
+        cluster.ensure_internal_topics().await?;
+        Ok(cluster)
+    }
+
+    /// Registers this node (its listeners and a new incarnation); waits for a quorum.
+    async fn register(&self, info: NodeInfo) -> Result<()> {
+        tracing::info!(node = info.id, "registering with the metadata quorum");
+        loop {
+            match self
+                .proposer
+                .propose(Command::RegisterNode(info.clone()))
+                .await
+            {
+                Ok((index, _)) => {
+                    self.wait_reconciled(index).await?;
+                    tracing::info!(node = info.id, "registered");
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(error = %e, "waiting for a metadata quorum"),
+            }
+        }
+    }
+
+    /// Creates the coordinators' internal topics once every voter has registered, so their
+    /// replicas are spread over the whole initial cluster.
+    async fn ensure_internal_topics(&self) -> Result<()> {
+        let mut image = self.image.clone();
+        let voters: BTreeSet<NodeId> = self.settings.voters.keys().copied().collect();
+        let wanted = internal_topics();
+        if wanted
+            .iter()
+            .all(|(n, _)| image.borrow().topics.contains_key(*n))
+        {
+            return Ok(());
+        }
+        tracing::info!("waiting for every voter to register");
+        image
+            .wait_for(|i| voters.iter().all(|v| i.nodes.contains_key(v)))
+            .await?;
+        for (name, configs) in wanted {
+            let rf = voters.len().min(3) as i32;
+            self.run(Command::CreateTopic {
+                name: name.to_string(),
+                id: Uuid::new_v4(),
+                partitions: 1,
+                replication_factor: rf,
+                configs,
+                if_missing: true,
+            })
+            .await
+            .map_err(|e| anyhow!("cannot create {name}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The current image.
+    pub fn image(&self) -> Arc<ClusterImage> {
+        self.image.borrow().clone()
+    }
+
+    /// A voter's cluster address, from the Raft membership.
+    fn cluster_addr_of(&self, id: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let addr = m
+            .membership_config
+            .nodes()
+            .find(|(n, _)| **n == id as u64)
+            .map(|(_, node)| node.addr.clone());
+        addr
+    }
+
+    /// The node that leads the Raft quorum, if known.
+    pub fn raft_leader(&self) -> Option<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .current_leader
+            .map(|l| l as NodeId)
+    }
+
+    /// What `GET /cluster` and `weir cluster status` show: the nodes and their state, the
+    /// Raft leader, and the partitions that are under-replicated or offline.
+    pub fn status(&self) -> serde_json::Value {
+        let image = self.image();
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = metrics.membership_config.voter_ids().collect();
+        let mut under = Vec::new();
+        let mut offline = Vec::new();
+        for (name, t) in &image.topics {
+            for (i, p) in t.partitions.iter().enumerate() {
+                let entry = serde_json::json!({
+                    "topic": name, "partition": i, "leader": p.leader,
+                    "leader_epoch": p.leader_epoch, "replicas": p.replicas, "isr": p.isr,
+                });
+                if p.leader < 0 {
+                    offline.push(entry);
+                } else if p.isr.len() < p.replicas.len() {
+                    under.push(entry);
+                }
+            }
+        }
+        let nodes: Vec<_> = image
+            .nodes
+            .values()
+            .map(|n| {
+                let leads = image
+                    .topics
+                    .values()
+                    .flat_map(|t| &t.partitions)
+                    .filter(|p| p.leader == n.id)
+                    .count();
+                serde_json::json!({
+                    "id": n.id,
+                    "kafka": format!("{}:{}", n.kafka_host, n.kafka_port),
+                    "cluster": n.cluster_addr,
+                    "rack": n.rack,
+                    "voter": voters.contains(&(n.id as u64)),
+                    "fenced": n.fenced,
+                    "leader_of": leads,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "cluster_id": image.cluster_id,
+            "node_id": self.node_id,
+            "raft": {
+                "leader": metrics.current_leader,
+                "term": metrics.current_term,
+                "state": format!("{:?}", metrics.state),
+                "last_applied": metrics.last_applied.map(|l| l.index),
+            },
+            "nodes": nodes,
+            "topics": image.topics.len(),
+            "partitions": image.topics.values().map(|t| t.partitions.len()).sum::<usize>(),
+            "under_replicated": under,
+            "offline": offline,
+        })
+    }
+
+    /// Proposes a command and waits until this node's log reflects it.
+    pub async fn run(&self, command: Command) -> Result<(), ClusterError> {
+        let (index, outcome) = self
+            .proposer
+            .propose(command)
+            .await
+            .map_err(ClusterError::Unavailable)?;
+        self.wait_reconciled(index)
+            .await
+            .map_err(ClusterError::Unavailable)?;
+        outcome.map_err(ClusterError::Refused)
+    }
+
+    async fn wait_reconciled(&self, index: u64) -> Result<()> {
+        self.raft
+            .wait(Some(self.settings.propose_timeout))
+            .applied_index_at_least(Some(index), "metadata change applied")
+            .await
+            .map_err(|e| anyhow!("metadata change not applied here: {e}"))?;
+        let version = self.image.borrow().version;
+        let mut reconciled = self.reconciled.subscribe();
+        tokio::time::timeout(
+            self.settings.propose_timeout,
+            reconciled.wait_for(|v| *v >= version),
+        )
+        .await
+        .map_err(|_| anyhow!("the local log did not catch up with the metadata in time"))??;
+        Ok(())
+    }
+
+    /// Makes the local log match each new image: topics created, grown, reconfigured and
+    /// deleted, and each partition's role (leader, follower) set.
+    async fn run_reconciler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut image = self.image.clone();
+        loop {
+            let current = image.borrow_and_update().clone();
+            let log = self.log.clone();
+            let img = current.clone();
+            let node = self.node_id;
+            match tokio::task::spawn_blocking(move || reconcile_topics(&log, &img, node)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot apply the cluster metadata"),
+                Err(e) => tracing::error!(error = %e, "metadata reconciliation failed"),
+            }
+            self.replicas.apply(&current);
+            self.reconciled.send_replace(current.version);
+            let stopping = tokio::select! {
+                r = image.changed() => r.is_err(),
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopping {
+                self.replicas.stop_all();
+                let _ = self.raft.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Producer id blocks from the cluster's metadata.
+pub struct ClusterProducerIds(pub Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl crate::txn::ProducerIdSource for ClusterProducerIds {
+    async fn reserve(&self, size: i64) -> Result<(i64, i64), kafka_protocol::error::ResponseError> {
+        let node = self.0.node_id;
+        self.0
+            .run(Command::AllocateProducerIds { node, size })
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot reserve producer ids");
+                kafka_protocol::error::ResponseError::RequestTimedOut
+            })?;
+        // Only this node replaces its own block, and allocations here are serialised.
+        self.0
+            .image()
+            .producer_id_blocks
+            .get(&node)
+            .copied()
+            .ok_or(kafka_protocol::error::ResponseError::UnknownServerError)
+    }
+}
+
+/// A metadata change that did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0:#}")]
+    Unavailable(anyhow::Error),
+    #[error(transparent)]
+    Refused(CommandError),
+}
+
+/// Creates, grows, reconfigures and deletes local topics to match the image. Local data is
+/// deleted only for topic ids the image says were deleted.
+fn reconcile_topics(log: &LogManager, image: &ClusterImage, node: NodeId) -> Result<()> {
+    for local in log.topics() {
+        let gone = match image.topics.get(&*local.name) {
+            Some(t) => t.id != local.id && image.deleted_topics.contains(&local.id),
+            None => image.deleted_topics.contains(&local.id),
+        };
+        if gone {
+            log.delete_topic(&local.name)?;
+        }
+    }
+    for (name, t) in &image.topics {
+        let hosted = t.partitions.iter().any(|p| p.replicas.contains(&node));
+        match log.topic(name) {
+            None if hosted => {
+                match log.create_topic_with_id(
+                    name,
+                    t.id,
+                    t.partitions.len() as i32,
+                    t.configs.clone(),
+                ) {
+                    Ok(_) | Err(TopicError::AlreadyExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => {}
+            Some(local) if local.id != t.id => {
+                tracing::error!(topic = %name, local = %local.id, cluster = %t.id, "a local topic has the name of another topic in the cluster; leaving it alone");
+            }
+            Some(local) => {
+                if local.partitions.len() < t.partitions.len() {
+                    log.create_partitions(name, t.partitions.len() as i32, false)?;
+                }
+                if local.overrides != t.configs {
+                    log.set_topic_configs(name, t.configs.clone(), false)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voter_lists_are_checked() {
+        let v = parse_voters("1@127.0.0.1:9501, 2@127.0.0.1:9502").unwrap();
+        assert_eq!(v[&2], "127.0.0.1:9502");
+        for bad in ["", "1", "x@h:1", "1@nohostport", "1@h:1,1@h:2", "-1@h:1"] {
+            assert!(parse_voters(bad).is_err(), "{bad}");
+        }
+    }
+}

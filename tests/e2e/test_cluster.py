@@ -1,0 +1,240 @@
+"""A cluster of three `weir serve` processes on loopback: the Raft metadata quorum, replicated
+partitions, acks=all with min.insync.replicas, in-sync set shrink and growth, and real clients
+(kcat, confluent-kafka, kafka-python) finding every node and every partition's leader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import ConfigResource, NewTopic
+
+from conftest import WeirDaemon, _pick_free_ports
+from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
+                     produce_confluent, wait_until)
+
+# Short timings so failures show within seconds on a busy 2-core machine.
+CLUSTER_YAML = """\
+raft_heartbeat_ms: 200
+raft_election_timeout_ms: 1500
+replica_lag_time_max_ms: 3000
+metadata_timeout_ms: 15000
+"""
+
+
+class Cluster:
+    def __init__(self, nodes: list[WeirDaemon]):
+        self.nodes = nodes
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.bootstrap for n in self.nodes)
+
+    def node(self, node_id: int) -> WeirDaemon:
+        return self.nodes[node_id - 1]
+
+    def live(self) -> list[WeirDaemon]:
+        return [n for n in self.nodes if n.running()]
+
+    def start(self, nodes: list[WeirDaemon] | None = None) -> None:
+        """Nodes wait for a quorum before they answer /health, so they start together."""
+        nodes = nodes or self.nodes
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            for f in [pool.submit(n.start, 60) for n in nodes]:
+                f.result()
+
+    def metadata(self, via: WeirDaemon | None = None, topic: str | None = None):
+        via = via or self.live()[0]
+        return admin(via.bootstrap).list_topics(topic=topic, timeout=10)
+
+
+def start_cluster(weir_factory, size: int) -> Cluster:
+    raft_ports = _pick_free_ports(size)
+    voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
+    nodes = []
+    for i in range(size):
+        d = weir_factory(f"node{i + 1}", start=False, config_yaml=CLUSTER_YAML,
+                         extra_args=("--node-id", str(i + 1), "--voters", voters))
+        d.kafka_port, d.http_port = _pick_free_ports(2)
+        nodes.append(d)
+    c = Cluster(nodes)
+    c.start()
+    return c
+
+
+@pytest.fixture
+def cluster(weir_factory) -> Cluster:
+    return start_cluster(weir_factory, 3)
+
+
+def create_replicated(cluster: Cluster, name: str, partitions: int, rf: int = 3,
+                      config: dict[str, str] | None = None) -> None:
+    a = admin(cluster.bootstrap)
+    fs = a.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=rf,
+                                   config=config or {})], request_timeout=30)
+    fs[name].result(timeout=30)
+
+    def ready():
+        for n in cluster.live():
+            t = cluster.metadata(n).topics.get(name)
+            if t is None or t.error is not None or len(t.partitions) != partitions:
+                return False
+            if any(p.leader < 0 or len(p.replicas) != rf for p in t.partitions.values()):
+                return False
+        return True
+
+    wait_until(ready, 30, message=f"every node to know {name} with {partitions} partitions")
+
+
+def segment_bytes(node: WeirDaemon, topic: str, partition: int) -> bytes:
+    d = node.data_dir / f"{topic}-{partition}"
+    return b"".join(p.read_bytes() for p in sorted(d.glob("*.log")))
+
+
+def wait_replicas_identical(cluster: Cluster, topic: str, partitions: int,
+                            nodes: list[WeirDaemon] | None = None) -> None:
+    nodes = nodes or cluster.nodes
+
+    def same():
+        for p in range(partitions):
+            copies = {segment_bytes(n, topic, p) for n in nodes}
+            if len(copies) != 1:
+                return False
+        return True
+
+    wait_until(same, 30, message=f"every replica of {topic} to hold the same bytes")
+
+
+def isr(cluster: Cluster, topic: str, partition: int, via: WeirDaemon | None = None) -> list[int]:
+    return sorted(cluster.metadata(via).topics[topic].partitions[partition].isrs)
+
+
+def test_three_nodes_serve_replicated_topics_to_every_client(cluster, kcat_bin):
+    # kcat (librdkafka 1.7) sees the three brokers, whichever node it asks.
+    for n in cluster.nodes:
+        out = subprocess.run([kcat_bin, "-b", n.bootstrap, "-L", "-J"], capture_output=True,
+                             timeout=30, check=True).stdout
+        md = json.loads(out)
+        assert sorted(b["id"] for b in md["brokers"]) == [1, 2, 3], md["brokers"]
+
+    create_replicated(cluster, "orders", 6)
+    t = cluster.metadata().topics["orders"]
+    leaders = sorted(p.leader for p in t.partitions.values())
+    assert leaders == [1, 1, 2, 2, 3, 3], f"leaders are not spread: {leaders}"
+    for p in t.partitions.values():
+        assert sorted(p.replicas) == [1, 2, 3] and sorted(p.isrs) == [1, 2, 3]
+
+    # Idempotent acks=all producer bootstrapped from one node finds every leader.
+    records = [Outgoing(value=f"v{i}".encode(), key=f"k{i % 17}".encode(), partition=i % 6)
+               for i in range(3000)]
+    acked = produce_confluent(cluster.node(1).bootstrap, "orders", records,
+                              **{"enable.idempotence": True})
+    # Consumers read from each partition's leader: confluent-kafka and kafka-python agree.
+    got = consume_confluent(cluster.node(2).bootstrap, "orders", range(6))
+    assert [(r.partition, r.offset, r.key, r.value) for r in got] == \
+        sorted((r.partition, r.offset, r.key, r.value) for r in acked)
+    assert_contiguous(got, {p: 500 for p in range(6)})
+    got_kp = consume_kafka_python(cluster.node(3).bootstrap, "orders", range(6))
+    assert [(r.partition, r.offset, r.value) for r in got_kp] == \
+        [(r.partition, r.offset, r.value) for r in got]
+    # Every replica holds the leader's bytes.
+    wait_replicas_identical(cluster, "orders", 6)
+
+    # A node that does not lead a partition refuses writes to it with NOT_LEADER_OR_FOLLOWER,
+    # which a client answers by refreshing metadata: a producer bootstrapped from a
+    # follower still delivers.
+    acked2 = produce_confluent(cluster.node(3).bootstrap, "orders",
+                               [Outgoing(value=b"late", partition=0)])
+    assert acked2[0].offset == 500
+
+    # Topic changes go through the quorum from any node.
+    a = admin(cluster.node(2).bootstrap)
+    a.create_partitions([__import__("confluent_kafka").admin.NewPartitions("orders", 8)])[
+        "orders"].result(30)
+    wait_until(lambda: all(len(cluster.metadata(n).topics["orders"].partitions) == 8
+                           for n in cluster.nodes), 30, message="8 partitions everywhere")
+    res = ConfigResource(ConfigResource.Type.TOPIC, "orders",
+                         set_config={"retention.ms": "3600000"})
+    a.alter_configs([res])[res].result(30)
+    for n in cluster.nodes:
+        wait_until(lambda n=n: (n.data_dir / "meta" / "topics.json").exists() and json.loads(
+            (n.data_dir / "meta" / "topics.json").read_text())["orders"]["configs"].get(
+            "retention.ms") == "3600000", 30, message=f"{n.name} to apply the new config")
+    a.delete_topics(["orders"])["orders"].result(30)
+    wait_until(lambda: all(not (n.data_dir / "orders-0").exists() for n in cluster.nodes), 30,
+               message="every node to delete its replicas")
+
+
+def test_acks_all_needs_min_insync_replicas(weir_factory):
+    # Five voters, so that the metadata quorum outlives two replicas of a partition.
+    cluster = start_cluster(weir_factory, 5)
+    create_replicated(cluster, "payments", 1, config={"min.insync.replicas": "2"})
+    p0 = cluster.metadata().topics["payments"].partitions[0]
+    leader = cluster.node(p0.leader)
+    f1, f2 = [cluster.node(r) for r in p0.replicas if r != p0.leader]
+    produce_confluent(leader.bootstrap, "payments",
+                      [Outgoing(value=f"a{i}".encode(), partition=0) for i in range(100)])
+
+    # One follower down: the in-sync set shrinks and acks=all still succeeds.
+    f1.kill()
+    wait_until(lambda: len(isr(cluster, "payments", 0)) == 2, 30,
+               message="the stopped follower to leave the in-sync set")
+    produce_confluent(leader.bootstrap, "payments",
+                      [Outgoing(value=f"b{i}".encode(), partition=0) for i in range(100)])
+
+    # Two down: the leader alone is below min.insync.replicas; acks=all is refused with
+    # NOT_ENOUGH_REPLICAS and nothing is appended.
+    f2.kill()
+    wait_until(lambda: isr(cluster, "payments", 0) == [p0.leader], 30,
+               message="the second follower to leave the in-sync set")
+    before = _end_offset(leader, "payments", 0)
+    p = Producer({"bootstrap.servers": leader.bootstrap, "acks": "all",
+                  "message.timeout.ms": 5000, "retries": 0})
+    errors = []
+    p.produce("payments", value=b"refused", partition=0,
+              on_delivery=lambda err, msg: errors.append(err))
+    p.flush(15)
+    assert errors and errors[0] is not None, "acks=all with one in-sync replica succeeded"
+    assert errors[0].name() == "NOT_ENOUGH_REPLICAS", errors[0]
+    assert _end_offset(leader, "payments", 0) == before
+
+    # Both come back: they catch up, rejoin the in-sync set, and hold the leader's bytes.
+    cluster.start([f1, f2])
+    wait_until(lambda: sorted(isr(cluster, "payments", 0)) == sorted(p0.replicas), 60,
+               message="both followers to rejoin the in-sync set")
+    produce_confluent(leader.bootstrap, "payments",
+                      [Outgoing(value=f"c{i}".encode(), partition=0) for i in range(100)])
+    got = consume_confluent(leader.bootstrap, "payments", [0])
+    assert [r.value for r in got] == [f"{x}{i}".encode() for x in "abc" for i in range(100)]
+    wait_replicas_identical(cluster, "payments", 1, [leader, f1, f2])
+
+
+def _end_offset(node: WeirDaemon, topic: str, partition: int) -> int:
+    from support import watermarks
+    return watermarks(node.bootstrap, topic, [partition])[partition][1]
+
+
+def test_metadata_survives_the_raft_leader_and_a_full_restart(cluster):
+    create_replicated(cluster, "before", 2)
+    controller = cluster.metadata().controller_id
+    assert controller in (1, 2, 3)
+    cluster.node(controller).kill()
+    survivors = [n for n in cluster.nodes if n.running()]
+    # Another voter takes over: topic creation works again within seconds.
+    wait_until(lambda: cluster.metadata(survivors[0]).controller_id not in (-1, controller),
+               30, message="a new Raft leader")
+    a = admin(survivors[0].bootstrap)
+    a.create_topics([NewTopic("after", num_partitions=2, replication_factor=2)])[
+        "after"].result(30)
+    # Every node restarted: the metadata is all there.
+    for n in survivors:
+        n.stop()
+    cluster.start()
+    for n in cluster.nodes:
+        wait_until(lambda n=n: {"before", "after"} <= set(cluster.metadata(n).topics), 30,
+                   message=f"{n.name} to list both topics after the restart")
