@@ -238,3 +238,93 @@ def test_metadata_survives_the_raft_leader_and_a_full_restart(cluster):
     for n in cluster.nodes:
         wait_until(lambda n=n: {"before", "after"} <= set(cluster.metadata(n).topics), 30,
                    message=f"{n.name} to list both topics after the restart")
+
+
+class BackgroundProducer:
+    """An idempotent acks=all confluent-kafka producer writing unique values round-robin over
+    the partitions until stopped; remembers what was acknowledged, in order."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int):
+        import threading
+        self.topic, self.partitions = topic, partitions
+        self.acked: list[tuple[int, int, bytes]] = []
+        self.errors: list[str] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._p = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                            "enable.idempotence": True, "linger.ms": 5,
+                            "message.timeout.ms": 120000, "socket.timeout.ms": 10000,
+                            "topic.metadata.refresh.interval.ms": 1000})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _report(self, err, msg):
+        if err is not None:
+            self.errors.append(str(err))
+        else:
+            self.acked.append((msg.partition(), msg.offset(), msg.value()))
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._p.produce(self.topic, value=f"v{self.sent:07d}".encode(),
+                                partition=self.sent % self.partitions, on_delivery=self._report)
+                self.sent += 1
+            except BufferError:
+                pass
+            self._p.poll(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        left = self._p.flush(120)
+        assert left == 0, f"{left} record(s) never acknowledged"
+
+
+def leader_of(cluster: Cluster, topic: str, partition: int) -> int:
+    return cluster.metadata().topics[topic].partitions[partition].leader
+
+
+@pytest.mark.parametrize("how", ["kill-9", "sigterm"])
+def test_leaders_fail_over_under_an_idempotent_producer(cluster, how):
+    partitions = 3
+    create_replicated(cluster, "events", partitions, config={"min.insync.replicas": "2"})
+    prod = BackgroundProducer(cluster.bootstrap, "events", partitions)
+    try:
+        for partition in range(partitions):
+            wait_until(lambda: len(prod.acked) > 300 * (partition + 1), 60,
+                       message="the producer to make progress")
+            victim = cluster.node(leader_of(cluster, "events", partition))
+            if how == "kill-9":
+                victim.kill()
+            else:
+                victim.stop()
+            others = [n for n in cluster.nodes if n is not victim]
+            wait_until(lambda: cluster.metadata(others[0]).topics["events"].partitions[
+                partition].leader not in (-1, int(victim.name[4:])), 30,
+                message=f"partition {partition} to get a new leader")
+            seen = len(prod.acked)
+            wait_until(lambda: len(prod.acked) > seen + 200, 60,
+                       message="the producer to go on with the new leader")
+            victim.start(60)
+            wait_until(lambda: all(len(p.isrs) == 3 for p in cluster.metadata().topics[
+                "events"].partitions.values()), 60, message="every replica back in sync")
+    finally:
+        prod.stop()
+    assert not prod.errors, f"delivery errors: {prod.errors[:5]}"
+    got = consume_confluent(cluster.node(1).bootstrap, "events", range(partitions), timeout=60)
+    values = [r.value for r in got]
+    dupes = {v for v in values if values.count(v) > 1} if len(set(values)) != len(values) else set()
+    assert not dupes, f"duplicated values: {sorted(dupes)[:10]}"
+    acked_values = {v for _, _, v in prod.acked}
+    lost = acked_values - set(values)
+    assert not lost, f"{len(lost)} acknowledged value(s) lost: {sorted(lost)[:10]}"
+    # Per partition, acknowledged values sit at the offsets they were acknowledged at, and
+    # in the order they were produced.
+    at = {(r.partition, r.offset): r.value for r in got}
+    for p, off, v in prod.acked:
+        assert at.get((p, off)) == v, f"{v} acknowledged at {p}/{off}, log has {at.get((p, off))}"
+    for p in range(partitions):
+        mine = [r.value for r in got if r.partition == p]
+        assert mine == sorted(mine), f"partition {p} out of order"
+    wait_replicas_identical(cluster, "events", partitions)
