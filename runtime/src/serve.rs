@@ -45,6 +45,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // In a cluster the coordinators' internal topics come from the metadata, so the quorum
     // is joined before they open.
+    let cluster_mode = cluster_settings.is_some();
     let cluster = match cluster_settings {
         Some(cs) => {
             let info = NodeInfo {
@@ -69,6 +70,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         })
         .await??,
     );
+    if cluster_mode {
+        // Takes over only while this node leads __consumer_offsets (see below).
+        groups.set_active(false)?;
+    }
     let txns = Arc::new(
         tokio::task::spawn_blocking({
             let log = log.clone();
@@ -136,6 +141,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         stop_rx.clone(),
     ));
     let group_timers = tokio::spawn(groups.clone().run_timers(stop_rx.clone()));
+    if cluster_mode {
+        tokio::spawn(follow_coordinator_leadership(
+            broker.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let txn_timers = tokio::spawn(txns.clone().run_timers(stop_rx.clone()));
     let kafka_task = tokio::spawn(kafka::server::serve(
         kafka_listener,
@@ -178,6 +189,23 @@ pub async fn run(settings: Settings) -> Result<()> {
     maintenance.await?;
     tracing::info!("all partitions flushed; bye");
     Ok(())
+}
+
+/// In a cluster, this node coordinates groups while it leads `__consumer_offsets`.
+async fn follow_coordinator_leadership(
+    broker: Arc<Broker>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let leads = broker.leadership(crate::group::store::TOPIC, 0).is_ok();
+        if let Err(e) = broker.groups.set_active(leads) {
+            tracing::error!(error = %e, "cannot load the consumer groups");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// The configured pipelines directory, or ./pipelines when it exists.

@@ -328,3 +328,50 @@ def test_leaders_fail_over_under_an_idempotent_producer(cluster, how):
         mine = [r.value for r in got if r.partition == p]
         assert mine == sorted(mine), f"partition {p} out of order"
     wait_replicas_identical(cluster, "events", partitions)
+
+
+def test_a_group_keeps_consuming_when_its_coordinator_node_dies(cluster):
+    from confluent_kafka import Consumer, TopicPartition
+    partitions = 3
+    create_replicated(cluster, "clicks", partitions)
+    produce_confluent(cluster.bootstrap, "clicks",
+                      [Outgoing(value=f"c{i:05d}".encode(), partition=i % partitions)
+                       for i in range(3000)])
+
+    def consumer():
+        c = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "readers",
+                      "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                      "session.timeout.ms": 10000, "socket.timeout.ms": 10000})
+        c.subscribe(["clicks"])
+        return c
+
+    seen: list[bytes] = []
+
+    def read(c, upto: int, timeout: float = 90):
+        deadline = time.monotonic() + timeout
+        while len(set(seen)) < upto:
+            assert time.monotonic() < deadline, f"consumed only {len(set(seen))} of {upto}"
+            msgs = c.consume(200, 0.5)
+            for m in msgs:
+                assert m.error() is None, m.error()
+                seen.append(m.value())
+            if msgs:
+                c.commit(asynchronous=False)
+
+    c = consumer()
+    read(c, 1500)
+    coordinator = cluster.metadata().topics["__consumer_offsets"].partitions[0].leader
+    cluster.node(coordinator).kill()
+    # The group moves with its data: the new leader of __consumer_offsets coordinates it and
+    # the consumer goes on, committing there.
+    read(c, 3000)
+    c.close()
+    assert set(seen) == {f"c{i:05d}".encode() for i in range(3000)}
+
+    # The committed offsets survived the coordinator: a new member starts at the end.
+    survivor = next(n for n in cluster.nodes if n.running())
+    a = admin(survivor.bootstrap)
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    res = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions("readers")])
+    committed = {tp.partition: tp.offset for tp in res["readers"].result(30).topic_partitions}
+    assert committed == {p: 1000 for p in range(partitions)}, committed

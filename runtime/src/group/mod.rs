@@ -9,6 +9,7 @@
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -257,6 +258,8 @@ pub struct GroupCoordinator {
     pending_txn: Mutex<HashMap<i64, Vec<PendingOffset>>>,
     store: OffsetStore,
     settings: GroupSettings,
+    /// Whether this node coordinates groups (always, for a single node).
+    active: AtomicBool,
 }
 
 type PendingOffset = (String, (String, i32), CommittedOffset);
@@ -294,6 +297,21 @@ impl GroupCoordinator {
     /// Opens the coordinator, replaying `__consumer_offsets`.
     pub fn open(log: Arc<LogManager>, settings: GroupSettings) -> anyhow::Result<GroupCoordinator> {
         let store = OffsetStore::open(log)?;
+        let (groups, pending_txn) = Self::load(&store)?;
+        Ok(GroupCoordinator {
+            groups: Mutex::new(groups),
+            pending_txn: Mutex::new(pending_txn),
+            store,
+            settings,
+            active: AtomicBool::new(true),
+        })
+    }
+
+    /// Replays `__consumer_offsets` into groups and offsets pending in transactions.
+    #[allow(clippy::type_complexity)]
+    fn load(
+        store: &OffsetStore,
+    ) -> anyhow::Result<(HashMap<String, Group>, HashMap<i64, Vec<PendingOffset>>)> {
         let mut groups: HashMap<String, Group> = HashMap::new();
         let mut pending_txn: HashMap<i64, Vec<PendingOffset>> = HashMap::new();
         let now = Instant::now();
@@ -378,12 +396,49 @@ impl GroupCoordinator {
             },
         })?;
         tracing::info!(groups = groups.len(), "consumer groups loaded");
-        Ok(GroupCoordinator {
-            groups: Mutex::new(groups),
-            pending_txn: Mutex::new(pending_txn),
-            store,
-            settings,
-        })
+        Ok((groups, pending_txn))
+    }
+
+    /// In a cluster, only the leader of `__consumer_offsets` coordinates groups: this node
+    /// takes over (replaying the topic as this replica holds it) or hands over.
+    pub fn set_active(&self, active: bool) -> anyhow::Result<()> {
+        if active == self.active.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if active {
+            let (groups, pending) = Self::load(&self.store)?;
+            *self.groups.lock() = groups;
+            *self.pending_txn.lock() = pending;
+        } else {
+            // Members waiting on a join or sync learn at once that they must look again.
+            for g in self.groups.lock().values_mut() {
+                for m in g.members.values_mut() {
+                    if let Some(tx) = m.awaiting_join.take() {
+                        let _ = tx.send(JoinOutcome::error(
+                            ResponseError::NotCoordinator,
+                            &m.member_id,
+                        ));
+                    }
+                    if let Some(tx) = m.awaiting_sync.take() {
+                        let _ = tx.send(SyncOutcome::error(ResponseError::NotCoordinator));
+                    }
+                }
+            }
+            self.groups.lock().clear();
+            self.pending_txn.lock().clear();
+        }
+        self.active.store(active, Ordering::Release);
+        tracing::info!(active, "group coordinator");
+        Ok(())
+    }
+
+    /// NOT_COORDINATOR while another node coordinates groups.
+    pub fn check_active(&self) -> Result<(), ResponseError> {
+        if self.active.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(ResponseError::NotCoordinator)
+        }
     }
 
     fn persist_group(&self, g: &Group) {
@@ -536,6 +591,9 @@ impl GroupCoordinator {
             let _ = tx2.send(outcome);
             rx2
         };
+        if let Err(e) = self.check_active() {
+            return reply(JoinOutcome::error(e, &req.member_id));
+        }
         if !(self.settings.min_session_timeout_ms..=self.settings.max_session_timeout_ms)
             .contains(&req.session_timeout_ms)
         {
@@ -791,6 +849,10 @@ impl GroupCoordinator {
         assignments: Vec<(String, Bytes)>,
     ) -> oneshot::Receiver<SyncOutcome> {
         let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.check_active() {
+            let _ = tx.send(SyncOutcome::error(e));
+            return rx;
+        }
         let mut groups = self.groups.lock();
         let Some(g) = groups.get_mut(group_id) else {
             let _ = tx.send(SyncOutcome::error(ResponseError::UnknownMemberId));
@@ -859,6 +921,9 @@ impl GroupCoordinator {
         instance: Option<&str>,
         generation: i32,
     ) -> Option<ResponseError> {
+        if let Err(e) = self.check_active() {
+            return Some(e);
+        }
         let mut groups = self.groups.lock();
         let Some(g) = groups.get_mut(group_id) else {
             return Some(ResponseError::UnknownMemberId);
@@ -881,6 +946,7 @@ impl GroupCoordinator {
         group_id: &str,
         leaving: &[(String, Option<String>)],
     ) -> Result<Vec<Option<ResponseError>>, ResponseError> {
+        self.check_active()?;
         let mut groups = self.groups.lock();
         let Some(g) = groups.get_mut(group_id) else {
             return Err(ResponseError::UnknownMemberId);
@@ -930,6 +996,7 @@ impl GroupCoordinator {
         offsets: Vec<PartitionOffset>,
         topic_exists: impl Fn(&str, i32) -> bool,
     ) -> Result<Vec<PartitionResult>, ResponseError> {
+        self.check_active()?;
         if group_id.is_empty() {
             return Err(ResponseError::InvalidGroupId);
         }
@@ -976,6 +1043,7 @@ impl GroupCoordinator {
         offsets: Vec<PartitionOffset>,
         topic_exists: impl Fn(&str, i32) -> bool,
     ) -> Result<Vec<PartitionResult>, ResponseError> {
+        self.check_active()?;
         if group_id.is_empty() {
             return Err(ResponseError::InvalidGroupId);
         }
@@ -1084,6 +1152,9 @@ impl GroupCoordinator {
 
     /// Deletes an empty group and its offsets.
     pub fn delete_group(&self, group_id: &str) -> Option<ResponseError> {
+        if let Err(e) = self.check_active() {
+            return Some(e);
+        }
         let mut groups = self.groups.lock();
         let Some(g) = groups.get_mut(group_id) else {
             return Some(ResponseError::GroupIdNotFound);
@@ -1113,6 +1184,7 @@ impl GroupCoordinator {
         tps: Vec<(String, i32)>,
         subscribed: impl Fn(&Group, &str) -> bool,
     ) -> Result<Vec<PartitionResult>, ResponseError> {
+        self.check_active()?;
         let mut groups = self.groups.lock();
         let Some(g) = groups.get_mut(group_id) else {
             return Err(ResponseError::GroupIdNotFound);
@@ -1138,6 +1210,9 @@ impl GroupCoordinator {
 
     /// Expires members past their session, pending member ids, and completes due joins.
     pub fn tick(&self) {
+        if self.check_active().is_err() {
+            return;
+        }
         let now = Instant::now();
         let mut groups = self.groups.lock();
         for g in groups.values_mut() {

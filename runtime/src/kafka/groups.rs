@@ -251,7 +251,7 @@ pub fn leave_group(
     }
 }
 
-pub fn offset_commit(
+pub async fn offset_commit(
     broker: &Broker,
     ctx: &RequestContext,
     req: OffsetCommitRequest,
@@ -276,15 +276,21 @@ pub fn offset_commit(
             ));
         }
     }
-    let log = broker.log.clone();
-    let result = broker.groups.commit(
+    let mut result = broker.groups.commit(
         &req.group_id.0,
         &req.member_id,
         req.group_instance_id.as_deref(),
         req.generation_id_or_member_epoch,
         offsets,
-        |topic, p| log.partition(topic, p).is_some(),
+        |topic, p| broker.partition_exists(topic, p),
     );
+    // In a cluster a commit is acknowledged once the in-sync replicas of the offsets topic
+    // hold it, so it survives the coordinator's node.
+    if result.is_ok() {
+        if let Err(e) = broker.internal_replicated(crate::group::store::TOPIC).await {
+            result = Err(e);
+        }
+    }
     let error_for = |topic: &str, p: i32| partition_code(&result, topic, p, |e| e);
     let topics = req
         .topics
@@ -409,6 +415,7 @@ pub fn offset_fetch(
                 OffsetFetchResponseGroup::default()
                     .with_group_id(g.group_id)
                     .with_topics(topics)
+                    .with_error_code(code(broker.groups.check_active().err()))
             })
             .collect();
         return OffsetFetchResponse::default().with_groups(groups);
@@ -447,7 +454,14 @@ pub fn offset_fetch(
                 )
         })
         .collect();
-    OffsetFetchResponse::default().with_topics(topics)
+    let error = if v >= 2 {
+        code(broker.groups.check_active().err())
+    } else {
+        0
+    };
+    OffsetFetchResponse::default()
+        .with_topics(topics)
+        .with_error_code(error)
 }
 
 /// KIP-447: a consumer asking for stable offsets must wait while a transaction holds one.
@@ -528,6 +542,7 @@ pub fn describe_groups(
                 DescribedGroup::default()
                     .with_group_id(id)
                     .with_group_state(str_bytes(GroupState::Dead.name()))
+                    .with_error_code(code(broker.groups.check_active().err()))
             })
         })
         .collect();

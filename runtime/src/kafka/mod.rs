@@ -238,6 +238,33 @@ impl Broker {
         }
     }
 
+    /// Whether a partition exists, in the cluster when there is one.
+    pub fn partition_exists(&self, topic: &str, partition: i32) -> bool {
+        match &self.cluster {
+            Some(c) => c.image().partition(topic, partition).is_some(),
+            None => self.log.partition(topic, partition).is_some(),
+        }
+    }
+
+    /// In a cluster: waits until the in-sync replicas of an internal topic's partition hold
+    /// everything this node wrote to it (its coordinator's acknowledgement point).
+    pub async fn internal_replicated(&self, topic: &str) -> Result<(), ResponseError> {
+        if self.cluster.is_none() {
+            return Ok(());
+        }
+        let p = self
+            .log
+            .partition(topic, 0)
+            .ok_or(ResponseError::NotCoordinator)?;
+        let target = p.log_end_offset();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        if produce::wait_for_high_watermark(&p, target, deadline).await {
+            Ok(())
+        } else {
+            Err(ResponseError::RequestTimedOut)
+        }
+    }
+
     /// In a cluster: this node's leadership of the partition, or NOT_LEADER_OR_FOLLOWER.
     /// A single node leads everything (None).
     pub fn leadership(

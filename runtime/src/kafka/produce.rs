@@ -170,7 +170,7 @@ fn check_leader(
 }
 
 /// Waits until the partition's high watermark reaches `offset`; false at the deadline.
-async fn wait_for_high_watermark(
+pub(super) async fn wait_for_high_watermark(
     p: &Partition,
     offset: i64,
     deadline: tokio::time::Instant,

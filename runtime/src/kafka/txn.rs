@@ -48,6 +48,16 @@ pub async fn init_producer_id(
         id: req.producer_id.0,
         epoch: req.producer_epoch,
     });
+    if broker.cluster.is_some() && req.transactional_id.is_some() {
+        tracing::warn!(
+            transactional_id = ?req.transactional_id.as_deref().map(|s| s.as_str()),
+            "transactions are not available on a cluster yet"
+        );
+        return InitProducerIdResponse::default()
+            .with_error_code(ResponseError::InvalidRequest.code())
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+    }
     let result = broker
         .txns
         .init_producer_id(
