@@ -9,6 +9,10 @@ which API each response answers. For the APIs it is told to disturb it, at rando
 
 Clients reach the proxy because the daemon advertises the proxy's port (the
 `advertised_port` setting).
+
+`hold()` stops relaying in both directions (frames wait inside the proxy), `reset()` cuts
+every open connection and drops what was held, `release()` relays again: a partition of
+the network between whoever uses the proxy and the daemon behind it.
 """
 
 from __future__ import annotations
@@ -61,7 +65,21 @@ class FaultProxy:
         self.port = self._listener.getsockname()[1]
         self._closed = False
         self._conns: list[socket.socket] = []
+        self._relaying = threading.Event()
+        self._relaying.set()
         threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def hold(self) -> None:
+        self._relaying.clear()
+
+    def release(self) -> None:
+        self._relaying.set()
+
+    def reset(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            _close(s)
 
     def close(self) -> None:
         self._closed = True
@@ -113,6 +131,9 @@ class FaultProxy:
                     self.faults[fault] += 1
                 break
             pending[correlation] = (api_key, fault)
+            self._relaying.wait()
+            if client.fileno() < 0:
+                break
             try:
                 server.sendall(frame)
             except OSError:
@@ -133,6 +154,9 @@ class FaultProxy:
                 break
             with self._lock:
                 self.forwarded[api_key] += 1
+            self._relaying.wait()
+            if server.fileno() < 0:
+                break
             try:
                 client.sendall(frame)
             except OSError:

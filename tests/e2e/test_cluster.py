@@ -23,6 +23,7 @@ CLUSTER_YAML = """\
 raft_heartbeat_ms: 200
 raft_election_timeout_ms: 1500
 replica_lag_time_max_ms: 3000
+node_session_timeout_ms: 3000
 metadata_timeout_ms: 15000
 """
 
@@ -53,14 +54,21 @@ class Cluster:
         return admin(via.bootstrap).list_topics(topic=topic, timeout=10)
 
 
-def start_cluster(weir_factory, size: int) -> Cluster:
+def start_cluster(weir_factory, size: int, proxies: list | None = None) -> Cluster:
+    """`proxies`: one FaultProxy a node, whose port the node advertises to clients and to
+    the other nodes' followers."""
     raft_ports = _pick_free_ports(size)
     voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
     nodes = []
     for i in range(size):
-        d = weir_factory(f"node{i + 1}", start=False, config_yaml=CLUSTER_YAML,
+        yaml = CLUSTER_YAML
+        if proxies:
+            yaml += f"advertised_port: {proxies[i].port}\n"
+        d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
                          extra_args=("--node-id", str(i + 1), "--voters", voters))
         d.kafka_port, d.http_port = _pick_free_ports(2)
+        if proxies:
+            proxies[i].upstream_port = d.kafka_port
         nodes.append(d)
     c = Cluster(nodes)
     c.start()
@@ -375,3 +383,57 @@ def test_a_group_keeps_consuming_when_its_coordinator_node_dies(cluster):
     res = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions("readers")])
     committed = {tp.partition: tp.offset for tp in res["readers"].result(30).topic_partitions}
     assert committed == {p: 1000 for p in range(partitions)}, committed
+
+
+def test_a_paused_leader_truncates_what_it_alone_wrote(weir_factory):
+    import signal
+    from fault_proxy import FaultProxy
+    import kafka_wire as kw
+    proxies = [FaultProxy(seed=0, fault_rate=0.0) for _ in range(3)]
+    try:
+        cluster = start_cluster(weir_factory, 3, proxies)
+        create_replicated(cluster, "div", 1)
+        produce_confluent(cluster.bootstrap, "div",
+                          [Outgoing(value=f"a{i}".encode(), partition=0) for i in range(100)])
+        wait_replicas_identical(cluster, "div", 1)
+        old = cluster.node(leader_of(cluster, "div", 0))
+        proxy = proxies[cluster.nodes.index(old)]
+        # The old leader is cut off from its followers and takes acks=1 writes alone.
+        proxy.hold()
+        direct = f"127.0.0.1:{old.kafka_port}"
+        sock = kw.connect(direct)
+        batch = kw.record_batch([(None, f"x{i}".encode()) for i in range(50)], int(time.time() * 1000))
+        _, results = kw.parse_produce_v3_response(
+            kw.roundtrip(sock, kw.produce_v3(1, "div", 0, batch, acks=1)))
+        sock.close()
+        assert results[0].error_code == 0 and results[0].base_offset == 100, results
+        # Consumers never see past the high watermark: only the 100 replicated records.
+        out = old.cli("consume", "div", "--from-beginning", "--exit-at-end").stdout.split()
+        assert len(out) == 100, len(out)
+        old.proc.send_signal(signal.SIGSTOP)
+        proxy.reset()
+        proxy.release()
+        try:
+            # A new leader comes from the in-sync followers and takes new writes.
+            others = [n for n in cluster.nodes if n is not old]
+            wait_until(lambda: leader_of_via(cluster, others[0], "div") in
+                       [int(n.name[4:]) for n in others], 30, message="a new leader")
+            new = cluster.node(leader_of_via(cluster, others[0], "div"))
+            produce_confluent(new.bootstrap, "div",
+                              [Outgoing(value=f"b{i}".encode(), partition=0) for i in range(30)])
+        finally:
+            old.proc.send_signal(signal.SIGCONT)
+        # The old leader comes back as a follower, drops the 50 records only it had, and
+        # holds the same bytes as the others.
+        wait_replicas_identical(cluster, "div", 1)
+        got = consume_confluent(new.bootstrap, "div", [0])
+        assert [r.value for r in got] == [f"a{i}".encode() for i in range(100)] + \
+            [f"b{i}".encode() for i in range(30)]
+        assert "truncating a divergent log suffix" in old.log_tail(400)
+    finally:
+        for p in proxies:
+            p.close()
+
+
+def leader_of_via(cluster: Cluster, via: WeirDaemon, topic: str) -> int:
+    return cluster.metadata(via).topics[topic].partitions[0].leader

@@ -29,6 +29,9 @@ use crate::log::partition::Partition;
 
 type Key = (Arc<str>, i32);
 
+/// How long a follower waits for one answer from its leader (fetches park for 500 ms).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the leader knows of one follower.
 #[derive(Debug, Clone, Copy)]
 struct FollowerProgress {
@@ -410,7 +413,11 @@ impl Replicas {
                         .with_fetch_offset(offset)
                         .with_log_start_offset(-1)
                         .with_partition_max_bytes(8 << 20)])]);
-            let resp = conn.call(&req).await?;
+            // A leader that stopped answering (paused, cut off) is given up on, and the
+            // connection made again.
+            let resp = tokio::time::timeout(FETCH_TIMEOUT, conn.call(&req))
+                .await
+                .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))??;
             crate::client::check(resp.error_code, "replica fetch")?;
             let pd = resp
                 .responses
@@ -451,7 +458,9 @@ impl Replicas {
                     .with_partition(partition.id)
                     .with_current_leader_epoch(epoch)
                     .with_leader_epoch(ours)])]);
-        let resp = conn.call(&req).await?;
+        let resp = tokio::time::timeout(FETCH_TIMEOUT, conn.call(&req))
+            .await
+            .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))??;
         let answer = resp
             .topics
             .into_iter()
