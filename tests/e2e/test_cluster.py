@@ -166,9 +166,10 @@ def test_three_nodes_serve_replicated_topics_to_every_client(cluster, kcat_bin):
         "orders"].result(30)
     wait_until(lambda: all(len(cluster.metadata(n).topics["orders"].partitions) == 8
                            for n in cluster.nodes), 30, message="8 partitions everywhere")
-    res = ConfigResource(ConfigResource.Type.TOPIC, "orders",
-                         set_config={"retention.ms": "3600000"})
-    a.alter_configs([res])[res].result(30)
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
+    res = ConfigResource(ConfigResource.Type.TOPIC, "orders", incremental_configs=[
+        ConfigEntry("retention.ms", "3600000", incremental_operation=AlterConfigOpType.SET)])
+    a.incremental_alter_configs([res])[res].result(30)
     for n in cluster.nodes:
         wait_until(lambda n=n: (n.data_dir / "meta" / "topics.json").exists() and json.loads(
             (n.data_dir / "meta" / "topics.json").read_text())["orders"]["configs"].get(
