@@ -438,3 +438,46 @@ def test_a_paused_leader_truncates_what_it_alone_wrote(weir_factory):
 
 def leader_of_via(cluster: Cluster, via: WeirDaemon, topic: str) -> int:
     return cluster.metadata(via).topics[topic].partitions[0].leader
+
+
+def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
+    from kafka import TopicPartition as KTP
+    from kafka.admin import KafkaAdminClient
+    voters = cluster.nodes[0].extra_args[cluster.nodes[0].extra_args.index("--voters") + 1]
+    (raft_port,) = _pick_free_ports(1)
+    fourth = weir_factory("node4", start=False, config_yaml=CLUSTER_YAML,
+                          extra_args=("--node-id", "4", "--voters", voters,
+                                      "--cluster-addr", f"127.0.0.1:{raft_port}"))
+    fourth.start(60)
+    cluster.nodes.append(fourth)
+    wait_until(lambda: len(cluster.metadata().brokers) == 4, 30, message="four brokers")
+    status = json.loads(subprocess.run(
+        [fourth.binary, "cluster", "status", "--json", "--url", fourth.http_url],
+        capture_output=True, check=True, timeout=30).stdout)
+    assert [n["voter"] for n in status["nodes"]] == [True, True, True, False], status["nodes"]
+
+    create_replicated(cluster, "moving", 1)
+    produce_confluent(cluster.bootstrap, "moving",
+                      [Outgoing(value=f"m{i}".encode(), partition=0) for i in range(500)])
+    p0 = cluster.metadata().topics["moving"].partitions[0]
+    leader = p0.leader
+    # Leadership and a replica move from the current leader to the new node.
+    target = [4] + [r for r in p0.replicas if r != leader]
+    a = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=30000)
+    try:
+        result = a.alter_partition_reassignments({KTP("moving", 0): target})
+        assert result == {KTP("moving", 0): None}, result
+        wait_until(lambda: not a.list_partition_reassignments(), 60,
+                   message="the reassignment to complete")
+    finally:
+        a.close()
+    p0 = cluster.metadata().topics["moving"].partitions[0]
+    assert sorted(p0.replicas) == sorted(target) and sorted(p0.isrs) == sorted(target), p0
+    wait_until(lambda: cluster.metadata().topics["moving"].partitions[0].leader == 4, 30,
+               message="the new node to lead (preferred leader)")
+    produce_confluent(cluster.bootstrap, "moving",
+                      [Outgoing(value=f"n{i}".encode(), partition=0) for i in range(100)])
+    got = consume_confluent(cluster.bootstrap, "moving", [0])
+    assert [r.value for r in got] == [f"m{i}".encode() for i in range(500)] + \
+        [f"n{i}".encode() for i in range(100)]
+    wait_replicas_identical(cluster, "moving", 1, [cluster.node(r) for r in target])

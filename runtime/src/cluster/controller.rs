@@ -132,6 +132,22 @@ impl Cluster {
                     }
                 }
             }
+            for (name, t) in &image.topics {
+                for (i, p) in t.partitions.iter().enumerate() {
+                    let done = p.target.as_ref().is_some_and(|target| {
+                        target.iter().all(|r| {
+                            p.isr.contains(r) && image.nodes.get(r).is_some_and(|n| !n.fenced)
+                        })
+                    });
+                    if done {
+                        tracing::info!(topic = %name, partition = i, "reassignment complete");
+                        proposals.push(Command::CompleteReassignment {
+                            topic: name.clone(),
+                            partition: i as i32,
+                        });
+                    }
+                }
+            }
             if last_preferred_check.elapsed() >= self.settings.preferred_leader_check {
                 last_preferred_check = Instant::now();
                 for (name, t) in &image.topics {

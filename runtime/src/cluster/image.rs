@@ -39,6 +39,13 @@ pub struct PartitionImage {
     pub leader_epoch: i32,
     /// The in-sync replicas (always holds the leader while there is one).
     pub isr: Vec<NodeId>,
+    /// A reassignment under way: the replicas the partition ends with once they are all in
+    /// sync. Meanwhile `replicas` holds these and the ones being removed.
+    #[serde(default)]
+    pub target: Option<Vec<NodeId>>,
+    /// The replicas before the reassignment (what cancelling it goes back to).
+    #[serde(default)]
+    pub original: Option<Vec<NodeId>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +114,18 @@ pub enum Command {
         partition: i32,
         leader_epoch: i32,
     },
+    /// Moves a partition to other replicas (AlterPartitionReassignments); None cancels a
+    /// reassignment under way. The new replicas follow the leader until they are in sync.
+    Reassign {
+        topic: String,
+        partition: i32,
+        replicas: Option<Vec<NodeId>>,
+    },
+    /// The controller ends a reassignment whose target replicas are all in sync.
+    CompleteReassignment {
+        topic: String,
+        partition: i32,
+    },
     /// A node reserves the next block of producer ids.
     AllocateProducerIds {
         node: NodeId,
@@ -138,6 +157,10 @@ pub enum CommandError {
     StaleLeader(String),
     #[error("node {0} restarted or is unknown")]
     StaleNode(NodeId),
+    #[error("{0}")]
+    InvalidReplicaAssignment(String),
+    #[error("no reassignment is under way for {0}")]
+    NoReassignmentInProgress(String),
 }
 
 fn info_id(command: &Command) -> NodeId {
@@ -175,6 +198,80 @@ impl ClusterImage {
                     _ => return Err(CommandError::StaleNode(*id)),
                 }
                 self.unfence(*id);
+                Ok(())
+            }
+            Command::Reassign {
+                topic,
+                partition,
+                replicas,
+            } => {
+                let nodes: BTreeSet<NodeId> = self.nodes.keys().copied().collect();
+                let name = format!("{topic}-{partition}");
+                let p = self
+                    .topics
+                    .get_mut(topic)
+                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
+                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                let target = match replicas {
+                    Some(r) => {
+                        let unique: BTreeSet<_> = r.iter().collect();
+                        if r.is_empty() || unique.len() != r.len() {
+                            return Err(CommandError::InvalidReplicaAssignment(format!(
+                                "replicas {r:?} for {name} must be distinct and not empty"
+                            )));
+                        }
+                        if let Some(n) = r.iter().find(|n| !nodes.contains(n)) {
+                            return Err(CommandError::InvalidReplicaAssignment(format!(
+                                "node {n} is not registered"
+                            )));
+                        }
+                        r.clone()
+                    }
+                    None => p
+                        .original
+                        .clone()
+                        .ok_or(CommandError::NoReassignmentInProgress(name))?,
+                };
+                let original = p.original.clone().unwrap_or_else(|| p.replicas.clone());
+                let mut all = target.clone();
+                all.extend(p.replicas.iter().filter(|r| !target.contains(r)));
+                p.replicas = all;
+                if target == original && p.replicas == original {
+                    p.target = None;
+                    p.original = None;
+                } else {
+                    p.target = Some(target);
+                    p.original = Some(original);
+                }
+                Ok(())
+            }
+            Command::CompleteReassignment { topic, partition } => {
+                let fenced = self.fenced_nodes();
+                let name = format!("{topic}-{partition}");
+                let p = self
+                    .topics
+                    .get_mut(topic)
+                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
+                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                let Some(target) = p.target.clone() else {
+                    return Err(CommandError::NoReassignmentInProgress(name));
+                };
+                if !target
+                    .iter()
+                    .all(|r| p.isr.contains(r) && !fenced.contains(r))
+                {
+                    return Err(CommandError::StaleLeader(format!(
+                        "{name}: the new replicas {target:?} are not all in sync"
+                    )));
+                }
+                p.isr = target.clone();
+                if !target.contains(&p.leader) {
+                    p.leader = target[0];
+                    p.leader_epoch += 1;
+                }
+                p.replicas = target;
+                p.target = None;
+                p.original = None;
                 Ok(())
             }
             Command::AllocateProducerIds { node, size } => {
@@ -343,6 +440,8 @@ impl ClusterImage {
             leader_epoch: 0,
             isr: replicas.clone(),
             replicas,
+            target: None,
+            original: None,
         }
     }
 
@@ -674,5 +773,53 @@ mod tests {
         .unwrap();
         assert_eq!(img.producer_id_blocks[&2], (1000, 2000));
         assert_eq!(img.producer_id_blocks[&1], (2000, 3000));
+    }
+
+    #[test]
+    fn reassignment_adds_then_removes_replicas() {
+        let mut img = ClusterImage::default();
+        for id in 1..=4 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        img.apply(&create("m", 1, 3)).unwrap();
+        let before = img.topics["m"].partitions[0].clone();
+        let leaving = before.leader;
+        let target: Vec<NodeId> = (1..=4).filter(|n| *n != leaving).collect();
+        let reassign = |r: Option<Vec<NodeId>>| Command::Reassign {
+            topic: "m".into(),
+            partition: 0,
+            replicas: r,
+        };
+        assert!(img.apply(&reassign(Some(vec![1, 1]))).is_err());
+        assert!(img.apply(&reassign(Some(vec![9]))).is_err());
+        assert_eq!(
+            img.apply(&reassign(None)),
+            Err(CommandError::NoReassignmentInProgress("m-0".into()))
+        );
+        img.apply(&reassign(Some(target.clone()))).unwrap();
+        let p = &img.topics["m"].partitions[0];
+        assert_eq!(p.replicas.len(), 4, "{p:?}");
+        assert_eq!(p.isr, before.isr, "the new replica is not in sync yet");
+        let complete = Command::CompleteReassignment {
+            topic: "m".into(),
+            partition: 0,
+        };
+        assert!(img.apply(&complete).is_err(), "not in sync yet");
+        let mut isr = before.isr.clone();
+        isr.extend(target.iter().filter(|n| !before.isr.contains(n)));
+        img.apply(&Command::AlterPartition {
+            topic: "m".into(),
+            partition: 0,
+            leader: leaving,
+            leader_epoch: 0,
+            isr,
+        })
+        .unwrap();
+        img.apply(&complete).unwrap();
+        let p = &img.topics["m"].partitions[0];
+        assert_eq!(p.replicas, target);
+        assert_eq!(p.isr, target);
+        assert_eq!((p.leader, p.leader_epoch), (target[0], 1));
+        assert!(p.target.is_none() && p.original.is_none());
     }
 }

@@ -240,6 +240,24 @@ impl Cluster {
                 tracing::debug!(error = %e, "Raft already initialised");
             }
         }
+        if !settings.voters.contains_key(&settings.node_id) {
+            // Not a voter: join the quorum as a learner, which receives the metadata.
+            let voters: Vec<String> = settings.voters.values().cloned().collect();
+            let request = network::Join {
+                id: settings.node_id,
+                addr: settings.cluster_addr.clone(),
+            };
+            loop {
+                match network::join(&proposer.http, &voters, &request).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "waiting to join the metadata quorum");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            tracing::info!("joined the metadata quorum as an observer");
+        }
         let replicas = replication::Replicas::new(
             settings.node_id,
             log.clone(),

@@ -37,6 +37,34 @@ pub enum ProposeReply {
     Failed(String),
 }
 
+/// A node that is not a voter asks to follow the metadata quorum (as a Raft learner).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Join {
+    pub id: super::image::NodeId,
+    pub addr: String,
+}
+
+/// Asks the voters, in turn, to add this node as a learner; only the Raft leader can.
+pub async fn join(http: &reqwest::Client, voters: &[String], join: &Join) -> Result<(), String> {
+    let mut last = String::from("no voter");
+    for addr in voters {
+        let body = serde_json::to_vec(join).map_err(|e| e.to_string())?;
+        match http
+            .post(format!("http://{addr}/cluster/join"))
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("{addr}: {}", r.text().await.unwrap_or_default()),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
 /// Sends one request and decodes the JSON answer.
 async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
     http: &reqwest::Client,
@@ -237,7 +265,7 @@ pub fn router(
                 }
             }),
         )
-        .with_state(raft)
+        .with_state(raft.clone())
         .merge(
             Router::new()
                 .route(
@@ -252,6 +280,24 @@ pub fn router(
                     ),
                 )
                 .with_state(proposer),
+        )
+        .merge(
+            Router::new()
+                .route(
+                    "/cluster/join",
+                    post(|State(raft): State<Raft>, body: Bytes| async move {
+                        let join = match decode::<Join>(&body) {
+                            Ok(j) => j,
+                            Err(r) => return *r,
+                        };
+                        let node = BasicNode { addr: join.addr };
+                        match raft.add_learner(join.id as u64, node, true).await {
+                            Ok(_) => StatusCode::NO_CONTENT.into_response(),
+                            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+                        }
+                    }),
+                )
+                .with_state(raft),
         )
         .merge(
             Router::new()

@@ -123,7 +123,7 @@ impl Replicas {
                     partition.reset_high_watermark(partition.log_start_offset());
                 }
                 if p.leader == self.node {
-                    let same = matches!(roles.get(&key), Some(Role::Leader(l)) if l.epoch == p.leader_epoch && l.isr == p.isr);
+                    let same = matches!(roles.get(&key), Some(Role::Leader(l)) if l.epoch == p.leader_epoch && l.isr == p.isr && l.replicas == p.replicas);
                     if same {
                         continue;
                     }

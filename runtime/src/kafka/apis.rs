@@ -10,7 +10,7 @@ use kafka_protocol::messages::{
 
 use crate::log::partition::FileSlice;
 
-use super::{admin, epochs, fetch, groups, metadata, produce, txn, Broker};
+use super::{admin, epochs, fetch, groups, metadata, produce, reassign, txn, Broker};
 
 /// (API, lowest, highest version) that weir implements. Only these are advertised.
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
@@ -45,6 +45,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeTransactions, 0, 0),
     (ApiKey::ListTransactions, 0, 1),
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
+    (ApiKey::AlterPartitionReassignments, 0, 1),
+    (ApiKey::ListPartitionReassignments, 0, 0),
 ];
 
 pub fn is_supported(key: ApiKey, version: i16) -> bool {
@@ -181,6 +183,12 @@ pub async fn dispatch(
         RequestKind::OffsetForLeaderEpoch(r) => {
             ResponseKind::OffsetForLeaderEpoch(epochs::offset_for_leader_epoch(broker, r))
         }
+        RequestKind::AlterPartitionReassignments(r) => ResponseKind::AlterPartitionReassignments(
+            reassign::alter_partition_reassignments(broker, r).await,
+        ),
+        RequestKind::ListPartitionReassignments(r) => ResponseKind::ListPartitionReassignments(
+            reassign::list_partition_reassignments(broker, r),
+        ),
         // is_supported() admits only the APIs above.
         other => unreachable!("dispatch of unadvertised request {other:?}"),
     };

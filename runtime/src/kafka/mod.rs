@@ -9,6 +9,7 @@ pub mod fetch_encode;
 mod groups;
 mod metadata;
 mod produce;
+mod reassign;
 pub mod server;
 mod txn;
 
@@ -350,9 +351,12 @@ fn cluster_error(e: ClusterError) -> TopicError {
         ClusterError::Refused(CommandError::InvalidPartitions(m)) => {
             TopicError::InvalidPartitions(m)
         }
-        ClusterError::Refused(e @ (CommandError::StaleLeader(_) | CommandError::StaleNode(_))) => {
-            TopicError::Unavailable(e.to_string())
-        }
+        ClusterError::Refused(
+            e @ (CommandError::StaleLeader(_)
+            | CommandError::StaleNode(_)
+            | CommandError::InvalidReplicaAssignment(_)
+            | CommandError::NoReassignmentInProgress(_)),
+        ) => TopicError::Unavailable(e.to_string()),
     }
 }
 

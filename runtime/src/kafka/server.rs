@@ -544,6 +544,21 @@ mod tests {
                                 ]),
                         ]),
                     ),
+                    ApiKey::AlterPartitionReassignments => {
+                        RequestKind::AlterPartitionReassignments(
+                            AlterPartitionReassignmentsRequest::default().with_topics(vec![
+                                alter_partition_reassignments_request::ReassignableTopic::default()
+                                    .with_name(name(&t))
+                                    .with_partitions(vec![
+                                        alter_partition_reassignments_request::ReassignablePartition::default()
+                                            .with_replicas(Some(vec![BrokerId(0)])),
+                                    ]),
+                            ]),
+                        )
+                    }
+                    ApiKey::ListPartitionReassignments => RequestKind::ListPartitionReassignments(
+                        ListPartitionReassignmentsRequest::default().with_topics(None),
+                    ),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {
