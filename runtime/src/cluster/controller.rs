@@ -28,6 +28,11 @@ pub struct Heartbeat {
 #[derive(Default)]
 pub struct Liveness {
     last_seen: Mutex<HashMap<NodeId, (Uuid, Instant)>>,
+    /// When this controller first saw each node fenced: only a heartbeat sent after that
+    /// unfences it, so a node's last heartbeat before a controlled shutdown does not.
+    fenced_since: Mutex<HashMap<NodeId, Instant>>,
+    /// Set on this node when it shuts down: it sends no more heartbeats.
+    pub(super) leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Liveness {
@@ -38,8 +43,23 @@ impl Liveness {
     }
 }
 
+/// Waits for every future; their results do not matter.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>)
+where
+    F: std::future::Future + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        let f = async move {
+            let _ = f.await;
+        };
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}
+
 impl Cluster {
-    /// Sends this node's heartbeat to the Raft leader until `stop`.
+    /// Sends this node's heartbeat to the voters until `stop`.
     pub(super) async fn run_heartbeats(
         self: Arc<Self>,
         incarnation: Uuid,
@@ -50,22 +70,30 @@ impl Cluster {
             incarnation,
         };
         loop {
-            match self.raft_leader() {
-                Some(l) if l == self.node_id => self.liveness.heard(&hb),
-                Some(l) => {
-                    if let Some(addr) = self.cluster_addr_of(l) {
-                        let _ = self
-                            .http
-                            .post(format!("http://{addr}/cluster/heartbeat"))
-                            .header("content-type", "application/json")
-                            .body(serde_json::to_vec(&hb).unwrap_or_default())
-                            .timeout(Duration::from_secs(2))
-                            .send()
-                            .await;
-                    }
-                }
-                None => {}
+            if self
+                .liveness
+                .leaving
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return;
             }
+            // To every voter, not just the one this node believes leads: a node with a stale
+            // view of the leader is still heard by the controller.
+            self.liveness.heard(&hb);
+            let body = serde_json::to_vec(&hb).unwrap_or_default();
+            let sends = self
+                .voter_addrs()
+                .into_iter()
+                .filter(|(id, _)| *id != self.node_id)
+                .map(|(_, addr)| {
+                    self.http
+                        .post(format!("http://{addr}/cluster/heartbeat"))
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .timeout(Duration::from_millis(1000))
+                        .send()
+                });
+            futures_join_all(sends).await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop.wait_for(|s| *s) => return,
@@ -79,6 +107,7 @@ impl Cluster {
         let mut leading_since: Option<Instant> = None;
         let mut last_preferred_check = Instant::now();
         let mut known_leader = None;
+        let mut incarnations: HashMap<NodeId, (Uuid, Instant)> = HashMap::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -99,6 +128,7 @@ impl Cluster {
             let since = *leading_since.get_or_insert_with(|| {
                 // A new controller gives every node a full session before fencing it.
                 self.liveness.last_seen.lock().clear();
+                self.liveness.fenced_since.lock().clear();
                 Instant::now()
             });
             let image = self.image();
@@ -107,12 +137,29 @@ impl Cluster {
             let mut proposals = Vec::new();
             {
                 let seen = self.liveness.last_seen.lock();
+                let mut fenced_since = self.liveness.fenced_since.lock();
+                fenced_since.retain(|id, _| image.nodes.get(id).is_some_and(|n| n.fenced));
+                for n in image.nodes.values().filter(|n| n.fenced) {
+                    fenced_since.entry(n.id).or_insert(now);
+                }
                 for n in image.nodes.values() {
                     let heard = seen
                         .get(&n.id)
                         .filter(|(inc, _)| *inc == n.incarnation)
                         .map(|(_, at)| *at);
-                    let silent_for = now.duration_since(heard.unwrap_or(since));
+                    let heard_since_fenced =
+                        heard.is_some_and(|at| fenced_since.get(&n.id).is_none_or(|f| at > *f));
+                    // A node's silence counts from the controller's start, or from when its
+                    // current incarnation registered, whichever is later.
+                    let (_, registered) = *incarnations
+                        .entry(n.id)
+                        .and_modify(|e| {
+                            if e.0 != n.incarnation {
+                                *e = (n.incarnation, now);
+                            }
+                        })
+                        .or_insert((n.incarnation, since));
+                    let silent_for = now.duration_since(heard.unwrap_or(registered.max(since)));
                     if !n.fenced && silent_for > timeout {
                         tracing::warn!(
                             node = n.id,
@@ -123,7 +170,10 @@ impl Cluster {
                             id: n.id,
                             incarnation: n.incarnation,
                         });
-                    } else if n.fenced && heard.is_some_and(|at| now.duration_since(at) < timeout) {
+                    } else if n.fenced
+                        && heard_since_fenced
+                        && heard.is_some_and(|at| now.duration_since(at) < timeout)
+                    {
                         tracing::info!(node = n.id, "unfencing a node that is back");
                         proposals.push(Command::UnfenceNode {
                             id: n.id,
@@ -189,6 +239,10 @@ impl Cluster {
             // The last node up: there is nobody to hand anything to.
             return;
         }
+        // No heartbeat after this may unfence the node again.
+        self.liveness
+            .leaving
+            .store(true, std::sync::atomic::Ordering::Release);
         let command = Command::FenceNode {
             id: self.node_id,
             incarnation,

@@ -343,16 +343,18 @@ impl Cluster {
         self.image.borrow().clone()
     }
 
-    /// A voter's cluster address, from the Raft membership.
-    fn cluster_addr_of(&self, id: NodeId) -> Option<String> {
+    /// The voters' cluster addresses, from the Raft membership.
+    fn voter_addrs(&self) -> Vec<(NodeId, String)> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
-        let addr = m
+        let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
+        let addrs = m
             .membership_config
             .nodes()
-            .find(|(n, _)| **n == id as u64)
-            .map(|(_, node)| node.addr.clone());
-        addr
+            .filter(|(n, _)| voters.contains(n))
+            .map(|(n, node)| (*n as NodeId, node.addr.clone()))
+            .collect();
+        addrs
     }
 
     /// The node that leads the Raft quorum, if known.

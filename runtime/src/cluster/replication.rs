@@ -356,7 +356,8 @@ impl Replicas {
         epoch: i32,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut backoff = Duration::from_millis(100);
+        // Short at first: a new partition's leader may create it a moment after this node.
+        let mut backoff = Duration::from_millis(10);
         let mut truncated = false;
         loop {
             if *stop.borrow() {
