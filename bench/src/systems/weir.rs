@@ -37,7 +37,10 @@ impl Weir {
         std::fs::create_dir_all(dir)?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let mut cmd = Command::new(bin);
-        cmd.arg("serve")
+        // In its scratch directory: nothing relative to the caller's (such as a ./pipelines
+        // directory, which `weir serve` loads when present) reaches it.
+        cmd.current_dir(dir)
+            .arg("serve")
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--kafka-addr", &addr])
