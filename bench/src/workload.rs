@@ -218,8 +218,8 @@ pub trait System {
         -> impl Future<Output = Result<Self::P>>;
     fn consumer(&mut self, topic: &str, partitions: usize)
         -> impl Future<Output = Result<Self::C>>;
-    /// The server process (for CPU and memory figures).
-    fn server(&self) -> &crate::proc::Server;
+    /// The server processes (for CPU and memory figures): one, or a cluster's nodes.
+    fn servers(&self) -> &[crate::proc::Server];
 }
 
 /// Latency percentiles in milliseconds.
@@ -413,7 +413,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
     let topic = unique_name("bench");
     sys.create_topic(&topic, w.partitions).await?;
     let mut producer = sys.producer(&topic, w.partitions).await?;
-    let usage = Usage::start(sys.server());
+    let usage = Usage::start(sys.servers());
     let pace = Pace::Max {
         secs: s.produce_secs,
         max_bytes: s.max_produce_bytes,
@@ -424,11 +424,11 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
         records,
         bytes: records * w.record_size as u64,
         seconds,
-        cpu: usage.finish(sys.server()),
+        cpu: usage.finish(sys.servers()),
     };
 
     let mut consumer = sys.consumer(&topic, w.partitions).await?;
-    let usage = Usage::start(sys.server());
+    let usage = Usage::start(sys.servers());
     let started = Instant::now();
     let mut read = 0u64;
     let deadline = started + Duration::from_secs(600);
@@ -440,7 +440,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
     }
     let seconds = started.elapsed().as_secs_f64();
     drop(consumer);
-    let cpu = usage.finish(sys.server());
+    let cpu = usage.finish(sys.servers());
     if read != records {
         bail!("catch-up read {read} records, {records} were produced");
     }
@@ -457,7 +457,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
         produce_request: Percentiles::from_us(&request_latency),
         catch_up,
         tail,
-        peak_rss_mib: sys.server().peak_rss_mib(),
+        peak_rss_mib: crate::proc::peak_rss_mib(sys.servers()),
     })
 }
 
@@ -498,12 +498,12 @@ async fn tail<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Result<Tail
         per_sec: s.rate,
         secs: s.tail_secs,
     };
-    let usage = Usage::start(sys.server());
+    let usage = Usage::start(sys.servers());
     let produced = produce(&mut producer, w, s, pace).await;
     let total = produced.as_ref().map_or(0, |p| p.0);
     let _ = stop_tx.send(Some(total));
     let (received, hist) = reader.await.context("tail consumer panicked")??;
-    let cpu = usage.finish(sys.server());
+    let cpu = usage.finish(sys.servers());
     let (produced, seconds, request_latency) = produced?;
     if received < produced {
         bail!("the tailing consumer received {received} of {produced} records within 10 s");
@@ -589,7 +589,7 @@ fn record_ack(hist: &mut Histogram<u64>, sent_at: Instant, ack: Result<Instant>)
     Ok(())
 }
 
-/// CPU time of the server, of this process and of everything else over a phase.
+/// CPU time of the servers (together), of this process and of everything else over a phase.
 struct Usage {
     server: Option<f64>,
     client: Option<f64>,
@@ -597,25 +597,32 @@ struct Usage {
     steal: Option<f64>,
 }
 
+/// The pids that are not "other processes": the servers' and this one.
+fn ours(servers: &[crate::proc::Server]) -> Vec<u32> {
+    let mut pids: Vec<u32> = servers.iter().map(crate::proc::Server::pid).collect();
+    pids.push(std::process::id());
+    pids
+}
+
 impl Usage {
-    fn start(server: &crate::proc::Server) -> Usage {
+    fn start(servers: &[crate::proc::Server]) -> Usage {
         Usage {
-            server: server.cpu_seconds(),
+            server: crate::proc::servers_cpu_seconds(servers),
             client: crate::proc::cpu_seconds("self"),
-            others: crate::proc::other_processes_cpu(&[server.pid(), std::process::id()]),
+            others: crate::proc::other_processes_cpu(&ours(servers)),
             steal: crate::proc::steal_seconds(),
         }
     }
 
-    fn finish(self, server: &crate::proc::Server) -> CpuUse {
+    fn finish(self, servers: &[crate::proc::Server]) -> CpuUse {
         let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-        let others = crate::proc::other_processes_cpu(&[server.pid(), std::process::id()]);
+        let others = crate::proc::other_processes_cpu(&ours(servers));
         let other = others
             .iter()
             .map(|(pid, t)| (t - self.others.get(pid).copied().unwrap_or(0.0)).max(0.0))
             .sum();
         CpuUse {
-            server: diff(self.server, server.cpu_seconds()),
+            server: diff(self.server, crate::proc::servers_cpu_seconds(servers)),
             client: diff(self.client, crate::proc::cpu_seconds("self")),
             other: Some(other),
             steal: diff(self.steal, crate::proc::steal_seconds()),

@@ -104,8 +104,8 @@ impl System for Weir {
         })
     }
 
-    fn server(&self) -> &Server {
-        &self.server
+    fn servers(&self) -> &[Server] {
+        std::slice::from_ref(&self.server)
     }
 }
 
