@@ -31,6 +31,9 @@ pub enum Durability {
     Ack1,
     /// Acknowledged after fsync (weir: acks=all with flush.messages=1).
     Fsync,
+    /// Acknowledged once all three replicas have the record: a three-node weir cluster, a topic
+    /// with replication factor 3 and min.insync.replicas=3, acks=all (page cache, no fsync).
+    Rf3,
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +52,7 @@ impl Workload {
             match self.durability {
                 Durability::Ack1 => "acks1",
                 Durability::Fsync => "fsync",
+                Durability::Rf3 => "acksall-rf3",
             }
         )
     }
@@ -62,18 +66,24 @@ impl Workload {
             match self.durability {
                 Durability::Ack1 => "acks=1",
                 Durability::Fsync => "acks=all, fsync before ack",
+                Durability::Rf3 => {
+                    "acks=all, 3 replicas on a 3-node cluster (server figures: the 3 nodes added up)"
+                }
             }
         )
     }
 
-    /// The full suite: 1, 6 and 16 partitions with 100 B and 1 KiB records at acks=1, and the
-    /// fsync-before-ack mode on one partition.
+    /// The full suite: 1, 6 and 16 partitions with 100 B and 1 KiB records at acks=1, the
+    /// fsync-before-ack mode on one partition, and acks=all on three replicas with 1 and 6
+    /// partitions (next to their single-replica acks=1 counterparts).
     pub fn full_suite() -> Vec<Workload> {
         let mut out = vec![];
         for (partitions, durability) in [
             (1, Durability::Ack1),
             (1, Durability::Fsync),
+            (1, Durability::Rf3),
             (6, Durability::Ack1),
+            (6, Durability::Rf3),
             (16, Durability::Ack1),
         ] {
             for record_size in [100, 1024] {
@@ -669,6 +679,7 @@ mod tests {
         assert!(names.contains(&"1p-100B-acks1".to_string()));
         assert!(names.contains(&"16p-1KiB-acks1".to_string()));
         assert!(names.contains(&"1p-100B-fsync".to_string()));
+        assert!(names.contains(&"6p-1KiB-acksall-rf3".to_string()));
         let n = names.len();
         names.sort();
         names.dedup();
