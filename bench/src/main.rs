@@ -49,8 +49,9 @@ struct Args {
     /// nats-jetstream [default: all].
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
-    /// Workloads to run, comma-separated, e.g. 1p-100B-acks1,16p-1KiB-acks1 [default: the full
-    /// suite, or the smoke suite with --smoke].
+    /// Workloads to run, comma-separated, e.g. 1p-100B-acks1,6p-100B-acksall-rf3 [default: the
+    /// full suite, or the smoke suite with --smoke]. The *-acksall-rf3 workloads run weir alone,
+    /// on a cluster of three nodes.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Seconds of the produce phase [default: 10; smoke 1].

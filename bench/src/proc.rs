@@ -48,13 +48,19 @@ impl Server {
         self.child.id()
     }
 
+    /// Fails if the server has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status})", self.name);
+        }
+        Ok(())
+    }
+
     /// Waits until the server accepts TCP connections on `addr`.
     pub async fn wait_listening(&mut self, addr: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited during start-up ({status})", self.name);
-            }
+            self.check_running()?;
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return Ok(());
             }
@@ -95,6 +101,16 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// CPU seconds used so far by all of `servers` together.
+pub fn servers_cpu_seconds(servers: &[Server]) -> Option<f64> {
+    servers.iter().map(Server::cpu_seconds).sum()
+}
+
+/// The servers' peak resident memory (VmHWM), added up, in MiB.
+pub fn peak_rss_mib(servers: &[Server]) -> Option<f64> {
+    servers.iter().map(Server::peak_rss_mib).sum()
 }
 
 /// CPU seconds (user + system) used so far by process `pid` (or "self").

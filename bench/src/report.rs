@@ -160,6 +160,18 @@ pub fn ratios(rows: &[Row], workloads: &[Workload], limits: Option<&Limits>) -> 
             );
             doc.push(json!({"workload": w.name(), "peer": kind.name(), "produce": produce, "catch_up": catch_up, "e2e_p99": e2e}));
         }
+        if let Some((single, m)) = single_replica(rows, workloads, w) {
+            let produce = weir.produce.records_per_sec() / m.produce.records_per_sec();
+            let catch_up = weir.catch_up.records_per_sec() / m.catch_up.records_per_sec();
+            let e2e = weir.tail.end_to_end.p99 / m.tail.end_to_end.p99;
+            let _ = writeln!(
+                text,
+                "| {} | weir, 1 replica, acks=1 ({}) | {produce:.2}x | {catch_up:.2}x | {e2e:.2}x |",
+                w.name(),
+                single.name()
+            );
+            doc.push(json!({"workload": w.name(), "peer": format!("weir {}", single.name()), "produce": produce, "catch_up": catch_up, "e2e_p99": e2e}));
+        }
         if let Some(l) = limits {
             let disk = weir.produce.mb_per_sec() / l.dd_fdatasync_mb_s;
             let net = weir.catch_up.mb_per_sec() / l.loopback_mb_s;
@@ -214,6 +226,20 @@ fn find(
     workloads
         .iter()
         .find(|w| w.partitions == partitions && w.record_size == size && w.durability == d)
+}
+
+/// For a three-replica workload, the single-replica acks=1 workload of the same shape and
+/// weir's figures on it, when both were run.
+fn single_replica<'a>(
+    rows: &'a [Row],
+    workloads: &'a [Workload],
+    w: &Workload,
+) -> Option<(&'a Workload, &'a Measurement)> {
+    if w.durability != Durability::Rf3 {
+        return None;
+    }
+    let single = find(workloads, w.partitions, w.record_size, Durability::Ack1)?;
+    Some((single, get(rows, single, Kind::Weir)?))
 }
 
 /// Evaluates the targets that the workloads run allow.
@@ -272,6 +298,23 @@ pub fn targets(rows: &[Row], workloads: &[Workload], limits: Option<&Limits>) ->
             );
         }
     }
+    for w in workloads {
+        if let (Some(weir), Some((single, m))) =
+            (get(rows, w, Kind::Weir), single_replica(rows, workloads, w))
+        {
+            add(
+                format!(
+                    "{}: produce records/s ÷ 1 replica acks=1 ({})",
+                    w.name(),
+                    single.name()
+                ),
+                weir.produce.records_per_sec() / m.produce.records_per_sec(),
+                true,
+                0.5,
+                "x",
+            );
+        }
+    }
     for w in workloads.iter().filter(|w| w.partitions == 1) {
         let Some(weir) = get(rows, w, Kind::Weir) else {
             continue;
@@ -296,7 +339,7 @@ pub fn targets(rows: &[Row], workloads: &[Workload], limits: Option<&Limits>) ->
                 2.0 * l.fsync.p99,
                 " ms",
             ),
-            (Durability::Fsync, None) => {}
+            (Durability::Fsync, None) | (Durability::Rf3, _) => {}
         }
     }
     for w in workloads.iter().filter(|w| w.partitions == 16) {

@@ -31,6 +31,9 @@ pub enum Durability {
     Ack1,
     /// Acknowledged after fsync (weir: acks=all with flush.messages=1).
     Fsync,
+    /// Acknowledged once all three replicas have the record: a three-node weir cluster, a topic
+    /// with replication factor 3 and min.insync.replicas=3, acks=all (page cache, no fsync).
+    Rf3,
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +52,7 @@ impl Workload {
             match self.durability {
                 Durability::Ack1 => "acks1",
                 Durability::Fsync => "fsync",
+                Durability::Rf3 => "acksall-rf3",
             }
         )
     }
@@ -62,18 +66,24 @@ impl Workload {
             match self.durability {
                 Durability::Ack1 => "acks=1",
                 Durability::Fsync => "acks=all, fsync before ack",
+                Durability::Rf3 => {
+                    "acks=all, 3 replicas on a 3-node cluster (server figures: the 3 nodes added up)"
+                }
             }
         )
     }
 
-    /// The full suite: 1, 6 and 16 partitions with 100 B and 1 KiB records at acks=1, and the
-    /// fsync-before-ack mode on one partition.
+    /// The full suite: 1, 6 and 16 partitions with 100 B and 1 KiB records at acks=1, the
+    /// fsync-before-ack mode on one partition, and acks=all on three replicas with 1 and 6
+    /// partitions (next to their single-replica acks=1 counterparts).
     pub fn full_suite() -> Vec<Workload> {
         let mut out = vec![];
         for (partitions, durability) in [
             (1, Durability::Ack1),
             (1, Durability::Fsync),
+            (1, Durability::Rf3),
             (6, Durability::Ack1),
+            (6, Durability::Rf3),
             (16, Durability::Ack1),
         ] {
             for record_size in [100, 1024] {
@@ -218,8 +228,8 @@ pub trait System {
         -> impl Future<Output = Result<Self::P>>;
     fn consumer(&mut self, topic: &str, partitions: usize)
         -> impl Future<Output = Result<Self::C>>;
-    /// The server process (for CPU and memory figures).
-    fn server(&self) -> &crate::proc::Server;
+    /// The server processes (for CPU and memory figures): one, or a cluster's nodes.
+    fn servers(&self) -> &[crate::proc::Server];
 }
 
 /// Latency percentiles in milliseconds.
@@ -413,7 +423,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
     let topic = unique_name("bench");
     sys.create_topic(&topic, w.partitions).await?;
     let mut producer = sys.producer(&topic, w.partitions).await?;
-    let usage = Usage::start(sys.server());
+    let usage = Usage::start(sys.servers());
     let pace = Pace::Max {
         secs: s.produce_secs,
         max_bytes: s.max_produce_bytes,
@@ -424,11 +434,11 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
         records,
         bytes: records * w.record_size as u64,
         seconds,
-        cpu: usage.finish(sys.server()),
+        cpu: usage.finish(sys.servers()),
     };
 
     let mut consumer = sys.consumer(&topic, w.partitions).await?;
-    let usage = Usage::start(sys.server());
+    let usage = Usage::start(sys.servers());
     let started = Instant::now();
     let mut read = 0u64;
     let deadline = started + Duration::from_secs(600);
@@ -440,7 +450,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
     }
     let seconds = started.elapsed().as_secs_f64();
     drop(consumer);
-    let cpu = usage.finish(sys.server());
+    let cpu = usage.finish(sys.servers());
     if read != records {
         bail!("catch-up read {read} records, {records} were produced");
     }
@@ -457,7 +467,7 @@ pub async fn measure<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Resu
         produce_request: Percentiles::from_us(&request_latency),
         catch_up,
         tail,
-        peak_rss_mib: sys.server().peak_rss_mib(),
+        peak_rss_mib: crate::proc::peak_rss_mib(sys.servers()),
     })
 }
 
@@ -498,12 +508,12 @@ async fn tail<S: System>(sys: &mut S, w: &Workload, s: &Settings) -> Result<Tail
         per_sec: s.rate,
         secs: s.tail_secs,
     };
-    let usage = Usage::start(sys.server());
+    let usage = Usage::start(sys.servers());
     let produced = produce(&mut producer, w, s, pace).await;
     let total = produced.as_ref().map_or(0, |p| p.0);
     let _ = stop_tx.send(Some(total));
     let (received, hist) = reader.await.context("tail consumer panicked")??;
-    let cpu = usage.finish(sys.server());
+    let cpu = usage.finish(sys.servers());
     let (produced, seconds, request_latency) = produced?;
     if received < produced {
         bail!("the tailing consumer received {received} of {produced} records within 10 s");
@@ -589,7 +599,7 @@ fn record_ack(hist: &mut Histogram<u64>, sent_at: Instant, ack: Result<Instant>)
     Ok(())
 }
 
-/// CPU time of the server, of this process and of everything else over a phase.
+/// CPU time of the servers (together), of this process and of everything else over a phase.
 struct Usage {
     server: Option<f64>,
     client: Option<f64>,
@@ -597,25 +607,32 @@ struct Usage {
     steal: Option<f64>,
 }
 
+/// The pids that are not "other processes": the servers' and this one.
+fn ours(servers: &[crate::proc::Server]) -> Vec<u32> {
+    let mut pids: Vec<u32> = servers.iter().map(crate::proc::Server::pid).collect();
+    pids.push(std::process::id());
+    pids
+}
+
 impl Usage {
-    fn start(server: &crate::proc::Server) -> Usage {
+    fn start(servers: &[crate::proc::Server]) -> Usage {
         Usage {
-            server: server.cpu_seconds(),
+            server: crate::proc::servers_cpu_seconds(servers),
             client: crate::proc::cpu_seconds("self"),
-            others: crate::proc::other_processes_cpu(&[server.pid(), std::process::id()]),
+            others: crate::proc::other_processes_cpu(&ours(servers)),
             steal: crate::proc::steal_seconds(),
         }
     }
 
-    fn finish(self, server: &crate::proc::Server) -> CpuUse {
+    fn finish(self, servers: &[crate::proc::Server]) -> CpuUse {
         let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-        let others = crate::proc::other_processes_cpu(&[server.pid(), std::process::id()]);
+        let others = crate::proc::other_processes_cpu(&ours(servers));
         let other = others
             .iter()
             .map(|(pid, t)| (t - self.others.get(pid).copied().unwrap_or(0.0)).max(0.0))
             .sum();
         CpuUse {
-            server: diff(self.server, server.cpu_seconds()),
+            server: diff(self.server, crate::proc::servers_cpu_seconds(servers)),
             client: diff(self.client, crate::proc::cpu_seconds("self")),
             other: Some(other),
             steal: diff(self.steal, crate::proc::steal_seconds()),
@@ -662,6 +679,7 @@ mod tests {
         assert!(names.contains(&"1p-100B-acks1".to_string()));
         assert!(names.contains(&"16p-1KiB-acks1".to_string()));
         assert!(names.contains(&"1p-100B-fsync".to_string()));
+        assert!(names.contains(&"6p-1KiB-acksall-rf3".to_string()));
         let n = names.len();
         names.sort();
         names.dedup();

@@ -44,6 +44,9 @@ impl Kind {
         match (self, d) {
             (Kind::Weir, Durability::Ack1) => "acks=1 (page cache)",
             (Kind::Weir, Durability::Fsync) => "acks=all, flush.messages=1 (fsync before ack)",
+            (Kind::Weir, Durability::Rf3) => {
+                "3 nodes, replication factor 3, min.insync.replicas=3, acks=all (page cache)"
+            }
             (Kind::Redis, _) => "in memory, --save \"\" --appendonly no",
             (Kind::RedisAofEverysec, _) => "AOF, fsync every second",
             (Kind::RedisAofAlways, _) => "AOF, fsync before reply",

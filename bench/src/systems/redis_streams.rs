@@ -127,8 +127,8 @@ impl System for RedisStreams {
         })
     }
 
-    fn server(&self) -> &Server {
-        &self.server
+    fn servers(&self) -> &[Server] {
+        std::slice::from_ref(&self.server)
     }
 }
 
