@@ -376,6 +376,7 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
         }
         AppendError::Producer(ProducerError::InvalidTxnState(_)) => ResponseError::InvalidTxnState,
         AppendError::OutOfOrderReplica { .. } => ResponseError::UnknownServerError,
+        AppendError::NotLeader => ResponseError::NotLeaderOrFollower,
         AppendError::Io(_) => ResponseError::KafkaStorageError,
     }
 }

@@ -36,6 +36,9 @@ pub enum AppendError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Producer(#[from] ProducerError),
+    /// This replica follows another node: only the leader takes writes.
+    #[error("this replica is not the partition's leader")]
+    NotLeader,
     /// Batches copied from the leader do not continue this log: the follower must fetch from
     /// its log end (or truncate first).
     #[error("replicated batch at offset {got} does not follow the log end {expected}")]
@@ -134,6 +137,9 @@ pub(super) struct PartitionLog {
     next_offset: i64,
     /// The epoch new batches are stamped with (from topics.json, or set by `become_leader`).
     leader_epoch: i32,
+    /// A follower of another node's leadership: only `append_replica` writes (set and read
+    /// under the lock, so no client write slips in after a leader change).
+    follower: bool,
     /// Replicated partitions move the high watermark only by `advance_high_watermark`; others
     /// with every append.
     replicated: bool,
@@ -227,6 +233,7 @@ impl Partition {
             segments,
             next_offset,
             leader_epoch,
+            follower: false,
             replicated: false,
             epochs,
             unflushed_messages: 0,
@@ -358,6 +365,9 @@ impl Partition {
     ) -> Result<AppendInfo, AppendError> {
         let info = {
             let mut log = self.log.lock();
+            if log.follower {
+                return Err(AppendError::NotLeader);
+            }
             if let [(s, e)] = *ranges {
                 let view = BatchView::new(&chunk[s..e]);
                 if let Admission::Duplicate {
@@ -413,6 +423,9 @@ impl Partition {
         }
         let info = {
             let mut log = self.log.lock();
+            if !log.follower {
+                return Err(AppendError::NotLeader);
+            }
             let gaps_allowed = log.config.compacts();
             let mut expected = log.next_offset;
             let mut batches = Vec::with_capacity(ranges.len());
@@ -523,13 +536,16 @@ impl Partition {
     pub fn become_leader(&self, epoch: i32) -> io::Result<()> {
         let mut log = self.log.lock();
         log.leader_epoch = epoch;
+        log.follower = false;
         let end = log.next_offset;
         log.epochs.assign(epoch, end)
     }
 
     /// Follows the leader of `epoch`; epochs are then learnt from the replicated batches.
     pub fn become_follower(&self, epoch: i32) {
-        self.log.lock().leader_epoch = epoch;
+        let mut log = self.log.lock();
+        log.leader_epoch = epoch;
+        log.follower = true;
     }
 
     /// The latest leader epoch this log holds batches of (or was led in).
@@ -1381,6 +1397,23 @@ mod tests {
     }
 
     /// Copies the leader's batches to the follower until it has them all, `max_bytes` a fetch.
+    #[test]
+    fn a_follower_takes_only_replicated_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let mut b = batch::BatchBuilder::new(0);
+        b.push(None, Some(b"v"), &[], 0);
+        let bytes = b.finish(Compression::None);
+        p.become_follower(1);
+        assert!(matches!(p.append(&bytes), Err(AppendError::NotLeader)));
+        p.become_leader(2).unwrap();
+        p.append(&bytes).unwrap();
+        assert!(matches!(
+            p.append_replica(&bytes),
+            Err(AppendError::NotLeader)
+        ));
+    }
+
     fn catch_up(leader: &Partition, follower: &Partition, max_bytes: u64) {
         while follower.log_end_offset() < leader.log_end_offset() {
             let data = leader
@@ -1516,6 +1549,7 @@ mod tests {
         let leader = varied_leader(ld.path());
         for max_bytes in [0, 150, 1 << 20] {
             let follower = open(fd.path());
+            follower.become_follower(0);
             follower.truncate_fully_and_start_at(0).unwrap();
             follower.set_replicated(true);
             follower.become_follower(4);
@@ -1539,6 +1573,7 @@ mod tests {
             // And after a reopen, from the log alone.
             drop(follower);
             let follower = open(fd.path());
+            follower.become_follower(0);
             assert_eq!(log_bytes(&follower), log_bytes(&leader));
             assert_eq!(epochs(&follower), epochs(&leader));
             assert!(follower.is_aborted(8, 8));
@@ -1551,6 +1586,7 @@ mod tests {
         let leader = varied_leader(ld.path());
         leader.append(&idempotent(8, 2, &[b"t2"], true)).unwrap();
         let follower = open(fd.path());
+        follower.become_follower(0);
         follower.become_follower(4);
         catch_up(&leader, &follower, 1 << 20);
         follower.become_leader(5).unwrap();
@@ -1591,6 +1627,7 @@ mod tests {
         let ranges = batch::split_batches(&all).unwrap();
         let nth = |i: usize| &all[ranges[i].0..ranges[i].1];
         let follower = open(fd.path());
+        follower.become_follower(0);
         assert!(matches!(
             follower.append_replica(nth(1)),
             Err(AppendError::OutOfOrderReplica {
@@ -1711,6 +1748,7 @@ mod tests {
         let report = leader.compact(now_ms(), 1000).unwrap().unwrap();
         assert!(report.records_removed > 0);
         let follower = open(fd.path());
+        follower.become_follower(0);
         catch_up(&leader, &follower, 200);
         assert_eq!(log_bytes(&follower), log_bytes(&leader));
         assert_eq!(follower.log_end_offset(), 40);
@@ -1719,6 +1757,7 @@ mod tests {
         let plain = Partition::open(plain.path(), Arc::from("p"), 0, small_config(), 0)
             .unwrap()
             .0;
+        plain.become_follower(0);
         let all = log_bytes(&leader);
         let ranges = batch::split_batches(&all).unwrap();
         let gapped = ranges
@@ -1778,6 +1817,7 @@ mod tests {
                 .unwrap();
         }
         assert!(follower.segment_count() > 1);
+        follower.become_follower(0);
         follower.truncate_fully_and_start_at(100).unwrap();
         assert_eq!(follower.segment_count(), 1);
         assert_eq!(
@@ -1798,6 +1838,7 @@ mod tests {
         assert_eq!(epochs(&follower), vec![(2, 100)]);
         drop(follower);
         let follower = open(fd.path());
+        follower.become_follower(0);
         assert_eq!(
             (follower.log_start_offset(), follower.log_end_offset()),
             (100, 102)
@@ -1835,6 +1876,7 @@ mod tests {
             let leader = open(ld.path());
             leader.set_replicated(true);
             let mut follower = open(fd.path());
+            follower.become_follower(0);
             let mut epoch = 0;
             for op in ops {
                 match op {
@@ -1863,6 +1905,7 @@ mod tests {
                     ReplicaOp::ReopenFollower => {
                         drop(follower);
                         follower = open(fd.path());
+                        follower.become_follower(epoch);
                     }
                 }
             }
