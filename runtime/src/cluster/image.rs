@@ -207,11 +207,7 @@ impl ClusterImage {
             } => {
                 let nodes: BTreeSet<NodeId> = self.nodes.keys().copied().collect();
                 let name = format!("{topic}-{partition}");
-                let p = self
-                    .topics
-                    .get_mut(topic)
-                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
-                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                let p = self.partition_mut(topic, *partition)?;
                 let target = match replicas {
                     Some(r) => {
                         let unique: BTreeSet<_> = r.iter().collect();
@@ -248,11 +244,7 @@ impl ClusterImage {
             Command::CompleteReassignment { topic, partition } => {
                 let fenced = self.fenced_nodes();
                 let name = format!("{topic}-{partition}");
-                let p = self
-                    .topics
-                    .get_mut(topic)
-                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
-                    .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
+                let p = self.partition_mut(topic, *partition)?;
                 let Some(target) = p.target.clone() else {
                     return Err(CommandError::NoReassignmentInProgress(name));
                 };
@@ -287,11 +279,7 @@ impl ClusterImage {
                 leader_epoch,
             } => {
                 let fenced = self.fenced_nodes();
-                let p = self
-                    .topics
-                    .get_mut(topic)
-                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
-                    .ok_or_else(|| CommandError::UnknownTopic(format!("{topic}-{partition}")))?;
+                let p = self.partition_mut(topic, *partition)?;
                 let preferred = p.replicas[0];
                 if p.leader_epoch != *leader_epoch
                     || p.leader == preferred
@@ -378,11 +366,7 @@ impl ClusterImage {
                 leader_epoch,
                 isr,
             } => {
-                let p = self
-                    .topics
-                    .get_mut(topic)
-                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?))
-                    .ok_or_else(|| CommandError::UnknownTopic(format!("{topic}-{partition}")))?;
+                let p = self.partition_mut(topic, *partition)?;
                 if p.leader != *leader || p.leader_epoch != *leader_epoch {
                     return Err(CommandError::StaleLeader(format!(
                         "{topic}-{partition} is led by {} in epoch {}, not by {leader} in epoch {leader_epoch}",
@@ -521,6 +505,17 @@ impl ClusterImage {
                 }
             }
         }
+    }
+
+    fn partition_mut(
+        &mut self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<&mut PartitionImage, CommandError> {
+        self.topics
+            .get_mut(topic)
+            .and_then(|t| t.partitions.get_mut(usize::try_from(partition).ok()?))
+            .ok_or_else(|| CommandError::UnknownTopic(format!("{topic}-{partition}")))
     }
 
     pub fn partition(&self, topic: &str, p: i32) -> Option<&PartitionImage> {
