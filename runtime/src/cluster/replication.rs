@@ -29,6 +29,16 @@ use crate::log::partition::Partition;
 
 type Key = (Arc<str>, i32);
 
+/// One request to the leader, given up on after `FETCH_TIMEOUT`.
+async fn call_leader<R: kafka_protocol::protocol::Request>(
+    conn: &mut Connection,
+    req: &R,
+) -> Result<R::Response> {
+    tokio::time::timeout(FETCH_TIMEOUT, conn.call(req))
+        .await
+        .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))?
+}
+
 /// How long a follower waits for one answer from its leader (fetches park for 500 ms).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -416,9 +426,7 @@ impl Replicas {
                         .with_partition_max_bytes(8 << 20)])]);
             // A leader that stopped answering (paused, cut off) is given up on, and the
             // connection made again.
-            let resp = tokio::time::timeout(FETCH_TIMEOUT, conn.call(&req))
-                .await
-                .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))??;
+            let resp = call_leader(&mut conn, &req).await?;
             crate::client::check(resp.error_code, "replica fetch")?;
             let pd = resp
                 .responses
@@ -459,9 +467,7 @@ impl Replicas {
                     .with_partition(partition.id)
                     .with_current_leader_epoch(epoch)
                     .with_leader_epoch(ours)])]);
-        let resp = tokio::time::timeout(FETCH_TIMEOUT, conn.call(&req))
-            .await
-            .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))??;
+        let resp = call_leader(conn, &req).await?;
         let answer = resp
             .topics
             .into_iter()
