@@ -83,11 +83,16 @@ pub async fn run(settings: Settings) -> Result<()> {
         })
         .await??,
     );
-    if let Some(c) = &cluster {
-        txns.use_id_source(Arc::new(crate::cluster::ClusterProducerIds(c.clone())));
+    let txn_link = cluster.as_ref().map(|c| {
+        let link = kafka::txn_cluster::ClusterTxnLink::new(c.clone());
+        // Takes over only while this node leads __transaction_state (see below).
+        txns.join_cluster(link.clone());
+        link
+    });
+    if txn_link.is_none() {
+        // Before any client connects: finish or abort what the previous run left open.
+        txns.recover().await?;
     }
-    // Before any client connects: finish or abort what the previous run left open.
-    txns.recover().await?;
     let pipelines_dir = match (&cluster, pipelines_dir(&settings)) {
         (Some(_), Some(dir)) if settings.pipelines_dir.is_some() => anyhow::bail!(
             "pipelines ({}) do not run on a cluster node yet; start a single node for them",
@@ -128,7 +133,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         auto_create_topics: settings.auto_create_topics,
         default_partitions: settings.default_partitions.max(1),
         cluster,
+        peers: Default::default(),
     });
+    if let Some(link) = &txn_link {
+        link.bind(&broker);
+    }
 
     let maintenance = tokio::spawn(log.clone().run_maintenance(
         Duration::from_millis(100),
@@ -191,16 +200,49 @@ pub async fn run(settings: Settings) -> Result<()> {
     Ok(())
 }
 
-/// In a cluster, this node coordinates groups while it leads `__consumer_offsets`.
+/// In a cluster, this node coordinates groups while it leads `__consumer_offsets`, and
+/// transactions while it leads `__transaction_state`: one loop each, so that a transaction
+/// operation waiting on its markers never holds up the groups.
 async fn follow_coordinator_leadership(
     broker: Arc<Broker>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let groups = follow_leadership(
+        broker.clone(),
+        crate::group::store::TOPIC,
+        stop.clone(),
+        |broker, leads| async move {
+            if let Err(e) = broker.groups.set_active(leads) {
+                tracing::error!(error = %e, "cannot load the consumer groups");
+            }
+        },
+    );
+    let txns = follow_leadership(
+        broker,
+        crate::txn::TOPIC,
+        stop,
+        |broker, leads| async move {
+            if let Err(e) = broker.txns.set_active(leads).await {
+                tracing::error!(error = %e, "cannot load the transactions");
+            }
+        },
+    );
+    tokio::join!(groups, txns);
+}
+
+/// Calls `apply` with whether this node leads partition 0 of `topic`, every 200 ms until stopped.
+async fn follow_leadership<F, Fut>(
+    broker: Arc<Broker>,
+    topic: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    apply: F,
+) where
+    F: Fn(Arc<Broker>, bool) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     loop {
-        let leads = broker.leadership(crate::group::store::TOPIC, 0).is_ok();
-        if let Err(e) = broker.groups.set_active(leads) {
-            tracing::error!(error = %e, "cannot load the consumer groups");
-        }
+        let leads = broker.leadership(topic, 0).is_ok();
+        apply(broker.clone(), leads).await;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = stop.changed() => return,

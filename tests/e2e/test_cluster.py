@@ -481,3 +481,86 @@ def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
     assert [r.value for r in got] == [f"m{i}".encode() for i in range(500)] + \
         [f"n{i}".encode() for i in range(100)]
     wait_replicas_identical(cluster, "moving", 1, [cluster.node(r) for r in target])
+
+
+def test_a_transactional_loop_survives_its_coordinator_node_dying(cluster):
+    """confluent-kafka consumes, transforms and produces in transactions with the consumed
+    offsets in them, while the node coordinating the transactions is killed with -9 in the
+    middle of a transaction, twice (the first victim is started again in between): every
+    input appears exactly once in the read_committed output, and the group's offsets end at
+    the input's end."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from test_exactly_once import READ_COMMITTED, read_all, txn_producer, values
+    partitions, n = 3, 1500
+    for name in ("txn-in", "txn-out"):
+        create_replicated(cluster, name, partitions, config={"min.insync.replicas": "2"})
+    produce_confluent(cluster.bootstrap, "txn-in",
+                      [Outgoing(value=f"in-{i:05d}".encode(), partition=i % partitions)
+                       for i in range(n)])
+    tps = [TopicPartition("txn-in", p) for p in range(partitions)]
+    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "txn-loop",
+                         "enable.auto.commit": False, "isolation.level": READ_COMMITTED,
+                         "auto.offset.reset": "earliest", "socket.timeout.ms": 10000})
+    consumer.assign(tps)
+    producer = txn_producer(cluster.bootstrap, "txn-loop-app",
+                            **{"message.timeout.ms": 30000, "socket.timeout.ms": 10000})
+
+    def rewind():
+        """After an abort, go back to what the group committed."""
+        for tp in consumer.committed(tps, timeout=30):
+            consumer.seek(TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)))
+
+    def kill_coordinator():
+        for node in cluster.nodes:
+            if not node.running():
+                node.start(60)
+        coordinator = cluster.metadata().topics["__transaction_state"].partitions[0].leader
+        cluster.node(coordinator).kill()
+        victims.append(coordinator)
+
+    victims: list[int] = []
+    committed_rounds, aborted = 0, 0
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, "the loop did not finish"
+        positions = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=30)}
+        if all(positions.get(p, -1) == n // partitions for p in range(partitions)):
+            break
+        msgs = [m for m in consumer.consume(num_messages=60, timeout=1.0) if not m.error()]
+        if not msgs:
+            continue
+        try:
+            producer.begin_transaction()
+            for m in msgs:
+                producer.produce("txn-out", value=m.value().replace(b"in-", b"out-"),
+                                 partition=m.partition())
+            if committed_rounds in (8, 16) and len(victims) < committed_rounds // 8:
+                # The transaction holds its partitions when its coordinator dies.
+                producer.flush(30)
+                kill_coordinator()
+            producer.send_offsets_to_transaction(consumer.position(tps),
+                                                 consumer.consumer_group_metadata(), 60)
+            producer.commit_transaction(60)
+            committed_rounds += 1
+        except KafkaException as e:
+            err = e.args[0]
+            assert not err.fatal(), f"fatal transaction error: {err}"
+            if err.txn_requires_abort():
+                producer.abort_transaction(60)
+            aborted += 1
+            rewind()
+    consumer.close()
+    print(f"transactions committed: {committed_rounds}, failed and redone: {aborted}, "
+          f"coordinators killed: {victims}")
+    assert len(victims) == 2, victims
+    for node in cluster.nodes:
+        if not node.running():
+            node.start(60)
+
+    out = values(read_all(cluster.bootstrap, "txn-out", partitions, READ_COMMITTED, timeout=60))
+    dupes = {v for v in out if out.count(v) > 1}
+    assert not dupes, f"{len(dupes)} output value(s) twice, e.g. {sorted(dupes)[:5]}"
+    assert sorted(out) == [f"out-{i:05d}".encode() for i in range(n)], \
+        f"{n - len(set(out))} input value(s) missing from the output"
+    wait_replicas_identical(cluster, "txn-out", partitions)
+

@@ -484,30 +484,6 @@ impl Cluster {
     }
 }
 
-/// Producer id blocks from the cluster's metadata.
-pub struct ClusterProducerIds(pub Arc<Cluster>);
-
-#[async_trait::async_trait]
-impl crate::txn::ProducerIdSource for ClusterProducerIds {
-    async fn reserve(&self, size: i64) -> Result<(i64, i64), kafka_protocol::error::ResponseError> {
-        let node = self.0.node_id;
-        self.0
-            .run(Command::AllocateProducerIds { node, size })
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "cannot reserve producer ids");
-                kafka_protocol::error::ResponseError::RequestTimedOut
-            })?;
-        // Only this node replaces its own block, and allocations here are serialised.
-        self.0
-            .image()
-            .producer_id_blocks
-            .get(&node)
-            .copied()
-            .ok_or(kafka_protocol::error::ResponseError::UnknownServerError)
-    }
-}
-
 /// A metadata change that did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -10,7 +10,7 @@ use kafka_protocol::messages::{
 
 use crate::log::partition::FileSlice;
 
-use super::{admin, epochs, fetch, groups, metadata, produce, reassign, txn, Broker};
+use super::{admin, epochs, fetch, groups, metadata, produce, reassign, txn, txn_cluster, Broker};
 
 /// (API, lowest, highest version) that weir implements. Only these are advertised.
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
@@ -47,6 +47,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
+    (ApiKey::WriteTxnMarkers, 1, 1),
 ];
 
 pub fn is_supported(key: ApiKey, version: i16) -> bool {
@@ -190,6 +191,9 @@ pub async fn dispatch(
             reassign::list_partition_reassignments(broker, r),
         ),
         // is_supported() admits only the APIs above.
+        RequestKind::WriteTxnMarkers(r) => {
+            ResponseKind::WriteTxnMarkers(txn_cluster::write_txn_markers(broker, r).await)
+        }
         other => unreachable!("dispatch of unadvertised request {other:?}"),
     };
     Some(Reply::Message(response))

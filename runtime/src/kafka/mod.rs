@@ -12,6 +12,7 @@ mod produce;
 mod reassign;
 pub mod server;
 mod txn;
+pub mod txn_cluster;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,6 +49,8 @@ pub struct Broker {
     pub default_partitions: i32,
     /// The cluster this node belongs to; None for a single node.
     pub cluster: Option<Arc<Cluster>>,
+    /// Connections to the other nodes of the cluster (transaction markers and checks).
+    pub peers: txn_cluster::Peers,
 }
 
 impl Broker {
@@ -309,6 +312,7 @@ impl Broker {
             auto_create_topics: true,
             default_partitions: 1,
             cluster: None,
+            peers: Default::default(),
         }
     }
 }

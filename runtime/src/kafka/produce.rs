@@ -191,8 +191,8 @@ pub(super) async fn wait_for_high_watermark(
 }
 
 /// A transactional batch may only go to a partition its producer added to its open
-/// transaction (KIP-890's check, made in process with the coordinator); that prevents
-/// transactions that no marker would ever close.
+/// transaction (KIP-890's check, asked of the coordinator); that prevents transactions that no
+/// marker would ever close.
 async fn check_transactional(
     broker: &Broker,
     transactional_id: Option<&str>,
@@ -215,13 +215,25 @@ async fn check_transactional(
                 id: batch.producer_id(),
                 epoch: batch.producer_epoch(),
             };
+            // In a cluster a partition already holding this transaction was verified by its
+            // first batch: later ones save the round trip to the coordinator.
+            if broker.cluster.is_some() && !broker.txns.is_active() {
+                let open = broker
+                    .log
+                    .partition(topic, partition)
+                    .is_some_and(|p| p.has_open_txn(producer.id, producer.epoch));
+                if open {
+                    return Ok(());
+                }
+            }
             broker
-                .txns
-                .verify_partition(id, producer, topic, partition)
+                .verify_txn_partition(id, producer, topic, partition)
                 .await
                 .map_err(|e| {
                     let e = match e {
                         ResponseError::ProducerFenced => ResponseError::InvalidProducerEpoch,
+                        // Retried by every client (Kafka answers so as well).
+                        ResponseError::CoordinatorNotAvailable => ResponseError::NotEnoughReplicas,
                         other => other,
                     };
                     (

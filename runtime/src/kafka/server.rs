@@ -559,6 +559,17 @@ mod tests {
                     ApiKey::ListPartitionReassignments => RequestKind::ListPartitionReassignments(
                         ListPartitionReassignmentsRequest::default().with_topics(None),
                     ),
+                    ApiKey::WriteTxnMarkers => RequestKind::WriteTxnMarkers(
+                        WriteTxnMarkersRequest::default().with_markers(vec![
+                            write_txn_markers_request::WritableTxnMarker::default()
+                                .with_producer_id(ProducerId(7))
+                                .with_topics(vec![
+                                    write_txn_markers_request::WritableTxnMarkerTopic::default()
+                                        .with_name(name(&t))
+                                        .with_partition_indexes(vec![0, 5]),
+                                ]),
+                        ]),
+                    ),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {

@@ -48,16 +48,6 @@ pub async fn init_producer_id(
         id: req.producer_id.0,
         epoch: req.producer_epoch,
     });
-    if broker.cluster.is_some() && req.transactional_id.is_some() {
-        tracing::warn!(
-            transactional_id = ?req.transactional_id.as_deref().map(|s| s.as_str()),
-            "transactions are not available on a cluster yet"
-        );
-        return InitProducerIdResponse::default()
-            .with_error_code(ResponseError::InvalidRequest.code())
-            .with_producer_id(ProducerId(-1))
-            .with_producer_epoch(-1);
-    }
     let result = broker
         .txns
         .init_producer_id(
@@ -171,8 +161,7 @@ pub async fn txn_offset_commit(
     // The group's offsets partition must be in the transaction (AddOffsetsToTxn first), or
     // the commit marker would never reach these offsets.
     let verified = broker
-        .txns
-        .verify_partition(&req.transactional_id, producer, group::store::TOPIC, 0)
+        .verify_txn_partition(&req.transactional_id, producer, group::store::TOPIC, 0)
         .await;
     let result = match verified {
         Err(e) => Err(e),
@@ -248,8 +237,9 @@ pub async fn describe_transactions(
             .with_producer_epoch(-1)
             .with_transaction_start_time_ms(-1);
         match broker.txns.describe(&id).await {
-            None => s.error_code = ResponseError::TransactionalIdNotFound.code(),
-            Some(m) => {
+            Err(e) => s.error_code = e.code(),
+            Ok(None) => s.error_code = ResponseError::TransactionalIdNotFound.code(),
+            Ok(Some(m)) => {
                 let mut topics: Vec<TopicData> = Vec::new();
                 for (t, p) in &m.partitions {
                     match topics.last_mut() {

@@ -87,13 +87,15 @@ impl InternalTopic {
             .map(Some)
     }
 
-    /// Hands every batch of the topic, in order, to `f`.
+    /// Hands every batch of the topic, in order, to `f`: up to the log end, not the high
+    /// watermark, since a coordinator taking over as leader keeps all its log holds (the other
+    /// replicas truncate to it) and may not yet know how far the in-sync replicas reach.
     pub fn for_each_batch(&self, mut f: impl FnMut(BatchView<'_>) -> Result<()>) -> Result<()> {
         let name = &self.partition.topic;
         let mut offset = self.partition.log_start_offset();
-        let end = self.partition.high_watermark();
+        let end = self.partition.log_end_offset();
         while offset < end {
-            let data = self.partition.read(offset, 4 << 20, true)?;
+            let data = self.partition.read_replica(offset, 4 << 20)?;
             let Some(slice) = data.records else { break };
             let bytes = slice.read_bytes()?;
             let mut advanced = false;

@@ -571,6 +571,11 @@ impl Partition {
         self.log.lock().producers.open_transactions()
     }
 
+    /// Whether the producer has a transaction open here at this epoch.
+    pub fn has_open_txn(&self, producer_id: i64, epoch: i16) -> bool {
+        self.log.lock().producers.has_open_txn(producer_id, epoch)
+    }
+
     /// Whether the record at `offset` written by `producer_id` belongs to an aborted transaction.
     pub fn is_aborted(&self, producer_id: i64, offset: i64) -> bool {
         self.log.lock().producers.is_aborted(producer_id, offset)

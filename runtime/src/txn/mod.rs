@@ -9,8 +9,14 @@
 //! producer connection was cut, so their producers must start a new transaction anyway), and a
 //! partition still holding an open transaction the coordinator does not know of gets an abort
 //! marker, so no partition's last stable offset can hang.
+//!
+//! In a cluster the coordinator is the leader of `__transaction_state` (one partition, held by
+//! the in-sync replicas before any answer); its markers go to each partition's leader through a
+//! [`ClusterLink`]. A node taking over replays the topic, leaves open transactions to their
+//! producers (or their timeout) and finishes the prepared ones.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +28,7 @@ use crate::group::{self, GroupCoordinator};
 use crate::log::batch::ProducerFields;
 use crate::log::internal::{InternalTopic, KeyValue};
 use crate::log::manager::LogManager;
-use crate::log::partition::Partition;
+use crate::log::partition::{AppendError, Partition};
 use crate::now_ms;
 
 pub const TOPIC: &str = "__transaction_state";
@@ -110,12 +116,32 @@ struct Inner {
     block_from_source: bool,
 }
 
-/// Where producer id blocks come from when this node is one of several (the cluster's
-/// metadata), so that ids are unique across the cluster.
+/// A commit or abort marker of one producer's transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Marker {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub commit: bool,
+}
+
+/// What the coordinator needs from the other nodes when this node is one of several.
 #[async_trait::async_trait]
-pub trait ProducerIdSource: Send + Sync {
-    /// Reserves `size` ids; returns [start, end).
-    async fn reserve(&self, size: i64) -> Result<(i64, i64), ResponseError>;
+pub trait ClusterLink: Send + Sync {
+    /// Reserves `size` producer ids from the cluster's metadata, so that ids are unique across
+    /// the cluster; returns [start, end).
+    async fn reserve_producer_ids(&self, size: i64) -> Result<(i64, i64), ResponseError>;
+    /// Whether the partition exists anywhere in the cluster.
+    fn partition_exists(&self, topic: &str, partition: i32) -> bool;
+    /// Has the partition's leader write the marker and its in-sync replicas hold it. A topic
+    /// deleted meanwhile needs no marker.
+    async fn write_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        marker: Marker,
+    ) -> Result<(), ResponseError>;
+    /// Waits until the in-sync replicas of `__transaction_state` hold what this node wrote.
+    async fn state_replicated(&self) -> Result<(), ResponseError>;
 }
 
 pub struct TxnCoordinator {
@@ -126,7 +152,9 @@ pub struct TxnCoordinator {
     /// Operations are serialised: each is a few appends, and the two phases of an end must not
     /// interleave with anything else on the same id.
     inner: tokio::sync::Mutex<Inner>,
-    id_source: std::sync::OnceLock<Arc<dyn ProducerIdSource>>,
+    cluster: std::sync::OnceLock<Arc<dyn ClusterLink>>,
+    /// Whether this node coordinates transactions (always, on a single node).
+    active: AtomicBool,
 }
 
 /// What a producer sent: its id and epoch, checked against the coordinator's.
@@ -144,37 +172,7 @@ impl TxnCoordinator {
         settings: TxnSettings,
     ) -> Result<TxnCoordinator> {
         let topic = InternalTopic::open(&log, TOPIC, &[("flush.messages", "1")])?;
-        let mut txns = BTreeMap::new();
-        let mut block_end = 0i64;
-        topic.for_each_batch(|batch| {
-            batch.for_each_record(|r| {
-                let Some(key) = r.key.and_then(|k| serde_json::from_slice::<Key>(k).ok()) else {
-                    tracing::warn!(topic = TOPIC, offset = batch.base_offset(), "skipping a record with an unreadable key");
-                    return;
-                };
-                match key {
-                    Key::ProducerIdBlock => {
-                        if let Some(b) = r.value.and_then(|v| serde_json::from_slice::<IdBlock>(v).ok()) {
-                            block_end = block_end.max(b.end);
-                        }
-                    }
-                    Key::Transaction { id } => match r.value {
-                        None => {
-                            txns.remove(&id);
-                        }
-                        Some(v) => match serde_json::from_slice::<TxnMeta>(v) {
-                            Ok(meta) => {
-                                txns.insert(id, meta);
-                            }
-                            Err(e) => tracing::warn!(transactional_id = %id, error = %e, "skipping an unreadable transaction record"),
-                        },
-                    },
-                }
-            })?;
-            Ok(())
-        })
-        .context("cannot replay __transaction_state")?;
-        tracing::info!(transactional_ids = txns.len(), "transactions loaded");
+        let (txns, block_end) = Self::replay(&topic)?;
         Ok(TxnCoordinator {
             log,
             groups,
@@ -187,13 +185,88 @@ impl TxnCoordinator {
                 block_end,
                 block_from_source: false,
             }),
-            id_source: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
+            active: AtomicBool::new(true),
         })
     }
 
-    /// Takes producer id blocks from `source` from now on (a cluster node).
-    pub fn use_id_source(&self, source: Arc<dyn ProducerIdSource>) {
-        let _ = self.id_source.set(source);
+    /// Every transactional id's last state in `__transaction_state`, and the end of the last
+    /// producer id block reserved there.
+    fn replay(topic: &InternalTopic) -> Result<(BTreeMap<String, TxnMeta>, i64)> {
+        let mut txns = BTreeMap::new();
+        let mut block_end = 0i64;
+        topic
+            .for_each_batch(|batch| {
+                batch.for_each_record(|r| {
+                    let Some(key) = r.key.and_then(|k| serde_json::from_slice::<Key>(k).ok())
+                    else {
+                        tracing::warn!(topic = TOPIC, offset = batch.base_offset(), "skipping a record with an unreadable key");
+                        return;
+                    };
+                    match key {
+                        Key::ProducerIdBlock => {
+                            if let Some(b) =
+                                r.value.and_then(|v| serde_json::from_slice::<IdBlock>(v).ok())
+                            {
+                                block_end = block_end.max(b.end);
+                            }
+                        }
+                        Key::Transaction { id } => match r.value {
+                            None => {
+                                txns.remove(&id);
+                            }
+                            Some(v) => match serde_json::from_slice::<TxnMeta>(v) {
+                                Ok(meta) => {
+                                    txns.insert(id, meta);
+                                }
+                                Err(e) => tracing::warn!(transactional_id = %id, error = %e, "skipping an unreadable transaction record"),
+                            },
+                        },
+                    }
+                })?;
+                Ok(())
+            })
+            .context("cannot replay __transaction_state")?;
+        tracing::info!(transactional_ids = txns.len(), "transactions loaded");
+        Ok((txns, block_end))
+    }
+
+    /// Makes this coordinator one node's of a cluster: producer ids, partitions and markers
+    /// go through `link`, and it serves only once [`set_active`] says it leads.
+    pub fn join_cluster(&self, link: Arc<dyn ClusterLink>) {
+        let _ = self.cluster.set(link);
+        self.active.store(false, Ordering::Release);
+    }
+
+    /// In a cluster, only the leader of `__transaction_state` coordinates transactions: this
+    /// node takes over (replaying the topic as this replica holds it; prepared transactions are
+    /// finished by the timers) or hands over.
+    pub async fn set_active(&self, active: bool) -> Result<()> {
+        if active == self.is_active() {
+            return Ok(());
+        }
+        let mut inner = self.inner.lock().await;
+        inner.txns = if active {
+            Self::replay(&self.topic)?.0
+        } else {
+            BTreeMap::new()
+        };
+        self.active.store(active, Ordering::Release);
+        tracing::info!(active, "transaction coordinator");
+        Ok(())
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// NOT_COORDINATOR while another node coordinates transactions.
+    fn check_active(&self) -> Result<(), ResponseError> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(ResponseError::NotCoordinator)
+        }
     }
 
     /// Ends what the previous run left open (see the module docs).
@@ -203,16 +276,18 @@ impl TxnCoordinator {
         for id in ids {
             let meta = inner.txns[&id].clone();
             let outcome = match meta.state {
-                TxnState::PrepareCommit => Some(self.complete(&mut inner, &id, true).await),
-                TxnState::PrepareAbort => Some(self.complete(&mut inner, &id, false).await),
+                TxnState::PrepareCommit => self.complete(&mut inner, &id, true).await,
+                TxnState::PrepareAbort => self.complete(&mut inner, &id, false).await,
                 TxnState::Ongoing => {
                     tracing::info!(transactional_id = %id, producer_id = meta.producer_id, "aborting a transaction left open by the previous run");
-                    Some(self.abort_fencing(&mut inner, &id).await)
+                    self.abort_fencing(&mut inner, &id).await
                 }
-                _ => None,
+                _ => Ok(true),
             };
-            if let Some(Err(e)) = outcome {
-                anyhow::bail!("cannot finish transaction '{id}': {e:?}");
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => anyhow::bail!("cannot write the markers of transaction '{id}'"),
+                Err(e) => anyhow::bail!("cannot finish transaction '{id}': {e:?}"),
             }
         }
         // Open transactions the coordinator does not know (its record was lost) would hold
@@ -221,7 +296,14 @@ impl TxnCoordinator {
             for p in &topic.partitions {
                 for (producer_id, epoch, first) in p.open_transactions() {
                     tracing::warn!(topic = %p.topic, partition = p.id, producer_id, first_offset = first, "aborting an orphaned open transaction");
-                    self.write_marker(p, producer_id, epoch, false).await?;
+                    let marker = Marker {
+                        producer_id,
+                        producer_epoch: epoch,
+                        commit: false,
+                    };
+                    self.write_local_marker(p, marker, 0)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot abort it: {e:?}"))?;
                 }
             }
         }
@@ -242,6 +324,7 @@ impl TxnCoordinator {
             let id = self.allocate_producer_id(&mut inner).await?;
             return Ok(ProducerRef { id, epoch: 0 });
         };
+        self.check_active()?;
         if id.is_empty() {
             return Err(ResponseError::InvalidRequest);
         }
@@ -275,11 +358,15 @@ impl TxnCoordinator {
                 return Err(ResponseError::ProducerFenced);
             }
         }
-        match meta.state {
+        let finished = match meta.state {
             TxnState::PrepareCommit => self.complete(&mut inner, id, true).await?,
             TxnState::PrepareAbort => self.complete(&mut inner, id, false).await?,
             TxnState::Ongoing => self.abort_fencing(&mut inner, id).await?,
-            _ => {}
+            _ => true,
+        };
+        if !finished {
+            // The timers go on writing the markers; the producer asks again.
+            return Err(ResponseError::ConcurrentTransactions);
         }
         let mut meta = inner.txns[id].clone();
         if meta.producer_epoch >= i16::MAX - 1 {
@@ -313,10 +400,15 @@ impl TxnCoordinator {
         partitions: Vec<(String, i32)>,
     ) -> Result<Vec<((String, i32), Option<ResponseError>)>, ResponseError> {
         let mut inner = self.inner.lock().await;
-        let mut meta = Self::producer_txn(&inner, transactional_id, producer)?.clone();
+        let mut meta = self
+            .producer_txn(&inner, transactional_id, producer)?
+            .clone();
         let unknown: Vec<bool> = partitions
             .iter()
-            .map(|(t, p)| self.log.partition(t, *p).is_none())
+            .map(|(t, p)| match self.cluster.get() {
+                Some(c) => !c.partition_exists(t, *p),
+                None => self.log.partition(t, *p).is_none(),
+            })
             .collect();
         if unknown.iter().any(|u| *u) {
             return Ok(partitions
@@ -353,7 +445,9 @@ impl TxnCoordinator {
             return Err(ResponseError::InvalidGroupId);
         }
         let mut inner = self.inner.lock().await;
-        let mut meta = Self::producer_txn(&inner, transactional_id, producer)?.clone();
+        let mut meta = self
+            .producer_txn(&inner, transactional_id, producer)?
+            .clone();
         Self::begin(&mut meta)?;
         meta.groups.insert(group_id.to_string());
         meta.partitions.insert((group::store::TOPIC.to_string(), 0));
@@ -370,9 +464,13 @@ impl TxnCoordinator {
         commit: bool,
     ) -> Result<(), ResponseError> {
         let mut inner = self.inner.lock().await;
-        let meta = Self::producer_txn(&inner, transactional_id, producer)?;
+        let meta = self.producer_txn(&inner, transactional_id, producer)?;
         match (meta.state, commit) {
-            (TxnState::Ongoing, _) => self.complete(&mut inner, transactional_id, commit).await,
+            // Once the decision is recorded the transaction ends, whenever its markers land.
+            (TxnState::Ongoing, _) => self
+                .complete(&mut inner, transactional_id, commit)
+                .await
+                .map(|_| ()),
             (TxnState::CompleteCommit, true) | (TxnState::CompleteAbort, false) => Ok(()),
             (TxnState::PrepareCommit, _) | (TxnState::PrepareAbort, _) => {
                 Err(ResponseError::ConcurrentTransactions)
@@ -391,7 +489,7 @@ impl TxnCoordinator {
         partition: i32,
     ) -> Result<(), ResponseError> {
         let inner = self.inner.lock().await;
-        let meta = Self::producer_txn(&inner, transactional_id, producer)?;
+        let meta = self.producer_txn(&inner, transactional_id, producer)?;
         if meta.state != TxnState::Ongoing
             || !meta.partitions.contains(&(topic.to_string(), partition))
         {
@@ -410,8 +508,10 @@ impl TxnCoordinator {
             .collect()
     }
 
-    pub async fn describe(&self, transactional_id: &str) -> Option<TxnMeta> {
-        self.inner.lock().await.txns.get(transactional_id).cloned()
+    /// One transactional id's state; NOT_COORDINATOR on a node that does not coordinate.
+    pub async fn describe(&self, transactional_id: &str) -> Result<Option<TxnMeta>, ResponseError> {
+        self.check_active()?;
+        Ok(self.inner.lock().await.txns.get(transactional_id).cloned())
     }
 
     /// Aborts transactions open longer than their timeout (fencing their producer) and forgets
@@ -428,6 +528,9 @@ impl TxnCoordinator {
 
     async fn tick(&self, now: i64) {
         let mut inner = self.inner.lock().await;
+        if !self.is_active() {
+            return;
+        }
         let due: Vec<(String, TxnState)> = inner
             .txns
             .iter()
@@ -447,19 +550,27 @@ impl TxnCoordinator {
                 }
                 TxnState::PrepareCommit => self.complete(&mut inner, &id, true).await,
                 TxnState::PrepareAbort => self.complete(&mut inner, &id, false).await,
-                _ => self.forget(&mut inner, &id).await,
+                _ => self.forget(&mut inner, &id).await.map(|_| true),
             };
-            if let Err(e) = result {
-                tracing::error!(transactional_id = %id, error = ?e, "transaction housekeeping failed");
+            match result {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(transactional_id = %id, "transaction markers not all written yet; retrying")
+                }
+                Err(e) => {
+                    tracing::error!(transactional_id = %id, error = ?e, "transaction housekeeping failed")
+                }
             }
         }
     }
 
     fn producer_txn<'a>(
+        &self,
         inner: &'a Inner,
         transactional_id: &str,
         producer: ProducerRef,
     ) -> Result<&'a TxnMeta, ResponseError> {
+        self.check_active()?;
         let meta = inner
             .txns
             .get(transactional_id)
@@ -491,7 +602,7 @@ impl TxnCoordinator {
     }
 
     /// Aborts the open transaction under a bumped epoch, so its producer is fenced.
-    async fn abort_fencing(&self, inner: &mut Inner, id: &str) -> Result<(), ResponseError> {
+    async fn abort_fencing(&self, inner: &mut Inner, id: &str) -> Result<bool, ResponseError> {
         let mut meta = inner.txns[id].clone();
         if meta.producer_epoch < i16::MAX - 1 {
             meta.last_producer_epoch = meta.producer_epoch;
@@ -502,33 +613,33 @@ impl TxnCoordinator {
     }
 
     /// The two phases of an end: record the decision, write the markers, record completion.
+    /// False when a marker could not be written yet: the decision stands and the timers retry.
     async fn complete(
         &self,
         inner: &mut Inner,
         id: &str,
         commit: bool,
-    ) -> Result<(), ResponseError> {
+    ) -> Result<bool, ResponseError> {
         let mut meta = inner.txns[id].clone();
-        meta.state = if commit {
+        let prepared = if commit {
             TxnState::PrepareCommit
         } else {
             TxnState::PrepareAbort
         };
-        meta.last_update_ms = now_ms();
-        self.persist(inner, id, meta.clone()).await?;
+        if meta.state != prepared {
+            meta.state = prepared;
+            meta.last_update_ms = now_ms();
+            self.persist(inner, id, meta.clone()).await?;
+        }
+        let marker = Marker {
+            producer_id: meta.producer_id,
+            producer_epoch: meta.producer_epoch,
+            commit,
+        };
         for (topic, p) in &meta.partitions {
-            // A partition deleted meanwhile needs no marker.
-            let Some(partition) = self.log.partition(topic, *p) else {
-                continue;
-            };
-            self.write_marker(&partition, meta.producer_id, meta.producer_epoch, commit)
-                .await
-                .map_err(|e| {
-                    tracing::error!(transactional_id = %id, topic = %topic, partition = p, error = %e, "cannot write a transaction marker");
-                    ResponseError::KafkaStorageError
-                })?;
-            if topic == group::store::TOPIC {
-                self.groups.complete_txn(meta.producer_id, commit);
+            if let Err(e) = self.write_marker(topic, *p, marker).await {
+                tracing::warn!(transactional_id = %id, topic = %topic, partition = p, error = ?e, "cannot write a transaction marker yet");
+                return Ok(false);
             }
         }
         meta.state = if commit {
@@ -539,19 +650,54 @@ impl TxnCoordinator {
         meta.partitions.clear();
         meta.groups.clear();
         meta.last_update_ms = now_ms();
-        self.persist(inner, id, meta).await
+        self.persist(inner, id, meta).await?;
+        Ok(true)
     }
 
+    /// A marker on one partition of the transaction: through its leader in a cluster, else here.
     async fn write_marker(
         &self,
+        topic: &str,
+        partition: i32,
+        marker: Marker,
+    ) -> Result<(), ResponseError> {
+        if let Some(c) = self.cluster.get() {
+            return c.write_marker(topic, partition, marker).await;
+        }
+        // A partition deleted meanwhile needs no marker.
+        let Some(p) = self.log.partition(topic, partition) else {
+            return Ok(());
+        };
+        self.write_local_marker(&p, marker, 0).await
+    }
+
+    /// Appends a marker to a partition this node leads (fsynced when the topic asks), and
+    /// applies a group's transactional offsets once it lands in `__consumer_offsets`.
+    pub async fn write_local_marker(
+        &self,
         partition: &Partition,
-        producer_id: i64,
-        epoch: i16,
-        commit: bool,
-    ) -> Result<()> {
-        let info = partition.append_marker(producer_id, epoch, commit, 0)?;
+        marker: Marker,
+        coordinator_epoch: i32,
+    ) -> Result<(), ResponseError> {
+        let info = partition
+            .append_marker(
+                marker.producer_id,
+                marker.producer_epoch,
+                marker.commit,
+                coordinator_epoch,
+            )
+            .map_err(|e| crate::kafka::append_error_code(&e))?;
         if info.needs_fsync {
-            partition.flush_to(info.last_offset + 1).await?;
+            partition
+                .flush_to(info.last_offset + 1)
+                .await
+                .map_err(|e| {
+                    tracing::error!(topic = %partition.topic, partition = partition.id, error = %e, "cannot fsync a transaction marker");
+                    ResponseError::KafkaStorageError
+                })?;
+        }
+        if &*partition.topic == group::store::TOPIC {
+            self.groups.complete_txn(marker.producer_id, marker.commit);
         }
         Ok(())
     }
@@ -577,9 +723,9 @@ impl TxnCoordinator {
     }
 
     async fn allocate_producer_id(&self, inner: &mut Inner) -> Result<i64, ResponseError> {
-        if let Some(source) = self.id_source.get() {
+        if let Some(c) = self.cluster.get() {
             if !inner.block_from_source || inner.next_producer_id >= inner.block_end {
-                let (start, end) = source.reserve(ID_BLOCK).await?;
+                let (start, end) = c.reserve_producer_ids(ID_BLOCK).await?;
                 inner.next_producer_id = start;
                 inner.block_end = end;
                 inner.block_from_source = true;
@@ -597,15 +743,21 @@ impl TxnCoordinator {
         Ok(id)
     }
 
+    /// Appends to `__transaction_state`; in a cluster, also waits for its in-sync replicas.
     async fn write(&self, records: Vec<KeyValue>) -> Result<(), ResponseError> {
-        self.topic
-            .append(&records, ProducerFields::NONE)
-            .await
-            .map(|_| ())
-            .map_err(|e| {
+        match self.topic.append(&records, ProducerFields::NONE).await {
+            Ok(_) => {}
+            // Leadership moved: the client finds the new coordinator.
+            Err(AppendError::NotLeader) => return Err(ResponseError::NotCoordinator),
+            Err(e) => {
                 tracing::error!(error = %e, "cannot write __transaction_state");
-                ResponseError::KafkaStorageError
-            })
+                return Err(ResponseError::KafkaStorageError);
+            }
+        }
+        match self.cluster.get() {
+            Some(c) => c.state_replicated().await,
+            None => Ok(()),
+        }
     }
 }
 

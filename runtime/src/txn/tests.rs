@@ -111,7 +111,7 @@ async fn commit_and_abort_move_the_stable_offset_and_list_aborts() {
     assert_eq!(data.aborted[0].producer_id, p.id);
     assert_eq!(data.aborted[0].first_offset, 3);
     assert_eq!(
-        node.txns.describe("app").await.unwrap().state,
+        node.txns.describe("app").await.unwrap().unwrap().state,
         TxnState::CompleteAbort
     );
 }
@@ -202,11 +202,11 @@ async fn a_restart_aborts_open_transactions_and_completes_prepared_ones() {
     assert_eq!(part.last_stable_offset(), part.high_watermark());
     assert!(part.is_aborted(open_p.id, 0));
     assert!(!part.is_aborted(committed_p.id, 1));
-    let open_meta = node.txns.describe("open").await.unwrap();
+    let open_meta = node.txns.describe("open").await.unwrap().unwrap();
     assert_eq!(open_meta.state, TxnState::CompleteAbort);
     assert!(open_meta.producer_epoch > open_p.epoch);
     assert_eq!(
-        node.txns.describe("prepared").await.unwrap().state,
+        node.txns.describe("prepared").await.unwrap().unwrap().state,
         TxnState::CompleteCommit
     );
 }
@@ -274,7 +274,7 @@ async fn timed_out_transactions_are_aborted_and_their_producer_fenced() {
     node.txns.add_partitions("slow", p, tp("t")).await.unwrap();
     write(&node.log, "t", p, 0, &["x"]);
     node.txns.tick(now_ms() + 5_000).await;
-    let meta = node.txns.describe("slow").await.unwrap();
+    let meta = node.txns.describe("slow").await.unwrap().unwrap();
     assert_eq!(meta.state, TxnState::CompleteAbort);
     assert_eq!(
         node.txns.end_txn("slow", p, true).await,
@@ -299,4 +299,112 @@ async fn timed_out_transactions_are_aborted_and_their_producer_fenced() {
             .err(),
         Some(ResponseError::ProducerFenced)
     );
+}
+
+/// A cluster as the coordinator sees it, on one log: markers land only while `reachable`.
+struct OneLogCluster {
+    log: Arc<LogManager>,
+    reachable: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ClusterLink for OneLogCluster {
+    async fn reserve_producer_ids(&self, size: i64) -> Result<(i64, i64), ResponseError> {
+        Ok((5000, 5000 + size))
+    }
+
+    fn partition_exists(&self, topic: &str, partition: i32) -> bool {
+        self.log.partition(topic, partition).is_some()
+    }
+
+    async fn write_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        m: Marker,
+    ) -> Result<(), ResponseError> {
+        if !self.reachable.load(Ordering::Acquire) {
+            return Err(ResponseError::NotLeaderOrFollower);
+        }
+        let p = self.log.partition(topic, partition).unwrap();
+        p.append_marker(m.producer_id, m.producer_epoch, m.commit, 0)
+            .unwrap();
+        Ok(())
+    }
+
+    async fn state_replicated(&self) -> Result<(), ResponseError> {
+        Ok(())
+    }
+}
+
+async fn state_of(txns: &TxnCoordinator, id: &str) -> TxnState {
+    txns.describe(id).await.unwrap().unwrap().state
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_decided_transaction_ends_once_its_markers_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("t", 1, -1, Default::default())
+        .unwrap();
+    let part = node.log.partition("t", 0).unwrap();
+    let link = Arc::new(OneLogCluster {
+        log: node.log.clone(),
+        reachable: AtomicBool::new(true),
+    });
+    node.txns.join_cluster(link.clone());
+
+    // Until this node leads __transaction_state it coordinates nothing, but any node hands
+    // out idempotent producer ids, from the cluster's blocks.
+    assert_eq!(
+        node.txns
+            .init_producer_id(Some("app"), 60_000, None)
+            .await
+            .err(),
+        Some(ResponseError::NotCoordinator)
+    );
+    let idempotent = node.txns.init_producer_id(None, 0, None).await.unwrap();
+    assert_eq!(idempotent.id, 5000);
+    node.txns.set_active(true).await.unwrap();
+
+    let p = node
+        .txns
+        .init_producer_id(Some("app"), 60_000, None)
+        .await
+        .unwrap();
+    node.txns.add_partitions("app", p, tp("t")).await.unwrap();
+    write(&node.log, "t", p, 0, &["a", "b"]);
+    link.reachable.store(false, Ordering::Release);
+    // The decision is recorded: EndTxn succeeds though the marker cannot be written yet, and
+    // the next transaction waits for it.
+    node.txns.end_txn("app", p, true).await.unwrap();
+    assert_eq!(state_of(&node.txns, "app").await, TxnState::PrepareCommit);
+    assert_eq!(part.last_stable_offset(), 0);
+    assert_eq!(
+        node.txns.add_partitions("app", p, tp("t")).await,
+        Err(ResponseError::ConcurrentTransactions)
+    );
+    assert_eq!(
+        node.txns
+            .init_producer_id(Some("app"), 60_000, Some(p))
+            .await
+            .err(),
+        Some(ResponseError::ConcurrentTransactions)
+    );
+
+    // The timers finish it once the partition's leader answers.
+    link.reachable.store(true, Ordering::Release);
+    node.txns.tick(now_ms()).await;
+    assert_eq!(state_of(&node.txns, "app").await, TxnState::CompleteCommit);
+    assert_eq!(part.last_stable_offset(), 3);
+
+    // Handing over and taking back replays the state from __transaction_state.
+    node.txns.set_active(false).await.unwrap();
+    assert_eq!(
+        node.txns.describe("app").await,
+        Err(ResponseError::NotCoordinator)
+    );
+    node.txns.set_active(true).await.unwrap();
+    assert_eq!(state_of(&node.txns, "app").await, TxnState::CompleteCommit);
 }

@@ -1,0 +1,358 @@
+//! Transactions across the nodes of a cluster. The coordinator (the leader of
+//! `__transaction_state`) has each partition's leader write its markers with WriteTxnMarkers,
+//! as Kafka's coordinator does; a partition leader checks a transactional batch against a
+//! coordinator on another node with DescribeTransactions (KIP-890's verification).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::write_txn_markers_request::{
+    WritableTxnMarker, WritableTxnMarkerTopic,
+};
+use kafka_protocol::messages::write_txn_markers_response::{
+    WritableTxnMarkerPartitionResult, WritableTxnMarkerResult, WritableTxnMarkerTopicResult,
+};
+use kafka_protocol::messages::{
+    DescribeTransactionsRequest, ProducerId, TopicName, TransactionalId, WriteTxnMarkersRequest,
+    WriteTxnMarkersResponse,
+};
+use kafka_protocol::protocol::Request;
+use parking_lot::Mutex;
+
+use super::{str_bytes, Broker};
+use crate::client::Connection;
+use crate::cluster::image::{Command, NodeId};
+use crate::cluster::Cluster;
+use crate::txn::{ClusterLink, Marker, ProducerRef};
+
+/// How long one request to another node may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a marker is retried (leaders move, nodes restart) before the coordinator's timers
+/// take over.
+const MARKER_DEADLINE: Duration = Duration::from_secs(15);
+
+/// One connection to each other node's Kafka listener, made on first use and again after an
+/// error; requests to one node go one at a time.
+#[derive(Default)]
+pub struct Peers {
+    conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+}
+
+impl Peers {
+    async fn call<R: Request>(
+        &self,
+        cluster: &Cluster,
+        node: NodeId,
+        req: &R,
+    ) -> anyhow::Result<R::Response> {
+        let addr = {
+            let image = cluster.image();
+            let n = image
+                .nodes
+                .get(&node)
+                .ok_or_else(|| anyhow!("node {node} is not registered"))?;
+            format!("{}:{}", n.kafka_host, n.kafka_port)
+        };
+        let slot = self.conns.lock().entry(node).or_default().clone();
+        let mut slot = slot.lock().await;
+        let result = tokio::time::timeout(CALL_TIMEOUT, async {
+            if slot.is_none() {
+                *slot = Some(Connection::connect(&addr).await?);
+            }
+            slot.as_mut().expect("connected above").call(req).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow!(
+                "no answer from node {node} within {CALL_TIMEOUT:?}"
+            ))
+        });
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    }
+}
+
+/// WriteTxnMarkers: the coordinator's markers, written by this node as the partitions' leader
+/// and held by their in-sync replicas before the answer.
+pub async fn write_txn_markers(
+    broker: &Broker,
+    req: WriteTxnMarkersRequest,
+) -> WriteTxnMarkersResponse {
+    let mut results = Vec::with_capacity(req.markers.len());
+    for m in req.markers {
+        let marker = Marker {
+            producer_id: m.producer_id.0,
+            producer_epoch: m.producer_epoch,
+            commit: m.transaction_result,
+        };
+        let mut topics = Vec::with_capacity(m.topics.len());
+        for t in m.topics {
+            let mut partitions = Vec::with_capacity(t.partition_indexes.len());
+            for p in t.partition_indexes {
+                let code = match write_marker_here(broker, &t.name, p, marker, m.coordinator_epoch)
+                    .await
+                {
+                    Ok(()) => 0,
+                    Err(e) => e.code(),
+                };
+                partitions.push(
+                    WritableTxnMarkerPartitionResult::default()
+                        .with_partition_index(p)
+                        .with_error_code(code),
+                );
+            }
+            topics.push(
+                WritableTxnMarkerTopicResult::default()
+                    .with_name(t.name)
+                    .with_partitions(partitions),
+            );
+        }
+        results.push(
+            WritableTxnMarkerResult::default()
+                .with_producer_id(m.producer_id)
+                .with_topics(topics),
+        );
+    }
+    WriteTxnMarkersResponse::default().with_markers(results)
+}
+
+/// Writes a marker to a partition this node leads and waits for its in-sync replicas.
+async fn write_marker_here(
+    broker: &Broker,
+    topic: &str,
+    partition: i32,
+    marker: Marker,
+    coordinator_epoch: i32,
+) -> Result<(), ResponseError> {
+    broker.leadership(topic, partition)?;
+    let p = broker
+        .log
+        .partition(topic, partition)
+        .ok_or(ResponseError::UnknownTopicOrPartition)?;
+    broker
+        .txns
+        .write_local_marker(&p, marker, coordinator_epoch)
+        .await?;
+    if broker.cluster.is_some() {
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        if !super::produce::wait_for_high_watermark(&p, p.log_end_offset(), deadline).await {
+            return Err(ResponseError::RequestTimedOut);
+        }
+    }
+    Ok(())
+}
+
+/// The transaction coordinator's view of the cluster, through this node's broker.
+pub struct ClusterTxnLink {
+    cluster: Arc<Cluster>,
+    /// Set once the broker exists (it holds the coordinator, so this link cannot own it).
+    broker: std::sync::OnceLock<Weak<Broker>>,
+}
+
+impl ClusterTxnLink {
+    pub fn new(cluster: Arc<Cluster>) -> Arc<ClusterTxnLink> {
+        Arc::new(ClusterTxnLink {
+            cluster,
+            broker: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn bind(&self, broker: &Arc<Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+    }
+
+    fn broker(&self) -> Result<Arc<Broker>, ResponseError> {
+        self.broker
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or(ResponseError::CoordinatorNotAvailable)
+    }
+
+    /// One attempt at a marker on the partition's leader (none is needed when the partition
+    /// is gone).
+    async fn try_marker(
+        &self,
+        broker: &Broker,
+        topic: &str,
+        partition: i32,
+        marker: Marker,
+    ) -> Result<(), ResponseError> {
+        // The coordinator's leader epoch fences markers from a deposed coordinator.
+        let coordinator_epoch = broker
+            .leadership(crate::txn::TOPIC, 0)
+            .ok()
+            .flatten()
+            .map_or(0, |s| s.epoch);
+        let leader = match self.cluster.image().partition(topic, partition) {
+            None => return Ok(()),
+            Some(p) if p.leader < 0 => return Err(ResponseError::LeaderNotAvailable),
+            Some(p) => p.leader,
+        };
+        if leader == broker.node_id {
+            return write_marker_here(broker, topic, partition, marker, coordinator_epoch).await;
+        }
+        let req =
+            WriteTxnMarkersRequest::default().with_markers(vec![WritableTxnMarker::default()
+                .with_producer_id(ProducerId(marker.producer_id))
+                .with_producer_epoch(marker.producer_epoch)
+                .with_transaction_result(marker.commit)
+                .with_coordinator_epoch(coordinator_epoch)
+                .with_topics(vec![WritableTxnMarkerTopic::default()
+                    .with_name(TopicName(str_bytes(topic.to_string())))
+                    .with_partition_indexes(vec![partition])])]);
+        let resp = broker
+            .peers
+            .call(&self.cluster, leader, &req)
+            .await
+            .map_err(|e| {
+                tracing::debug!(node = leader, error = %e, "WriteTxnMarkers failed");
+                ResponseError::NetworkException
+            })?;
+        let code = resp
+            .markers
+            .iter()
+            .flat_map(|m| &m.topics)
+            .flat_map(|t| &t.partitions)
+            .find(|p| p.partition_index == partition)
+            .map_or(ResponseError::UnknownServerError.code(), |p| p.error_code);
+        match ResponseError::try_from_code(code) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ClusterLink for ClusterTxnLink {
+    async fn reserve_producer_ids(&self, size: i64) -> Result<(i64, i64), ResponseError> {
+        let node = self.cluster.node_id;
+        self.cluster
+            .run(Command::AllocateProducerIds { node, size })
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot reserve producer ids");
+                ResponseError::RequestTimedOut
+            })?;
+        // Only this node replaces its own block, and allocations here are serialised.
+        self.cluster
+            .image()
+            .producer_id_blocks
+            .get(&node)
+            .copied()
+            .ok_or(ResponseError::UnknownServerError)
+    }
+
+    fn partition_exists(&self, topic: &str, partition: i32) -> bool {
+        self.cluster.image().partition(topic, partition).is_some()
+    }
+
+    async fn write_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        marker: Marker,
+    ) -> Result<(), ResponseError> {
+        let broker = self.broker()?;
+        let deadline = tokio::time::Instant::now() + MARKER_DEADLINE;
+        loop {
+            let e = match self.try_marker(&broker, topic, partition, marker).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let retriable = matches!(
+                e,
+                ResponseError::NotLeaderOrFollower
+                    | ResponseError::LeaderNotAvailable
+                    | ResponseError::NetworkException
+                    | ResponseError::RequestTimedOut
+                    | ResponseError::NotEnoughReplicas
+                    | ResponseError::UnknownTopicOrPartition
+            );
+            if !retriable || tokio::time::Instant::now() >= deadline {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn state_replicated(&self) -> Result<(), ResponseError> {
+        self.broker()?.internal_replicated(crate::txn::TOPIC).await
+    }
+}
+
+impl Broker {
+    /// KIP-890's check before a transactional write to `topic`-`partition`: the producer's
+    /// transaction is open and holds the partition. Asked of the coordinator on whichever node
+    /// it runs; CoordinatorNotAvailable when it cannot be reached (the client retries).
+    pub async fn verify_txn_partition(
+        &self,
+        transactional_id: &str,
+        producer: ProducerRef,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(), ResponseError> {
+        let Some(cluster) = &self.cluster else {
+            return self
+                .txns
+                .verify_partition(transactional_id, producer, topic, partition)
+                .await;
+        };
+        if self.txns.is_active() {
+            return self
+                .txns
+                .verify_partition(transactional_id, producer, topic, partition)
+                .await;
+        }
+        let coordinator = cluster
+            .image()
+            .partition(crate::txn::TOPIC, 0)
+            .map_or(-1, |p| p.leader);
+        if coordinator < 0 || coordinator == self.node_id {
+            // No coordinator, or this node is only now taking over.
+            return Err(ResponseError::CoordinatorNotAvailable);
+        }
+        let req =
+            DescribeTransactionsRequest::default().with_transactional_ids(vec![TransactionalId(
+                str_bytes(transactional_id.to_string()),
+            )]);
+        let resp = self
+            .peers
+            .call(cluster, coordinator, &req)
+            .await
+            .map_err(|e| {
+                tracing::debug!(node = coordinator, error = %e, "cannot ask the transaction coordinator");
+                ResponseError::CoordinatorNotAvailable
+            })?;
+        let state = resp
+            .transaction_states
+            .into_iter()
+            .next()
+            .ok_or(ResponseError::CoordinatorNotAvailable)?;
+        match ResponseError::try_from_code(state.error_code) {
+            None => {}
+            Some(ResponseError::TransactionalIdNotFound) => {
+                return Err(ResponseError::InvalidProducerIdMapping)
+            }
+            Some(_) => return Err(ResponseError::CoordinatorNotAvailable),
+        }
+        if state.producer_id.0 != producer.id {
+            return Err(ResponseError::InvalidProducerIdMapping);
+        }
+        if state.producer_epoch != producer.epoch {
+            return Err(ResponseError::ProducerFenced);
+        }
+        let holds = state
+            .topics
+            .iter()
+            .any(|t| *t.topic.0 == *topic && t.partitions.contains(&partition));
+        if state.transaction_state.as_str() != crate::txn::TxnState::Ongoing.name() || !holds {
+            return Err(ResponseError::InvalidTxnState);
+        }
+        Ok(())
+    }
+}
