@@ -16,6 +16,7 @@ from confluent_kafka.admin import ConfigResource, NewTopic
 
 from conftest import WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
+                     consume_kcat,
                      produce_confluent, wait_until)
 
 # Short timings so failures show within seconds on a busy 2-core machine.
@@ -564,3 +565,69 @@ def test_a_transactional_loop_survives_its_coordinator_node_dying(cluster):
         f"{n - len(set(out))} input value(s) missing from the output"
     wait_replicas_identical(cluster, "txn-out", partitions)
 
+
+def test_kafka_python_and_kcat_follow_a_leader_change(cluster, kcat_bin):
+    """An idempotent kcat producer, an idempotent kafka-python producer and a kafka-python
+    group consumer keep working, unchanged and never restarted, when the partition's leader
+    is killed with -9: nothing acknowledged is lost or duplicated."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import TopicPartition as KTP
+    create_replicated(cluster, "follow", 1, config={"min.insync.replicas": "2"})
+    kcat = subprocess.Popen(
+        [kcat_bin, "-P", "-b", cluster.bootstrap, "-t", "follow", "-p", "0",
+         "-X", "enable.idempotence=true", "-X", "topic.metadata.refresh.interval.ms=1000"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    kp = KafkaProducer(bootstrap_servers=cluster.bootstrap, acks="all",
+                       enable_idempotence=True, retries=1000, retry_backoff_ms=200,
+                       request_timeout_ms=10000, metadata_max_age_ms=1000)
+    consumer = KafkaConsumer("follow", bootstrap_servers=cluster.bootstrap,
+                             group_id="follow-readers", enable_auto_commit=False,
+                             auto_offset_reset="earliest", request_timeout_ms=30000,
+                             session_timeout_ms=10000, heartbeat_interval_ms=1000,
+                             metadata_max_age_ms=1000)
+    seen: list[bytes] = []
+
+    def write(phase: str) -> None:
+        for i in range(100):
+            kcat.stdin.write(f"{phase}-kcat-{i}\n".encode())
+            kp.send("follow", f"{phase}-kp-{i}".encode(), partition=0)
+        kcat.stdin.flush()
+
+    def read(want: set[bytes], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not want <= set(seen):
+            assert time.monotonic() < deadline, \
+                f"the group read {len(want & set(seen))} of {len(want)}"
+            for msgs in consumer.poll(timeout_ms=500).values():
+                seen.extend(m.value for m in msgs)
+        consumer.commit()
+
+    def values(phase: str, who: str) -> set[bytes]:
+        return {f"{phase}-{who}-{i}".encode() for i in range(100)}
+
+    write("before")
+    kp.flush(60)
+    # kcat sends what it has read of its input at its own pace; kafka-python's are flushed.
+    read(values("before", "kp"))
+    victim = leader_of(cluster, "follow", 0)
+    cluster.node(victim).kill()
+    write("after")
+    kp.flush(120)
+    kp.close()
+    kcat.stdin.close()
+    assert kcat.wait(120) == 0, kcat.stderr.read().decode()[-2000:]
+    want = set().union(*(values(phase, who) for phase in ("before", "after")
+                         for who in ("kcat", "kp")))
+    read(want)
+    consumer.close()
+    assert leader_of(cluster, "follow", 0) != victim
+
+    assert set(seen) == want
+    survivor = next(n for n in cluster.nodes if n.running())
+    logged = [r.value for r in consume_kcat(kcat_bin, survivor.bootstrap, "follow")]
+    assert sorted(logged) == sorted(want), "every value once in the log, none lost or twice"
+    # The group's committed offset survived and sits at the end of the log.
+    c = KafkaConsumer(bootstrap_servers=survivor.bootstrap, group_id="follow-readers",
+                      enable_auto_commit=False, request_timeout_ms=30000)
+    assert c.committed(KTP("follow", 0)) == 400
+    c.close()
