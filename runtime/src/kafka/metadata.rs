@@ -98,7 +98,8 @@ fn topic_name_by_id(broker: &Broker, id: uuid::Uuid) -> Option<String> {
     }
 }
 
-/// The brokers clients may use (id, host, port, rack) and the controller's id.
+/// The brokers clients may use (id, host, port, rack) and the controller's id. In a cluster,
+/// as in Kafka, a fenced node is left out: clients would only spend their time on it.
 type BrokerEntry = (i32, String, i32, Option<String>);
 fn brokers(broker: &Broker) -> (Vec<BrokerEntry>, i32) {
     match &broker.cluster {
@@ -106,6 +107,7 @@ fn brokers(broker: &Broker) -> (Vec<BrokerEntry>, i32) {
             c.image()
                 .nodes
                 .values()
+                .filter(|n| !n.fenced)
                 .map(|n| (n.id, n.kafka_host.clone(), n.kafka_port, n.rack.clone()))
                 .collect(),
             c.raft_leader().unwrap_or(-1),
@@ -132,7 +134,7 @@ fn topic_metadata(broker: &Broker, name: &str) -> Result<MetadataResponseTopic, 
             .topics
             .get(name)
             .ok_or(ResponseError::UnknownTopicOrPartition)?;
-        let live = |n: &i32| image.nodes.contains_key(n);
+        let live = |n: &i32| image.nodes.get(n).is_some_and(|n| !n.fenced);
         return Ok(topic.with_topic_id(t.id).with_partitions(
             t.partitions
                 .iter()
