@@ -256,17 +256,23 @@ impl Broker {
         if self.cluster.is_none() {
             return Ok(());
         }
+        let epoch = self
+            .leadership(topic, 0)
+            .map_err(|_| ResponseError::NotCoordinator)?
+            .map(|s| s.epoch);
         let p = self
             .log
             .partition(topic, 0)
             .ok_or(ResponseError::NotCoordinator)?;
         let target = p.log_end_offset();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        if produce::wait_for_high_watermark(&p, target, deadline).await {
-            Ok(())
-        } else {
-            Err(ResponseError::RequestTimedOut)
-        }
+        produce::wait_replicated(&p, target, epoch, deadline)
+            .await
+            .map_err(|e| match e {
+                // The coordinator moved with its partition's leadership.
+                ResponseError::NotLeaderOrFollower => ResponseError::NotCoordinator,
+                other => other,
+            })
     }
 
     /// In a cluster: this node's leadership of the partition, or NOT_LEADER_OR_FOLLOWER.

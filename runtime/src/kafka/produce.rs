@@ -71,7 +71,11 @@ pub async fn produce(
                                     if let (Some(c), Some(state)) = (&broker.cluster, &leader) {
                                         c.replicas.update_high_watermark(p, state);
                                         if acks == -1 {
-                                            to_replicate.push((p.clone(), info.last_offset + 1));
+                                            to_replicate.push((
+                                                p.clone(),
+                                                info.last_offset + 1,
+                                                state.epoch,
+                                            ));
                                         }
                                     }
                                     if info.duplicate {
@@ -126,14 +130,17 @@ pub async fn produce(
     if !to_replicate.is_empty() {
         let deadline = tokio::time::Instant::now()
             + std::time::Duration::from_millis(req.timeout_ms.max(0) as u64);
-        for (p, offset) in to_replicate {
-            if !wait_for_high_watermark(&p, offset, deadline).await {
+        for (p, offset, epoch) in to_replicate {
+            if let Err(e) = wait_replicated(&p, offset, Some(epoch), deadline).await {
+                let message = if e == ResponseError::RequestTimedOut {
+                    "the in-sync replicas did not all acknowledge the write in time"
+                } else {
+                    "leadership moved before the in-sync replicas acknowledged the write"
+                };
                 for t in responses.iter_mut().filter(|t| *t.name.0 == *p.topic) {
                     for r in t.partition_responses.iter_mut().filter(|r| r.index == p.id) {
-                        r.error_code = ResponseError::RequestTimedOut.code();
-                        r.error_message = Some(str_bytes(
-                            "the in-sync replicas did not all acknowledge the write in time",
-                        ));
+                        r.error_code = e.code();
+                        r.error_message = Some(str_bytes(message));
                     }
                 }
             }
@@ -169,23 +176,42 @@ fn check_leader(
     Ok(leader)
 }
 
-/// Waits until the partition's high watermark reaches `offset`; false at the deadline.
-pub(super) async fn wait_for_high_watermark(
+/// Waits until the in-sync replicas hold everything below `offset`, written while this node
+/// led the partition in `epoch` (None on a single node): the high watermark reaches it while
+/// this node still leads in that epoch. A leader that lost leadership meanwhile may have
+/// truncated the write, and its high watermark then passes the offset over other records:
+/// NOT_LEADER_OR_FOLLOWER, which producers retry. REQUEST_TIMED_OUT at the deadline.
+pub(super) async fn wait_replicated(
     p: &Partition,
     offset: i64,
+    epoch: Option<i32>,
     deadline: tokio::time::Instant,
-) -> bool {
+) -> Result<(), ResponseError> {
     loop {
         let notify = Arc::new(Notify::new());
         p.register_waiter(notify.clone());
-        if p.high_watermark() >= offset {
-            return true;
+        // The high watermark first: if this node still leads in `epoch` afterwards, it led
+        // all along (a new leadership has a new epoch) and never truncated in between.
+        let reached = p.high_watermark() >= offset;
+        if epoch.is_some_and(|e| !p.leads_in(e)) {
+            return Err(ResponseError::NotLeaderOrFollower);
+        }
+        if reached {
+            return Ok(());
         }
         if tokio::time::timeout_at(deadline, notify.notified())
             .await
             .is_err()
         {
-            return p.high_watermark() >= offset;
+            let reached = p.high_watermark() >= offset;
+            if epoch.is_some_and(|e| !p.leads_in(e)) {
+                return Err(ResponseError::NotLeaderOrFollower);
+            }
+            return if reached {
+                Ok(())
+            } else {
+                Err(ResponseError::RequestTimedOut)
+            };
         }
     }
 }
@@ -242,5 +268,70 @@ async fn check_transactional(
                     )
                 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::batch::test_support::batch;
+    use crate::log::config::LogConfig;
+    use kafka_protocol::records::Compression;
+
+    fn replica(dir: &std::path::Path) -> Arc<Partition> {
+        let (p, _) = Partition::open(dir, Arc::from("t"), 0, LogConfig::default(), 0).unwrap();
+        p.set_replicated(true);
+        Arc::new(p)
+    }
+
+    /// A leader's acks=all write waits for its followers; leadership moves to one that never
+    /// got it, this node truncates the write, follows and takes the new leader's records at
+    /// the same offset. The high watermark then passes the write's offset, but the write is
+    /// gone: it must not be acknowledged.
+    #[tokio::test]
+    async fn a_write_truncated_after_a_leader_change_is_not_acknowledged() {
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let old = replica(dirs.0.path());
+        old.become_leader(1).unwrap();
+        let info = old
+            .append(&batch(&[b"acked?"], Compression::None, 0))
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let waiting = tokio::spawn({
+            let old = old.clone();
+            async move { wait_replicated(&old, info.last_offset + 1, Some(1), deadline).await }
+        });
+        tokio::task::yield_now().await;
+
+        let new = replica(dirs.1.path());
+        new.become_leader(2).unwrap();
+        new.append(&batch(&[b"other", b"records"], Compression::None, 0))
+            .unwrap();
+        old.become_follower(2);
+        old.truncate_to(0).unwrap();
+        let bytes = new
+            .read_replica(0, 1 << 20)
+            .unwrap()
+            .records
+            .unwrap()
+            .read_bytes()
+            .unwrap();
+        old.append_replica(&bytes).unwrap();
+        old.advance_high_watermark(2);
+        assert!(old.high_watermark() > info.last_offset);
+        assert_eq!(
+            waiting.await.unwrap(),
+            Err(ResponseError::NotLeaderOrFollower)
+        );
+
+        // A write whose leader keeps leading is acknowledged once the high watermark passes.
+        let info = new
+            .append(&batch(&[b"kept"], Compression::None, 0))
+            .unwrap();
+        new.advance_high_watermark(info.last_offset + 1);
+        assert_eq!(
+            wait_replicated(&new, info.last_offset + 1, Some(2), deadline).await,
+            Ok(())
+        );
     }
 }

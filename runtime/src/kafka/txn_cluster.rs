@@ -129,7 +129,7 @@ async fn write_marker_here(
     marker: Marker,
     coordinator_epoch: i32,
 ) -> Result<(), ResponseError> {
-    broker.leadership(topic, partition)?;
+    let epoch = broker.leadership(topic, partition)?.map(|s| s.epoch);
     let p = broker
         .log
         .partition(topic, partition)
@@ -140,9 +140,7 @@ async fn write_marker_here(
         .await?;
     if broker.cluster.is_some() {
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        if !super::produce::wait_for_high_watermark(&p, p.log_end_offset(), deadline).await {
-            return Err(ResponseError::RequestTimedOut);
-        }
+        super::produce::wait_replicated(&p, p.log_end_offset(), epoch, deadline).await?;
     }
     Ok(())
 }

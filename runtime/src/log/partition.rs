@@ -543,9 +543,19 @@ impl Partition {
 
     /// Follows the leader of `epoch`; epochs are then learnt from the replicated batches.
     pub fn become_follower(&self, epoch: i32) {
-        let mut log = self.log.lock();
-        log.leader_epoch = epoch;
-        log.follower = true;
+        {
+            let mut log = self.log.lock();
+            log.leader_epoch = epoch;
+            log.follower = true;
+        }
+        // Writes waiting for the in-sync replicas learn at once that this node no longer leads.
+        self.wake_waiters();
+    }
+
+    /// Whether this node leads the partition in `epoch` (has not followed since).
+    pub fn leads_in(&self, epoch: i32) -> bool {
+        let log = self.log.lock();
+        !log.follower && log.leader_epoch == epoch
     }
 
     /// The latest leader epoch this log holds batches of (or was led in).
