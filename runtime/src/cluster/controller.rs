@@ -108,11 +108,17 @@ impl Cluster {
         let mut last_preferred_check = Instant::now();
         let mut known_leader = None;
         let mut incarnations: HashMap<NodeId, (Uuid, Instant)> = HashMap::new();
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            // A controller that was itself stopped (SIGSTOP, a long stall) heard nobody
+            // meanwhile, and may have been deposed without knowing yet: it starts over, giving
+            // every node a full session, rather than fence everyone it did not hear.
+            let stalled = last_tick.elapsed() > self.settings.session_timeout / 2;
+            last_tick = Instant::now();
             let leader = self.raft_leader();
             if leader != known_leader {
                 match leader {
@@ -121,7 +127,10 @@ impl Cluster {
                 }
                 known_leader = leader;
             }
-            if leader != Some(self.node_id) {
+            if leader != Some(self.node_id) || stalled {
+                if stalled && leading_since.is_some() {
+                    tracing::warn!("the controller was stalled; every node gets a new session");
+                }
                 leading_since = None;
                 continue;
             }
@@ -160,7 +169,8 @@ impl Cluster {
                         })
                         .or_insert((n.incarnation, since));
                     let silent_for = now.duration_since(heard.unwrap_or(registered.max(since)));
-                    if !n.fenced && silent_for > timeout {
+                    // The controller hears itself: it is running this.
+                    if !n.fenced && n.id != self.node_id && silent_for > timeout {
                         tracing::warn!(
                             node = n.id,
                             silent_ms = silent_for.as_millis() as u64,
@@ -216,9 +226,18 @@ impl Cluster {
                     }
                 }
             }
+            // Proposed on this node's Raft only, never forwarded: a controller deposed
+            // meanwhile cannot have its decisions committed by its successor.
             for command in proposals {
-                if let Err(e) = self.proposer.propose(command).await {
-                    tracing::warn!(error = %e, "controller proposal not committed");
+                match self.proposer.propose_here(command).await {
+                    super::ProposeReply::Applied { .. } => {}
+                    super::ProposeReply::NotLeader { .. } => {
+                        tracing::info!("no longer the controller: decisions dropped");
+                        break;
+                    }
+                    super::ProposeReply::Failed(e) => {
+                        tracing::warn!(error = %e, "controller proposal not committed")
+                    }
                 }
             }
         }
