@@ -35,7 +35,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: E402
 from checker import Verdict, check, report  # noqa: E402
 from conftest import WeirDaemon  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
-from nemesis import Nemesis, schedule  # noqa: E402
+from nemesis import KINDS, Nemesis, schedule  # noqa: E402
 from support import admin, consume_confluent, watermarks  # noqa: E402
 from test_cluster import create_replicated, segment_bytes, start_cluster  # noqa: E402
 from workload import GroupConsumer, History, QueueProducer  # noqa: E402
@@ -58,6 +58,7 @@ class Options:
     rate: float = 50.0  # values a second, per producer
     weir_bin: str = ""
     workdir: Path | None = None
+    kinds: tuple = KINDS
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Outcome:
         return (f"seed={self.options.seed} duration={self.options.duration:.0f}s "
                 f"faults={self.fault_count} ({self.faults}) acknowledged={v.acknowledged} "
                 f"lost={len(v.lost)} duplicated={len(v.duplicated)} "
-                f"verdict={'PASS' if v.ok else 'FAIL'}")
+                f"producer-fatal={v.fatal} verdict={'PASS' if v.ok else 'FAIL'}")
 
 
 def default_binary() -> str:
@@ -90,7 +91,9 @@ class Log:
         self.f = open(path, "a", buffering=1)
 
     def __call__(self, msg: str) -> None:
-        line = f"[{time.monotonic() - self.t0:7.1f}s] {msg}"
+        # Wall clock (UTC, as in the nodes' logs) and seconds since the start.
+        wall = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        line = f"[{wall} {time.monotonic() - self.t0:7.1f}s] {msg}"
         print(line, flush=True)
         self.f.write(line + "\n")
 
@@ -115,7 +118,7 @@ def run(opts: Options) -> Outcome:
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix=f"weir-faults-seed{opts.seed}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = Log(workdir / "campaign.log")
-    log(f"campaign: seed {opts.seed}, {opts.duration:.0f}s of faults, {opts.nodes} nodes, "
+    log(f"campaign: seed {opts.seed}, {opts.duration:.0f}s of faults ({','.join(opts.kinds)}), {opts.nodes} nodes, "
         f"binary {binary}, work directory {workdir}")
 
     proxies = [FaultProxy(seed=opts.seed * 100 + i, fault_rate=0.0) for i in range(opts.nodes)]
@@ -149,7 +152,7 @@ def run(opts: Options) -> Outcome:
         time.sleep(5)  # the workload before any fault
 
         nemesis = Nemesis(cluster, proxies, TOPIC, log)
-        faults = schedule(opts.seed, opts.nodes, opts.partitions)
+        faults = schedule(opts.seed, opts.nodes, opts.partitions, opts.kinds)
         end = time.monotonic() + opts.duration
         while time.monotonic() < end:
             fault = next(faults)
@@ -177,7 +180,7 @@ def run(opts: Options) -> Outcome:
                                        f"{CATCH_UP_BOUND_S:.0f}s, short of {ends}"]
         consumer.stop()
         consumer = None
-        history.final_commits = _group_offsets(bootstrap)
+        history.final_commits = _group_offsets(bootstrap, log)
         history.final_log = [(r.partition, r.offset, r.value) for r in
                              consume_confluent(bootstrap, TOPIC, range(opts.partitions), timeout=120)]
         log(f"final read: {len(history.final_log)} records; group offsets {history.final_commits}")
@@ -230,12 +233,14 @@ def _wait_healed(cluster, log) -> list[str]:
     """Within HEAL_BOUND_S: every node answers, every partition of the topic and of
     __consumer_offsets has a leader and all three replicas in sync."""
     def healed():
-        md = cluster.metadata(cluster.nodes[0])
-        for name in (TOPIC, "__consumer_offsets"):
-            t = md.topics[name]
-            for p in t.partitions.values():
-                if p.leader < 0 or sorted(p.isrs) != sorted(p.replicas):
-                    return False
+        # Every node's view, since a node that was paused or cut off may answer from an
+        # image that is behind.
+        for node in cluster.nodes:
+            md = cluster.metadata(node)
+            for name in (TOPIC, "__consumer_offsets"):
+                for p in md.topics[name].partitions.values():
+                    if p.leader < 0 or sorted(p.isrs) != sorted(p.replicas):
+                        return False
         return True
 
     t0 = time.monotonic()
@@ -266,14 +271,15 @@ def _wait_identical(cluster, topic: str, partitions: int) -> list[str]:
     return [f"replicas differ {IDENTICAL_BOUND_S:.0f}s after healing: {d}" for d in diffs()]
 
 
-def _group_offsets(bootstrap: str) -> dict[int, int]:
-    for _ in range(10):
+def _group_offsets(bootstrap: str, log) -> dict[int, int]:
+    a = admin(bootstrap)  # keep the client alive until the future resolves
+    for _ in range(5):
         try:
-            res = admin(bootstrap).list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(GROUP)])
+            res = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(GROUP)])
             tps = res[GROUP].result(30).topic_partitions
             return {tp.partition: tp.offset for tp in tps if tp.topic == TOPIC and tp.offset >= 0}
-        except Exception:
+        except Exception as e:
+            log(f"listing the group's offsets: {e!r}")
             time.sleep(2)
     return {}
 
@@ -321,16 +327,21 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=3, choices=[3])
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--rate", type=float, default=50.0, help="values a second per producer")
+    ap.add_argument("--faults", default=",".join(KINDS),
+                    help=f"the kinds of fault to draw from (default: all of {','.join(KINDS)})")
     ap.add_argument("--weir-bin", default="")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-record", action="store_true", help=f"do not add a row to {RESULTS.name}")
     args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.faults.split(",") if k)
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--faults: choose among {','.join(KINDS)}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"campaign: seed {seed} (replay with --seed {seed})", flush=True)
     try:
         outcome = run(Options(seed=seed, duration=args.duration, nodes=args.nodes,
                               partitions=args.partitions, rate=args.rate, weir_bin=args.weir_bin,
-                              workdir=args.workdir))
+                              workdir=args.workdir, kinds=kinds))
     except Exception as e:
         print(f"campaign: could not run: {e!r}", file=sys.stderr)
         return 2

@@ -84,6 +84,7 @@ class QueueProducer:
             "socket.timeout.ms": 10000,
             "topic.metadata.refresh.interval.ms": 1000,
             "error_cb": self._on_error,
+            "log_level": 3,  # errors only: disconnections are what the faults are for
         })
 
     def _on_error(self, err: KafkaError) -> None:
@@ -113,7 +114,10 @@ class QueueProducer:
             if self._fatal.is_set():
                 # A fatal idempotence error leaves the producer unusable: report what it
                 # still holds as failed, and go on with a new producer (a new producer id).
-                self._p.flush(30)
+                try:
+                    self._p.flush(30)
+                except KafkaException:
+                    pass
                 self._fatal.clear()
                 self._p = self._new_producer()
             now = time.monotonic()
@@ -132,14 +136,24 @@ class QueueProducer:
                     self.history.add("client_errors", (now, f"producer-{self.index}",
                                                        f"produce: {e}"))
                     self._fatal.set()
-            self._p.poll(min(0.05, max(0.0, next_at - time.monotonic())))
+            try:
+                self._p.poll(min(0.05, max(0.0, next_at - time.monotonic())))
+            except KafkaException as e:  # a fatal error surfaces here too
+                self.history.add("client_errors", (time.monotonic(), f"producer-{self.index}",
+                                                   f"poll: {e}"))
+                self._fatal.set()
 
     def stop(self, flush_timeout: float) -> int:
         """Stop sending; wait for every outstanding delivery report. Returns how many are
         still unknown after flush_timeout."""
         self._stop.set()
         self._thread.join(30)
-        return self._p.flush(flush_timeout)
+        try:
+            return self._p.flush(flush_timeout)
+        except KafkaException as e:
+            self.history.add("client_errors", (time.monotonic(), f"producer-{self.index}",
+                                               f"flush: {e}"))
+            return len(self._p)
 
 
 class GroupConsumer:
@@ -161,6 +175,7 @@ class GroupConsumer:
             "socket.timeout.ms": 10000,
             "topic.metadata.refresh.interval.ms": 1000,
             "error_cb": self._on_error,
+            "log_level": 3,  # errors only: disconnections are what the faults are for
         })
         self._thread = threading.Thread(target=self._run, name="consumer", daemon=True)
 
