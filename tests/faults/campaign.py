@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -205,7 +206,7 @@ def run(opts: Options) -> Outcome:
             for node_id in list(nemesis.paused):
                 n = nodes[node_id - 1]
                 if n.running():
-                    os.kill(n.pid, 18)  # SIGCONT
+                    os.kill(n.pid, signal.SIGCONT)
         for n in nodes:
             if n.running():
                 try:

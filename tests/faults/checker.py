@@ -22,7 +22,7 @@ class Verdict:
     duplicated: list = field(default_factory=list)
     violations: dict = field(default_factory=dict)  # checker name -> [lines]
     notes: list = field(default_factory=list)
-    fatal: int = 0  # fatal producer errors (each producer was replaced and went on)
+    fatal: int = 0  # producers replaced after a fatal error
 
     @property
     def ok(self) -> bool:
@@ -153,7 +153,7 @@ CHECKERS = {
 
 def check(h: History) -> Verdict:
     v = Verdict(acknowledged=len(h.acked), failed=len(h.failed),
-                fatal=sum(1 for _, _, e in h.client_errors if e.startswith("fatal")))
+                fatal=sum(1 for _, _, e in h.client_errors if e == "replaced after a fatal error"))
     for name, fn in CHECKERS.items():
         found = fn(h)
         if name == "lost":

@@ -120,6 +120,8 @@ class QueueProducer:
                     pass
                 self._fatal.clear()
                 self._p = self._new_producer()
+                self.history.add("client_errors", (time.monotonic(), f"producer-{self.index}",
+                                                   "replaced after a fatal error"))
             now = time.monotonic()
             if now >= next_at:
                 seq = self.sent
