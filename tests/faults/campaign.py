@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""A fault campaign against a three-node weir cluster: randomized kills, pauses, isolations
+and restarts under a queue workload, then checkers over the whole history.
+
+    python tests/faults/campaign.py --duration 600 --seed 7
+
+Same seed, same schedule of faults. The nodes' logs, the history and the schedule stay in
+the work directory (printed at the start). Exit status 0 when every checker holds, 1 on a
+violation, 2 when the campaign itself could not run. Unless --no-record is given, a row is
+added to the table of runs in docs/reliability.md.
+
+The weir binary comes from --weir-bin, else $WEIR_BIN, else
+$CARGO_TARGET_DIR/debug/weir (default ~/.cache/weir/target/debug/weir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path[:0] = [str(HERE), str(ROOT / "tests" / "e2e")]
+
+from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: E402
+
+from checker import Verdict, check, report  # noqa: E402
+from conftest import WeirDaemon  # noqa: E402
+from fault_proxy import FaultProxy  # noqa: E402
+from nemesis import KINDS, Nemesis, schedule  # noqa: E402
+from support import admin, consume_confluent, watermarks  # noqa: E402
+from test_cluster import create_replicated, segment_bytes, start_cluster  # noqa: E402
+from workload import GroupConsumer, History, QueueProducer  # noqa: E402
+
+TOPIC = "queue"
+GROUP = "queue-readers"
+HEAL_BOUND_S = 120.0      # after the final heal: every replica back in sync
+CATCH_UP_BOUND_S = 180.0  # then: the group has read to the end
+IDENTICAL_BOUND_S = 60.0  # then: every replica holds the same bytes
+RESULTS = ROOT / "docs" / "reliability.md"
+
+
+@dataclass
+class Options:
+    seed: int
+    duration: float
+    nodes: int = 3
+    partitions: int = 4
+    producers: int = 2
+    rate: float = 50.0  # values a second, per producer
+    weir_bin: str = ""
+    workdir: Path | None = None
+    kinds: tuple = KINDS
+
+
+@dataclass
+class Outcome:
+    options: Options
+    verdict: Verdict
+    faults: str
+    fault_count: int
+    workdir: Path
+    elapsed: float
+
+    def summary(self) -> str:
+        v = self.verdict
+        return (f"seed={self.options.seed} duration={self.options.duration:.0f}s "
+                f"faults={self.fault_count} ({self.faults}) acknowledged={v.acknowledged} "
+                f"lost={len(v.lost)} duplicated={len(v.duplicated)} "
+                f"producer-fatal={v.fatal} verdict={'PASS' if v.ok else 'FAIL'}")
+
+
+def default_binary() -> str:
+    if os.environ.get("WEIR_BIN"):
+        return os.environ["WEIR_BIN"]
+    target = os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache" / "weir" / "target"))
+    return str(Path(target) / "debug" / "weir")
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.t0 = time.monotonic()
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str) -> None:
+        # Wall clock (UTC, as in the nodes' logs) and seconds since the start.
+        wall = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        line = f"[{wall} {time.monotonic() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.f.write(line + "\n")
+
+
+def _wait(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return True
+        except Exception:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run(opts: Options) -> Outcome:
+    started = time.monotonic()
+    binary = os.path.abspath(opts.weir_bin or default_binary())
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"campaign: no weir binary at {binary} (set WEIR_BIN or --weir-bin)")
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix=f"weir-faults-seed{opts.seed}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = Log(workdir / "campaign.log")
+    log(f"campaign: seed {opts.seed}, {opts.duration:.0f}s of faults ({','.join(opts.kinds)}), {opts.nodes} nodes, "
+        f"binary {binary}, work directory {workdir}")
+
+    proxies = [FaultProxy(seed=opts.seed * 100 + i, fault_rate=0.0) for i in range(opts.nodes)]
+    nodes: list[WeirDaemon] = []
+
+    def factory(name, start=False, config_yaml=None, extra_args=()):
+        d = WeirDaemon(binary, workdir, name=name, extra_args=tuple(extra_args),
+                       config_yaml=config_yaml)
+        nodes.append(d)
+        return d
+
+    history = History()
+    producers: list[QueueProducer] = []
+    consumer: GroupConsumer | None = None
+    nemesis: Nemesis | None = None
+    extra: dict[str, list[str]] = {}
+    try:
+        cluster = start_cluster(factory, opts.nodes, proxies)
+        bootstrap = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
+        create_replicated(cluster, TOPIC, opts.partitions, rf=min(3, opts.nodes),
+                          config={"min.insync.replicas": "2"})
+        log(f"cluster up: nodes {[n.kafka_port for n in nodes]} behind proxies "
+            f"{[p.port for p in proxies]}; topic {TOPIC} with {opts.partitions} partitions, RF 3")
+
+        producers = [QueueProducer(i, bootstrap, TOPIC, opts.partitions, opts.rate, history)
+                     for i in range(opts.producers)]
+        consumer = GroupConsumer(bootstrap, TOPIC, GROUP, history)
+        for p in producers:
+            p.start()
+        consumer.start()
+        time.sleep(5)  # the workload before any fault
+
+        nemesis = Nemesis(cluster, proxies, TOPIC, log)
+        faults = schedule(opts.seed, opts.nodes, opts.partitions, opts.kinds)
+        end = time.monotonic() + opts.duration
+        while time.monotonic() < end:
+            fault = next(faults)
+            nemesis.run(fault)
+            time.sleep(min(fault.heal_s, max(0.0, end - time.monotonic())))
+            log(f"progress: {len(history.acked)} acknowledged, {len(history.failed)} failed, "
+                f"{len(history.reads)} read")
+
+        log("final heal: every node running, every proxy relaying")
+        nemesis.heal()
+        extra["heal"] = _wait_healed(cluster, log)
+        time.sleep(10)  # the workload goes on against the healed cluster
+        for p in producers:
+            left = p.stop(flush_timeout=300)
+            if left:
+                extra.setdefault("producer-flush", []).append(
+                    f"producer {p.index}: {left} value(s) without a delivery report after 300s")
+        producers = []
+        ends = {p: hw for p, (_, hw) in watermarks(cluster.live()[0].bootstrap, TOPIC,
+                                                   range(opts.partitions), timeout=30).items()}
+        history.end_offsets = ends
+        log(f"producers stopped; high watermarks {ends}")
+        if not _wait(lambda: consumer.caught_up(ends), CATCH_UP_BOUND_S):
+            extra["group-catch-up"] = [f"the group committed {dict(consumer.last_commit)} within "
+                                       f"{CATCH_UP_BOUND_S:.0f}s, short of {ends}"]
+        consumer.stop()
+        consumer = None
+        history.final_commits = _group_offsets(bootstrap, log)
+        history.final_log = [(r.partition, r.offset, r.value) for r in
+                             consume_confluent(bootstrap, TOPIC, range(opts.partitions), timeout=120)]
+        log(f"final read: {len(history.final_log)} records; group offsets {history.final_commits}")
+        extra["replicas-identical"] = _wait_identical(cluster, TOPIC, opts.partitions)
+        offsets_partitions = len(cluster.metadata().topics["__consumer_offsets"].partitions)
+        extra["replicas-identical"] += _wait_identical(cluster, "__consumer_offsets",
+                                                       offsets_partitions)
+        if nemesis.anomalies:
+            log("anomalies (not violations): " + "; ".join(nemesis.anomalies))
+    finally:
+        for p in producers:
+            try:
+                p.stop(flush_timeout=5)
+            except Exception:
+                pass
+        if consumer is not None:
+            try:
+                consumer.stop()
+            except Exception:
+                pass
+        if nemesis is not None:
+            for node_id in list(nemesis.paused):
+                n = nodes[node_id - 1]
+                if n.running():
+                    os.kill(n.pid, signal.SIGCONT)
+        for n in nodes:
+            if n.running():
+                try:
+                    n.stop(timeout=30, expect_clean=False)
+                except AssertionError:
+                    pass
+        for p in proxies:
+            p.close()
+
+    verdict = check(history)
+    for name, found in extra.items():
+        if found:
+            verdict.violations[name] = found
+    _save_history(workdir, history, nemesis)
+    outcome = Outcome(opts, verdict, nemesis.summary(), len(nemesis.injected), workdir,
+                      time.monotonic() - started)
+    text = report(verdict)
+    if text:
+        log(text)
+    log(outcome.summary())
+    return outcome
+
+
+def _wait_healed(cluster, log) -> list[str]:
+    """Within HEAL_BOUND_S: every node answers, every partition of the topic and of
+    __consumer_offsets has a leader and all three replicas in sync."""
+    def healed():
+        # Every node's view, since a node that was paused or cut off may answer from an
+        # image that is behind.
+        for node in cluster.nodes:
+            md = cluster.metadata(node)
+            for name in (TOPIC, "__consumer_offsets"):
+                for p in md.topics[name].partitions.values():
+                    if p.leader < 0 or sorted(p.isrs) != sorted(p.replicas):
+                        return False
+        return True
+
+    t0 = time.monotonic()
+    if _wait(healed, HEAL_BOUND_S):
+        log(f"healed in {time.monotonic() - t0:.1f}s")
+        return []
+    try:
+        md = cluster.metadata(cluster.nodes[0])
+        state = {f"{TOPIC}-{i}": (p.leader, sorted(p.isrs)) for i, p in
+                 md.topics[TOPIC].partitions.items()}
+    except Exception as e:
+        state = repr(e)
+    return [f"not every replica back in sync {HEAL_BOUND_S:.0f}s after the final heal: {state}"]
+
+
+def _wait_identical(cluster, topic: str, partitions: int) -> list[str]:
+    def diffs():
+        out = []
+        for p in range(partitions):
+            copies = {n.name: segment_bytes(n, topic, p) for n in cluster.nodes}
+            if len(set(copies.values())) != 1:
+                out.append(f"{topic}-{p}: " + ", ".join(f"{k} {len(v)} bytes"
+                                                        for k, v in copies.items()))
+        return out
+
+    if _wait(lambda: not diffs(), IDENTICAL_BOUND_S):
+        return []
+    return [f"replicas differ {IDENTICAL_BOUND_S:.0f}s after healing: {d}" for d in diffs()]
+
+
+def _group_offsets(bootstrap: str, log) -> dict[int, int]:
+    a = admin(bootstrap)  # keep the client alive until the future resolves
+    for _ in range(5):
+        try:
+            res = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(GROUP)])
+            tps = res[GROUP].result(30).topic_partitions
+            return {tp.partition: tp.offset for tp in tps if tp.topic == TOPIC and tp.offset >= 0}
+        except Exception as e:
+            log(f"listing the group's offsets: {e!r}")
+            time.sleep(2)
+    return {}
+
+
+def _save_history(workdir: Path, h: History, nemesis: Nemesis | None) -> None:
+    def b(v):
+        return v.decode() if isinstance(v, bytes) else v
+
+    with open(workdir / "history.jsonl", "w") as f:
+        if nemesis is not None:
+            for t, fault, node in nemesis.injected:
+                f.write(json.dumps({"t": t, "type": "fault", "kind": fault.kind, "node": node,
+                                    "fault": fault.describe()}) + "\n")
+        for prod, seq, v, p, o, t in h.acked:
+            f.write(json.dumps({"t": t, "type": "ack", "value": b(v), "partition": p, "offset": o}) + "\n")
+        for prod, seq, v, p, e, t in h.failed:
+            f.write(json.dumps({"t": t, "type": "fail", "value": b(v), "partition": p, "error": e}) + "\n")
+        for p, o, v, t in h.reads:
+            f.write(json.dumps({"t": t, "type": "read", "value": b(v), "partition": p, "offset": o}) + "\n")
+        for t, offs in h.commits:
+            f.write(json.dumps({"t": t, "type": "commit", "offsets": offs}) + "\n")
+        for t, offs in h.observed_commits:
+            f.write(json.dumps({"t": t, "type": "committed", "offsets": offs}) + "\n")
+        for p, o, v in h.final_log:
+            f.write(json.dumps({"type": "log", "value": b(v), "partition": p, "offset": o}) + "\n")
+
+
+def record_row(outcome: Outcome, path: Path = RESULTS) -> None:
+    v = outcome.verdict
+    failed = ", ".join(sorted(v.violations)) if not v.ok else ""
+    row = (f"| {datetime.date.today().isoformat()} | {outcome.fault_count} ({outcome.faults}) "
+           f"| {outcome.options.duration:.0f}s | {outcome.options.seed} | {v.acknowledged} "
+           f"| {len(v.lost)} | {len(v.duplicated)} "
+           f"| {'pass' if v.ok else 'FAIL: ' + failed} |\n")
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text += "\n"
+    path.write_text(text + row)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=600, help="seconds of faults (default 600)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the fault schedule (default: random)")
+    ap.add_argument("--nodes", type=int, default=3, choices=[3])
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=50.0, help="values a second per producer")
+    ap.add_argument("--faults", default=",".join(KINDS),
+                    help=f"the kinds of fault to draw from (default: all of {','.join(KINDS)})")
+    ap.add_argument("--weir-bin", default="")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-record", action="store_true", help=f"do not add a row to {RESULTS.name}")
+    args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.faults.split(",") if k)
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--faults: choose among {','.join(KINDS)}")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    print(f"campaign: seed {seed} (replay with --seed {seed})", flush=True)
+    try:
+        outcome = run(Options(seed=seed, duration=args.duration, nodes=args.nodes,
+                              partitions=args.partitions, rate=args.rate, weir_bin=args.weir_bin,
+                              workdir=args.workdir, kinds=kinds))
+    except Exception as e:
+        print(f"campaign: could not run: {e!r}", file=sys.stderr)
+        return 2
+    if not args.no_record:
+        record_row(outcome)
+    return 0 if outcome.verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Checkers over a queue History, run once the cluster has healed.
+
+Each checker returns a list of violations (human-readable lines); an empty list means it
+holds. `check(history)` runs them all and adds the counts the summary line prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from workload import History, parse_value
+
+SHOW = 10  # examples listed per violation
+
+
+@dataclass
+class Verdict:
+    acknowledged: int = 0
+    failed: int = 0
+    lost: list = field(default_factory=list)
+    duplicated: list = field(default_factory=list)
+    violations: dict = field(default_factory=dict)  # checker name -> [lines]
+    notes: list = field(default_factory=list)
+    fatal: int = 0  # producers replaced after a fatal error
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.violations.values())
+
+
+def _fmt(items, n=SHOW) -> str:
+    items = list(items)
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(str(i) for i in items[:n]) + more
+
+
+def lost_values(h: History) -> list[str]:
+    """Every acknowledged value is in the log as read after healing."""
+    logged = {v for _, _, v in h.final_log}
+    lost = sorted({(p, o, v) for _, _, v, p, o, _ in h.acked if v not in logged})
+    return [f"{v.decode()} (acknowledged at {p}/{o})" for p, o, v in lost]
+
+
+def duplicated_values(h: History) -> list[str]:
+    """No value is in the log twice (the producers are idempotent)."""
+    where = defaultdict(list)
+    for p, o, v in h.final_log:
+        where[v].append(f"{p}/{o}")
+    return [f"{v.decode()} at {', '.join(at)}" for v, at in sorted(where.items()) if len(at) > 1]
+
+
+def offset_conflicts(h: History) -> list[str]:
+    """No two values at one offset, across acknowledgements, group reads and the final log."""
+    seen = defaultdict(set)
+    for _, _, v, p, o, _ in h.acked:
+        seen[(p, o)].add(("acked", v))
+    for p, o, v, _ in h.reads:
+        seen[(p, o)].add(("read", v))
+    for p, o, v in h.final_log:
+        seen[(p, o)].add(("log", v))
+    out = []
+    for (p, o), vs in sorted(seen.items()):
+        if len({v for _, v in vs}) > 1:
+            out.append(f"{p}/{o}: " + ", ".join(f"{src}={v.decode()}" for src, v in sorted(vs)))
+    return out
+
+
+def acked_offsets(h: History) -> list[str]:
+    """An acknowledged value sits at the offset it was acknowledged at."""
+    at = {(p, o): v for p, o, v in h.final_log}
+    out = []
+    for _, _, v, p, o, _ in sorted(h.acked, key=lambda a: (a[3], a[4])):
+        got = at.get((p, o))
+        if got != v:
+            out.append(f"{v.decode()} acknowledged at {p}/{o}, the log has "
+                       f"{got.decode() if got is not None else 'nothing'} there")
+    return out
+
+
+def produce_order(h: History) -> list[str]:
+    """Per partition, each producer's values are in the order it produced them, and its
+    acknowledged offsets grow with its sequence numbers."""
+    out = []
+    last = {}
+    for p, o, v in sorted(h.final_log):
+        prod, seq = parse_value(v)
+        prev = last.get((p, prod))
+        if prev is not None and seq <= prev[0]:
+            out.append(f"partition {p}: p{prod} seq {seq} at offset {o} after seq {prev[0]} "
+                       f"at offset {prev[1]}")
+        last[(p, prod)] = (seq, o)
+    acks = defaultdict(list)
+    for prod, seq, _, p, o, _ in h.acked:
+        acks[(p, prod)].append((seq, o))
+    for (p, prod), pairs in sorted(acks.items()):
+        pairs.sort()
+        for (s1, o1), (s2, o2) in zip(pairs, pairs[1:]):
+            if o2 <= o1:
+                out.append(f"partition {p}: p{prod} seq {s2} acknowledged at offset {o2}, "
+                           f"not after seq {s1} at {o1}")
+    return out
+
+
+def reads_in_log(h: History) -> list[str]:
+    """What the group read (only up to the high watermark) is still in the log."""
+    logged = {(p, o, v) for p, o, v in h.final_log}
+    gone = sorted({(p, o, v) for p, o, v, _ in h.reads if (p, o, v) not in logged})
+    return [f"{v.decode()} read at {p}/{o}" for p, o, v in gone]
+
+
+def group_read_everything(h: History) -> list[str]:
+    """The consumer group was given every acknowledged value."""
+    read = {v for _, _, v, _ in h.reads}
+    missing = sorted({v for _, _, v, _, _, _ in h.acked if v not in read})
+    return [v.decode() for v in missing]
+
+
+def commits_monotonic(h: History) -> list[str]:
+    """Committed offsets per partition never go backwards: neither the acknowledged commits
+    in the order they were acknowledged, nor what the coordinator reports afterwards."""
+    out = []
+    events = sorted([(t, "commit", offs) for t, offs in h.commits] +
+                    [(t, "observed", offs) for t, offs in h.observed_commits],
+                    key=lambda e: (e[0], e[1]))
+    high: dict[int, int] = {}
+    for t, kind, offs in events:
+        for p, o in sorted(offs.items()):
+            if o < high.get(p, -1):
+                out.append(f"partition {p}: {kind} offset {o} after an acknowledged commit of "
+                           f"{high[p]} (t={t:.1f})")
+            if kind == "commit":
+                high[p] = max(high.get(p, -1), o)
+    for p, o in sorted(high.items()):
+        final = h.final_commits.get(p)
+        if final is None or final < o:
+            out.append(f"partition {p}: the group's committed offset after healing is {final}, "
+                       f"below the acknowledged commit {o}")
+    return out
+
+
+CHECKERS = {
+    "lost": lost_values,
+    "duplicated": duplicated_values,
+    "offset-conflicts": offset_conflicts,
+    "acked-offsets": acked_offsets,
+    "order": produce_order,
+    "reads-in-log": reads_in_log,
+    "group-read-all": group_read_everything,
+    "commits-monotonic": commits_monotonic,
+}
+
+
+def check(h: History) -> Verdict:
+    v = Verdict(acknowledged=len(h.acked), failed=len(h.failed),
+                fatal=sum(1 for _, _, e in h.client_errors if e == "replaced after a fatal error"))
+    for name, fn in CHECKERS.items():
+        found = fn(h)
+        if name == "lost":
+            v.lost = found
+        elif name == "duplicated":
+            v.duplicated = found
+        if found:
+            v.violations[name] = found
+    # Not violations: a failed delivery may or may not have been written.
+    if h.failed:
+        logged = {val for _, _, val in h.final_log}
+        errs = Counter(e for *_, e, _ in h.failed)
+        present = sum(1 for f in h.failed if f[2] in logged)
+        v.notes.append(f"{len(h.failed)} delivery failure(s) ({_fmt(f'{k}x{n}' for k, n in errs.items())}), "
+                       f"{present} of them in the log anyway")
+    if h.failed_commits:
+        v.notes.append(f"{len(h.failed_commits)} commit(s) failed: {_fmt(e for _, e in h.failed_commits[:3])}")
+    if h.client_errors:
+        v.notes.append(f"{len(h.client_errors)} client error(s): "
+                       f"{_fmt((f'{s}: {e}' for _, s, e in h.client_errors), 5)}")
+    return v
+
+
+def report(v: Verdict) -> str:
+    lines = []
+    for name, found in v.violations.items():
+        lines.append(f"VIOLATION {name}: {len(found)}")
+        lines += [f"    {x}" for x in found[:SHOW]]
+        if len(found) > SHOW:
+            lines.append(f"    ... and {len(found) - SHOW} more")
+    lines += [f"note: {n}" for n in v.notes]
+    return "\n".join(lines)

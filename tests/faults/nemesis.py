@@ -1,0 +1,155 @@
+"""Faults, one at a time, in an order drawn from a seeded RNG.
+
+The schedule depends on the seed alone: which fault, which target (the leader of a given
+partition, the controller, or a given node), how long it lasts and how long the cluster
+heals before the next one. Which node is "the leader of partition 2" is resolved when the
+fault starts, from the cluster's metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+KINDS = ("kill", "pause", "isolate", "term", "lossy")
+
+DESCRIBE = {
+    "kill": "kill -9, then restart",
+    "pause": "SIGSTOP, then SIGCONT",
+    "isolate": "hold the node's proxy, then reset and release it",
+    "term": "SIGTERM, then restart",
+    "lossy": "lose produce responses at the node's proxy",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    target: tuple  # ("leader", partition) | ("controller",) | ("node", node_id)
+    hold_s: float  # how long the node is down, paused, isolated or lossy
+    heal_s: float  # quiet time after the fault is undone
+
+    def describe(self) -> str:
+        t = self.target
+        who = {"leader": lambda: f"leader of partition {t[1]}", "controller": lambda: "controller",
+               "node": lambda: f"node {t[1]}"}[t[0]]()
+        return f"{self.kind} {who} for {self.hold_s:.1f}s, heal {self.heal_s:.1f}s"
+
+
+def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
+    """Endless faults for `seed`: every kind appears once, in a shuffled order, before any
+    appears again, so short runs see every kind."""
+    rng = random.Random(seed)
+    while True:
+        bag = list(kinds)
+        rng.shuffle(bag)
+        for kind in bag:
+            r = rng.random()
+            if r < 0.5:
+                target = ("leader", rng.randrange(partitions))
+            elif r < 0.65:
+                target = ("controller",)
+            else:
+                target = ("node", rng.randrange(nodes) + 1)
+            hold = {"kill": (1, 8), "pause": (2, 10), "isolate": (3, 12), "term": (1, 6),
+                    "lossy": (5, 15)}[kind]
+            yield Fault(kind, target, round(rng.uniform(*hold), 1), round(rng.uniform(4, 12), 1))
+
+
+class Nemesis:
+    """Applies faults to a Cluster whose nodes sit behind FaultProxies."""
+
+    def __init__(self, cluster, proxies, topic: str, log):
+        self.cluster, self.proxies, self.topic, self.log = cluster, proxies, topic, log
+        self.paused: set[int] = set()
+        self.injected: list[tuple[float, Fault, int]] = []
+        self.anomalies: list[str] = []
+
+    # -- targets ---------------------------------------------------------------
+    def resolve(self, fault: Fault) -> int:
+        kind = fault.target[0]
+        if kind == "node":
+            return fault.target[1]
+        try:
+            via = self.cluster.live()[0]
+            md = self.cluster.metadata(via)
+            node = (md.controller_id if kind == "controller"
+                    else md.topics[self.topic].partitions[fault.target[1]].leader)
+            if 1 <= node <= len(self.cluster.nodes):
+                return node
+        except Exception as e:  # metadata unavailable: fall back to a fixed node
+            self.log(f"nemesis: metadata for {fault.describe()} unavailable ({e!r})")
+        return (fault.target[1] if kind == "leader" else 0) % len(self.cluster.nodes) + 1
+
+    # -- faults ----------------------------------------------------------------
+    def run(self, fault: Fault) -> None:
+        node_id = self.resolve(fault)
+        node = self.cluster.node(node_id)
+        proxy = self.proxies[node_id - 1]
+        self.injected.append((time.monotonic(), fault, node_id))
+        self.log(f"nemesis: {fault.kind} node {node_id} ({fault.describe()})")
+        if fault.kind == "kill":
+            node.kill()
+            time.sleep(fault.hold_s)
+            self._start(node)
+        elif fault.kind == "term":
+            try:
+                rc = node.stop(signal.SIGTERM, timeout=30, expect_clean=False)
+                if rc != 0:
+                    self.anomalies.append(f"node {node_id} exited with code {rc} after SIGTERM")
+            except AssertionError as e:
+                self.anomalies.append(f"node {node_id} ignored SIGTERM for 30s and was killed: "
+                                      f"{str(e).splitlines()[0]}")
+            time.sleep(fault.hold_s)
+            self._start(node)
+        elif fault.kind == "pause":
+            os.kill(node.pid, signal.SIGSTOP)
+            self.paused.add(node_id)
+            time.sleep(fault.hold_s)
+            os.kill(node.pid, signal.SIGCONT)
+            self.paused.discard(node_id)
+        elif fault.kind == "isolate":
+            proxy.hold()
+            time.sleep(fault.hold_s)
+            proxy.reset()
+            proxy.release()
+        elif fault.kind == "lossy":
+            proxy.fault_rate = 0.1
+            time.sleep(fault.hold_s)
+            proxy.fault_rate = 0.0
+        else:
+            raise ValueError(fault.kind)
+        self.log(f"nemesis: {fault.kind} node {node_id} undone")
+
+    def _start(self, node) -> None:
+        for attempt in range(3):
+            try:
+                node.start(90)
+                return
+            except AssertionError as e:
+                self.anomalies.append(f"{node.name} did not come back (attempt {attempt + 1}): "
+                                      f"{str(e).splitlines()[0]}")
+                time.sleep(2)
+        raise RuntimeError(f"{node.name} does not start any more; see {node.log_path}")
+
+    def heal(self) -> None:
+        """Undo everything: every node running and unpaused, every proxy relaying."""
+        for node_id in list(self.paused):
+            node = self.cluster.node(node_id)
+            if node.running():
+                os.kill(node.pid, signal.SIGCONT)
+            self.paused.discard(node_id)
+        for p in self.proxies:
+            p.fault_rate = 0.0
+            p.release()
+        for node in self.cluster.nodes:
+            if not node.running():
+                self._start(node)
+
+    def summary(self) -> str:
+        from collections import Counter
+        c = Counter(f.kind for _, f, _ in self.injected)
+        return " ".join(f"{k}x{c[k]}" for k in KINDS if c[k]) or "none"

@@ -1,0 +1,40 @@
+"""The campaign's short mode: a few fixed seeds, about a minute of faults each, against a
+real three-node cluster. The long mode is `python tests/faults/campaign.py --duration S --seed N`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import campaign  # noqa: E402
+
+# Fixed seeds; three or four faults each in a minute, and between them every kind of fault
+# (seed 1: isolate, term, lossy; 2: isolate, pause, term, lossy; 3: kill, isolate, term, lossy).
+SEEDS = [1, 2, 3]
+DURATION_S = float(os.environ.get("WEIR_FAULTS_SHORT_S", "60"))
+
+
+@pytest.fixture(scope="session")
+def weir_bin() -> str:
+    path = os.environ.get("WEIR_BIN")
+    if not path or not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(f"WEIR_BIN={path!r} is not an executable weir binary (tests/run sets it)",
+                    pytrace=False)
+    return os.path.abspath(path)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_no_acknowledged_value_is_lost_under_faults(seed, weir_bin, tmp_path):
+    outcome = campaign.run(campaign.Options(seed=seed, duration=DURATION_S, weir_bin=weir_bin,
+                                            workdir=tmp_path))
+    if not outcome.verdict.ok:
+        logs = "\n".join(f"--- {p.name} (last 40 lines) ---\n" +
+                         "\n".join(p.read_text(errors="replace").splitlines()[-40:])
+                         for p in sorted(tmp_path.glob("node*.log")))
+        pytest.fail(f"{outcome.summary()}\n{campaign.report(outcome.verdict)}\n"
+                    f"work directory: {tmp_path}\n{logs}", pytrace=False)

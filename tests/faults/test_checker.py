@@ -1,0 +1,79 @@
+"""The checkers catch what they are meant to catch, on small made-up histories."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from checker import check  # noqa: E402
+from workload import History, make_value  # noqa: E402
+
+
+def clean_history() -> History:
+    h = History()
+    for seq in range(6):
+        v = make_value(0, seq)
+        p, o = seq % 2, seq // 2
+        h.acked.append((0, seq, v, p, o, float(seq)))
+        h.reads.append((p, o, v, 10.0 + seq))
+        h.final_log.append((p, o, v))
+    h.commits = [(20.0, {0: 2, 1: 2}), (21.0, {0: 3, 1: 3})]
+    h.observed_commits = [(22.0, {0: 3, 1: 3})]
+    h.final_commits = {0: 3, 1: 3}
+    return h
+
+
+def test_a_clean_history_passes():
+    v = check(clean_history())
+    assert v.ok, v.violations
+    assert v.acknowledged == 6 and not v.lost and not v.duplicated
+
+
+def test_a_lost_value_is_listed():
+    h = clean_history()
+    h.final_log = [r for r in h.final_log if r[2] != make_value(0, 4)]
+    v = check(h)
+    assert len(v.lost) == 1 and "p0-00000004" in v.lost[0]
+    assert {"lost", "acked-offsets", "reads-in-log"} <= set(v.violations)
+
+
+def test_a_duplicate_is_listed():
+    h = clean_history()
+    h.final_log.append((0, 3, make_value(0, 2)))
+    v = check(h)
+    assert len(v.duplicated) == 1 and "p0-00000002" in v.duplicated[0]
+    assert "order" in v.violations
+
+
+def test_two_values_at_one_offset():
+    h = clean_history()
+    h.reads.append((1, 0, make_value(1, 0), 30.0))
+    assert "offset-conflicts" in check(h).violations
+
+
+def test_acknowledged_out_of_order():
+    h = clean_history()
+    h.final_log = [(0, 0, make_value(0, 2)), (0, 1, make_value(0, 0))] + \
+        [r for r in h.final_log if r[0] == 0 and r[1] >= 2] + [r for r in h.final_log if r[0] == 1]
+    v = check(h)
+    assert "order" in v.violations and "acked-offsets" in v.violations
+
+
+def test_commits_going_backwards():
+    h = clean_history()
+    h.commits.append((23.0, {0: 1}))
+    assert "commits-monotonic" in check(h).violations
+    h = clean_history()
+    h.observed_commits.append((24.0, {1: 2}))
+    assert "commits-monotonic" in check(h).violations
+    h = clean_history()
+    h.final_commits = {0: 3}
+    assert "commits-monotonic" in check(h).violations
+
+
+def test_a_value_the_group_never_got():
+    h = clean_history()
+    h.reads = h.reads[:-1]
+    assert list(check(h).violations) == ["group-read-all"]
