@@ -631,3 +631,42 @@ def test_kafka_python_and_kcat_follow_a_leader_change(cluster, kcat_bin):
                       enable_auto_commit=False, request_timeout_ms=30000)
     assert c.committed(KTP("follow", 0)) == 400
     c.close()
+
+
+def test_the_cli_reaches_every_partition_leader_and_coordinator(cluster):
+    """`weir produce`, `weir consume` and `weir group` given any one node work on partitions
+    led by the others and on a group coordinated elsewhere, and follow a leader change."""
+    from confluent_kafka import Consumer, TopicPartition
+    create_replicated(cluster, "cli-spread", 3)
+    leaders = {leader_of(cluster, "cli-spread", p) for p in range(3)}
+    assert len(leaders) > 1, "the partitions' leaders should spread over the nodes"
+    first = [f"a{i}" for i in range(300)]
+    cluster.node(1).cli("produce", "cli-spread", input="\n".join(first) + "\n")
+    out = cluster.node(2).cli("consume", "cli-spread", "--from-beginning", "-e").stdout
+    assert sorted(out.decode().split()) == sorted(first)
+
+    # A group coordinated by some node, described and reset through another.
+    c = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "cli-group",
+                  "enable.auto.commit": False})
+    c.commit(offsets=[TopicPartition("cli-spread", p, 10) for p in range(3)],
+             asynchronous=False)
+    c.close()
+    coordinator = cluster.metadata().topics["__consumer_offsets"].partitions[0].leader
+    other = next(n for n in cluster.nodes if n.name != f"node{coordinator}")
+    described = json.loads(other.cli("group", "describe", "cli-group", "--format", "json").stdout)
+    assert {(o["partition"], o["committed"]) for o in described["offsets"]} == \
+        {(p, 10) for p in range(3)}
+    assert "cli-group" in other.cli("group", "list").stdout.decode()
+    other.cli("group", "reset-offsets", "cli-group", "--topic", "cli-spread", "--to-earliest")
+    described = json.loads(other.cli("group", "describe", "cli-group", "--format", "json").stdout)
+    assert {o["committed"] for o in described["offsets"]} == {0}
+
+    # After a leader is killed, the CLI finds the new one.
+    cluster.node(leader_of(cluster, "cli-spread", 0)).kill()
+    survivor = next(n for n in cluster.nodes if n.running())
+    wait_until(lambda: leader_of(cluster, "cli-spread", 0) not in (-1,) and cluster.node(
+        leader_of(cluster, "cli-spread", 0)).running(), 30, message="a new leader")
+    second = [f"b{i}" for i in range(300)]
+    survivor.cli("produce", "cli-spread", input="\n".join(second) + "\n")
+    out = survivor.cli("consume", "cli-spread", "--from-beginning", "-e").stdout
+    assert sorted(out.decode().split()) == sorted(first + second)

@@ -9,7 +9,8 @@ use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListO
 use kafka_protocol::messages::{BrokerId, FetchRequest, ListOffsetsRequest, TopicName};
 use serde_json::json;
 
-use super::{topic_partitions, ConnectArgs};
+use super::ConnectArgs;
+use crate::client::router::{is_misdirected, pause_before_retry, Router};
 use crate::client::{check, Connection};
 use crate::kafka::str_bytes;
 use crate::log::batch::complete_batches;
@@ -74,6 +75,41 @@ pub async fn list_offsets(
     Ok(out)
 }
 
+/// As [`list_offsets`], asking each partition's leader.
+pub async fn list_offsets_routed(
+    router: &mut Router,
+    topic: &str,
+    partitions: &[i32],
+    timestamp: i64,
+) -> Result<BTreeMap<i32, i64>> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut out = BTreeMap::new();
+        let mut failed = None;
+        for (leader, ps) in router.by_leader(topic, partitions) {
+            let result = match router.node(leader).await {
+                Ok(conn) => list_offsets(conn, topic, &ps, timestamp).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(o) => out.extend(o),
+                Err(e) => {
+                    router.forget(leader);
+                    failed = Some(e);
+                }
+            }
+        }
+        match failed {
+            None => return Ok(out),
+            Some(e) if !pause_before_retry(attempt).await => return Err(e),
+            Some(_) => {
+                router.partitions(topic, false).await?;
+            }
+        }
+    }
+}
+
 pub fn fetch_request(
     topic: &str,
     positions: &BTreeMap<i32, i64>,
@@ -105,8 +141,8 @@ pub fn fetch_request(
 }
 
 pub async fn run(args: ConsumeArgs) -> Result<()> {
-    let mut conn = Connection::connect(&args.conn.brokers).await?;
-    let all = topic_partitions(&mut conn, &args.topic, false).await?;
+    let mut router = Router::connect(&args.conn.brokers).await?;
+    let all = router.partitions(&args.topic, false).await?;
     let partitions = match args.partition {
         Some(p) if all.contains(&p) => vec![p],
         Some(p) => bail!("topic '{}' has no partition {p}", args.topic),
@@ -115,8 +151,8 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
     let mut positions = match args.offset {
         Some(o) => partitions.iter().map(|&p| (p, o)).collect(),
         None => {
-            list_offsets(
-                &mut conn,
+            list_offsets_routed(
+                &mut router,
                 &args.topic,
                 &partitions,
                 if args.from_beginning { -2 } else { -1 },
@@ -141,70 +177,103 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
         {
             break;
         }
-        let resp = conn
-            .call(&fetch_request(&args.topic, &positions, 500, 1 << 20))
-            .await?;
-        check(resp.error_code, "fetch")?;
-        for t in resp.responses {
-            for pd in t.partitions {
-                let p = pd.partition_index;
-                if pd.error_code == 1 {
-                    // Offset out of range: restart from the earliest offset still kept.
-                    let start = list_offsets(&mut conn, &args.topic, &[p], -2).await?;
-                    eprintln!(
-                        "partition {p}: offset {} is out of range; resuming at {}",
-                        positions[&p], start[&p]
-                    );
-                    positions.extend(start);
+        // One long poll per leader, sharing half a second between them.
+        let by_leader = router.by_leader(&args.topic, &partitions);
+        let wait = (500 / by_leader.len().max(1)) as i32;
+        let mut stale = false;
+        for (leader, ps) in by_leader {
+            if leader < 0 {
+                stale = true;
+                continue;
+            }
+            let wanted: BTreeMap<i32, i64> = ps.iter().map(|p| (*p, positions[p])).collect();
+            let req = fetch_request(&args.topic, &wanted, wait, 1 << 20);
+            let resp = match router.node(leader).await {
+                Ok(conn) => conn.call(&req).await,
+                Err(e) => Err(e),
+            };
+            let resp = match resp {
+                Ok(r) => r,
+                // The leader went away: find the new one.
+                Err(_) => {
+                    router.forget(leader);
+                    stale = true;
                     continue;
                 }
-                check(pd.error_code, &format!("fetch {}/{p}", args.topic))?;
-                ends.insert(p, pd.high_watermark);
-                let Some(records) = pd.records else { continue };
-                for batch in complete_batches(&records) {
-                    let pos = positions[&p];
-                    let next = batch.next_offset();
-                    if !batch.is_control() {
-                        let base = batch.base_offset();
-                        let base_ts = batch.base_timestamp();
-                        let mut err = Ok(());
-                        batch.for_each_record(|r| {
-                            let offset = base + r.offset_delta as i64;
-                            if offset < pos
-                                || args.count.is_some_and(|n| printed >= n)
-                                || err.is_err()
-                            {
-                                return;
-                            }
-                            printed += 1;
-                            err = if json_format {
-                                let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                                let headers: serde_json::Map<String, serde_json::Value> = r
-                                    .headers()
-                                    .into_iter()
-                                    .map(|(k, v)| (lossy(k), v.map(lossy).into()))
-                                    .collect();
-                                let line = json!({
-                                    "partition": p,
-                                    "offset": offset,
-                                    "timestamp": base_ts + r.timestamp_delta,
-                                    "key": r.key.map(lossy),
-                                    "value": r.value.map(lossy),
-                                    "headers": headers,
-                                });
-                                writeln!(out, "{line}")
-                            } else {
-                                out.write_all(r.value.unwrap_or_default())
-                                    .and_then(|_| out.write_all(b"\n"))
-                            };
-                        })?;
-                        err?;
+            };
+            check(resp.error_code, "fetch")?;
+            for t in resp.responses {
+                for pd in t.partitions {
+                    let p = pd.partition_index;
+                    if pd.error_code == 1 {
+                        // Offset out of range: restart from the earliest offset still kept.
+                        let start = list_offsets_routed(&mut router, &args.topic, &[p], -2).await?;
+                        eprintln!(
+                            "partition {p}: offset {} is out of range; resuming at {}",
+                            positions[&p], start[&p]
+                        );
+                        positions.extend(start);
+                        continue;
                     }
-                    positions.insert(p, next.max(pos));
+                    if is_misdirected(pd.error_code) {
+                        stale = true;
+                        continue;
+                    }
+                    check(pd.error_code, &format!("fetch {}/{p}", args.topic))?;
+                    ends.insert(p, pd.high_watermark);
+                    let Some(records) = pd.records else { continue };
+                    for batch in complete_batches(&records) {
+                        let pos = positions[&p];
+                        let next = batch.next_offset();
+                        if !batch.is_control() {
+                            let base = batch.base_offset();
+                            let base_ts = batch.base_timestamp();
+                            let mut err = Ok(());
+                            batch.for_each_record(|r| {
+                                let offset = base + r.offset_delta as i64;
+                                if offset < pos
+                                    || args.count.is_some_and(|n| printed >= n)
+                                    || err.is_err()
+                                {
+                                    return;
+                                }
+                                printed += 1;
+                                err = if json_format {
+                                    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                                    let headers: serde_json::Map<String, serde_json::Value> = r
+                                        .headers()
+                                        .into_iter()
+                                        .map(|(k, v)| (lossy(k), v.map(lossy).into()))
+                                        .collect();
+                                    let line = json!({
+                                        "partition": p,
+                                        "offset": offset,
+                                        "timestamp": base_ts + r.timestamp_delta,
+                                        "key": r.key.map(lossy),
+                                        "value": r.value.map(lossy),
+                                        "headers": headers,
+                                    });
+                                    writeln!(out, "{line}")
+                                } else {
+                                    out.write_all(r.value.unwrap_or_default())
+                                        .and_then(|_| out.write_all(b"\n"))
+                                };
+                            })?;
+                            err?;
+                        }
+                        positions.insert(p, next.max(pos));
+                    }
                 }
             }
         }
         out.flush()?;
+        if stale {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            // A cluster between leaders may not answer for a moment: keep trying.
+            if let Err(e) = router.partitions(&args.topic, false).await {
+                eprintln!("looking up the leaders of {}: {e:#}", args.topic);
+            }
+        }
     }
     out.flush()?;
     Ok(())

@@ -16,8 +16,9 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::Decodable;
 use serde_json::json;
 
-use super::consume::list_offsets;
-use super::{topic_partitions, ConnectArgs};
+use super::consume::list_offsets_routed;
+use super::ConnectArgs;
+use crate::client::router::{Router, GROUP};
 use crate::client::{check, Connection};
 use crate::kafka::str_bytes;
 
@@ -107,23 +108,32 @@ async fn describe_group(c: &mut Connection, group: &str) -> Result<Described> {
 }
 
 pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
-    let mut c = Connection::connect(&conn.brokers).await?;
+    let mut r = Router::connect(&conn.brokers).await?;
     match cmd {
         GroupCommand::List => {
-            let resp = c.call(&ListGroupsRequest::default()).await?;
-            check(resp.error_code, "list groups")?;
-            let mut groups: Vec<(String, String)> = resp
-                .groups
-                .into_iter()
-                .map(|g| (g.group_id.0.to_string(), g.group_state.to_string()))
-                .collect();
+            // Each node lists the groups it coordinates.
+            let mut groups: Vec<(String, String)> = vec![];
+            for node in r.node_ids().await? {
+                let resp = r
+                    .node(node)
+                    .await?
+                    .call(&ListGroupsRequest::default())
+                    .await?;
+                check(resp.error_code, "list groups")?;
+                groups.extend(
+                    resp.groups
+                        .into_iter()
+                        .map(|g| (g.group_id.0.to_string(), g.group_state.to_string())),
+                );
+            }
             groups.sort();
+            groups.dedup();
             for (g, state) in groups {
                 println!("{g}\t{state}");
             }
         }
         GroupCommand::Describe { group, format } => {
-            describe(&mut c, &group, format == "json").await?
+            describe(&mut r, &group, format == "json").await?
         }
         GroupCommand::ResetOffsets {
             group,
@@ -133,13 +143,14 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
             to_offset,
             to_datetime,
         } => {
-            let d = describe_group(&mut c, &group).await?;
+            let coordinator = r.coordinator(GROUP, &group).await?;
+            let d = describe_group(r.node(coordinator).await?, &group).await?;
             if d.state != "Empty" && d.state != "Dead" {
                 bail!("group '{group}' is not empty (state {}, {} member(s)); stop its consumers first", d.state, d.members.len());
             }
-            let partitions = topic_partitions(&mut c, &topic, false).await?;
-            let earliest = list_offsets(&mut c, &topic, &partitions, -2).await?;
-            let latest = list_offsets(&mut c, &topic, &partitions, -1).await?;
+            let partitions = r.partitions(&topic, false).await?;
+            let earliest = list_offsets_routed(&mut r, &topic, &partitions, -2).await?;
+            let latest = list_offsets_routed(&mut r, &topic, &partitions, -1).await?;
             let targets: BTreeMap<i32, i64> = if to_earliest {
                 earliest.clone()
             } else if to_latest {
@@ -155,7 +166,7 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
-                let found = list_offsets(&mut c, &topic, &partitions, ts).await?;
+                let found = list_offsets_routed(&mut r, &topic, &partitions, ts).await?;
                 // No record at or after the time: the end of the partition.
                 found
                     .into_iter()
@@ -181,7 +192,7 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
                             })
                             .collect(),
                     )]);
-            let resp = c.call(&req).await?;
+            let resp = r.node(coordinator).await?.call(&req).await?;
             for t in resp.topics {
                 for p in t.partitions {
                     check(
@@ -195,7 +206,10 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
             }
         }
         GroupCommand::Delete { group } => {
-            let resp = c
+            let coordinator = r.coordinator(GROUP, &group).await?;
+            let resp = r
+                .node(coordinator)
+                .await?
                 .call(
                     &DeleteGroupsRequest::default()
                         .with_groups_names(vec![GroupId(str_bytes(group.clone()))]),
@@ -210,7 +224,9 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
-async fn describe(c: &mut Connection, group: &str, json_format: bool) -> Result<()> {
+async fn describe(r: &mut Router, group: &str, json_format: bool) -> Result<()> {
+    let coordinator = r.coordinator(GROUP, group).await?;
+    let c = r.node(coordinator).await?;
     let d = describe_group(c, group).await?;
     let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
     // OffsetFetch v8+ asks for a list of groups; older versions for one.
@@ -256,7 +272,10 @@ async fn describe(c: &mut Connection, group: &str, json_format: bool) -> Result<
     }
     let mut ends = BTreeMap::new();
     for (t, ps) in &by_topic {
-        if let Ok(o) = list_offsets(c, t, ps, -1).await {
+        if r.partitions(t, false).await.is_err() {
+            continue;
+        }
+        if let Ok(o) = list_offsets_routed(r, t, ps, -1).await {
             for (p, end) in o {
                 ends.insert((t.clone(), p), end);
             }

@@ -9,9 +9,10 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::{ProduceRequest, TopicName};
 use kafka_protocol::records::Compression;
 
-use super::{now_ms, topic_partitions, ConnectArgs};
+use super::{now_ms, ConnectArgs};
+use crate::client::check;
 use crate::client::partitioner::partition_for_key;
-use crate::client::{check, Connection};
+use crate::client::router::{is_misdirected, pause_before_retry, Router};
 use crate::kafka::str_bytes;
 use crate::log::batch::BatchBuilder;
 
@@ -71,8 +72,8 @@ const LINGER: Duration = Duration::from_millis(20);
 pub async fn run(args: ProduceArgs) -> Result<()> {
     let acks = parse_acks(&args.acks)?;
     let codec = parse_compression(&args.compression)?;
-    let mut conn = Connection::connect(&args.conn.brokers).await?;
-    let partitions = topic_partitions(&mut conn, &args.topic, true).await?;
+    let mut router = Router::connect(&args.conn.brokers).await?;
+    let partitions = router.partitions(&args.topic, true).await?;
     if let Some(p) = args.partition {
         if !partitions.contains(&p) {
             bail!("topic '{}' has no partition {p}", args.topic);
@@ -105,7 +106,7 @@ pub async fn run(args: ProduceArgs) -> Result<()> {
             Ok(Some(line)) => Some(line?),
             Ok(None) => None,
             Err(_) => {
-                sent += flush(&mut conn, &args.topic, &mut builders, acks, codec).await?;
+                sent += flush(&mut router, &args.topic, &mut builders, acks, codec).await?;
                 pending = 0;
                 continue;
             }
@@ -131,56 +132,93 @@ pub async fn run(args: ProduceArgs) -> Result<()> {
             .push(key.as_deref(), Some(&line), &[], now);
         pending += line.len() + 16;
         if pending >= MAX_BATCH_BYTES {
-            sent += flush(&mut conn, &args.topic, &mut builders, acks, codec).await?;
+            sent += flush(&mut router, &args.topic, &mut builders, acks, codec).await?;
             pending = 0;
         }
     }
-    sent += flush(&mut conn, &args.topic, &mut builders, acks, codec).await?;
+    sent += flush(&mut router, &args.topic, &mut builders, acks, codec).await?;
     eprintln!("produced {sent} record(s) to {}", args.topic);
     Ok(())
 }
 
+/// Sends each partition's batch to its leader; a batch a node refused as not its leader (so
+/// did not append) goes again to the leader looked up anew.
 async fn flush(
-    conn: &mut Connection,
+    router: &mut Router,
     topic: &str,
     builders: &mut BTreeMap<i32, BatchBuilder>,
     acks: i16,
     codec: Compression,
 ) -> Result<u64> {
-    if builders.is_empty() {
-        return Ok(0);
-    }
-    let mut count = 0u64;
-    let data: Vec<PartitionProduceData> = std::mem::take(builders)
+    let mut pending: BTreeMap<i32, (bytes::Bytes, u64)> = std::mem::take(builders)
         .into_iter()
         .map(|(p, b)| {
-            count += b.count() as u64;
-            PartitionProduceData::default()
-                .with_index(p)
-                .with_records(Some(b.finish(codec).into()))
+            let n = b.count() as u64;
+            (p, (b.finish(codec).into(), n))
         })
         .collect();
-    let req = ProduceRequest::default()
-        .with_acks(acks)
-        .with_timeout_ms(30_000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(TopicName(str_bytes(topic)))
-            .with_partition_data(data)]);
-    if acks == 0 {
-        conn.sender.send(&req).await?;
-        conn.sender.flush().await?;
-        return Ok(count);
-    }
-    let resp = conn.call(&req).await?;
-    for t in resp.responses {
-        for p in t.partition_responses {
-            check(p.error_code, &format!("produce to {topic}/{}", p.index)).map_err(
-                |e| match &p.error_message {
-                    Some(m) => anyhow!("{e}: {m}"),
-                    None => e,
-                },
-            )?;
+    let mut count = 0u64;
+    let mut attempt = 0;
+    while !pending.is_empty() {
+        attempt += 1;
+        let partitions: Vec<i32> = pending.keys().copied().collect();
+        for (leader, ps) in router.by_leader(topic, &partitions) {
+            if leader < 0 {
+                continue;
+            }
+            let req = ProduceRequest::default()
+                .with_acks(acks)
+                .with_timeout_ms(30_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(TopicName(str_bytes(topic)))
+                    .with_partition_data(
+                        ps.iter()
+                            .map(|p| {
+                                PartitionProduceData::default()
+                                    .with_index(*p)
+                                    .with_records(Some(pending[p].0.clone()))
+                            })
+                            .collect(),
+                    )]);
+            // A node that cannot be reached was sent nothing: look up the leader again.
+            let Ok(conn) = router.node(leader).await else {
+                router.forget(leader);
+                continue;
+            };
+            if acks == 0 {
+                conn.sender.send(&req).await?;
+                conn.sender.flush().await?;
+                for p in &ps {
+                    count += pending.remove(p).map_or(0, |(_, n)| n);
+                }
+                continue;
+            }
+            let resp = conn.call(&req).await?;
+            for t in resp.responses {
+                for r in t.partition_responses {
+                    if r.error_code != 0 && is_misdirected(r.error_code) {
+                        continue;
+                    }
+                    check(r.error_code, &format!("produce to {topic}/{}", r.index)).map_err(
+                        |e| match &r.error_message {
+                            Some(m) => anyhow!("{e}: {m}"),
+                            None => e,
+                        },
+                    )?;
+                    count += pending.remove(&r.index).map_or(0, |(_, n)| n);
+                }
+            }
         }
+        if pending.is_empty() {
+            break;
+        }
+        if !pause_before_retry(attempt).await {
+            bail!(
+                "no leader took the records of {topic} partition(s) {:?}",
+                pending.keys().collect::<Vec<_>>()
+            );
+        }
+        router.partitions(topic, false).await?;
     }
     Ok(count)
 }

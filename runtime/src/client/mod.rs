@@ -2,6 +2,7 @@
 //! broker. Versions are negotiated through ApiVersions; requests can be pipelined.
 
 pub mod partitioner;
+pub mod router;
 
 use std::collections::HashMap;
 use std::time::Duration;
