@@ -8,6 +8,7 @@ use kafka_protocol::messages::{
 use serde_json::json;
 
 use super::ConnectArgs;
+use crate::client::router::{Router, TRANSACTION};
 use crate::client::{check, Connection};
 use crate::kafka::str_bytes;
 
@@ -33,40 +34,38 @@ pub enum TxnCommand {
 }
 
 pub async fn run(cmd: TxnCommand, conn: &ConnectArgs) -> Result<()> {
-    let mut c = Connection::connect(&conn.brokers).await?;
+    let mut r = Router::connect(&conn.brokers).await?;
     match cmd {
         TxnCommand::List {
             states,
             older_than_ms,
         } => {
-            let resp = c
-                .call(
-                    &ListTransactionsRequest::default()
-                        .with_state_filters(states.into_iter().map(str_bytes).collect())
-                        .with_duration_filter(older_than_ms.unwrap_or(-1)),
-                )
-                .await?;
-            check(resp.error_code, "list transactions")?;
-            if !resp.unknown_state_filters.is_empty() {
-                let unknown: Vec<&str> = resp
-                    .unknown_state_filters
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect();
-                return Err(anyhow!("unknown state(s): {}", unknown.join(", ")));
-            }
-            let mut rows: Vec<(String, i64, String)> = resp
-                .transaction_states
-                .into_iter()
-                .map(|t| {
+            let req = ListTransactionsRequest::default()
+                .with_state_filters(states.into_iter().map(str_bytes).collect())
+                .with_duration_filter(older_than_ms.unwrap_or(-1));
+            // Each node lists the transactions it coordinates.
+            let mut rows: Vec<(String, i64, String)> = vec![];
+            for node in r.node_ids().await? {
+                let resp = r.node(node).await?.call(&req).await?;
+                check(resp.error_code, "list transactions")?;
+                if !resp.unknown_state_filters.is_empty() {
+                    let unknown: Vec<&str> = resp
+                        .unknown_state_filters
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect();
+                    return Err(anyhow!("unknown state(s): {}", unknown.join(", ")));
+                }
+                rows.extend(resp.transaction_states.into_iter().map(|t| {
                     (
                         t.transactional_id.0.to_string(),
                         t.producer_id.0,
                         t.transaction_state.to_string(),
                     )
-                })
-                .collect();
+                }));
+            }
             rows.sort();
+            rows.dedup();
             println!("TRANSACTIONAL ID\tPRODUCER ID\tSTATE");
             for (id, pid, state) in rows {
                 println!("{id}\t{pid}\t{state}");
@@ -75,7 +74,15 @@ pub async fn run(cmd: TxnCommand, conn: &ConnectArgs) -> Result<()> {
         TxnCommand::Describe {
             transactional_id,
             format,
-        } => describe(&mut c, &transactional_id, format == "json").await?,
+        } => {
+            let coordinator = r.coordinator(TRANSACTION, &transactional_id).await?;
+            describe(
+                r.node(coordinator).await?,
+                &transactional_id,
+                format == "json",
+            )
+            .await?
+        }
     }
     Ok(())
 }
