@@ -97,11 +97,6 @@ impl Router {
         Ok(self.meta.as_mut().expect("connected above"))
     }
 
-    /// The connection used for requests any node answers (metadata, topic admin).
-    pub async fn any(&mut self) -> Result<&mut Connection> {
-        self.meta_conn().await
-    }
-
     /// Partition ids of `topic` (sorted), learning their leaders; creates the topic when the
     /// broker auto-creates topics and `create` is set.
     pub async fn partitions(&mut self, topic: &str, create: bool) -> Result<Vec<i32>> {

@@ -294,18 +294,16 @@ impl Broker {
         topic: &str,
         partition: i32,
     ) -> Result<(), ResponseError> {
-        let Some(cluster) = &self.cluster else {
-            return self
-                .txns
-                .verify_partition(transactional_id, producer, topic, partition)
-                .await;
+        let cluster = match &self.cluster {
+            Some(c) if !self.txns.is_active() => c,
+            // The coordinator runs here.
+            _ => {
+                return self
+                    .txns
+                    .verify_partition(transactional_id, producer, topic, partition)
+                    .await
+            }
         };
-        if self.txns.is_active() {
-            return self
-                .txns
-                .verify_partition(transactional_id, producer, topic, partition)
-                .await;
-        }
         let coordinator = cluster
             .image()
             .partition(crate::txn::TOPIC, 0)
