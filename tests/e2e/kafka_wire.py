@@ -166,6 +166,25 @@ def produce_idempotent(bootstrap: str, topic: str, pid: int, epoch: int, seq: in
     return results[0].error_code, results[0].base_offset
 
 
+API_LIST_OFFSETS = 2
+
+
+def list_offset_v1(sock: socket.socket, topic: str, partition: int, timestamp: int = -1) -> int:
+    """ListOffsets v1 on an open connection: the offset for `timestamp` (-1: the end a
+    consumer may read to, the high watermark; -2: the log start)."""
+    body = struct.pack(">i", -1)  # replica id: a consumer
+    body += struct.pack(">i", 1) + string(topic)
+    body += struct.pack(">i", 1) + struct.pack(">iq", partition, timestamp)
+    r = Reader(roundtrip(sock, frame(request_header(API_LIST_OFFSETS, 1, 1) + body)))
+    r.i32()  # correlation id
+    assert r.i32() == 1 and r.str() == topic and r.i32() == 1
+    got_partition, err = r.i32(), r.i16()
+    r.i64()  # timestamp
+    offset = r.i64()
+    assert got_partition == partition and err == 0, f"ListOffsets failed with error {err}"
+    return offset
+
+
 # ---------------------------------------------------------------------------
 # ApiVersions
 # ---------------------------------------------------------------------------

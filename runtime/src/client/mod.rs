@@ -16,6 +16,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 const CLIENT_ID: &str = "weir-cli";
+/// How long a request may go unanswered (Kafka's `request.timeout.ms` is 30 s; requests that
+/// wait on the broker side carry at most 30 s of their own).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// The version of each API both sides speak (highest common).
 #[derive(Clone, Debug, Default)]
@@ -172,11 +175,16 @@ impl Connection {
         Ok(conn)
     }
 
-    /// One request, one response.
+    /// One request, one response; an error after `REQUEST_TIMEOUT` without an answer (a node
+    /// that stopped or is cut off), after which the connection must be dropped.
     pub async fn call<R: Request>(&mut self, req: &R) -> Result<R::Response> {
-        let version = self.sender.send(req).await?;
-        self.sender.flush().await?;
-        self.receiver.recv::<R>(version).await
+        tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let version = self.sender.send(req).await?;
+            self.sender.flush().await?;
+            self.receiver.recv::<R>(version).await
+        })
+        .await
+        .map_err(|_| anyhow!("no answer from the broker within {REQUEST_TIMEOUT:?}"))?
     }
 
     pub fn into_split(self) -> (Sender, Receiver) {

@@ -186,8 +186,11 @@ impl Cluster {
         let config = openraft::Config {
             cluster_name: "weir".into(),
             heartbeat_interval: settings.heartbeat_ms,
-            election_timeout_min: settings.election_timeout_ms,
-            election_timeout_max: settings.election_timeout_ms * 2,
+            // openraft waits its leader lease (the maximum below) and then its own randomised
+            // timeout before standing for election: a silent leader is replaced after 1.25 to
+            // 1.5 times the configured election timeout.
+            election_timeout_min: settings.election_timeout_ms / 2,
+            election_timeout_max: settings.election_timeout_ms * 3 / 4,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 100,
             ..Default::default()
@@ -470,6 +473,15 @@ impl Cluster {
                 Err(e) => tracing::error!(error = %e, "metadata reconciliation failed"),
             }
             self.replicas.apply(&current);
+            // After `apply`, which stopped the fetchers of replicas this node lost.
+            let (log, img) = (self.log.clone(), current.clone());
+            match tokio::task::spawn_blocking(move || drop_lost_replicas(&log, &img, node)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot drop the data of a moved partition")
+                }
+                Err(e) => tracing::error!(error = %e, "dropping moved partitions failed"),
+            }
             self.reconciled.send_replace(current.version);
             let stopping = tokio::select! {
                 r = image.changed() => r.is_err(),
@@ -531,6 +543,24 @@ fn reconcile_topics(log: &LogManager, image: &ClusterImage, node: NodeId) -> Res
                     log.set_topic_configs(name, t.configs.clone(), false)?;
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Empties the local copy of every partition this node holds data of but no longer replicates
+/// (moved away by a reassignment): nothing reads it any more, and it would only take disk.
+fn drop_lost_replicas(log: &LogManager, image: &ClusterImage, node: NodeId) -> Result<()> {
+    for (name, t) in &image.topics {
+        let Some(local) = log.topic(name).filter(|l| l.id == t.id) else {
+            continue;
+        };
+        for (p, partition) in t.partitions.iter().zip(&local.partitions) {
+            if p.replicas.contains(&node) || partition.size_bytes() == 0 {
+                continue;
+            }
+            tracing::info!(topic = %name, partition = partition.id, "this node no longer replicates the partition: dropping its data");
+            partition.truncate_fully_and_start_at(0)?;
         }
     }
     Ok(())
