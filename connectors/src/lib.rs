@@ -26,7 +26,8 @@ pub struct Record {
     pub key: Option<Bytes>,
     /// None is a tombstone (only sinks see those).
     pub value: Option<Bytes>,
-    pub headers: Vec<(String, Bytes)>,
+    /// Header values may be null, as in Kafka, which tells null from empty.
+    pub headers: Vec<(String, Option<Bytes>)>,
     /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
 }

@@ -42,7 +42,7 @@ fn header<'a>(r: &'a Record, name: &str) -> Option<&'a [u8]> {
     r.headers
         .iter()
         .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_ref())
+        .and_then(|(_, v)| v.as_deref())
 }
 
 /// Next batch, or None when nothing comes within `wait`.

@@ -422,3 +422,91 @@ def test_example_pipelines(weir_factory, tmp_path, monkeypatch):
 
     wait_until(lambda: len(rows()) == 50 and dict(rows())[3] == 99.0, timeout=30,
                message="the orders in the database")
+
+
+def test_a_refused_plugin_leaves_the_running_version(weir_factory, tmp_path):
+    """Pointing a running pipeline at a module weir refuses reports the file, line and field,
+    and the previous version keeps serving."""
+    weir, d = pipelines_daemon(weir_factory, tmp_path, **{"activity.yaml": HTTP_PIPELINE})
+    wait_until(lambda: pipeline_state(weir, "activity"), message="the pipeline to start")
+    (d / "junk.wasm").write_bytes(b"\0asm this is not a module")
+    (d / "activity.yaml").write_text(HTTP_PIPELINE + "transforms:\n  - plugin: junk.wasm\n")
+    status = wait_until(lambda: (file_status(weir, "activity.yaml") or {}).get("invalid"),
+                        message="the refused module to be reported")
+    assert "activity.yaml:11:5: transforms[0].plugin: " in status, status
+    assert file_status(weir, "activity.yaml")["pipeline"]["state"] == "running"
+    assert post(weir, "/ingest/activity", b'{"user": "a"}\n').status_code == 200
+    # Fixing the file brings the new version up.
+    (d / "activity.yaml").write_text(HTTP_PIPELINE.replace("/ingest/activity", "/ingest/v2"))
+    wait_until(lambda: post(weir, "/ingest/v2", b'{"user": "b"}\n').status_code == 200,
+               message="the fixed version to serve")
+    assert file_status(weir, "activity.yaml")["invalid"] is None
+
+
+def test_a_file_refused_for_a_conflict_starts_once_the_other_goes(weir_factory, tmp_path):
+    """`cp a.yaml b.yaml; rm a.yaml` moves a pipeline; a second file on the same HTTP path
+    starts once the path is free. Both conflicts name the file, line and field."""
+    weir, d = pipelines_daemon(weir_factory, tmp_path, **{"a.yaml": HTTP_PIPELINE})
+    wait_until(lambda: pipeline_state(weir, "activity"), message="the pipeline to start")
+    (d / "b.yaml").write_text(HTTP_PIPELINE)
+    status = wait_until(lambda: (file_status(weir, "b.yaml") or {}).get("invalid"),
+                        message="the name conflict to be reported")
+    assert "b.yaml:1:1: name: 'activity' is already the name of the pipeline in" in status, status
+    assert "a.yaml" in status, status
+    (d / "a.yaml").unlink()
+    wait_until(lambda: (file_status(weir, "b.yaml") or {}).get("pipeline"),
+               message="b.yaml to take the pipeline over")
+    assert file_status(weir, "b.yaml")["invalid"] is None
+    assert post(weir, "/ingest/activity", b'{"user": "a"}\n').status_code == 200
+
+    (d / "c.yaml").write_text(HTTP_PIPELINE.replace("name: activity", "name: other"))
+    status = wait_until(lambda: (file_status(weir, "c.yaml") or {}).get("invalid"),
+                        message="the path conflict to be reported")
+    assert "c.yaml:4:5: source.http.path: /ingest/activity is already served by pipeline " \
+           "'activity'" in status, status
+    (d / "b.yaml").unlink()
+    wait_until(lambda: pipeline_state(weir, "other"), message="c.yaml to start once the path is free")
+    assert post(weir, "/ingest/activity", b'{"user": "b"}\n').status_code == 200
+
+
+def test_null_header_values_stay_null_through_a_pipeline(weir_factory, tmp_path):
+    """Kafka tells a null header value from an empty one; a topic-to-topic pipeline and a
+    topic sink keep the difference."""
+    weir, d = pipelines_daemon(weir_factory, tmp_path)
+    create_topic(weir.bootstrap, "hin", 1)
+    (d / "copy.yaml").write_text("""\
+name: copy
+source:
+  topic: { name: hin }
+topic: { name: hmid }
+sinks:
+  - topic: { name: hout }
+""")
+    wait_until(lambda: pipeline_state(weir, "copy"), message="the pipeline to start")
+    p = Producer({"bootstrap.servers": weir.bootstrap})
+    p.produce("hin", value=b"v", headers=[("nullh", None), ("empty", b""), ("x", b"1")])
+    assert p.flush(30) == 0
+    want = [("nullh", None), ("empty", b""), ("x", b"1")]
+    for topic in ("hmid", "hout"):
+        got = wait_until(lambda: read_committed(weir.bootstrap, topic), timeout=30,
+                         message=f"the record in {topic}")
+        assert [h for h in got[0][4] if not h[0].startswith("weir.")] == want, (topic, got)
+
+
+def test_a_benchmark_daemon_loads_no_pipelines(weir_bin, tmp_path):
+    """`weir bench` run where ./pipelines exists (the repository root) starts its daemon
+    without those pipelines."""
+    out = tmp_path / "probe-out"
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "probe.yaml").write_text(f"""\
+name: probe
+source:
+  topic: {{ name: probe }}
+sinks:
+  - file: {{ path: {out}/probe.txt }}
+""")
+    import subprocess
+    res = subprocess.run([weir_bin, "bench", "--records", "2000", "--disk-baseline-mib", "0"],
+                         cwd=tmp_path, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert not out.exists(), list(out.iterdir())

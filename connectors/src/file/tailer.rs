@@ -987,7 +987,7 @@ fn next_unit(settings: &Settings, e: &mut Entry, now: i64) -> Option<Record> {
         return Some(Record {
             key: None,
             value: Some(record),
-            headers: vec![("file".to_string(), e.header.clone())],
+            headers: vec![("file".to_string(), Some(e.header.clone()))],
             timestamp: now,
         });
     }
@@ -1100,9 +1100,9 @@ fn deliver_bad(e: &mut Entry, out: &mut Out) {
             .take_while(|b| b.is_ascii_whitespace())
             .count();
     raw.truncate(trimmed);
-    let mut headers = vec![("file".to_string(), e.header.clone())];
+    let mut headers = vec![("file".to_string(), Some(e.header.clone()))];
     let line_text = line.map_or_else(|| "?".to_string(), |l| l.to_string());
-    headers.push(("line".to_string(), Bytes::from(line_text.clone())));
+    headers.push(("line".to_string(), Some(Bytes::from(line_text.clone()))));
     let column = skip.column.map(|c| format!(":{c}")).unwrap_or_default();
     let message = format!("{}:{line_text}{column}: {}", e.path.display(), skip.message);
     e.pos = end;

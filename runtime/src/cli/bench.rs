@@ -90,6 +90,7 @@ fn free_port() -> Result<u16> {
 async fn start_daemon(dir: &std::path::Path) -> Result<(Daemon, String)> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
+    let dir = &std::path::absolute(dir)?;
     let kafka = format!("127.0.0.1:{}", free_port()?);
     let http = format!("127.0.0.1:{}", free_port()?);
     let child = Command::new(std::env::current_exe()?)
@@ -97,6 +98,8 @@ async fn start_daemon(dir: &std::path::Path) -> Result<(Daemon, String)> {
         .arg(dir.join("data"))
         .args(["--kafka-addr", &kafka, "--http-addr", &http])
         .env("WEIR_LOG", "warn")
+        // Started in its own empty directory, so that no ./pipelines is picked up.
+        .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -175,7 +175,7 @@ impl TopicWriter {
                     let headers: Vec<(&[u8], Option<&[u8]>)> = r
                         .headers
                         .iter()
-                        .map(|(k, v)| (k.as_bytes(), Some(&v[..])))
+                        .map(|(k, v)| (k.as_bytes(), v.as_deref()))
                         .collect();
                     b.push(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp);
                     taken += 1;
@@ -314,7 +314,7 @@ impl TopicReader {
                             .map(|(k, v)| {
                                 (
                                     String::from_utf8_lossy(k).into_owned(),
-                                    share(&bytes, v.unwrap_or_default()),
+                                    v.map(|v| share(&bytes, v)),
                                 )
                             })
                             .collect();

@@ -84,10 +84,16 @@ struct Running {
 #[derive(Default)]
 struct FileState {
     content_hash: u64,
-    /// Size and modification time of the running version's plugin files.
+    /// The last version of the file that parsed (running or not), and the size and
+    /// modification time of its plugin files when it was checked: a replaced plugin file makes
+    /// the file be checked again.
+    parsed: Option<PipelineSpec>,
     plugins_stamp: u64,
     running: Option<Running>,
     invalid: Option<String>,
+    /// Refused because another file's pipeline holds its name or HTTP path: checked again on
+    /// every scan, so that it starts once the other file changes or goes away.
+    conflict: bool,
 }
 
 pub struct PipelineManager {
@@ -196,16 +202,18 @@ impl PipelineManager {
             let hash = content_hash(&text);
             let state = files.entry(file.clone()).or_default();
             let plugins_changed = state
-                .running
+                .parsed
                 .as_ref()
-                .is_some_and(|r| plugins_stamp(&r.spec, &file) != state.plugins_stamp);
+                .is_some_and(|s| plugins_stamp(s, &file) != state.plugins_stamp);
             if state.content_hash == hash
+                && !state.conflict
                 && !plugins_changed
                 && (state.running.is_some() || state.invalid.is_some())
             {
                 continue;
             }
             state.content_hash = hash;
+            state.conflict = false;
             let spec = match PipelineSpec::parse(&file, &text, |n| std::env::var(n).ok()) {
                 Ok(spec) => spec,
                 Err(e) => {
@@ -221,32 +229,44 @@ impl PipelineManager {
             let taken = files.iter().find(|(f, s)| {
                 **f != file && s.running.as_ref().is_some_and(|r| r.spec.name == spec.name)
             });
-            if let Some((other, _)) = taken {
-                let e = SpecError {
-                    file: file.clone(),
-                    line: 1,
-                    column: 1,
-                    message: format!(
-                        "name: '{}' is already the name of the pipeline in {}",
+            let conflict = match taken {
+                Some((other, _)) => Some(SpecError::at_field(
+                    &file,
+                    &text,
+                    "name",
+                    format!(
+                        "'{}' is already the name of the pipeline in {}",
                         spec.name,
                         other.display()
                     ),
-                };
-                let state = files.get_mut(&file).expect("inserted above");
+                )),
+                None => self.http_path_taken(&spec, &file, &text, files.get(&file)),
+            };
+            let state = files.get_mut(&file).expect("inserted above");
+            if let Some(e) = conflict {
+                state.conflict = true;
                 self.reject(state, &file, e);
                 continue;
             }
-            let state = files.get_mut(&file).expect("inserted above");
+            // Plugins are loaded before the running version is stopped: a module weir refuses
+            // leaves that version running.
+            state.plugins_stamp = plugins_stamp(&spec, &file);
+            state.parsed = Some(spec.clone());
+            let plugins = match self.load_plugins(&spec, &file, &text).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.reject(state, &file, e);
+                    continue;
+                }
+            };
             if let Some(old) = state.running.take() {
                 tracing::info!(pipeline = %old.spec.name, file = %file.display(), "pipeline file changed: restarting");
                 self.stop(old).await;
             }
-            let stamp = plugins_stamp(&spec, &file);
-            match self.start(spec.clone(), &file).await {
+            match self.start(spec.clone(), &file, plugins).await {
                 Ok(r) => {
                     tracing::info!(pipeline = %spec.name, file = %file.display(), "pipeline started");
                     state.running = Some(r);
-                    state.plugins_stamp = stamp;
                     state.invalid = None;
                 }
                 Err(e) => {
@@ -259,18 +279,56 @@ impl PipelineManager {
     }
 
     fn reject(&self, state: &mut FileState, file: &Path, e: SpecError) {
-        let keeps = state
-            .running
-            .as_ref()
-            .map(|r| format!("; the running version of '{}' is kept", r.spec.name))
-            .unwrap_or_default();
-        tracing::error!(file = %file.display(), error = %e, "invalid pipeline file{keeps}");
-        state.invalid = Some(e.to_string());
+        let message = e.to_string();
+        // A conflicting file is checked on every scan: say why once.
+        if state.invalid.as_ref() != Some(&message) {
+            let keeps = state
+                .running
+                .as_ref()
+                .map(|r| format!("; the running version of '{}' is kept", r.spec.name))
+                .unwrap_or_default();
+            tracing::error!(file = %file.display(), error = %e, "invalid pipeline file{keeps}");
+        }
+        state.invalid = Some(message);
     }
 
-    async fn start(&self, spec: PipelineSpec, file: &Path) -> Result<Running> {
-        // Modules are compiled (or taken from the cache) and checked before anything starts,
-        // so a bad plugin is reported as the file's error.
+    /// The error when `spec`'s HTTP source path is served by another file's pipeline.
+    fn http_path_taken(
+        &self,
+        spec: &PipelineSpec,
+        file: &Path,
+        text: &str,
+        state: Option<&FileState>,
+    ) -> Option<SpecError> {
+        let SourceSpec::Http(h) = &spec.source else {
+            return None;
+        };
+        let endpoints = self.endpoints.read();
+        let other = endpoints.get(&h.path)?;
+        let own = state
+            .and_then(|s| s.running.as_ref())
+            .is_some_and(|r| r.endpoint.as_deref() == Some(h.path.as_str()));
+        (!own).then(|| {
+            SpecError::at_field(
+                file,
+                text,
+                "source.http.path",
+                format!(
+                    "{} is already served by pipeline '{}'",
+                    h.path, other.pipeline
+                ),
+            )
+        })
+    }
+
+    /// Compiles (or takes from the cache) and checks every module of `spec`, so that a bad
+    /// plugin is reported as the file's error, at its `transforms[i].plugin` line.
+    async fn load_plugins(
+        &self,
+        spec: &PipelineSpec,
+        file: &Path,
+        text: &str,
+    ) -> Result<Vec<weir_wasm::Plugin>, SpecError> {
         let mut plugins = Vec::with_capacity(spec.transforms.len());
         for (i, t) in spec.transforms.iter().enumerate() {
             let path = plugin_path(file, &t.plugin);
@@ -281,12 +339,24 @@ impl PipelineManager {
             };
             let host = self.ctx.plugins.clone();
             let load_path = path.clone();
-            let loaded =
-                tokio::task::spawn_blocking(move || host.load(&load_path, options)).await?;
-            plugins.push(
-                loaded.map_err(|e| anyhow!("transforms[{i}].plugin ({}): {e}", path.display()))?,
-            );
+            let loaded = tokio::task::spawn_blocking(move || host.load(&load_path, options))
+                .await
+                .map_err(|e| anyhow!("{e}"))
+                .and_then(|r| r.map_err(|e| anyhow!("{e}")));
+            let field = format!("transforms[{i}].plugin");
+            plugins.push(loaded.map_err(|e| {
+                SpecError::at_field(file, text, &field, format!("{}: {e}", path.display()))
+            })?);
         }
+        Ok(plugins)
+    }
+
+    async fn start(
+        &self,
+        spec: PipelineSpec,
+        file: &Path,
+        plugins: Vec<weir_wasm::Plugin>,
+    ) -> Result<Running> {
         let ctx = self.ctx.clone();
         let status = Arc::new(Mutex::new(Status {
             name: spec.name.clone(),

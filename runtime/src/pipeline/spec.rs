@@ -197,6 +197,20 @@ pub struct SpecError {
     pub message: String,
 }
 
+impl SpecError {
+    /// An error about `field` (`source.http.path`, `transforms[0].plugin`) of the file whose
+    /// content is `text`, placed at the field's line and column.
+    pub fn at_field(file: &Path, text: &str, field: &str, message: impl std::fmt::Display) -> Self {
+        let (line, column) = locate(text, field);
+        SpecError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: format!("{field}: {message}"),
+        }
+    }
+}
+
 impl PipelineSpec {
     pub fn load(path: &Path) -> Result<PipelineSpec, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| SpecError {

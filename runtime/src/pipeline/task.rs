@@ -124,7 +124,7 @@ impl DeadLetters {
         origin: Option<(&str, i32, i64)>,
     ) -> Outgoing {
         let mut r = record.clone();
-        let mut add = |k: &str, v: String| r.headers.push((k.to_string(), Bytes::from(v)));
+        let mut add = |k: &str, v: String| r.headers.push((k.to_string(), Some(Bytes::from(v))));
         add("weir.pipeline", self.pipeline.clone());
         add("weir.stage", stage.to_string());
         add("weir.error", error.to_string());

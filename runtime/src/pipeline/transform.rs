@@ -124,12 +124,11 @@ impl EncodeRecord for PluginInput<'_> {
     }
     fn header(&self, i: usize) -> (&str, Option<&[u8]>) {
         let (name, value) = &self.record.headers[i];
-        (name, Some(value))
+        (name, value.as_deref())
     }
 }
 
-/// A record a plugin produced, as slices of the call's output. A null header value becomes an
-/// empty one (pipeline records have no null header values). Where the plugin says the record
+/// A record a plugin produced, as slices of the call's output. Where the plugin says the record
 /// came from is not taken: the origin stays the one of its input.
 fn produced_record(output: &Bytes, v: RecordView<'_>) -> Record {
     Record {
@@ -138,10 +137,7 @@ fn produced_record(output: &Bytes, v: RecordView<'_>) -> Record {
         headers: v
             .headers
             .iter()
-            .map(|(name, value)| {
-                let value = value.map(|x| output.slice_ref(x)).unwrap_or_default();
-                (name.to_string(), value)
-            })
+            .map(|(name, value)| (name.to_string(), value.map(|x| output.slice_ref(x))))
             .collect(),
         timestamp: v.timestamp,
     }
@@ -182,8 +178,8 @@ mod tests {
         assert_eq!(
             rec.headers,
             vec![
-                ("h".to_string(), Bytes::new()),
-                ("e".to_string(), Bytes::new())
+                ("h".to_string(), None),
+                ("e".to_string(), Some(Bytes::new()))
             ]
         );
         let v = rec.value.unwrap();
@@ -196,7 +192,7 @@ mod tests {
         let record = Record {
             key: Some(Bytes::from_static(b"k")),
             value: Some(Bytes::from_static(b"value")),
-            headers: vec![("h".into(), Bytes::from_static(b"x"))],
+            headers: vec![("h".into(), Some(Bytes::from_static(b"x")))],
             timestamp: 9,
         };
         let input = PluginInput {
