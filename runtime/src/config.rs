@@ -36,6 +36,9 @@ pub struct Settings {
     /// Allowed range of consumers' session.timeout.ms.
     pub group_min_session_timeout_ms: i32,
     pub group_max_session_timeout_ms: i32,
+    /// How often segments past retention.ms / retention.bytes are deleted
+    /// (log.retention.check.interval.ms).
+    pub log_retention_check_interval_ms: u64,
     /// How often the log cleaner looks for compactable partitions.
     pub log_cleaner_interval_ms: u64,
     /// Memory for the cleaner's key map (Kafka's log.cleaner.dedupe.buffer.size).
@@ -65,6 +68,9 @@ pub struct Settings {
     pub node_session_timeout_ms: u64,
     /// How often partitions go back to their preferred leaders once those are in sync.
     pub preferred_leader_check_ms: u64,
+    /// Series per partition in `GET /metrics` (offsets, sizes, group lag by partition); turn
+    /// off where partitions are many: per-topic and per-group sums remain.
+    pub metrics_per_partition: bool,
 }
 
 impl Default for Settings {
@@ -82,6 +88,7 @@ impl Default for Settings {
             group_initial_rebalance_delay_ms: 3000,
             group_min_session_timeout_ms: 6000,
             group_max_session_timeout_ms: 1_800_000,
+            log_retention_check_interval_ms: 300_000,
             log_cleaner_interval_ms: 15_000,
             log_cleaner_dedupe_buffer_bytes: 128 << 20,
             pipelines_dir: None,
@@ -96,6 +103,7 @@ impl Default for Settings {
             replica_lag_time_max_ms: 10_000,
             node_session_timeout_ms: 6_000,
             preferred_leader_check_ms: 10_000,
+            metrics_per_partition: true,
         }
     }
 }

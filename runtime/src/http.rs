@@ -1,4 +1,5 @@
-//! The HTTP API: health, the pipelines' status, and the HTTP sources' ingest endpoints.
+//! The HTTP API: health, Prometheus metrics, the pipelines' status, and the HTTP sources'
+//! ingest endpoints.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::kafka::Broker;
+use crate::metrics::ScrapeOptions;
 use crate::pipeline::http_source::{parse_body, submit, Rejection};
 use crate::pipeline::PipelineManager;
 
@@ -20,21 +22,28 @@ use crate::pipeline::PipelineManager;
 struct AppState {
     broker: Arc<Broker>,
     pipelines: Option<Arc<PipelineManager>>,
+    metrics: ScrapeOptions,
 }
 
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     pipelines: Option<Arc<PipelineManager>>,
+    metrics: ScrapeOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster_status))
         .route("/pipelines", get(list_pipelines))
         .route("/pipelines/{name}", get(get_pipeline))
         .fallback(ingest)
-        .with_state(AppState { broker, pipelines });
+        .with_state(AppState {
+            broker,
+            pipelines,
+            metrics,
+        });
     let stop = async move {
         let _ = shutdown.changed().await;
     };
@@ -71,6 +80,18 @@ async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
 }
 
 /// The cluster's state as this node sees it; 404 on a single node.
+async fn metrics_text(State(s): State<AppState>) -> Response {
+    let text = crate::metrics::render(&s.broker, s.pipelines.as_deref(), s.metrics).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 async fn cluster_status(State(s): State<AppState>) -> Response {
     match &s.broker.cluster {
         Some(c) => Json(c.status()).into_response(),

@@ -8,6 +8,7 @@ pub mod group;
 pub mod http;
 pub mod kafka;
 pub mod log;
+pub mod metrics;
 pub mod pipeline;
 pub mod serve;
 pub mod txn;

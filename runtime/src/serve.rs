@@ -141,6 +141,7 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let maintenance = tokio::spawn(log.clone().run_maintenance(
         Duration::from_millis(100),
+        Duration::from_millis(settings.log_retention_check_interval_ms.max(10)),
         Duration::from_secs(30),
         stop_rx.clone(),
     ));
@@ -167,6 +168,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         http_listener,
         broker.clone(),
         pipelines.clone(),
+        crate::metrics::ScrapeOptions {
+            per_partition: settings.metrics_per_partition,
+        },
         stop_rx.clone(),
     ));
     let pipeline_task = pipelines

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,31 @@ def test_corrupt_segment_tail_is_recovered(weir, kind):
     weir.restart()
     got = consume_confluent(weir.bootstrap, topic, [0])
     assert_contiguous(got, {0: 65})
+
+
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+def test_backdated_records_stay_until_the_retention_check(weir_factory):
+    """A backfill with last year's timestamps into a topic that keeps a day: the records stay
+    readable until retention next runs (log_retention_check_interval_ms), then go."""
+    old = now_ms() - YEAR_MS
+    records = [Outgoing(value=f"b{i}".encode(), partition=0, timestamp=old + i) for i in range(50)]
+
+    def backfill(weir, topic):
+        create_topic(weir.bootstrap, topic, config={"retention.ms": str(24 * 3600 * 1000)})
+        produce_confluent(weir.bootstrap, topic, records)
+
+    # Default settings: the check runs every five minutes, so nothing goes at once.
+    weir = weir_factory("default-check")
+    backfill(weir, "backfill")
+    time.sleep(3)
+    got = consume_confluent(weir.bootstrap, "backfill", [0])
+    assert [r.value for r in got] == [r.value for r in records]
+    assert watermarks(weir.bootstrap, "backfill", [0])[0] == (0, 50)
+
+    # A short check interval: the expired records go at the next check, offsets stay.
+    fast = weir_factory("fast-check", config_yaml="log_retention_check_interval_ms: 500\n")
+    backfill(fast, "backfill")
+    wait_until(lambda: watermarks(fast.bootstrap, "backfill", [0])[0] == (50, 50), 30,
+               message="the expired backfill to be deleted")

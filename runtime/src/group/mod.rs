@@ -433,6 +433,11 @@ impl GroupCoordinator {
     }
 
     /// NOT_COORDINATOR while another node coordinates groups.
+    /// Whether this node coordinates groups now (always on a single node).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
     pub fn check_active(&self) -> Result<(), ResponseError> {
         if self.active.load(Ordering::Acquire) {
             Ok(())
@@ -1022,6 +1027,10 @@ impl GroupCoordinator {
             tracing::error!(group = group_id, error = %e, "cannot persist offsets");
             return Err(ResponseError::KafkaStorageError);
         }
+        crate::metrics::get()
+            .offset_commits
+            .with_label_values(&[group_id])
+            .inc_by(accepted.len() as u64);
         for (tp, off) in accepted {
             g.offsets.insert(tp, off);
         }
@@ -1082,6 +1091,10 @@ impl GroupCoordinator {
         }
         let mut groups = self.groups.lock();
         for (group_id, tp, off) in entries {
+            crate::metrics::get()
+                .offset_commits
+                .with_label_values(&[&group_id])
+                .inc();
             groups
                 .entry(group_id.clone())
                 .or_insert_with(|| Group::new(&group_id))

@@ -198,3 +198,75 @@ pub async fn dispatch(
     };
     Some(Reply::Message(response))
 }
+
+impl Reply {
+    /// The error codes a response carries (top level, per partition, per key), for the
+    /// metrics; the APIs not listed count none.
+    pub fn error_codes(&self) -> Vec<i16> {
+        let fetch = |r: &FetchResponse| {
+            std::iter::once(r.error_code)
+                .chain(
+                    r.responses
+                        .iter()
+                        .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
+                )
+                .collect()
+        };
+        let m = match self {
+            Reply::Fetch(r, _) => return fetch(r),
+            Reply::Message(m) => m,
+        };
+        match m {
+            ResponseKind::Fetch(r) => fetch(r),
+            ResponseKind::Produce(r) => r
+                .responses
+                .iter()
+                .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+                .collect(),
+            ResponseKind::ListOffsets(r) => r
+                .topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(|p| p.error_code))
+                .collect(),
+            ResponseKind::Metadata(r) => r.topics.iter().map(|t| t.error_code).collect(),
+            ResponseKind::FindCoordinator(r) => std::iter::once(r.error_code)
+                .chain(r.coordinators.iter().map(|c| c.error_code))
+                .collect(),
+            ResponseKind::JoinGroup(r) => vec![r.error_code],
+            ResponseKind::SyncGroup(r) => vec![r.error_code],
+            ResponseKind::Heartbeat(r) => vec![r.error_code],
+            ResponseKind::LeaveGroup(r) => vec![r.error_code],
+            ResponseKind::OffsetCommit(r) => r
+                .topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(|p| p.error_code))
+                .collect(),
+            ResponseKind::OffsetFetch(r) => std::iter::once(r.error_code)
+                .chain(r.groups.iter().map(|g| g.error_code))
+                .collect(),
+            ResponseKind::InitProducerId(r) => vec![r.error_code],
+            ResponseKind::AddPartitionsToTxn(r) => std::iter::once(r.error_code)
+                .chain(r.results_by_topic_v3_and_below.iter().flat_map(|t| {
+                    t.results_by_partition
+                        .iter()
+                        .map(|p| p.partition_error_code)
+                }))
+                .collect(),
+            ResponseKind::AddOffsetsToTxn(r) => vec![r.error_code],
+            ResponseKind::EndTxn(r) => vec![r.error_code],
+            ResponseKind::TxnOffsetCommit(r) => r
+                .topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(|p| p.error_code))
+                .collect(),
+            ResponseKind::CreateTopics(r) => r.topics.iter().map(|t| t.error_code).collect(),
+            ResponseKind::DeleteTopics(r) => r.responses.iter().map(|t| t.error_code).collect(),
+            ResponseKind::OffsetForLeaderEpoch(r) => r
+                .topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(|p| p.error_code))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}

@@ -80,6 +80,14 @@ pub async fn produce(
                                     }
                                     if info.duplicate {
                                         tracing::debug!(topic = %name, partition = pd.index, offset = info.base_offset, "duplicate batch answered with its original offset");
+                                    } else {
+                                        let m = crate::metrics::get();
+                                        m.produced_records.with_label_values(&[&name]).inc_by(
+                                            (info.last_offset - info.base_offset + 1) as u64,
+                                        );
+                                        m.produced_bytes
+                                            .with_label_values(&[&name])
+                                            .inc_by(records.len() as u64);
                                     }
                                     if info.needs_fsync {
                                         to_flush.push((p.clone(), info.last_offset + 1));

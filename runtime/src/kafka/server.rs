@@ -38,6 +38,7 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    crate::metrics::get().connections_accepted.inc();
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
@@ -81,6 +82,16 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     stream.set_nodelay(true)?;
+    let metrics = crate::metrics::get();
+    metrics.connections.inc();
+    // Counted down however the connection ends.
+    struct Open;
+    impl Drop for Open {
+        fn drop(&mut self) {
+            crate::metrics::get().connections.dec();
+        }
+    }
+    let _open = Open;
     let (rd, wr) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, rd);
     let mut writer = BufWriter::with_capacity(64 * 1024, wr);
@@ -94,13 +105,18 @@ async fn connection(
             },
             _ = shutdown.changed() => return Ok(()),
         };
+        metrics.received_bytes.inc_by(frame.len() as u64 + 4);
         if let Some(pieces) = handle_frame(&broker, frame, peer).await? {
             for piece in pieces {
                 match piece {
-                    Piece::Bytes(b) => writer.write_all(&b).await?,
+                    Piece::Bytes(b) => {
+                        metrics.sent_bytes.inc_by(b.len() as u64);
+                        writer.write_all(&b).await?
+                    }
                     Piece::File(f) => {
                         writer.flush().await?;
                         send_file(writer.get_ref().as_ref(), &f).await?;
+                        metrics.sent_bytes.inc_by(f.len);
                     }
                 }
             }
@@ -199,10 +215,36 @@ pub async fn handle_frame(
         client_id: header.client_id.as_ref().map(|c| c.to_string()),
         peer,
     };
-    let Some(reply) = apis::dispatch(broker, &ctx, request).await else {
+    let started = std::time::Instant::now();
+    let reply = apis::dispatch(broker, &ctx, request).await;
+    let metrics = crate::metrics::get();
+    let api = api_name(key);
+    metrics
+        .requests
+        .with_label_values(&[api, &version.to_string()])
+        .inc();
+    metrics
+        .request_seconds
+        .with_label_values(&[api])
+        .observe(started.elapsed().as_secs_f64());
+    let Some(reply) = reply else {
         return Ok(None);
     };
+    metrics.count_errors(api, reply.error_codes());
     encode_reply(correlation_id, key, version, reply).map(Some)
+}
+
+/// The API's name as Kafka spells it in its own metrics (Produce, FindCoordinator).
+fn api_name(key: ApiKey) -> &'static str {
+    // ApiKey's Debug is its variant name; only supported APIs get this far.
+    static NAMES: std::sync::LazyLock<std::collections::HashMap<i16, String>> =
+        std::sync::LazyLock::new(|| {
+            apis::SUPPORTED
+                .iter()
+                .map(|(k, _, _)| (*k as i16, format!("{k:?}")))
+                .collect()
+        });
+    NAMES.get(&(key as i16)).map_or("Unknown", String::as_str)
 }
 
 fn encode_reply(

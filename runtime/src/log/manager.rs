@@ -387,22 +387,29 @@ impl LogManager {
             .collect()
     }
 
-    /// Flush policy and retention every `tick`, a recovery checkpoint every `checkpoint_every`;
+    /// Flush policy every `tick`, retention every `retention_every` (Kafka's
+    /// log.retention.check.interval.ms), a recovery checkpoint every `checkpoint_every`;
     /// returns when `shutdown` fires, after a final checkpoint of every partition.
     pub async fn run_maintenance(
         self: Arc<Self>,
         tick: Duration,
+        retention_every: Duration,
         checkpoint_every: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut last_checkpoint = Instant::now();
+        let mut last_retention = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
                 _ = shutdown.changed() => break,
             }
+            let with_retention = last_retention.elapsed() >= retention_every;
+            if with_retention {
+                last_retention = Instant::now();
+            }
             for p in self.all_partitions() {
-                if let Err(e) = p.maintain().await {
+                if let Err(e) = p.maintain(with_retention).await {
                     tracing::error!(topic = %p.topic, partition = p.id, error = %e, "flush/retention failed");
                 }
             }
@@ -437,7 +444,8 @@ impl LogManager {
                     .unwrap_or(0);
                 let part = p.clone();
                 match tokio::task::spawn_blocking(move || part.compact(now, max_keys)).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(Some(_))) => crate::metrics::get().compactions.inc(),
+                    Ok(Ok(None)) => {}
                     Ok(Err(e)) => {
                         tracing::error!(topic = %p.topic, partition = p.id, error = %e, "compaction failed")
                     }

@@ -772,12 +772,16 @@ impl Partition {
         };
         let dir = self.dir.clone();
         let result = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let started = std::time::Instant::now();
             for f in files {
                 f.sync_data()?;
             }
             if sync_dir {
                 std::fs::File::open(&dir)?.sync_all()?;
             }
+            crate::metrics::get()
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
             Ok(())
         })
         .await
@@ -793,8 +797,9 @@ impl Partition {
         Ok(())
     }
 
-    /// Periodic work: flush by flush.messages / flush.ms (and rolled segments), apply retention.
-    pub async fn maintain(&self) -> io::Result<()> {
+    /// Periodic work: flush by flush.messages / flush.ms (and rolled segments); retention too
+    /// when `with_retention` (it runs on its own, slower interval).
+    pub async fn maintain(&self, with_retention: bool) -> io::Result<()> {
         let needs_flush = {
             let log = self.log.lock();
             let by_count = log.unflushed_messages >= log.config.flush_messages;
@@ -809,6 +814,9 @@ impl Partition {
         if needs_flush {
             let end = self.log_end_offset();
             self.flush_to(end).await?;
+        }
+        if !with_retention {
+            return Ok(());
         }
         let start = {
             let mut log = self.log.lock();
@@ -1192,6 +1200,7 @@ impl PartitionLog {
                 }
                 let (_, seg) = self.segments.pop_first().unwrap();
                 total -= seg.size();
+                crate::metrics::get().retention_deleted_segments.inc();
                 tracing::info!(dir = %dir.display(), segment = seg.base_offset, "retention deleted segment");
                 seg.delete_files();
             }
@@ -1373,7 +1382,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(p.maintain()).unwrap();
+        rt.block_on(p.maintain(true)).unwrap();
         assert!(p.log_start_offset() > 0);
         assert!(p.size_bytes() <= 700 + 600);
         let rest = read_all(&p, p.log_start_offset());

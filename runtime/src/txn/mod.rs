@@ -155,6 +155,8 @@ pub struct TxnCoordinator {
     cluster: std::sync::OnceLock<Arc<dyn ClusterLink>>,
     /// Whether this node coordinates transactions (always, on a single node).
     active: AtomicBool,
+    /// Open transactions when last counted (see `ongoing`).
+    last_ongoing: std::sync::atomic::AtomicUsize,
 }
 
 /// What a producer sent: its id and epoch, checked against the coordinator's.
@@ -187,6 +189,7 @@ impl TxnCoordinator {
             }),
             cluster: std::sync::OnceLock::new(),
             active: AtomicBool::new(true),
+            last_ongoing: Default::default(),
         })
     }
 
@@ -498,6 +501,30 @@ impl TxnCoordinator {
         Ok(())
     }
 
+    /// Transactions begun and not ended, for the metrics: counted now, or the last count while
+    /// an operation (an end writing its markers, say) holds the state.
+    pub fn ongoing(&self) -> usize {
+        let Ok(inner) = self.inner.try_lock() else {
+            return self.last_ongoing.load(Ordering::Relaxed);
+        };
+        let n = if self.is_active() {
+            inner
+                .txns
+                .values()
+                .filter(|m| {
+                    matches!(
+                        m.state,
+                        TxnState::Ongoing | TxnState::PrepareCommit | TxnState::PrepareAbort
+                    )
+                })
+                .count()
+        } else {
+            0
+        };
+        self.last_ongoing.store(n, Ordering::Relaxed);
+        n
+    }
+
     /// Every transactional id and its state.
     pub async fn list(&self) -> Vec<(String, TxnMeta)> {
         let inner = self.inner.lock().await;
@@ -546,6 +573,7 @@ impl TxnCoordinator {
             let result = match state {
                 TxnState::Ongoing => {
                     tracing::info!(transactional_id = %id, "transaction timed out: aborting it");
+                    crate::metrics::get().transaction_timeouts.inc();
                     self.abort_fencing(&mut inner, &id).await
                 }
                 TxnState::PrepareCommit => self.complete(&mut inner, &id, true).await,
@@ -651,6 +679,10 @@ impl TxnCoordinator {
         meta.groups.clear();
         meta.last_update_ms = now_ms();
         self.persist(inner, id, meta).await?;
+        crate::metrics::get()
+            .transactions
+            .with_label_values(&[if commit { "committed" } else { "aborted" }])
+            .inc();
         Ok(true)
     }
 
