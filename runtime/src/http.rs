@@ -7,7 +7,7 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use crate::kafka::Broker;
 use crate::metrics::ScrapeOptions;
 use crate::pipeline::http_source::{parse_body, submit, Rejection};
-use crate::pipeline::PipelineManager;
+use crate::pipeline::spec::SpecError;
+use crate::pipeline::{EditError, PipelineManager};
 
 #[derive(Clone)]
 struct AppState {
@@ -37,7 +38,12 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster_status))
         .route("/pipelines", get(list_pipelines))
-        .route("/pipelines/{name}", get(get_pipeline))
+        .route("/pipelines/validate", post(validate_pipeline))
+        .route(
+            "/pipelines/{name}",
+            get(get_pipeline).put(put_pipeline).delete(delete_pipeline),
+        )
+        .route("/pipelines/{name}/restart", post(restart_pipeline))
         .fallback(ingest)
         .with_state(AppState {
             broker,
@@ -130,6 +136,141 @@ async fn get_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Re
     match found {
         Some(f) => Json(f).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'")),
+    }
+}
+
+/// The largest pipeline file the API takes.
+const MAX_PIPELINE_BYTES: usize = 1 << 20;
+
+fn no_pipelines_dir() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "this node has no pipelines directory: start it with --pipelines DIR (or pipelines_dir: \
+         in weir.yaml)"
+            .into(),
+    )
+}
+
+/// A pipeline file from a request body: YAML as it is, JSON turned into YAML.
+async fn pipeline_text(headers: &HeaderMap, body: Body) -> Result<String, Response> {
+    let bytes = to_bytes(body, MAX_PIPELINE_BYTES).await.map_err(|_| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a pipeline file is at most {MAX_PIPELINE_BYTES} bytes"),
+        )
+    })?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8".into()))?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Ok(text);
+    }
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is not JSON: {e} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    serde_yaml::to_string(&value).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot turn the JSON into YAML: {e}"),
+        )
+    })
+}
+
+fn invalid(e: &SpecError) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({
+            "error": e.to_string(),
+            "file": e.file,
+            "line": e.line,
+            "column": e.column,
+            "message": e.message,
+        })),
+    )
+        .into_response()
+}
+
+fn edit_error(e: EditError) -> Response {
+    match &e {
+        EditError::Invalid(spec) => invalid(spec),
+        EditError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        EditError::BadName(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        EditError::Conflict(_) => error(StatusCode::CONFLICT, e.to_string()),
+        EditError::Io(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// PUT /pipelines/{name}: creates (201) or replaces (200) a pipeline, once checked; an invalid
+/// body is refused (400, with line and column) and the running version stays.
+async fn put_pipeline(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(p) = s.pipelines else {
+        return no_pipelines_dir();
+    };
+    let text = match pipeline_text(&headers, body).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match p.put(&name, &text).await {
+        Ok((status, created)) => {
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (code, Json(status)).into_response()
+        }
+        Err(e) => edit_error(e),
+    }
+}
+
+async fn delete_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let Some(p) = s.pipelines else {
+        return no_pipelines_dir();
+    };
+    match p.delete(&name).await {
+        Ok(file) => Json(json!({ "deleted": name, "file": file })).into_response(),
+        Err(e) => edit_error(e),
+    }
+}
+
+async fn restart_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let Some(p) = s.pipelines else {
+        return no_pipelines_dir();
+    };
+    match p.restart(&name).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => edit_error(e),
+    }
+}
+
+/// POST /pipelines/validate: checks a pipeline file as PUT would, without applying it.
+async fn validate_pipeline(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let Some(p) = s.pipelines else {
+        return no_pipelines_dir();
+    };
+    let text = match pipeline_text(&headers, body).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    // Plugin paths are relative to the pipelines directory, as for a file in it.
+    match p.check(&p.dir().join("(request)"), &text).await {
+        Ok(spec) => Json(json!({ "valid": true, "name": spec.name })).into_response(),
+        Err(e) => invalid(&e),
     }
 }
 

@@ -85,6 +85,11 @@ enum Command {
     Consume(cli::consume::ConsumeArgs),
     /// Measure produce and consume throughput and latency over the Kafka protocol.
     Bench(cli::bench::BenchArgs),
+    /// Manage a node's pipelines over its HTTP API; validate pipeline files offline.
+    Pipeline {
+        #[command(subcommand)]
+        command: cli::pipeline::PipelineCommand,
+    },
     /// Write, build, test and benchmark WASM transform plugins.
     Plugin {
         #[command(subcommand)]
@@ -167,6 +172,7 @@ fn main() -> Result<()> {
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,
+            Command::Pipeline { command } => cli::pipeline::run(command).await,
             Command::Plugin { command } => cli::plugin::run(command),
         }
     });

@@ -1,9 +1,11 @@
-//! Command-line tools that talk to a node over the Kafka protocol.
+//! Command-line tools that talk to a node over the Kafka protocol (and, for pipelines and the
+//! cluster status, over its HTTP API).
 
 pub mod bench;
 pub mod cluster;
 pub mod consume;
 pub mod group;
+pub mod pipeline;
 pub mod plugin;
 pub mod produce;
 pub mod topic;

@@ -101,6 +101,25 @@ pub struct PipelineManager {
     dir: PathBuf,
     files: tokio::sync::Mutex<BTreeMap<PathBuf, FileState>>,
     endpoints: RwLock<HashMap<String, IngestEndpoint>>,
+    /// Changes through the API (put, delete, restart) go one at a time.
+    edits: tokio::sync::Mutex<()>,
+}
+
+/// Why a change through the API was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    /// The content is not a pipeline weir can run (with file, line, column and field).
+    #[error(transparent)]
+    Invalid(SpecError),
+    #[error("no pipeline named '{0}'")]
+    NotFound(String),
+    #[error("{0}")]
+    BadName(String),
+    /// Another file's pipeline or content is in the way.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0:#}")]
+    Io(anyhow::Error),
 }
 
 impl PipelineManager {
@@ -110,6 +129,7 @@ impl PipelineManager {
             dir,
             files: tokio::sync::Mutex::new(BTreeMap::new()),
             endpoints: RwLock::new(HashMap::new()),
+            edits: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -132,6 +152,119 @@ impl PipelineManager {
                 invalid: f.invalid.clone(),
             })
             .collect()
+    }
+
+    /// The status of one file, as `GET /pipelines` lists it.
+    pub async fn status_of(&self, file: &Path) -> Option<FileStatus> {
+        let files = self.files.lock().await;
+        files.get(file).map(|f| FileStatus {
+            file: file.to_path_buf(),
+            pipeline: f.running.as_ref().map(|r| r.status.lock().clone()),
+            invalid: f.invalid.clone(),
+        })
+    }
+
+    /// The file that holds the pipeline `name`: the one running it, else the one whose last
+    /// valid content names it.
+    pub async fn file_of(&self, name: &str) -> Option<PathBuf> {
+        let files = self.files.lock().await;
+        let named = |s: &FileState| {
+            s.running.as_ref().is_some_and(|r| r.spec.name == name)
+                || s.parsed.as_ref().is_some_and(|p| p.name == name)
+        };
+        files.iter().find(|(_, s)| named(s)).map(|(f, _)| f.clone())
+    }
+
+    /// Checks `text` as the content of `file` would be checked when the directory is scanned:
+    /// parsed, and its plugins loaded.
+    pub async fn check(&self, file: &Path, text: &str) -> Result<PipelineSpec, SpecError> {
+        check(&self.ctx.plugins, file, text).await
+    }
+
+    /// Creates or replaces the pipeline `name` with `text` (YAML), once it is checked: written
+    /// atomically into the file that holds the pipeline, else `<name>.yaml`, and started at
+    /// once. Returns the file's status and whether the pipeline is new.
+    pub async fn put(&self, name: &str, text: &str) -> Result<(FileStatus, bool), EditError> {
+        let _edit = self.edits.lock().await;
+        let existing = self.file_of(name).await;
+        let file = match &existing {
+            Some(f) => f.clone(),
+            None => {
+                crate::log::config::validate_topic_name(name).map_err(|e| {
+                    EditError::BadName(format!("'{name}' cannot name a pipeline: {e}"))
+                })?;
+                let file = self.dir.join(format!("{name}.yaml"));
+                if file.exists() {
+                    return Err(EditError::Conflict(format!(
+                        "{} exists and does not hold a pipeline named '{name}'",
+                        file.display()
+                    )));
+                }
+                file
+            }
+        };
+        let spec = self.check(&file, text).await.map_err(EditError::Invalid)?;
+        if spec.name != name {
+            return Err(EditError::Invalid(SpecError::at_field(
+                &file,
+                text,
+                "name",
+                format!(
+                    "'{}' is not the name the request is for ('{name}')",
+                    spec.name
+                ),
+            )));
+        }
+        {
+            let files = self.files.lock().await;
+            if let Some(e) = self.http_path_taken(&spec, &file, text, files.get(&file)) {
+                return Err(EditError::Invalid(e));
+            }
+        }
+        crate::log::write_atomically(&file, text.as_bytes())
+            .map_err(|e| EditError::Io(anyhow!("cannot write {}: {e}", file.display())))?;
+        self.scan().await;
+        let status = self.status_of(&file).await.ok_or_else(|| {
+            EditError::Io(anyhow!("{} went away as it was written", file.display()))
+        })?;
+        Ok((status, existing.is_none()))
+    }
+
+    /// Deletes the file of the pipeline `name`, which stops it; returns the file.
+    pub async fn delete(&self, name: &str) -> Result<PathBuf, EditError> {
+        let _edit = self.edits.lock().await;
+        let file = self
+            .file_of(name)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))?;
+        std::fs::remove_file(&file)
+            .map_err(|e| EditError::Io(anyhow!("cannot delete {}: {e}", file.display())))?;
+        self.scan().await;
+        Ok(file)
+    }
+
+    /// Stops the pipeline `name` and starts it again from its file.
+    pub async fn restart(&self, name: &str) -> Result<FileStatus, EditError> {
+        let _edit = self.edits.lock().await;
+        let file = self
+            .file_of(name)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))?;
+        {
+            let mut files = self.files.lock().await;
+            if let Some(state) = files.get_mut(&file) {
+                if let Some(r) = state.running.take() {
+                    tracing::info!(pipeline = %r.spec.name, "restarting the pipeline on request");
+                    self.stop(r).await;
+                }
+                // Makes the next scan check and start the file again.
+                state.content_hash = 0;
+            }
+        }
+        self.scan().await;
+        self.status_of(&file)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))
     }
 
     /// Watches the directory until `shutdown`, then stops every pipeline.
@@ -252,7 +385,7 @@ impl PipelineManager {
             // leaves that version running.
             state.plugins_stamp = plugins_stamp(&spec, &file);
             state.parsed = Some(spec.clone());
-            let plugins = match self.load_plugins(&spec, &file, &text).await {
+            let plugins = match load_plugins(&self.ctx.plugins, &spec, &file, &text).await {
                 Ok(p) => p,
                 Err(e) => {
                     self.reject(state, &file, e);
@@ -319,36 +452,6 @@ impl PipelineManager {
                 ),
             )
         })
-    }
-
-    /// Compiles (or takes from the cache) and checks every module of `spec`, so that a bad
-    /// plugin is reported as the file's error, at its `transforms[i].plugin` line.
-    async fn load_plugins(
-        &self,
-        spec: &PipelineSpec,
-        file: &Path,
-        text: &str,
-    ) -> Result<Vec<weir_wasm::Plugin>, SpecError> {
-        let mut plugins = Vec::with_capacity(spec.transforms.len());
-        for (i, t) in spec.transforms.iter().enumerate() {
-            let path = plugin_path(file, &t.plugin);
-            let options = weir_wasm::PluginOptions {
-                pipeline: Some(spec.name.clone()),
-                config: t.config.clone(),
-                ..Default::default()
-            };
-            let host = self.ctx.plugins.clone();
-            let load_path = path.clone();
-            let loaded = tokio::task::spawn_blocking(move || host.load(&load_path, options))
-                .await
-                .map_err(|e| anyhow!("{e}"))
-                .and_then(|r| r.map_err(|e| anyhow!("{e}")));
-            let field = format!("transforms[{i}].plugin");
-            plugins.push(loaded.map_err(|e| {
-                SpecError::at_field(file, text, &field, format!("{}: {e}", path.display()))
-            })?);
-        }
-        Ok(plugins)
     }
 
     async fn start(
@@ -439,6 +542,48 @@ impl PipelineManager {
             s.state = "stopped".into();
         }
     }
+}
+
+/// Checks `text` as the content of `file`, as the pipelines directory does: parsed, and its
+/// plugins loaded by `host` (relative plugin paths are relative to the file's directory).
+pub async fn check(
+    host: &Arc<weir_wasm::Host>,
+    file: &Path,
+    text: &str,
+) -> Result<PipelineSpec, SpecError> {
+    let spec = PipelineSpec::parse(file, text, |n| std::env::var(n).ok())?;
+    load_plugins(host, &spec, file, text).await?;
+    Ok(spec)
+}
+
+/// Compiles (or takes from the cache) and checks every module of `spec`, so that a bad
+/// plugin is reported as the file's error, at its `transforms[i].plugin` line.
+pub async fn load_plugins(
+    host: &Arc<weir_wasm::Host>,
+    spec: &PipelineSpec,
+    file: &Path,
+    text: &str,
+) -> Result<Vec<weir_wasm::Plugin>, SpecError> {
+    let mut plugins = Vec::with_capacity(spec.transforms.len());
+    for (i, t) in spec.transforms.iter().enumerate() {
+        let path = plugin_path(file, &t.plugin);
+        let options = weir_wasm::PluginOptions {
+            pipeline: Some(spec.name.clone()),
+            config: t.config.clone(),
+            ..Default::default()
+        };
+        let host = host.clone();
+        let load_path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || host.load(&load_path, options))
+            .await
+            .map_err(|e| anyhow!("{e}"))
+            .and_then(|r| r.map_err(|e| anyhow!("{e}")));
+        let field = format!("transforms[{i}].plugin");
+        plugins.push(loaded.map_err(|e| {
+            SpecError::at_field(file, text, &field, format!("{}: {e}", path.display()))
+        })?);
+    }
+    Ok(plugins)
 }
 
 /// Records how a task ended; a failure stops the pipeline's other tasks.
