@@ -1,5 +1,5 @@
-//! The HTTP API: health, Prometheus metrics, the pipelines' status, and the HTTP sources'
-//! ingest endpoints.
+//! The HTTP API: health, Prometheus metrics, the pipelines (status, put, delete, restart, pause,
+//! resume, validate), and the HTTP sources' ingest endpoints.
 
 use std::sync::Arc;
 
@@ -44,6 +44,8 @@ pub async fn serve(
             get(get_pipeline).put(put_pipeline).delete(delete_pipeline),
         )
         .route("/pipelines/{name}/restart", post(restart_pipeline))
+        .route("/pipelines/{name}/pause", post(pause_pipeline))
+        .route("/pipelines/{name}/resume", post(resume_pipeline))
         .fallback(ingest)
         .with_state(AppState {
             broker,
@@ -258,6 +260,24 @@ async fn restart_pipeline(State(s): State<AppState>, Path(name): Path<String>) -
     }
 }
 
+async fn pause_pipeline(state: State<AppState>, name: Path<String>) -> Response {
+    set_paused(state, name, true).await
+}
+
+async fn resume_pipeline(state: State<AppState>, name: Path<String>) -> Response {
+    set_paused(state, name, false).await
+}
+
+async fn set_paused(State(s): State<AppState>, Path(name): Path<String>, pause: bool) -> Response {
+    let Some(p) = s.pipelines else {
+        return no_pipelines_dir();
+    };
+    match p.set_paused(&name, pause).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => edit_error(e),
+    }
+}
+
 /// POST /pipelines/validate: checks a pipeline file as PUT would, without applying it.
 async fn validate_pipeline(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let Some(p) = s.pipelines else {
@@ -299,6 +319,14 @@ async fn ingest(
 ) -> Response {
     let endpoint = s.pipelines.as_ref().and_then(|p| p.endpoint(uri.path()));
     let Some(endpoint) = endpoint else {
+        if let Some(p) = &s.pipelines {
+            if let Some(name) = p.paused_at(uri.path()).await {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("pipeline '{name}' is paused"),
+                );
+            }
+        }
         return error(
             StatusCode::NOT_FOUND,
             format!("nothing is served at {}", uri.path()),

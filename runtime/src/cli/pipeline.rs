@@ -39,6 +39,18 @@ pub enum PipelineCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Stop a pipeline's tasks until it is resumed (also across daemon restarts).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Run a paused pipeline again, from where it stopped.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Stop a pipeline and delete its file.
     Delete {
         name: String,
@@ -101,6 +113,26 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
             )
             .await?;
             println!("pipeline '{name}' restarted");
+        }
+        PipelineCommand::Pause { name, api } => {
+            call(
+                reqwest::Method::POST,
+                &api,
+                &format!("/pipelines/{name}/pause"),
+                None,
+            )
+            .await?;
+            println!("pipeline '{name}' paused");
+        }
+        PipelineCommand::Resume { name, api } => {
+            call(
+                reqwest::Method::POST,
+                &api,
+                &format!("/pipelines/{name}/resume"),
+                None,
+            )
+            .await?;
+            println!("pipeline '{name}' resumed");
         }
         PipelineCommand::Delete { name, api } => {
             let body = call(

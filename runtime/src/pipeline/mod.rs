@@ -53,7 +53,7 @@ pub struct Context {
 pub struct Status {
     pub name: String,
     pub file: PathBuf,
-    /// starting, running, finished, failed or stopped.
+    /// starting, running, paused, finished, failed or stopped.
     pub state: String,
     /// Why it failed.
     pub error: Option<String>,
@@ -81,6 +81,35 @@ struct Running {
     endpoint: Option<String>,
 }
 
+impl Running {
+    /// A pipeline that is not run because it is paused: its status, no tasks.
+    fn paused(spec: PipelineSpec, file: &Path) -> Running {
+        let status = Status {
+            name: spec.name.clone(),
+            file: file.to_path_buf(),
+            state: "paused".into(),
+            error: None,
+            records_in: 0,
+            records_out: vec![0; spec.sinks.len()],
+            dead_letters: 0,
+        };
+        Running {
+            spec,
+            status: Arc::new(Mutex::new(status)),
+            stop: Arc::new(watch::channel(false).0),
+            tasks: Vec::new(),
+            endpoint: None,
+        }
+    }
+}
+
+fn paused_file(ctx: &Context) -> PathBuf {
+    ctx.log
+        .data_dir()
+        .join("meta")
+        .join("paused-pipelines.json")
+}
+
 #[derive(Default)]
 struct FileState {
     content_hash: u64,
@@ -101,8 +130,11 @@ pub struct PipelineManager {
     dir: PathBuf,
     files: tokio::sync::Mutex<BTreeMap<PathBuf, FileState>>,
     endpoints: RwLock<HashMap<String, IngestEndpoint>>,
-    /// Changes through the API (put, delete, restart) go one at a time.
+    /// Changes through the API (put, delete, restart, pause) go one at a time.
     edits: tokio::sync::Mutex<()>,
+    /// Names of paused pipelines: their files are checked but not run. Kept in
+    /// `<data-dir>/meta/paused-pipelines.json` across restarts.
+    paused: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Why a change through the API was refused.
@@ -124,13 +156,69 @@ pub enum EditError {
 
 impl PipelineManager {
     pub fn new(ctx: Context, dir: PathBuf) -> PipelineManager {
+        let paused = std::fs::read(paused_file(&ctx))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         PipelineManager {
             ctx,
             dir,
             files: tokio::sync::Mutex::new(BTreeMap::new()),
             endpoints: RwLock::new(HashMap::new()),
             edits: tokio::sync::Mutex::new(()),
+            paused: Mutex::new(paused),
         }
+    }
+
+    /// Pauses (`pause`) or resumes the pipeline `name`: a paused pipeline's tasks stop where a
+    /// restart would resume them (exactly once), its HTTP source answers 503, and it stays
+    /// paused across daemon restarts until resumed.
+    pub async fn set_paused(&self, name: &str, pause: bool) -> Result<FileStatus, EditError> {
+        let _edit = self.edits.lock().await;
+        let file = self
+            .file_of(name)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))?;
+        let names = {
+            let mut paused = self.paused.lock();
+            let changed = if pause {
+                paused.insert(name.to_string())
+            } else {
+                paused.remove(name)
+            };
+            changed.then(|| paused.clone())
+        };
+        if let Some(names) = names {
+            let bytes = serde_json::to_vec(&names).expect("names serialise");
+            crate::log::write_atomically(&paused_file(&self.ctx), &bytes)
+                .map_err(|e| EditError::Io(anyhow!("cannot record paused pipelines: {e}")))?;
+            tracing::info!(
+                pipeline = name,
+                paused = pause,
+                "pipeline paused or resumed on request"
+            );
+            let mut files = self.files.lock().await;
+            if let Some(state) = files.get_mut(&file) {
+                if let Some(r) = state.running.take() {
+                    self.stop(r).await;
+                }
+                state.content_hash = 0;
+            }
+        }
+        self.scan().await;
+        self.status_of(&file)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))
+    }
+
+    /// The paused pipeline whose HTTP source is at `path`, if any.
+    pub async fn paused_at(&self, path: &str) -> Option<String> {
+        let files = self.files.lock().await;
+        files.values().find_map(|f| {
+            let r = f.running.as_ref()?;
+            let serves = matches!(&r.spec.source, SourceSpec::Http(h) if h.path == path);
+            (serves && r.status.lock().state == "paused").then(|| r.spec.name.clone())
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -379,6 +467,14 @@ impl PipelineManager {
             if let Some(e) = conflict {
                 state.conflict = true;
                 self.reject(state, &file, e);
+                continue;
+            }
+            if self.paused.lock().contains(&spec.name) {
+                if let Some(old) = state.running.take() {
+                    self.stop(old).await;
+                }
+                state.running = Some(Running::paused(spec, &file));
+                state.invalid = None;
                 continue;
             }
             // Plugins are loaded before the running version is stopped: a module weir refuses
