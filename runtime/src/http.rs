@@ -37,6 +37,11 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster_status))
+        .route("/topics", get(list_topics))
+        .route("/topics/{name}", get(get_topic))
+        .route("/groups", get(list_groups))
+        .route("/groups/{id}", get(get_group))
+        .route("/transactions", get(list_transactions))
         .route("/pipelines", get(list_pipelines))
         .route("/pipelines/validate", post(validate_pipeline))
         .route(
@@ -98,6 +103,38 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
         text,
     )
         .into_response()
+}
+
+async fn list_topics(State(s): State<AppState>) -> Response {
+    Json(crate::inspect::topics(&s.broker)).into_response()
+}
+
+async fn get_topic(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    match crate::inspect::topic(&s.broker, &name) {
+        Some(t) => Json(t).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no topic named '{name}' on this node"),
+        ),
+    }
+}
+
+async fn list_groups(State(s): State<AppState>) -> Response {
+    Json(crate::inspect::groups(&s.broker)).into_response()
+}
+
+async fn get_group(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match crate::inspect::group(&s.broker, &id) {
+        Some(g) => Json(g).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no group '{id}' coordinated by this node"),
+        ),
+    }
+}
+
+async fn list_transactions(State(s): State<AppState>) -> Response {
+    Json(crate::inspect::transactions(&s.broker).await).into_response()
 }
 
 async fn cluster_status(State(s): State<AppState>) -> Response {

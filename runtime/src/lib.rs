@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod group;
 pub mod http;
+pub mod inspect;
 pub mod kafka;
 pub mod log;
 pub mod metrics;

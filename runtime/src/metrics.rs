@@ -321,24 +321,12 @@ fn state_gauges(broker: &Broker, options: ScrapeOptions) -> Vec<MetricFamily> {
             members.with_label_values(&[&id]).set(count as i64);
             state.with_label_values(&[&id, s.name()]).set(1);
             let mut sum = 0i64;
-            for ((topic, partition), committed) in broker.groups.fetch_offsets(&id, None) {
-                let Some(committed) = committed else { continue };
-                let Some(p) = broker
-                    .log
-                    .topic(&topic)
-                    .and_then(|t| t.partitions.get(partition as usize).cloned())
-                else {
-                    continue;
-                };
-                if broker.leadership(&p.topic, p.id).is_err() {
-                    continue;
-                }
-                let behind = (p.high_watermark() - committed.offset).max(0);
-                sum += behind;
+            for l in broker.group_lag(&id) {
+                sum += l.lag;
                 if options.per_partition {
                     partition_lag
-                        .with_label_values(&[&id, &topic, &partition.to_string()])
-                        .set(behind);
+                        .with_label_values(&[&id, &l.topic, &l.partition.to_string()])
+                        .set(l.lag);
                 }
             }
             lag.with_label_values(&[&id]).set(sum);

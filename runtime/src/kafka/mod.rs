@@ -53,6 +53,16 @@ pub struct Broker {
     pub peers: txn_cluster::Peers,
 }
 
+/// How far a group is behind on one partition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    pub committed: i64,
+    pub high_watermark: i64,
+    pub lag: i64,
+}
+
 impl Broker {
     /// The topic, auto-created with the default partition count when allowed. In a cluster,
     /// a topic this node hosts no replica of answers NOT_LEADER_OR_FOLLOWER.
@@ -290,6 +300,34 @@ impl Broker {
                 .map(Some)
                 .ok_or(ResponseError::NotLeaderOrFollower),
         }
+    }
+
+    /// A group's committed offsets against the high watermarks of the partitions this node
+    /// leads (the others' are not known here).
+    pub fn group_lag(&self, group: &str) -> Vec<PartitionLag> {
+        let mut out = Vec::new();
+        for ((topic, partition), committed) in self.groups.fetch_offsets(group, None) {
+            let Some(committed) = committed else { continue };
+            let Some(p) = self
+                .log
+                .topic(&topic)
+                .and_then(|t| t.partitions.get(partition as usize).cloned())
+            else {
+                continue;
+            };
+            if self.leadership(&p.topic, p.id).is_err() {
+                continue;
+            }
+            let high_watermark = p.high_watermark();
+            out.push(PartitionLag {
+                topic,
+                partition,
+                committed: committed.offset,
+                high_watermark,
+                lag: (high_watermark - committed.offset).max(0),
+            });
+        }
+        out
     }
 
     #[cfg(test)]
