@@ -34,11 +34,14 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = Router::new()
+        .route("/", get(crate::console::asset))
+        .route("/console/{*file}", get(crate::console::asset))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster_status))
         .route("/topics", get(list_topics))
         .route("/topics/{name}", get(get_topic))
+        .route("/topics/{name}/records", get(get_records))
         .route("/groups", get(list_groups))
         .route("/groups/{id}", get(get_group))
         .route("/transactions", get(list_transactions))
@@ -115,6 +118,34 @@ async fn get_topic(State(s): State<AppState>, Path(name): Path<String>) -> Respo
         None => error(
             StatusCode::NOT_FOUND,
             format!("no topic named '{name}' on this node"),
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RecordsQuery {
+    #[serde(default)]
+    partition: i32,
+    offset: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// GET /topics/{name}/records?partition=P&offset=O&limit=N: committed records for the
+/// console's browser (the last N before the high watermark without an offset).
+async fn get_records(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RecordsQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    match crate::inspect::records(&s.broker, &name, q.partition, q.offset, limit) {
+        Some(r) => Json(r).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no partition {} of topic '{name}' on this node",
+                q.partition
+            ),
         ),
     }
 }

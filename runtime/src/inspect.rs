@@ -1,10 +1,13 @@
 //! JSON views of a node's topics, consumer groups and transactions, for the HTTP API
 //! (`GET /topics`, `/groups`, `/transactions`) and scripts.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 use crate::kafka::Broker;
 use crate::log::manager::Topic;
+use crate::pipeline::io::TopicReader;
 
 fn topic_json(broker: &Broker, t: &Topic, with_configs: bool) -> Value {
     let partitions: Vec<Value> = t
@@ -53,6 +56,70 @@ fn topic_json(broker: &Broker, t: &Topic, with_configs: bool) -> Value {
 pub fn topics(broker: &Broker) -> Value {
     let topics = broker.log.topics(); // sorted by name
     json!({ "topics": topics.iter().map(|t| topic_json(broker, t, false)).collect::<Vec<_>>() })
+}
+
+/// Up to `limit` committed records of one partition from `offset` (default: the last `limit`
+/// before the high watermark), for the console's record browser; None if there is no such
+/// partition here. Values, keys and headers are text when they are UTF-8, else base64.
+pub fn records(
+    broker: &Broker,
+    topic: &str,
+    partition: i32,
+    offset: Option<i64>,
+    limit: usize,
+) -> Option<Value> {
+    let t = broker.log.topic(topic)?;
+    let p = t.partitions.get(usize::try_from(partition).ok()?)?;
+    let hw = p.high_watermark();
+    let start = offset
+        .unwrap_or(hw - limit as i64)
+        .clamp(p.log_start_offset(), hw);
+    let mut reader = TopicReader::new(&t, &BTreeMap::from([(partition, start)]));
+    let mut out = Vec::new();
+    let mut next = start;
+    while out.len() < limit && next < hw {
+        let batch = match reader.read_now(256 << 10) {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(topic, partition, error = %e, "cannot read records for the console");
+                break;
+            }
+        };
+        for r in batch
+            .into_iter()
+            .filter(|r| r.offset < hw)
+            .take(limit - out.len())
+        {
+            next = r.offset + 1;
+            out.push(json!({
+                "offset": r.offset,
+                "timestamp": r.record.timestamp,
+                "key": r.record.key.as_deref().map(text),
+                "value": r.record.value.as_deref().map(text),
+                "headers": r.record.headers.iter().map(|(k, v)| json!([k, v.as_deref().map(text)])).collect::<Vec<_>>(),
+            }));
+        }
+        next = next.max(reader.positions()[&partition].min(hw));
+    }
+    Some(json!({
+        "topic": topic,
+        "partition": partition,
+        "high_watermark": hw,
+        "records": out,
+        "next_offset": next,
+    }))
+}
+
+/// Bytes as text when they are UTF-8, else as `{"base64": ...}`.
+fn text(b: &[u8]) -> Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => json!(s),
+        Err(_) => {
+            use base64::Engine;
+            json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) })
+        }
+    }
 }
 
 /// One topic, with the configs set on it; None if this node does not hold it.

@@ -4,6 +4,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod group;
 pub mod http;
 pub mod inspect;

@@ -53,6 +53,8 @@ pub struct Context {
 pub struct Status {
     pub name: String,
     pub file: PathBuf,
+    /// Its stages in order (source, plugins, topic, sinks), described briefly.
+    pub flow: Vec<String>,
     /// starting, running, paused, finished, failed or stopped.
     pub state: String,
     /// Why it failed.
@@ -87,6 +89,7 @@ impl Running {
         let status = Status {
             name: spec.name.clone(),
             file: file.to_path_buf(),
+            flow: spec.flow(),
             state: "paused".into(),
             error: None,
             records_in: 0,
@@ -560,6 +563,7 @@ impl PipelineManager {
         let status = Arc::new(Mutex::new(Status {
             name: spec.name.clone(),
             file: file.to_path_buf(),
+            flow: spec.flow(),
             state: "running".into(),
             error: None,
             records_in: 0,

@@ -246,6 +246,37 @@ impl PipelineSpec {
         Ok(spec)
     }
 
+    /// The stages in order, one short description each (`http /ingest/x`, `plugin a.wasm`,
+    /// `topic orders`, `sql sink`), for the console's diagram.
+    pub fn flow(&self) -> Vec<String> {
+        let mut out = vec![match &self.source {
+            SourceSpec::File(_) => "file source".to_string(),
+            SourceSpec::Http(h) => format!("http {}", h.path),
+            SourceSpec::HttpPoll(_) => "http poll source".to_string(),
+            SourceSpec::Sql(_) => "sql source".to_string(),
+            SourceSpec::Topic(t) => format!("topic {}", t.name),
+        }];
+        for t in &self.transforms {
+            let file = t
+                .plugin
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned());
+            out.push(format!("plugin {}", file.unwrap_or_default()));
+        }
+        if let Some(t) = &self.topic {
+            out.push(format!("topic {}", t.name));
+        }
+        for s in &self.sinks {
+            out.push(match s {
+                SinkSpec::File(_) => "file sink".to_string(),
+                SinkSpec::Http(_) => "http sink".to_string(),
+                SinkSpec::Sql(_) => "sql sink".to_string(),
+                SinkSpec::Topic(t) => format!("topic {}", t.name),
+            });
+        }
+        out
+    }
+
     /// The topic the sinks read.
     pub fn sink_input_topic(&self) -> &str {
         match (&self.topic, &self.source) {

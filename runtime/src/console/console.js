@@ -1,0 +1,239 @@
+// The weir console: pages drawn from the node's HTTP API (/health, /topics, /groups,
+// /pipelines, /cluster), refreshed every two seconds. No dependencies.
+"use strict";
+
+const REFRESH_MS = 2000;
+const HISTORY = 60; // points kept for the rate charts (two minutes)
+const state = { timer: null, history: [], lastEnd: null, browser: null };
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+async function api(path, options) {
+  const r = await fetch(path, options);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || `${path}: ${r.status}`);
+  return body;
+}
+
+function fmt(n) { return Number(n).toLocaleString("en-US"); }
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+function table(headers, rows) {
+  return el("table", {},
+    el("thead", {}, el("tr", {}, headers.map(h => el("th", { class: h.num ? "num" : "" }, h.label || h)))),
+    el("tbody", {}, rows.length ? rows : [el("tr", {}, el("td", { colspan: headers.length, class: "muted" }, "none"))]));
+}
+function num(v) { return el("td", { class: "num" }, fmt(v)); }
+function stateCell(s) { return el("td", {}, el("span", { class: `state ${s}` }, s)); }
+
+// A line chart of recent values on a canvas.
+function sparkline(canvas, values) {
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width = canvas.clientWidth * devicePixelRatio;
+  const h = canvas.height = canvas.clientHeight * devicePixelRatio;
+  ctx.clearRect(0, 0, w, h);
+  if (values.length < 2) return;
+  const max = Math.max(1, ...values);
+  ctx.strokeStyle = "#1f6feb";
+  ctx.lineWidth = 2 * devicePixelRatio;
+  ctx.beginPath();
+  values.forEach((v, i) => {
+    const x = (i / (HISTORY - 1)) * w;
+    const y = h - (v / max) * (h - 8 * devicePixelRatio) - 4 * devicePixelRatio;
+    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+  });
+  ctx.stroke();
+  ctx.fillStyle = "#6b7585";
+  ctx.font = `${11 * devicePixelRatio}px system-ui`;
+  ctx.fillText(`max ${fmt(Math.round(max))}/s`, 6 * devicePixelRatio, 14 * devicePixelRatio);
+}
+
+// Records appended per second over every non-internal topic, sampled at each refresh.
+function sampleRate(topics) {
+  const end = topics.filter(t => !t.internal)
+    .reduce((s, t) => s + t.partitions.reduce((a, p) => a + p.log_end_offset, 0), 0);
+  const now = Date.now();
+  if (state.lastEnd) {
+    const rate = Math.max(0, (end - state.lastEnd.end) / ((now - state.lastEnd.at) / 1000));
+    state.history.push(rate);
+    if (state.history.length > HISTORY) state.history.shift();
+  }
+  state.lastEnd = { end, at: now };
+}
+
+const pages = {
+  async overview(main) {
+    const [health, topics, groups, pipelines] = await Promise.all([
+      api("/health"), api("/topics"), api("/groups"), api("/pipelines")]);
+    sampleRate(topics.topics);
+    const user = topics.topics.filter(t => !t.internal);
+    const running = pipelines.pipelines.filter(f => f.pipeline && f.pipeline.state === "running").length;
+    const card = (value, label) => el("div", { class: "card" },
+      el("div", { class: "value" }, value), el("div", { class: "label" }, label));
+    const canvas = el("canvas", { class: "spark", id: "rate" });
+    main.replaceChildren(
+      el("h1", {}, "Overview"),
+      el("div", { class: "cards" },
+        card(health.status, "status"),
+        card(health.cluster ? `${health.cluster.nodes} nodes` : "single node", "cluster"),
+        card(fmt(user.length), "topics"),
+        card(bytes(user.reduce((s, t) => s + t.size_bytes, 0)), "on disk"),
+        card(fmt(groups.groups.length), "consumer groups"),
+        card(`${running} / ${pipelines.pipelines.length}`, "pipelines running")),
+      el("h2", {}, "Records produced per second"),
+      canvas);
+    sparkline(canvas, state.history);
+    if (health.cluster) {
+      const cluster = await api("/cluster");
+      main.append(el("h2", {}, "Nodes"), table(["node", "address", "role", "state"],
+        cluster.nodes.map(n => el("tr", {},
+          el("td", {}, n.id), el("td", {}, n.kafka),
+          el("td", {}, n.voter ? "voter" : "observer"),
+          stateCell(n.fenced ? "fenced" : "running")))));
+    }
+  },
+
+  async topics(main, name) {
+    if (name) return topicPage(main, name);
+    const { topics } = await api("/topics");
+    sampleRate(topics);
+    main.replaceChildren(el("h1", {}, "Topics"), table(
+      ["topic", { label: "partitions", num: 1 }, { label: "records (end offsets)", num: 1 }, { label: "size", num: 1 }],
+      topics.map(t => el("tr", {},
+        el("td", {}, el("a", { href: `#/topics/${encodeURIComponent(t.name)}` }, t.name),
+          t.internal ? el("span", { class: "muted" }, " internal") : null),
+        num(t.partitions.length),
+        num(t.partitions.reduce((s, p) => s + p.log_end_offset, 0)),
+        el("td", { class: "num" }, bytes(t.size_bytes))))));
+  },
+
+  async groups(main, id) {
+    const { groups } = await api("/groups");
+    const shown = id ? groups.filter(g => g.group === id) : groups;
+    main.replaceChildren(el("h1", {}, id ? `Consumer group ${id}` : "Consumer groups"), table(
+      ["group", "state", { label: "members", num: 1 }, { label: "lag", num: 1 }],
+      shown.map(g => el("tr", {},
+        el("td", {}, el("a", { href: `#/groups/${encodeURIComponent(g.group)}` }, g.group)),
+        stateCell(g.state), num(g.members.length), num(g.lag)))));
+    for (const g of id ? shown : []) {
+      main.append(el("h2", {}, "Offsets and lag"), table(
+        ["topic", { label: "partition", num: 1 }, { label: "committed", num: 1 }, { label: "high watermark", num: 1 }, { label: "lag", num: 1 }],
+        g.offsets.map(o => el("tr", {}, el("td", {}, o.topic), num(o.partition), num(o.committed), num(o.high_watermark), num(o.lag)))));
+      main.append(el("h2", {}, "Members"), table(["member", "client", "host"],
+        g.members.map(m => el("tr", {}, el("td", {}, m.member_id), el("td", {}, m.client_id), el("td", {}, m.client_host)))));
+    }
+  },
+
+  async pipelines(main) {
+    const { directory, pipelines } = await api("/pipelines");
+    const act = (name, what) => async () => {
+      try { await api(`/pipelines/${encodeURIComponent(name)}/${what}`, { method: "POST" }); }
+      catch (e) { alert(e.message); }
+      refresh();
+    };
+    main.replaceChildren(el("h1", {}, "Pipelines"),
+      directory ? el("p", { class: "muted" }, `from ${directory}`) :
+        el("p", { class: "muted" }, "this node has no pipelines directory (weir serve --pipelines DIR)"),
+      table(["pipeline", "flow", "state", { label: "in", num: 1 }, { label: "out", num: 1 }, { label: "dead letters", num: 1 }, ""],
+        pipelines.map(f => {
+          const p = f.pipeline;
+          if (!p) {
+            return el("tr", {}, el("td", {}, f.file), el("td", {}), stateCell("invalid"),
+              el("td", { colspan: 4, class: "error" }, f.invalid));
+          }
+          const flow = el("div", { class: "flow" }, ...(p.flow || []).flatMap((step, i) =>
+            [i ? el("span", { class: "arrow" }, "→") : null, el("span", { class: "box" }, step)]));
+          return el("tr", { "data-pipeline": p.name },
+            el("td", {}, p.name, el("div", { class: "muted" }, p.file),
+              f.invalid ? el("div", { class: "error" }, f.invalid) : null),
+            el("td", {}, flow),
+            el("td", {}, el("span", { class: `state ${p.state}` }, p.state),
+              p.error ? el("div", { class: "error" }, p.error) : null),
+            num(p.records_in), num(p.records_out.reduce((a, b) => a + b, 0)), num(p.dead_letters),
+            el("td", {},
+              p.state === "paused"
+                ? el("button", { onclick: act(p.name, "resume") }, "Resume")
+                : el("button", { onclick: act(p.name, "pause") }, "Pause"),
+              el("button", { onclick: act(p.name, "restart") }, "Restart")));
+        })));
+  },
+};
+
+// A topic's partitions and a record browser that follows the end of a partition.
+async function topicPage(main, name) {
+  const t = await api(`/topics/${encodeURIComponent(name)}`);
+  const partition = state.browser && state.browser.topic === name ? state.browser.partition : 0;
+  const records = await api(`/topics/${encodeURIComponent(name)}/records?partition=${partition}&limit=30`);
+  state.browser = { topic: name, partition };
+  const select = el("select", { onchange: e => { state.browser.partition = Number(e.target.value); refresh(); } },
+    t.partitions.map(p => {
+      const o = el("option", { value: p.partition }, `partition ${p.partition}`);
+      if (p.partition === partition) o.selected = true;
+      return o;
+    }));
+  const show = v => {
+    if (v === null || v === undefined) return el("span", { class: "muted" }, "null");
+    if (typeof v === "object") return el("span", { class: "muted" }, `base64 ${v.base64}`);
+    try { return el("pre", {}, JSON.stringify(JSON.parse(v), null, 2)); } catch { return el("pre", {}, v); }
+  };
+  main.replaceChildren(
+    el("h1", {}, `Topic ${name}`),
+    table(["partition", { label: "start", num: 1 }, { label: "end", num: 1 }, { label: "high watermark", num: 1 }, { label: "size", num: 1 }, { label: "segments", num: 1 }],
+      t.partitions.map(p => el("tr", {}, num(p.partition), num(p.log_start_offset), num(p.log_end_offset),
+        num(p.high_watermark), el("td", { class: "num" }, bytes(p.size_bytes)), num(p.segments)))),
+    el("h2", {}, "Configs"),
+    Object.keys(t.configs).length
+      ? table(["config", "value"], Object.entries(t.configs).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v))))
+      : el("p", { class: "muted" }, "broker defaults"),
+    el("h2", {}, "Records"),
+    el("div", { class: "toolbar" }, select, el("span", { class: "muted" }, "the latest 30, following new ones")),
+    table([{ label: "offset", num: 1 }, "timestamp", "key", "value", "headers"],
+      records.records.slice().reverse().map(r => el("tr", { class: "record" },
+        num(r.offset), el("td", {}, new Date(r.timestamp).toISOString()), el("td", {}, show(r.key)),
+        el("td", {}, show(r.value)),
+        el("td", {}, r.headers.map(([k, v]) =>
+          el("div", {}, `${k}: `, typeof v === "string" ? v : show(v))))))));
+}
+
+async function refresh() {
+  const [page, arg] = (location.hash.replace(/^#\//, "") || "overview").split("/");
+  const main = document.getElementById("page");
+  for (const a of document.querySelectorAll("header nav a")) {
+    a.classList.toggle("active", a.dataset.page === page);
+  }
+  const draw = pages[page] || pages.overview;
+  try {
+    await draw(main, arg && decodeURIComponent(arg));
+  } catch (e) {
+    main.replaceChildren(el("h1", {}, "Cannot load this page"), el("p", { class: "error" }, e.message));
+  }
+}
+
+async function start() {
+  try {
+    const h = await api("/health");
+    document.getElementById("node").textContent =
+      `node ${h.node_id} · ${h.cluster ? `cluster of ${h.cluster.nodes}` : "single node"} · ${h.cluster_id}`;
+  } catch (e) { /* the page shows the error */ }
+  window.addEventListener("hashchange", () => { state.history = []; state.lastEnd = null; refresh(); });
+  await refresh();
+  state.timer = setInterval(refresh, REFRESH_MS);
+}
+
+start();

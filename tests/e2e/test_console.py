@@ -1,0 +1,107 @@
+"""The web console at `/`, in a real headless browser (Debian's chromium through
+chromium-driver and selenium): every page loads without errors in the browser's console and
+shows what the Kafka state holds; pause and resume work through the buttons; screenshots of
+every page are written to $WEIR_SCREENSHOT_DIR (default: the test's directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+from confluent_kafka import Producer
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from support import create_topic, wait_until
+from test_metrics import COPY_PIPELINE, consume_and_commit, produce
+from test_pipelines import pipeline_state
+
+
+@pytest.fixture
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, \
+        "chromium and chromedriver are not installed: run tests/run, which installs them"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1366,900", "--disable-gpu"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield b
+    finally:
+        b.quit()
+
+
+def no_console_errors(browser) -> None:
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def text(browser) -> str:
+    return browser.find_element(By.ID, "page").text
+
+
+def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path, browser):
+    d = tmp_path / "pipelines"
+    d.mkdir()
+    (d / "copy.yaml").write_text(COPY_PIPELINE)
+    weir = weir_factory("weir", extra_args=("--pipelines", str(d)))
+    create_topic(weir.bootstrap, "orders", 2)
+    produce(weir.bootstrap, "orders", 200, 2)
+    consume_and_commit(weir.bootstrap, "orders", "billing", 200)
+    p = Producer({"bootstrap.servers": weir.bootstrap})
+    p.produce("orders", key=b"u1", value=json.dumps({"user": "u1", "total": 12.5}).encode(),
+              headers=[("source", b"checkout")], partition=0)
+    assert p.flush(30) == 0
+    produce(weir.bootstrap, "pin", 25, 1)
+    wait_until(lambda: (pipeline_state(weir, "copy") or {}).get("records_in") == 25, 30,
+               message="the pipeline to copy")
+    shots = Path(os.environ.get("WEIR_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    base = weir.http_url
+
+    def page(path: str, expect: list[str], shot: str) -> str:
+        browser.get(f"{base}/{path}")
+        wait_until(lambda: all(s in text(browser) for s in expect), 30,
+                   message=f"{path} to show {expect} (it shows: {text(browser)[:300]!r})")
+        browser.save_screenshot(str(shots / f"console-{shot}.png"))
+        no_console_errors(browser)
+        return text(browser)
+
+    page("#/overview", ["Overview", "topics", "pipelines running", "1 / 1"], "overview")
+    page("#/topics", ["orders", "pin", "pout"], "topics")
+    # The partitions, and the record browser with the JSON value pretty-printed.
+    shown = page("#/topics/orders", ["Topic orders", '"user": "u1"', "source: checkout"], "topic")
+    assert "12.5" in shown
+    page("#/groups", ["billing", "Empty"], "groups")
+    page("#/groups/billing", ["Offsets and lag", "orders"], "group")
+    page("#/pipelines", ["copy", "running", "topic pin", "topic pmid", "topic pout"], "pipelines")
+
+    # Pause and resume through the buttons.
+    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-pipeline="copy"]')
+    row.find_element(By.XPATH, ".//button[text()='Pause']").click()
+    wait_until(lambda: pipeline_state(weir, "copy")["state"] == "paused", 30,
+               message="the pipeline to pause")
+    wait_until(lambda: "Resume" in text(browser), 30, message="the Resume button")
+    browser.save_screenshot(str(shots / "console-pipelines-paused.png"))
+    browser.find_element(By.CSS_SELECTOR, 'tr[data-pipeline="copy"]') \
+        .find_element(By.XPATH, ".//button[text()='Resume']").click()
+    wait_until(lambda: pipeline_state(weir, "copy")["state"] == "running", 30,
+               message="the pipeline to resume")
+    no_console_errors(browser)
+
+
+def test_the_console_is_served_from_the_binary(weir):
+    for path, kind in (("/", "text/html"), ("/console/console.js", "text/javascript"),
+                       ("/console/console.css", "text/css")):
+        r = requests.get(f"{weir.http_url}{path}", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind), (path, r.headers)
+    assert requests.get(f"{weir.http_url}/console/nope.js", timeout=10).status_code == 404
