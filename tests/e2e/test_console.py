@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 
 from support import create_topic, wait_until
 from test_metrics import COPY_PIPELINE, consume_and_commit, produce
-from test_pipelines import pipeline_state
+from test_pipelines import pipeline_state, pipelines_daemon
 
 
 @pytest.fixture
@@ -50,10 +50,7 @@ def text(browser) -> str:
 
 
 def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path, browser):
-    d = tmp_path / "pipelines"
-    d.mkdir()
-    (d / "copy.yaml").write_text(COPY_PIPELINE)
-    weir = weir_factory("weir", extra_args=("--pipelines", str(d)))
+    weir, _ = pipelines_daemon(weir_factory, tmp_path, **{"copy.yaml": COPY_PIPELINE})
     create_topic(weir.bootstrap, "orders", 2)
     produce(weir.bootstrap, "orders", 200, 2)
     consume_and_commit(weir.bootstrap, "orders", "billing", 200)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import kafka_wire as kw
 from conftest import _pick_free_ports
 from support import create_topic, wait_until
+from test_pipelines import pipelines_daemon
 
 COPY_PIPELINE = """\
 name: copy
@@ -75,10 +76,7 @@ def consume_and_commit(bootstrap: str, topic: str, group: str, n: int) -> None:
 
 
 def test_metrics_count_what_clients_do(weir_factory, tmp_path):
-    d = tmp_path / "pipelines"
-    d.mkdir()
-    (d / "copy.yaml").write_text(COPY_PIPELINE)
-    weir = weir_factory("weir", extra_args=("--pipelines", str(d)))
+    weir, d = pipelines_daemon(weir_factory, tmp_path, **{"copy.yaml": COPY_PIPELINE})
     create_topic(weir.bootstrap, "m", 2)
     produce(weir.bootstrap, "m", 500, 2)
     consume_and_commit(weir.bootstrap, "m", "g1", 500)
@@ -199,10 +197,7 @@ scrape_configs:
 
 
 def test_a_real_prometheus_scrapes_a_running_pipeline(weir_factory, tmp_path, prometheus_bin):
-    d = tmp_path / "pipelines"
-    d.mkdir()
-    (d / "copy.yaml").write_text(COPY_PIPELINE)
-    weir = weir_factory("weir", extra_args=("--pipelines", str(d)))
+    weir, _ = pipelines_daemon(weir_factory, tmp_path, **{"copy.yaml": COPY_PIPELINE})
     wait_until(lambda: value(scrape(weir), "weir_pipeline_state", pipeline="copy", state="running"),
                30, message="the pipeline to run")
     prom = Prometheus(prometheus_bin, tmp_path, f"127.0.0.1:{weir.http_port}")

@@ -13,7 +13,8 @@ from pathlib import Path
 import requests
 
 from support import run, wait_until
-from test_pipelines import HTTP_PIPELINE, file_status, pipeline_state, post, read_committed
+from test_pipelines import (HTTP_PIPELINE, file_status, pipeline_state, pipelines_daemon, post,
+                            read_committed)
 
 
 def api(weir, method: str, path: str, body: str | bytes | None = None,
@@ -23,9 +24,7 @@ def api(weir, method: str, path: str, body: str | bytes | None = None,
 
 
 def daemon(weir_factory, tmp_path: Path):
-    d = tmp_path / "pipelines"
-    d.mkdir()
-    return weir_factory("weir", extra_args=("--pipelines", str(d))), d
+    return pipelines_daemon(weir_factory, tmp_path)
 
 
 def test_put_get_delete_a_pipeline(weir_factory, tmp_path):

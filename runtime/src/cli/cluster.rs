@@ -1,6 +1,6 @@
 //! `weir cluster status`: the cluster as one node sees it (its HTTP API's `GET /cluster`).
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
 use serde_json::Value;
 
@@ -19,22 +19,9 @@ pub enum ClusterCommand {
 
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
     let ClusterCommand::Status { url, json } = cmd;
-    let url = format!("{}/cluster", url.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .timeout(std::time::Duration::from_secs(10))
-        .send()
+    let body = super::http_api(reqwest::Method::GET, &url, "/cluster", None)
         .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = resp.status();
-    let body: Value = serde_json::from_slice(&resp.bytes().await?)
-        .with_context(|| format!("{url} did not answer JSON"))?;
-    if !status.is_success() {
-        bail!(
-            "{url}: {}",
-            body["error"].as_str().unwrap_or(status.as_str())
-        );
-    }
+        .with_context(|| format!("{url}/cluster"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());

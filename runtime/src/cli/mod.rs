@@ -11,6 +11,8 @@ pub mod produce;
 pub mod topic;
 pub mod txn;
 
+use anyhow::{Context, Result};
+
 pub use crate::now_ms;
 
 #[derive(clap::Args, Clone)]
@@ -24,4 +26,36 @@ pub struct ConnectArgs {
         env = "WEIR_BROKERS"
     )]
     pub brokers: String,
+}
+
+/// One request to a node's HTTP API at `base`: its JSON answer, or the error it gives.
+pub async fn http_api(
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let mut req = reqwest::Client::new()
+        .request(method, &url)
+        .timeout(std::time::Duration::from_secs(60));
+    if let Some(b) = body {
+        req = req.header("content-type", "application/yaml").body(b);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)
+        .with_context(|| format!("{url} did not answer JSON"))?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "{}",
+            body["error"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("{url} answered {status}"))?
+        );
+    }
+    Ok(body)
 }

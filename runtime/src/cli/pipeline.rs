@@ -3,9 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::Value;
 
@@ -69,13 +68,13 @@ pub struct ApiArgs {
 pub async fn run(cmd: PipelineCommand) -> Result<()> {
     match cmd {
         PipelineCommand::List { api } => {
-            let body = call(reqwest::Method::GET, &api, "/pipelines", None).await?;
+            let body = super::http_api(reqwest::Method::GET, &api.url, "/pipelines", None).await?;
             print!("{}", render_list(&body));
         }
         PipelineCommand::Status { name, api } => {
-            let body = call(
+            let body = super::http_api(
                 reqwest::Method::GET,
-                &api,
+                &api.url,
                 &format!("/pipelines/{name}"),
                 None,
             )
@@ -91,9 +90,9 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             // The name comes from the file; the node checks everything again.
             let spec = PipelineSpec::parse(&file, &text, |n| std::env::var(n).ok())?;
-            let body = call(
+            let body = super::http_api(
                 reqwest::Method::PUT,
-                &api,
+                &api.url,
                 &format!("/pipelines/{}", spec.name),
                 Some(text),
             )
@@ -105,9 +104,9 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
             );
         }
         PipelineCommand::Restart { name, api } => {
-            call(
+            super::http_api(
                 reqwest::Method::POST,
-                &api,
+                &api.url,
                 &format!("/pipelines/{name}/restart"),
                 None,
             )
@@ -115,9 +114,9 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
             println!("pipeline '{name}' restarted");
         }
         PipelineCommand::Pause { name, api } => {
-            call(
+            super::http_api(
                 reqwest::Method::POST,
-                &api,
+                &api.url,
                 &format!("/pipelines/{name}/pause"),
                 None,
             )
@@ -125,9 +124,9 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
             println!("pipeline '{name}' paused");
         }
         PipelineCommand::Resume { name, api } => {
-            call(
+            super::http_api(
                 reqwest::Method::POST,
-                &api,
+                &api.url,
                 &format!("/pipelines/{name}/resume"),
                 None,
             )
@@ -135,9 +134,9 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
             println!("pipeline '{name}' resumed");
         }
         PipelineCommand::Delete { name, api } => {
-            let body = call(
+            let body = super::http_api(
                 reqwest::Method::DELETE,
-                &api,
+                &api.url,
                 &format!("/pipelines/{name}"),
                 None,
             )
@@ -159,38 +158,6 @@ async fn validate(file: &Path) -> Result<PipelineSpec> {
         weir_wasm::Host::default_cache_dir().as_deref(),
     )?);
     Ok(crate::pipeline::check(&host, file, &text).await?)
-}
-
-/// One request to the node's API; its JSON answer, or the error it gives.
-async fn call(
-    method: reqwest::Method,
-    api: &ApiArgs,
-    path: &str,
-    body: Option<String>,
-) -> Result<Value> {
-    let url = format!("{}{path}", api.url.trim_end_matches('/'));
-    let mut req = reqwest::Client::new()
-        .request(method, &url)
-        .timeout(Duration::from_secs(60));
-    if let Some(b) = body {
-        req = req.header("content-type", "application/yaml").body(b);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = resp.status();
-    let body: Value = serde_json::from_slice(&resp.bytes().await?)
-        .with_context(|| format!("{url} did not answer JSON"))?;
-    if !status.is_success() {
-        bail!(
-            "{}",
-            body["error"]
-                .as_str()
-                .ok_or_else(|| anyhow!("{url} answered {status}"))?
-        );
-    }
-    Ok(body)
 }
 
 fn render_list(body: &Value) -> String {

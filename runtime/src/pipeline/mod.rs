@@ -178,10 +178,7 @@ impl PipelineManager {
     /// paused across daemon restarts until resumed.
     pub async fn set_paused(&self, name: &str, pause: bool) -> Result<FileStatus, EditError> {
         let _edit = self.edits.lock().await;
-        let file = self
-            .file_of(name)
-            .await
-            .ok_or_else(|| EditError::NotFound(name.to_string()))?;
+        let file = self.existing_file_of(name).await?;
         let names = {
             let mut paused = self.paused.lock();
             let changed = if pause {
@@ -200,16 +197,34 @@ impl PipelineManager {
                 paused = pause,
                 "pipeline paused or resumed on request"
             );
+            return self.reload(&file, name).await;
+        }
+        self.status_of(&file)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))
+    }
+
+    /// `file_of`, or NotFound.
+    async fn existing_file_of(&self, name: &str) -> Result<PathBuf, EditError> {
+        self.file_of(name)
+            .await
+            .ok_or_else(|| EditError::NotFound(name.to_string()))
+    }
+
+    /// Stops what runs from `file` and checks and starts the file again.
+    async fn reload(&self, file: &Path, name: &str) -> Result<FileStatus, EditError> {
+        {
             let mut files = self.files.lock().await;
-            if let Some(state) = files.get_mut(&file) {
+            if let Some(state) = files.get_mut(file) {
                 if let Some(r) = state.running.take() {
                     self.stop(r).await;
                 }
+                // Makes the next scan check the file again.
                 state.content_hash = 0;
             }
         }
         self.scan().await;
-        self.status_of(&file)
+        self.status_of(file)
             .await
             .ok_or_else(|| EditError::NotFound(name.to_string()))
     }
@@ -324,10 +339,7 @@ impl PipelineManager {
     /// Deletes the file of the pipeline `name`, which stops it; returns the file.
     pub async fn delete(&self, name: &str) -> Result<PathBuf, EditError> {
         let _edit = self.edits.lock().await;
-        let file = self
-            .file_of(name)
-            .await
-            .ok_or_else(|| EditError::NotFound(name.to_string()))?;
+        let file = self.existing_file_of(name).await?;
         std::fs::remove_file(&file)
             .map_err(|e| EditError::Io(anyhow!("cannot delete {}: {e}", file.display())))?;
         self.scan().await;
@@ -337,25 +349,9 @@ impl PipelineManager {
     /// Stops the pipeline `name` and starts it again from its file.
     pub async fn restart(&self, name: &str) -> Result<FileStatus, EditError> {
         let _edit = self.edits.lock().await;
-        let file = self
-            .file_of(name)
-            .await
-            .ok_or_else(|| EditError::NotFound(name.to_string()))?;
-        {
-            let mut files = self.files.lock().await;
-            if let Some(state) = files.get_mut(&file) {
-                if let Some(r) = state.running.take() {
-                    tracing::info!(pipeline = %r.spec.name, "restarting the pipeline on request");
-                    self.stop(r).await;
-                }
-                // Makes the next scan check and start the file again.
-                state.content_hash = 0;
-            }
-        }
-        self.scan().await;
-        self.status_of(&file)
-            .await
-            .ok_or_else(|| EditError::NotFound(name.to_string()))
+        let file = self.existing_file_of(name).await?;
+        tracing::info!(pipeline = name, "restarting the pipeline on request");
+        self.reload(&file, name).await
     }
 
     /// Watches the directory until `shutdown`, then stops every pipeline.
