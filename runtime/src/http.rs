@@ -52,6 +52,7 @@ pub async fn serve(
             get(get_pipeline).put(put_pipeline).delete(delete_pipeline),
         )
         .route("/pipelines/{name}/restart", post(restart_pipeline))
+        .route("/pipelines/{name}/dead-letters", get(dead_letters))
         .route("/pipelines/{name}/pause", post(pause_pipeline))
         .route("/pipelines/{name}/resume", post(resume_pipeline))
         .fallback(ingest)
@@ -326,6 +327,27 @@ async fn restart_pipeline(State(s): State<AppState>, Path(name): Path<String>) -
         Ok(status) => Json(status).into_response(),
         Err(e) => edit_error(e),
     }
+}
+
+/// GET /pipelines/{name}/dead-letters?limit=N: the latest records of the pipeline's dead-letter
+/// topic (each with the headers saying which stage failed and why), from every partition.
+async fn dead_letters(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RecordsQuery>,
+) -> Response {
+    let Some(p) = s.pipelines else {
+        return no_pipelines_dir();
+    };
+    let Some(topic) = p.dead_letter_topic(&name).await else {
+        return error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'"));
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let partitions = s.broker.log.topic(&topic).map_or(0, |t| t.partitions.len());
+    let records: Vec<serde_json::Value> = (0..partitions as i32)
+        .filter_map(|p| crate::inspect::records(&s.broker, &topic, p, None, limit))
+        .collect();
+    Json(json!({ "pipeline": name, "topic": topic, "partitions": records })).into_response()
 }
 
 async fn pause_pipeline(state: State<AppState>, name: Path<String>) -> Response {

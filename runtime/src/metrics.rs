@@ -42,6 +42,11 @@ pub struct Instruments {
     pub offset_commits: IntCounterVec,
     pub transactions: IntCounterVec,
     pub transaction_timeouts: IntCounter,
+    pub plugin_calls: IntCounterVec,
+    pub plugin_records_in: IntCounterVec,
+    pub plugin_records_out: IntCounterVec,
+    pub plugin_faults: IntCounterVec,
+    pub plugin_restarts: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -138,6 +143,31 @@ impl Instruments {
                 "Transactions the coordinator aborted for exceeding their timeout (also counted as aborted).",
             )
             .expect("valid metric"),
+            plugin_calls: counter(
+                "weir_plugin_calls_total",
+                "Batches a pipeline's WASM plugin was called with, by pipeline and plugin.",
+                &["pipeline", "plugin"],
+            ),
+            plugin_records_in: counter(
+                "weir_plugin_records_in_total",
+                "Records given to a plugin.",
+                &["pipeline", "plugin"],
+            ),
+            plugin_records_out: counter(
+                "weir_plugin_records_out_total",
+                "Records a plugin produced.",
+                &["pipeline", "plugin"],
+            ),
+            plugin_faults: counter(
+                "weir_plugin_faults_total",
+                "Records a plugin failed, by kind (plugin-error, panic, cpu-budget, memory-limit, stack-overflow, trap, bad-output).",
+                &["pipeline", "plugin", "kind"],
+            ),
+            plugin_restarts: counter(
+                "weir_plugin_restarts_total",
+                "Plugin instances replaced after a fault that left them unusable.",
+                &["pipeline", "plugin"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -155,6 +185,11 @@ impl Instruments {
             Box::new(m.offset_commits.clone()),
             Box::new(m.transactions.clone()),
             Box::new(m.transaction_timeouts.clone()),
+            Box::new(m.plugin_calls.clone()),
+            Box::new(m.plugin_records_in.clone()),
+            Box::new(m.plugin_records_out.clone()),
+            Box::new(m.plugin_faults.clone()),
+            Box::new(m.plugin_restarts.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from confluent_kafka import Producer
 
 from support import create_topic, wait_until
+from test_metrics import scrape, total, value
 from test_pipelines import (file_status, pipeline_state, pipelines_daemon, post,
                             read_committed)
 
@@ -107,6 +109,20 @@ topic: { name: other }
     assert dead["oom"].startswith("memory-limit") and dead["error"].startswith("plugin-error")
     assert post(weir, "/ingest/other", b"still here\n").status_code == 200
     assert weir.running()
+    # The dead letters through the API, with their reasons.
+    api = requests.get(f"{weir.http_url}/pipelines/hostile/dead-letters", timeout=10).json()
+    assert api["topic"] == "hostile.dlq"
+    listed = {r["value"]: dict(r["headers"])["weir.error"]
+              for p in api["partitions"] for r in p["records"]}
+    assert listed == dead
+    # The plugin's metrics: every record in, three out, the faults by kind.
+    m = scrape(weir)
+    labels = {"pipeline": "hostile", "plugin": "hostile"}
+    assert value(m, "weir_plugin_records_in_total", **labels) == 8
+    assert value(m, "weir_plugin_records_out_total", **labels) == 3
+    assert total(m, "weir_plugin_faults_total", **labels) == 5
+    assert value(m, "weir_plugin_faults_total", kind="cpu-budget", **labels) == 1
+    assert value(m, "weir_plugin_restarts_total", **labels) >= 3
 
     # With tolerance none the pipeline stops and shows the reason.
     (d / "strict.yaml").write_text((d / "hostile.yaml").read_text()

@@ -828,7 +828,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let (_host, plugin) = load_plugin(&a.plugin, &a.run, LogSink::Tracing)?;
     // The same stage a pipeline runs: pipeline records in, records sharing the module's output
     // out.
-    let mut stage = Transforms::start(std::slice::from_ref(&plugin))?;
+    let mut stage = Transforms::start("", std::slice::from_ref(&plugin))?;
     let batch_size = a.run.batch_size.min(a.records.max(1));
     let batch: Vec<PipelineRecord> = (0..batch_size)
         .map(|i| {

@@ -57,8 +57,9 @@ pub struct Status {
     pub flow: Vec<String>,
     /// starting, running, paused, finished, failed or stopped.
     pub state: String,
-    /// Why it failed.
+    /// Why it failed, and when (milliseconds since the Unix epoch).
     pub error: Option<String>,
+    pub error_at_ms: Option<i64>,
     pub records_in: u64,
     /// Records written per sink.
     pub records_out: Vec<u64>,
@@ -92,6 +93,7 @@ impl Running {
             flow: spec.flow(),
             state: "paused".into(),
             error: None,
+            error_at_ms: None,
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
             dead_letters: 0,
@@ -202,6 +204,15 @@ impl PipelineManager {
         self.status_of(&file)
             .await
             .ok_or_else(|| EditError::NotFound(name.to_string()))
+    }
+
+    /// The dead-letter topic of the pipeline `name` (configured or `<name>.dlq`).
+    pub async fn dead_letter_topic(&self, name: &str) -> Option<String> {
+        let files = self.files.lock().await;
+        files.values().find_map(|s| {
+            let spec = s.running.as_ref().map(|r| &r.spec).or(s.parsed.as_ref())?;
+            (spec.name == name).then(|| spec.dead_letter_topic())
+        })
     }
 
     /// `file_of`, or NotFound.
@@ -562,6 +573,7 @@ impl PipelineManager {
             flow: spec.flow(),
             state: "running".into(),
             error: None,
+            error_at_ms: None,
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
             dead_letters: 0,
@@ -704,6 +716,7 @@ fn finish(status: &Mutex<Status>, stop_all: &watch::Sender<bool>, stage: &str, r
         tracing::error!(pipeline = %s.name, stage, error = %message, "pipeline failed");
         s.state = "failed".into();
         s.error = Some(message);
+        s.error_at_ms = Some(crate::now_ms());
         let _ = stop_all.send(true);
     }
 }

@@ -200,7 +200,7 @@ pub async fn run_source(
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let transforms = Transforms::start(&plugins)?;
+    let transforms = Transforms::start(&spec.name, &plugins)?;
     let output_spec = spec
         .topic
         .clone()

@@ -17,10 +17,12 @@ pub type Transformed = (Vec<Record>, Vec<Rejected>);
 /// One instance per plugin, reused across batches (the host replaces a trapped one).
 pub struct Transforms {
     stages: Vec<weir_wasm::Instance>,
+    /// The pipeline they run in, for the metrics.
+    pipeline: String,
 }
 
 impl Transforms {
-    pub fn start(plugins: &[weir_wasm::Plugin]) -> Result<Transforms> {
+    pub fn start(pipeline: &str, plugins: &[weir_wasm::Plugin]) -> Result<Transforms> {
         let mut stages = Vec::with_capacity(plugins.len());
         for (i, p) in plugins.iter().enumerate() {
             let instance = p
@@ -28,7 +30,10 @@ impl Transforms {
                 .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", p.name()))?;
             stages.push(instance);
         }
-        Ok(Transforms { stages })
+        Ok(Transforms {
+            stages,
+            pipeline: pipeline.to_string(),
+        })
     }
 
     /// How many times a faulted instance was replaced, over all stages.
@@ -60,7 +65,16 @@ impl Transforms {
         };
         let mut batch = records;
         let mut rejected = Vec::new();
+        let metrics = crate::metrics::get();
         for (i, stage) in self.stages.iter_mut().enumerate() {
+            let plugin = stage.name().to_string();
+            let labels = [self.pipeline.as_str(), plugin.as_str()];
+            let restarts_before = stage.restarts();
+            metrics.plugin_calls.with_label_values(&labels).inc();
+            metrics
+                .plugin_records_in
+                .with_label_values(&labels)
+                .inc_by(batch.len() as u64);
             let output = {
                 let inputs: Vec<PluginInput<'_>> = batch
                     .iter()
@@ -74,7 +88,19 @@ impl Transforms {
                     .process(&inputs, produced_record)
                     .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", stage.name()))?
             };
+            metrics
+                .plugin_records_out
+                .with_label_values(&labels)
+                .inc_by(output.records.len() as u64);
+            metrics
+                .plugin_restarts
+                .with_label_values(&labels)
+                .inc_by(stage.restarts() - restarts_before);
             for dl in output.dead_letters {
+                metrics
+                    .plugin_faults
+                    .with_label_values(&[labels[0], labels[1], dl.fault.kind.as_str()])
+                    .inc();
                 if let Some(r) = batch.get(dl.input_index) {
                     rejected.push((
                         r.clone(),
