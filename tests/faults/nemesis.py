@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-KINDS = ("kill", "pause", "isolate", "term", "lossy")
+KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart")
 
 DESCRIBE = {
     "kill": "kill -9, then restart",
@@ -22,6 +22,7 @@ DESCRIBE = {
     "isolate": "hold the node's proxy, then reset and release it",
     "term": "SIGTERM, then restart",
     "lossy": "lose produce responses at the node's proxy",
+    "restart": "kill -9 every node at once, then start them all again",
 }
 
 
@@ -33,6 +34,8 @@ class Fault:
     heal_s: float  # quiet time after the fault is undone
 
     def describe(self) -> str:
+        if self.kind == "restart":
+            return f"restart every node, down for {self.hold_s:.1f}s, heal {self.heal_s:.1f}s"
         t = self.target
         who = {"leader": lambda: f"leader of partition {t[1]}", "controller": lambda: "controller",
                "node": lambda: f"node {t[1]}"}[t[0]]()
@@ -55,7 +58,7 @@ def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
             else:
                 target = ("node", rng.randrange(nodes) + 1)
             hold = {"kill": (1, 8), "pause": (2, 10), "isolate": (3, 12), "term": (1, 6),
-                    "lossy": (5, 15)}[kind]
+                    "lossy": (5, 15), "restart": (1, 5)}[kind]
             yield Fault(kind, target, round(rng.uniform(*hold), 1), round(rng.uniform(4, 12), 1))
 
 
@@ -90,7 +93,8 @@ class Nemesis:
         node = self.cluster.node(node_id)
         proxy = self.proxies[node_id - 1]
         self.injected.append((time.monotonic(), fault, node_id))
-        self.log(f"nemesis: {fault.kind} node {node_id} ({fault.describe()})")
+        who = "the cluster" if fault.kind == "restart" else f"node {node_id}"
+        self.log(f"nemesis: {fault.kind} {who} ({fault.describe()})")
         if fault.kind == "kill":
             node.kill()
             time.sleep(fault.hold_s)
@@ -120,9 +124,23 @@ class Nemesis:
             proxy.fault_rate = 0.1
             time.sleep(fault.hold_s)
             proxy.fault_rate = 0.0
+        elif fault.kind == "restart":
+            # The whole cluster goes down; nodes wait for a quorum, so they start together.
+            for n in self.cluster.nodes:
+                if n.running():
+                    n.kill()
+            time.sleep(fault.hold_s)
+            try:
+                self.cluster.start()
+            except AssertionError as e:
+                self.anomalies.append(f"the cluster did not come back after a full restart: "
+                                      f"{str(e).splitlines()[0]}")
+                for n in self.cluster.nodes:
+                    if not n.running():
+                        self._start(n)
         else:
             raise ValueError(fault.kind)
-        self.log(f"nemesis: {fault.kind} node {node_id} undone")
+        self.log(f"nemesis: {fault.kind} {who} undone")
 
     def _start(self, node) -> None:
         for attempt in range(3):
