@@ -5,9 +5,11 @@
 //! when Prometheus scrapes (offsets, sizes, group lag, pipeline counts), so that nothing is kept
 //! twice.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock};
 
 use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::ApiKey;
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{
@@ -203,6 +205,18 @@ impl Instruments {
         m
     }
 
+    /// The series of one plugin stage of a pipeline, looked up once.
+    pub fn plugin(&self, pipeline: &str, plugin: &str) -> PluginSeries {
+        let labels = [pipeline, plugin];
+        PluginSeries {
+            calls: self.plugin_calls.with_label_values(&labels),
+            records_in: self.plugin_records_in.with_label_values(&labels),
+            records_out: self.plugin_records_out.with_label_values(&labels),
+            restarts: self.plugin_restarts.with_label_values(&labels),
+            labels: labels.map(str::to_string),
+        }
+    }
+
     /// Counts the error codes of one response.
     pub fn count_errors(&self, api: &str, codes: impl IntoIterator<Item = i16>) {
         for code in codes {
@@ -215,7 +229,74 @@ impl Instruments {
     }
 }
 
+/// A plugin stage's counters (see [`Instruments::plugin`]).
+pub struct PluginSeries {
+    pub calls: IntCounter,
+    pub records_in: IntCounter,
+    pub records_out: IntCounter,
+    pub restarts: IntCounter,
+    labels: [String; 2],
+}
+
+impl PluginSeries {
+    /// Counts a record the plugin failed, by the fault's kind.
+    pub fn fault(&self, kind: &str) {
+        get()
+            .plugin_faults
+            .with_label_values(&[self.labels[0].as_str(), self.labels[1].as_str(), kind])
+            .inc();
+    }
+}
+
 static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(Instruments::new);
+
+/// One Kafka API's series, each looked up on its first request rather than on every one (a
+/// series appears once it has something to count).
+pub struct ApiSeries {
+    /// The API's name as Kafka spells it in its own metrics (Produce, FindCoordinator).
+    pub name: String,
+    lowest_version: i16,
+    requests: Vec<OnceLock<IntCounter>>,
+    seconds: OnceLock<Histogram>,
+}
+
+impl ApiSeries {
+    /// Counts one request of `version` that took `seconds`.
+    pub fn observe(&self, version: i16, seconds: f64) {
+        let m = get();
+        let index = usize::try_from(version - self.lowest_version).ok();
+        if let Some(slot) = index.and_then(|i| self.requests.get(i)) {
+            slot.get_or_init(|| {
+                m.requests
+                    .with_label_values(&[self.name.as_str(), &version.to_string()])
+            })
+            .inc();
+        }
+        self.seconds
+            .get_or_init(|| m.request_seconds.with_label_values(&[self.name.as_str()]))
+            .observe(seconds);
+    }
+}
+
+/// The series of a supported API (None for others, which are refused before they are handled).
+pub fn api(key: ApiKey) -> Option<&'static ApiSeries> {
+    static APIS: LazyLock<HashMap<i16, ApiSeries>> = LazyLock::new(|| {
+        crate::kafka::apis::SUPPORTED
+            .iter()
+            .map(|&(k, lo, hi)| {
+                let series = ApiSeries {
+                    // ApiKey's Debug is its variant name.
+                    name: format!("{k:?}"),
+                    lowest_version: lo,
+                    requests: (lo..=hi).map(|_| OnceLock::new()).collect(),
+                    seconds: OnceLock::new(),
+                };
+                (k as i16, series)
+            })
+            .collect()
+    });
+    APIS.get(&(key as i16))
+}
 
 /// The process-wide instruments.
 pub fn get() -> &'static Instruments {

@@ -217,34 +217,17 @@ pub async fn handle_frame(
     };
     let started = std::time::Instant::now();
     let reply = apis::dispatch(broker, &ctx, request).await;
-    let metrics = crate::metrics::get();
-    let api = api_name(key);
-    metrics
-        .requests
-        .with_label_values(&[api, &version.to_string()])
-        .inc();
-    metrics
-        .request_seconds
-        .with_label_values(&[api])
-        .observe(started.elapsed().as_secs_f64());
+    let series = crate::metrics::api(key);
+    if let Some(s) = series {
+        s.observe(version, started.elapsed().as_secs_f64());
+    }
     let Some(reply) = reply else {
         return Ok(None);
     };
-    metrics.count_errors(api, reply.error_codes());
+    if let Some(s) = series {
+        crate::metrics::get().count_errors(&s.name, reply.error_codes());
+    }
     encode_reply(correlation_id, key, version, reply).map(Some)
-}
-
-/// The API's name as Kafka spells it in its own metrics (Produce, FindCoordinator).
-fn api_name(key: ApiKey) -> &'static str {
-    // ApiKey's Debug is its variant name; only supported APIs get this far.
-    static NAMES: std::sync::LazyLock<std::collections::HashMap<i16, String>> =
-        std::sync::LazyLock::new(|| {
-            apis::SUPPORTED
-                .iter()
-                .map(|(k, _, _)| (*k as i16, format!("{k:?}")))
-                .collect()
-        });
-    NAMES.get(&(key as i16)).map_or("Unknown", String::as_str)
 }
 
 fn encode_reply(

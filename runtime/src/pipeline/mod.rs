@@ -108,6 +108,25 @@ impl Running {
     }
 }
 
+impl FileState {
+    fn status(&self, file: &Path) -> FileStatus {
+        FileStatus {
+            file: file.to_path_buf(),
+            pipeline: self.running.as_ref().map(|r| r.status.lock().clone()),
+            invalid: self.invalid.clone(),
+        }
+    }
+
+    /// The spec of the pipeline `name` if this file holds it: the running version, else the
+    /// last valid content.
+    fn spec_named(&self, name: &str) -> Option<&PipelineSpec> {
+        let running = self.running.as_ref().map(|r| &r.spec);
+        running
+            .filter(|s| s.name == name)
+            .or(self.parsed.as_ref().filter(|s| s.name == name))
+    }
+}
+
 fn paused_file(ctx: &Context) -> PathBuf {
     ctx.log
         .data_dir()
@@ -209,10 +228,9 @@ impl PipelineManager {
     /// The dead-letter topic of the pipeline `name` (configured or `<name>.dlq`).
     pub async fn dead_letter_topic(&self, name: &str) -> Option<String> {
         let files = self.files.lock().await;
-        files.values().find_map(|s| {
-            let spec = s.running.as_ref().map(|r| &r.spec).or(s.parsed.as_ref())?;
-            (spec.name == name).then(|| spec.dead_letter_topic())
-        })
+        files
+            .values()
+            .find_map(|s| s.spec_named(name).map(PipelineSpec::dead_letter_topic))
     }
 
     /// `file_of`, or NotFound.
@@ -261,35 +279,23 @@ impl PipelineManager {
 
     pub async fn statuses(&self) -> Vec<FileStatus> {
         let files = self.files.lock().await;
-        files
-            .iter()
-            .map(|(file, f)| FileStatus {
-                file: file.clone(),
-                pipeline: f.running.as_ref().map(|r| r.status.lock().clone()),
-                invalid: f.invalid.clone(),
-            })
-            .collect()
+        files.iter().map(|(file, f)| f.status(file)).collect()
     }
 
     /// The status of one file, as `GET /pipelines` lists it.
     pub async fn status_of(&self, file: &Path) -> Option<FileStatus> {
         let files = self.files.lock().await;
-        files.get(file).map(|f| FileStatus {
-            file: file.to_path_buf(),
-            pipeline: f.running.as_ref().map(|r| r.status.lock().clone()),
-            invalid: f.invalid.clone(),
-        })
+        files.get(file).map(|f| f.status(file))
     }
 
     /// The file that holds the pipeline `name`: the one running it, else the one whose last
     /// valid content names it.
     pub async fn file_of(&self, name: &str) -> Option<PathBuf> {
         let files = self.files.lock().await;
-        let named = |s: &FileState| {
-            s.running.as_ref().is_some_and(|r| r.spec.name == name)
-                || s.parsed.as_ref().is_some_and(|p| p.name == name)
-        };
-        files.iter().find(|(_, s)| named(s)).map(|(f, _)| f.clone())
+        files
+            .iter()
+            .find(|(_, s)| s.spec_named(name).is_some())
+            .map(|(f, _)| f.clone())
     }
 
     /// Checks `text` as the content of `file` would be checked when the directory is scanned:

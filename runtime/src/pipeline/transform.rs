@@ -17,8 +17,8 @@ pub type Transformed = (Vec<Record>, Vec<Rejected>);
 /// One instance per plugin, reused across batches (the host replaces a trapped one).
 pub struct Transforms {
     stages: Vec<weir_wasm::Instance>,
-    /// The pipeline they run in, for the metrics.
-    pipeline: String,
+    /// Each stage's metrics, in the same order.
+    series: Vec<crate::metrics::PluginSeries>,
 }
 
 impl Transforms {
@@ -30,10 +30,12 @@ impl Transforms {
                 .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", p.name()))?;
             stages.push(instance);
         }
-        Ok(Transforms {
-            stages,
-            pipeline: pipeline.to_string(),
-        })
+        let metrics = crate::metrics::get();
+        let series = stages
+            .iter()
+            .map(|s| metrics.plugin(pipeline, s.name()))
+            .collect();
+        Ok(Transforms { stages, series })
     }
 
     /// How many times a faulted instance was replaced, over all stages.
@@ -65,16 +67,10 @@ impl Transforms {
         };
         let mut batch = records;
         let mut rejected = Vec::new();
-        let metrics = crate::metrics::get();
-        for (i, stage) in self.stages.iter_mut().enumerate() {
-            let plugin = stage.name().to_string();
-            let labels = [self.pipeline.as_str(), plugin.as_str()];
+        for (i, (stage, series)) in self.stages.iter_mut().zip(&self.series).enumerate() {
             let restarts_before = stage.restarts();
-            metrics.plugin_calls.with_label_values(&labels).inc();
-            metrics
-                .plugin_records_in
-                .with_label_values(&labels)
-                .inc_by(batch.len() as u64);
+            series.calls.inc();
+            series.records_in.inc_by(batch.len() as u64);
             let output = {
                 let inputs: Vec<PluginInput<'_>> = batch
                     .iter()
@@ -88,19 +84,10 @@ impl Transforms {
                     .process(&inputs, produced_record)
                     .map_err(|e| anyhow!("transforms[{i}] ({}): {e}", stage.name()))?
             };
-            metrics
-                .plugin_records_out
-                .with_label_values(&labels)
-                .inc_by(output.records.len() as u64);
-            metrics
-                .plugin_restarts
-                .with_label_values(&labels)
-                .inc_by(stage.restarts() - restarts_before);
+            series.records_out.inc_by(output.records.len() as u64);
+            series.restarts.inc_by(stage.restarts() - restarts_before);
             for dl in output.dead_letters {
-                metrics
-                    .plugin_faults
-                    .with_label_values(&[labels[0], labels[1], dl.fault.kind.as_str()])
-                    .inc();
+                series.fault(dl.fault.kind.as_str());
                 if let Some(r) = batch.get(dl.input_index) {
                     rejected.push((
                         r.clone(),
