@@ -9,6 +9,8 @@ use serde::Deserialize;
 use crate::cluster::{parse_voters, ClusterSettings};
 use crate::group::GroupSettings;
 use crate::log::config::LogConfig;
+use crate::security::tls::TlsSettings;
+use crate::security::{AuthSettings, ListenerSettings, SecurityProtocol};
 use crate::txn::TxnSettings;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -16,8 +18,20 @@ use crate::txn::TxnSettings;
 pub struct Settings {
     /// Where topics and metadata live.
     pub data_dir: PathBuf,
-    /// Kafka protocol listener.
+    /// Kafka protocol listener, when `listeners` is not given: plaintext.
     pub kafka_addr: String,
+    /// Kafka protocol listeners, each with its security protocol; replaces `kafka_addr`.
+    pub listeners: Vec<ListenerSettings>,
+    /// Certificate and key of the SSL and SASL_SSL listeners.
+    pub tls: Option<TlsSettings>,
+    /// A failed authentication is answered this late (connection.failed.authentication.delay.ms).
+    pub connection_failed_authentication_delay_ms: u64,
+    /// Failed authentications from one address within a minute, after which its further
+    /// attempts are refused unchecked until the minute is over.
+    pub max_failed_authentications_per_minute: u32,
+    /// SASL sessions last this long, then clients re-authenticate (connections.max.reauth.ms,
+    /// KIP-368); 0: no expiry.
+    pub connections_max_reauth_ms: u64,
     /// HTTP API listener (health, later metrics and the pipeline API).
     pub http_addr: String,
     /// Host name given to clients in metadata; defaults to the listener's address.
@@ -78,6 +92,11 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("./weir-data"),
             kafka_addr: "127.0.0.1:9092".into(),
+            listeners: Vec::new(),
+            tls: None,
+            connection_failed_authentication_delay_ms: 100,
+            max_failed_authentications_per_minute: 120,
+            connections_max_reauth_ms: 0,
             http_addr: "127.0.0.1:8083".into(),
             advertised_host: None,
             advertised_port: None,
@@ -174,6 +193,56 @@ impl Settings {
                 self.preferred_leader_check_ms.max(100),
             ),
         }))
+    }
+
+    /// The Kafka listeners: `listeners`, or one plaintext listener on `kafka_addr` advertised
+    /// as `advertised_host`/`advertised_port`. Names are unique; in a cluster the first carries
+    /// the traffic between nodes, which is plaintext for now.
+    pub fn kafka_listeners(&self) -> Result<Vec<ListenerSettings>> {
+        if self.listeners.is_empty() {
+            return Ok(vec![ListenerSettings {
+                name: None,
+                address: self.kafka_addr.clone(),
+                protocol: SecurityProtocol::Plaintext,
+                advertised: None,
+                sasl_mechanisms: None,
+            }]);
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for l in &self.listeners {
+            anyhow::ensure!(
+                names.insert(l.name()),
+                "listener name {} is used twice",
+                l.name()
+            );
+            l.mechanisms()?;
+            if l.protocol.tls() && self.tls.is_none() {
+                anyhow::bail!(
+                    "listener {} ({}) needs the tls section (cert_file, key_file) or --tls-cert and --tls-key",
+                    l.name(),
+                    l.protocol.name()
+                );
+            }
+        }
+        if self.voters.is_some() && self.listeners[0].protocol != SecurityProtocol::Plaintext {
+            anyhow::bail!(
+                "in a cluster the first listener carries the traffic between nodes and must be PLAINTEXT; {} is {}",
+                self.listeners[0].name(),
+                self.listeners[0].protocol.name()
+            );
+        }
+        Ok(self.listeners.clone())
+    }
+
+    pub fn auth_settings(&self) -> AuthSettings {
+        AuthSettings {
+            failed_delay: std::time::Duration::from_millis(
+                self.connection_failed_authentication_delay_ms,
+            ),
+            max_failures_per_minute: self.max_failed_authentications_per_minute.max(1),
+            max_reauth: (self.connections_max_reauth_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.connections_max_reauth_ms)),
+        }
     }
 
     pub fn log_defaults(&self) -> Result<LogConfig> {

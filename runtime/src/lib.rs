@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;
+pub mod security;
 pub mod serve;
 pub mod txn;
 

@@ -52,6 +52,19 @@ enum Command {
         /// This node's rack; replicas of a partition are spread over racks
         #[arg(long)]
         rack: Option<String>,
+        /// A Kafka listener, NAME=PROTOCOL://HOST:PORT (PLAINTEXT, SSL, SASL_PLAINTEXT,
+        /// SASL_SSL; NAME defaults to the protocol); repeatable; replaces the file's listeners
+        #[arg(long = "listener", value_name = "[NAME=]PROTOCOL://HOST:PORT")]
+        listeners: Vec<String>,
+        /// TLS certificate chain (PEM) of the SSL and SASL_SSL listeners
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM)
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CAs (PEM) that sign client certificates; clients must then present one
+        #[arg(long)]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Create, list, describe and delete topics.
     Topic {
@@ -71,6 +84,13 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: cli::cluster::ClusterCommand,
+    },
+    /// Create, list and delete the SCRAM users of SASL listeners.
+    User {
+        #[command(subcommand)]
+        command: cli::user::UserCommand,
+        #[command(flatten)]
+        conn: cli::ConnectArgs,
     },
     /// List and describe transactions.
     Txn {
@@ -131,6 +151,10 @@ fn main() -> Result<()> {
                 cluster_addr,
                 voters,
                 rack,
+                listeners,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
             } => {
                 let mut settings = match config {
                     Some(path) => Settings::load(&path)?,
@@ -163,11 +187,27 @@ fn main() -> Result<()> {
                 if let Some(r) = rack {
                     settings.rack = Some(r);
                 }
+                if !listeners.is_empty() {
+                    settings.listeners = listeners
+                        .iter()
+                        .map(|l| weir::security::ListenerSettings::parse(l))
+                        .collect::<Result<_>>()?;
+                }
+                if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                    settings.tls = Some(weir::security::tls::TlsSettings::new(cert, key));
+                }
+                if let Some(ca) = tls_client_ca {
+                    let tls = settings.tls.as_mut().ok_or_else(|| {
+                        anyhow::anyhow!("--tls-client-ca needs a certificate: --tls-cert and --tls-key, or tls in the config file")
+                    })?;
+                    tls.client_ca_file = Some(ca);
+                }
                 weir::serve::run(settings).await
             }
             Command::Topic { command, conn } => cli::topic::run(command, &conn).await,
             Command::Group { command, conn } => cli::group::run(command, &conn).await,
             Command::Txn { command, conn } => cli::txn::run(command, &conn).await,
+            Command::User { command, conn } => cli::user::run(command, &conn).await,
             Command::Cluster { command } => cli::cluster::run(command).await,
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,

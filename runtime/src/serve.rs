@@ -27,21 +27,42 @@ pub async fn run(settings: Settings) -> Result<()> {
         })
         .await??,
     );
-    let kafka_listener = TcpListener::bind(&settings.kafka_addr)
-        .await
-        .with_context(|| format!("cannot listen for Kafka clients on {}", settings.kafka_addr))?;
+    let listener_settings = settings.kafka_listeners()?;
+    let tls = settings
+        .tls
+        .clone()
+        .map(crate::security::tls::Tls::load)
+        .transpose()
+        .context("tls")?;
+    let mut kafka_listeners = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, ls) in listener_settings.iter().enumerate() {
+        let socket = TcpListener::bind(&ls.address).await.with_context(|| {
+            format!(
+                "cannot listen for Kafka clients on {} ({})",
+                ls.address,
+                ls.name()
+            )
+        })?;
+        let local = socket.local_addr()?;
+        // The default listener keeps the older advertised_host/advertised_port settings.
+        let fallback_host = (i == 0).then(|| settings.advertised_host.clone()).flatten();
+        let fallback_port = (i == 0).then_some(settings.advertised_port).flatten();
+        endpoints.push(advertised_endpoint(
+            ls,
+            local,
+            fallback_host,
+            fallback_port,
+        )?);
+        let security = crate::security::Listener::new(ls, tls.clone(), settings.auth_settings())?;
+        kafka_listeners.push((socket, Arc::new(security), local));
+    }
     let http_listener = TcpListener::bind(&settings.http_addr)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http_addr))?;
-    let kafka_local = kafka_listener.local_addr()?;
-    let advertised_host = settings.advertised_host.clone().unwrap_or_else(|| {
-        if kafka_local.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            kafka_local.ip().to_string()
-        }
-    });
-    let advertised_port = settings.advertised_port.unwrap_or(kafka_local.port()) as i32;
+    let kafka_local = kafka_listeners[0].2;
+    let advertised_host = endpoints[0].host.clone();
+    let advertised_port = endpoints[0].port;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // In a cluster the coordinators' internal topics come from the metadata, so the quorum
     // is joined before they open.
@@ -56,6 +77,7 @@ pub async fn run(settings: Settings) -> Result<()> {
                 rack: cs.rack.clone(),
                 incarnation: uuid::Uuid::new_v4(),
                 fenced: false,
+                listeners: endpoints.clone(),
             };
             tracing::info!(node = cs.node_id, cluster = %cs.cluster_addr, voters = ?cs.voters, "joining the cluster");
             Some(Cluster::start(cs, log.clone(), info, stop_rx.clone()).await?)
@@ -125,8 +147,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let broker = Arc::new(Broker {
         node_id: settings.node_id,
         cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
-        advertised_host,
-        advertised_port,
+        endpoints,
         log: log.clone(),
         groups: groups.clone(),
         txns: txns.clone(),
@@ -134,6 +155,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         default_partitions: settings.default_partitions.max(1),
         cluster,
         peers: Default::default(),
+        users: crate::security::users::LocalUsers::open(&settings.data_dir)?,
     });
     if let Some(link) = &txn_link {
         link.bind(&broker);
@@ -158,11 +180,21 @@ pub async fn run(settings: Settings) -> Result<()> {
         ));
     }
     let txn_timers = tokio::spawn(txns.clone().run_timers(stop_rx.clone()));
-    let kafka_task = tokio::spawn(kafka::server::serve(
-        kafka_listener,
-        broker.clone(),
-        stop_rx.clone(),
-    ));
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(stop_rx.clone()));
+    }
+    let kafka_tasks: Vec<_> = kafka_listeners
+        .into_iter()
+        .map(|(socket, security, local)| {
+            tracing::info!(listener = %security.name, protocol = security.protocol.name(), address = %local, "Kafka listener");
+            tokio::spawn(kafka::server::serve(
+                socket,
+                broker.clone(),
+                security,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
     let http_local = http_listener.local_addr()?;
     let http_task = tokio::spawn(crate::http::serve(
         http_listener,
@@ -193,7 +225,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Some(t) = pipeline_task {
         let _ = t.await;
     }
-    let _ = kafka_task.await;
+    for t in kafka_tasks {
+        let _ = t.await;
+    }
     let _ = group_timers.await;
     let _ = txn_timers.await;
     let _ = cleaner.await;
@@ -252,6 +286,42 @@ async fn follow_leadership<F, Fut>(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Where clients of a listener are told to connect: its `advertised` host:port, else the
+/// bound address (a wildcard address advertised as 127.0.0.1).
+fn advertised_endpoint(
+    listener: &crate::security::ListenerSettings,
+    local: std::net::SocketAddr,
+    fallback_host: Option<String>,
+    fallback_port: Option<u16>,
+) -> Result<crate::security::Endpoint> {
+    let (host, port) = match &listener.advertised {
+        Some(a) => {
+            let (h, p) = a
+                .rsplit_once(':')
+                .with_context(|| format!("advertised address '{a}' is not host:port"))?;
+            let port: u16 = p
+                .parse()
+                .with_context(|| format!("advertised address '{a}': bad port"))?;
+            (h.trim_matches(['[', ']']).to_string(), port)
+        }
+        None => (
+            fallback_host.unwrap_or_else(|| {
+                if local.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    local.ip().to_string()
+                }
+            }),
+            fallback_port.unwrap_or(local.port()),
+        ),
+    };
+    Ok(crate::security::Endpoint {
+        listener: listener.name(),
+        host,
+        port: port as i32,
+    })
 }
 
 /// The configured pipelines directory, or ./pipelines when it exists.

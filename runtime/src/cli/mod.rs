@@ -10,6 +10,7 @@ pub mod plugin;
 pub mod produce;
 pub mod topic;
 pub mod txn;
+pub mod user;
 
 use anyhow::{Context, Result};
 

@@ -9,6 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::security::users::{self, CredentialChange, Credentials};
+use crate::security::Endpoint;
+
 /// Broker ids as Kafka clients see them.
 pub type NodeId = i32;
 
@@ -27,6 +30,19 @@ pub struct NodeInfo {
     /// Missed its heartbeats, or shut down: leads nothing and is in no in-sync set.
     #[serde(default)]
     pub fenced: bool,
+    /// Addresses for clients by listener name; `kafka_host:kafka_port` is the first's.
+    #[serde(default)]
+    pub listeners: Vec<Endpoint>,
+}
+
+impl NodeInfo {
+    /// The node's address for clients of `listener`, or its first listener's.
+    pub fn endpoint(&self, listener: &str) -> (String, i32) {
+        match self.listeners.iter().find(|e| e.listener == listener) {
+            Some(e) => (e.host.clone(), e.port),
+            None => (self.kafka_host.clone(), self.kafka_port),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +87,9 @@ pub struct ClusterImage {
     pub next_producer_id: i64,
     /// The last block each node reserved, [start, end).
     pub producer_id_blocks: BTreeMap<NodeId, (i64, i64)>,
+    /// Users' SCRAM credentials (salted and hashed).
+    #[serde(default)]
+    pub scram_credentials: Credentials,
 }
 
 /// A change to the image, proposed through Raft.
@@ -130,6 +149,10 @@ pub enum Command {
     AllocateProducerIds {
         node: NodeId,
         size: i64,
+    },
+    /// Creates, replaces or deletes users' SCRAM credentials (AlterUserScramCredentials).
+    AlterScramCredentials {
+        changes: Vec<CredentialChange>,
     },
     /// A leader changes its partition's in-sync set (Kafka's AlterPartition); refused unless
     /// it still leads in that epoch.
@@ -264,6 +287,10 @@ impl ClusterImage {
                 p.replicas = target;
                 p.target = None;
                 p.original = None;
+                Ok(())
+            }
+            Command::AlterScramCredentials { changes } => {
+                users::apply(&mut self.scram_credentials, changes);
                 Ok(())
             }
             Command::AllocateProducerIds { node, size } => {
@@ -539,6 +566,7 @@ mod tests {
             rack: rack.map(str::to_string),
             incarnation: Uuid::nil(),
             fenced: false,
+            listeners: Vec::new(),
         })
     }
 

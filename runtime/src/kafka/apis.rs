@@ -1,16 +1,20 @@
 //! Which APIs and versions this node implements, and the dispatch from request to handler.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsResponse, FetchResponse, RequestKind, ResponseKind,
+    SaslAuthenticateResponse, SaslHandshakeResponse,
 };
 
 use crate::log::partition::FileSlice;
 
-use super::{admin, epochs, fetch, groups, metadata, produce, reassign, txn, txn_cluster, Broker};
+use super::{
+    admin, epochs, fetch, groups, metadata, produce, reassign, txn, txn_cluster, users, Broker,
+};
 
 /// (API, lowest, highest version) that weir implements. Only these are advertised.
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
@@ -48,6 +52,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
     (ApiKey::WriteTxnMarkers, 1, 1),
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::DescribeUserScramCredentials, 0, 0),
+    (ApiKey::AlterUserScramCredentials, 0, 0),
 ];
 
 pub fn is_supported(key: ApiKey, version: i16) -> bool {
@@ -60,6 +68,10 @@ pub struct RequestContext {
     pub version: i16,
     pub client_id: Option<String>,
     pub peer: SocketAddr,
+    /// The name of the listener the request came in on.
+    pub listener: Arc<str>,
+    /// Who sent it: `User:ANONYMOUS`, a SASL user or a client certificate's subject.
+    pub principal: Arc<str>,
 }
 
 fn api_version_list() -> Vec<ApiVersion> {
@@ -103,7 +115,7 @@ pub async fn dispatch(
             ResponseKind::Metadata(metadata::metadata(broker, ctx, r).await)
         }
         RequestKind::DescribeCluster(r) => {
-            ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
+            ResponseKind::DescribeCluster(metadata::describe_cluster(broker, ctx, r))
         }
         RequestKind::Produce(r) => {
             return produce::produce(broker, ctx, r)
@@ -190,10 +202,27 @@ pub async fn dispatch(
         RequestKind::ListPartitionReassignments(r) => ResponseKind::ListPartitionReassignments(
             reassign::list_partition_reassignments(broker, r),
         ),
-        // is_supported() admits only the APIs above.
         RequestKind::WriteTxnMarkers(r) => {
             ResponseKind::WriteTxnMarkers(txn_cluster::write_txn_markers(broker, r).await)
         }
+        // A SASL listener's connections answer these themselves (security::sasl); here they
+        // arrive on a listener without SASL, as in Kafka.
+        RequestKind::SaslHandshake(_) => ResponseKind::SaslHandshake(
+            SaslHandshakeResponse::default()
+                .with_error_code(ResponseError::IllegalSaslState.code()),
+        ),
+        RequestKind::SaslAuthenticate(_) => ResponseKind::SaslAuthenticate(
+            SaslAuthenticateResponse::default()
+                .with_error_code(ResponseError::IllegalSaslState.code())
+                .with_error_message(Some(super::str_bytes("this listener does not use SASL"))),
+        ),
+        RequestKind::DescribeUserScramCredentials(r) => ResponseKind::DescribeUserScramCredentials(
+            users::describe_user_scram_credentials(broker, r),
+        ),
+        // is_supported() admits only the APIs above.
+        RequestKind::AlterUserScramCredentials(r) => ResponseKind::AlterUserScramCredentials(
+            users::alter_user_scram_credentials(broker, r).await,
+        ),
         other => unreachable!("dispatch of unadvertised request {other:?}"),
     };
     Some(Reply::Message(response))

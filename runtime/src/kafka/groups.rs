@@ -53,7 +53,7 @@ pub fn find_coordinator(
     } else {
         0
     };
-    let (node, host, port) = coordinator_node(broker, req.key_type);
+    let (node, host, port) = coordinator_node(broker, req.key_type, &ctx.listener);
     let host = str_bytes(host);
     if ctx.version >= 4 {
         let coordinators = req
@@ -92,12 +92,9 @@ pub fn find_coordinator(
 
 /// The node that coordinates groups (or transactions): in a cluster, the leader of the
 /// internal topic that holds their state.
-fn coordinator_node(broker: &Broker, key_type: i8) -> (i32, String, i32) {
-    let here = (
-        broker.node_id,
-        broker.advertised_host.clone(),
-        broker.advertised_port,
-    );
+fn coordinator_node(broker: &Broker, key_type: i8, listener: &str) -> (i32, String, i32) {
+    let (host, port) = broker.endpoint(listener);
+    let here = (broker.node_id, host, port);
     let Some(cluster) = &broker.cluster else {
         return here;
     };
@@ -110,7 +107,10 @@ fn coordinator_node(broker: &Broker, key_type: i8) -> (i32, String, i32) {
     image
         .partition(topic, 0)
         .and_then(|p| image.nodes.get(&p.leader))
-        .map_or(here, |n| (n.id, n.kafka_host.clone(), n.kafka_port))
+        .map_or(here, |n| {
+            let (host, port) = n.endpoint(listener);
+            (n.id, host, port)
+        })
 }
 
 pub async fn join_group(

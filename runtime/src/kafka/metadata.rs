@@ -60,7 +60,7 @@ pub async fn metadata(
                 .with_error_code(code.code())
         }));
     }
-    let (brokers, controller) = brokers(broker);
+    let (brokers, controller) = brokers(broker, &ctx.listener);
     MetadataResponse::default()
         .with_brokers(
             brokers
@@ -98,29 +98,28 @@ fn topic_name_by_id(broker: &Broker, id: uuid::Uuid) -> Option<String> {
     }
 }
 
-/// The brokers clients may use (id, host, port, rack) and the controller's id. In a cluster,
-/// as in Kafka, a fenced node is left out: clients would only spend their time on it.
+/// The brokers clients may use (id, host, port, rack), at their addresses on the listener the
+/// client came in on, and the controller's id. In a cluster, as in Kafka, a fenced node is left
+/// out: clients would only spend their time on it.
 type BrokerEntry = (i32, String, i32, Option<String>);
-fn brokers(broker: &Broker) -> (Vec<BrokerEntry>, i32) {
+fn brokers(broker: &Broker, listener: &str) -> (Vec<BrokerEntry>, i32) {
     match &broker.cluster {
         Some(c) => (
             c.image()
                 .nodes
                 .values()
                 .filter(|n| !n.fenced)
-                .map(|n| (n.id, n.kafka_host.clone(), n.kafka_port, n.rack.clone()))
+                .map(|n| {
+                    let (host, port) = n.endpoint(listener);
+                    (n.id, host, port, n.rack.clone())
+                })
                 .collect(),
             c.raft_leader().unwrap_or(-1),
         ),
-        None => (
-            vec![(
-                broker.node_id,
-                broker.advertised_host.clone(),
-                broker.advertised_port,
-                None,
-            )],
-            broker.node_id,
-        ),
+        None => {
+            let (host, port) = broker.endpoint(listener);
+            (vec![(broker.node_id, host, port, None)], broker.node_id)
+        }
     }
 }
 
@@ -179,8 +178,12 @@ fn topic_metadata(broker: &Broker, name: &str) -> Result<MetadataResponseTopic, 
     ))
 }
 
-pub fn describe_cluster(broker: &Broker, _req: DescribeClusterRequest) -> DescribeClusterResponse {
-    let (brokers, controller) = brokers(broker);
+pub fn describe_cluster(
+    broker: &Broker,
+    ctx: &RequestContext,
+    _req: DescribeClusterRequest,
+) -> DescribeClusterResponse {
+    let (brokers, controller) = brokers(broker, &ctx.listener);
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(cluster_id(broker)))
         .with_controller_id(BrokerId(controller))

@@ -13,6 +13,7 @@ mod reassign;
 pub mod server;
 mod txn;
 pub mod txn_cluster;
+mod users;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,15 +34,16 @@ use crate::log::config::LogConfig;
 use crate::log::manager::{LogManager, Topic, TopicError, MAX_PARTITIONS};
 use crate::log::partition::{AppendError, ReadError};
 use crate::log::producer_state::ProducerError;
+use crate::security::users::LocalUsers;
+use crate::security::Endpoint;
 use crate::txn::TxnCoordinator;
 
 /// The state every request handler sees.
 pub struct Broker {
     pub node_id: i32,
     pub cluster_id: String,
-    /// Host and port clients are told to connect to.
-    pub advertised_host: String,
-    pub advertised_port: i32,
+    /// Where clients are told to connect, per listener; the first is the one other nodes use.
+    pub endpoints: Vec<Endpoint>,
     pub log: Arc<LogManager>,
     pub groups: Arc<GroupCoordinator>,
     pub txns: Arc<TxnCoordinator>,
@@ -51,6 +53,8 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// Connections to the other nodes of the cluster (transaction markers and checks).
     pub peers: txn_cluster::Peers,
+    /// Users' SCRAM credentials on a single node (a cluster keeps them in its image).
+    pub users: LocalUsers,
 }
 
 /// How far a group is behind on one partition.
@@ -64,6 +68,16 @@ pub struct PartitionLag {
 }
 
 impl Broker {
+    /// This node's address for clients of `listener` (the first listener's when unknown).
+    pub fn endpoint(&self, listener: &str) -> (String, i32) {
+        let e = self
+            .endpoints
+            .iter()
+            .find(|e| e.listener == listener)
+            .unwrap_or(&self.endpoints[0]);
+        (e.host.clone(), e.port)
+    }
+
     /// The topic, auto-created with the default partition count when allowed. In a cluster,
     /// a topic this node hosts no replica of answers NOT_LEADER_OR_FOLLOWER.
     pub async fn topic_or_create(
@@ -346,8 +360,11 @@ impl Broker {
         Broker {
             node_id: 0,
             cluster_id: "test-cluster".into(),
-            advertised_host: "127.0.0.1".into(),
-            advertised_port: 9092,
+            endpoints: vec![Endpoint {
+                listener: "PLAINTEXT".into(),
+                host: "127.0.0.1".into(),
+                port: 9092,
+            }],
             txns: Arc::new(
                 TxnCoordinator::open(log.clone(), groups.clone(), Default::default()).unwrap(),
             ),
@@ -357,6 +374,7 @@ impl Broker {
             default_partitions: 1,
             cluster: None,
             peers: Default::default(),
+            users: LocalUsers::open(dir).unwrap(),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -23,6 +23,9 @@ use super::apis::{self, Reply};
 use super::fetch_encode::{self, Piece};
 use super::Broker;
 use crate::log::partition::FileSlice;
+use crate::security::sasl::{Intercept, SaslSession};
+use crate::security::tls::certificate_principal;
+use crate::security::{Listener, ANONYMOUS};
 
 /// Largest request accepted, as Kafka's socket.request.max.bytes.
 pub const MAX_FRAME_BYTES: i32 = 100 * 1024 * 1024;
@@ -32,6 +35,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
+    security: Arc<Listener>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -40,9 +44,10 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     crate::metrics::get().connections_accepted.inc();
                     let broker = broker.clone();
+                    let security = security.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
-                        match connection(stream, peer, broker, shutdown).await {
+                        match accept(stream, peer, broker, security, shutdown).await {
                             Ok(()) => {}
                             // The client went away mid-response (e.g. closed during a long poll).
                             Err(ConnectionError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
@@ -75,11 +80,22 @@ fn protocol(msg: impl Into<String>) -> ConnectionError {
     ConnectionError::Protocol(msg.into())
 }
 
-async fn connection(
+/// Who is at the other end of a connection, as request handlers see it.
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub listener: Arc<str>,
+    pub principal: Arc<str>,
+}
+
+/// A client gets this long to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept(
     stream: TcpStream,
-    peer: SocketAddr,
+    addr: SocketAddr,
     broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
+    security: Arc<Listener>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     stream.set_nodelay(true)?;
     let metrics = crate::metrics::get();
@@ -92,12 +108,78 @@ async fn connection(
         }
     }
     let _open = Open;
-    let (rd, wr) = stream.into_split();
-    let mut reader = BufReader::with_capacity(64 * 1024, rd);
-    let mut writer = BufWriter::with_capacity(64 * 1024, wr);
+    let mut peer = Peer {
+        addr,
+        listener: security.name.clone(),
+        principal: ANONYMOUS.into(),
+    };
+    match security.tls.as_ref().map(|t| t.acceptor()) {
+        None => {
+            let (rd, wr) = stream.into_split();
+            let reader = BufReader::with_capacity(64 * 1024, rd);
+            let writer = BufWriter::with_capacity(64 * 1024, wr);
+            connection(reader, writer, peer, broker, security, shutdown).await
+        }
+        Some(acceptor) => {
+            let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| protocol("TLS handshake timed out"))?
+                .map_err(|e| protocol(format!("TLS handshake failed: {e}")))?;
+            if let Some(principal) = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(certificate_principal)
+            {
+                peer.principal = principal.into();
+            }
+            let (rd, wr) = tokio::io::split(tls);
+            let reader = BufReader::with_capacity(64 * 1024, rd);
+            let writer = BufWriter::with_capacity(64 * 1024, wr);
+            connection(reader, writer, peer, broker, security, shutdown).await
+        }
+    }
+}
+
+/// The write side of a connection. Fetched segment ranges go out with sendfile(2) on a plain
+/// TCP socket; TLS must encrypt them, so there they are read and copied.
+trait Transport: AsyncWrite + Unpin + Send {
+    fn plain_socket(&self) -> Option<&TcpStream>;
+}
+
+impl Transport for tokio::net::tcp::OwnedWriteHalf {
+    fn plain_socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Transport for tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>> {
+    fn plain_socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+async fn connection<R: AsyncRead + Unpin, W: Transport>(
+    mut reader: BufReader<R>,
+    mut writer: BufWriter<W>,
+    mut peer: Peer,
+    broker: Arc<Broker>,
+    security: Arc<Listener>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let metrics = crate::metrics::get();
+    let mut sasl = security
+        .protocol
+        .sasl()
+        .then(|| SaslSession::new(security.clone(), peer.addr));
     loop {
+        let (min, max) = match &sasl {
+            None => (8, MAX_FRAME_BYTES),
+            Some(s) => (if s.expects_raw_token() { 0 } else { 8 }, s.max_frame()),
+        };
         let frame = tokio::select! {
-            f = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader)) => match f {
+            f = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, min, max)) => match f {
                 Ok(Ok(Some(frame))) => frame,
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(e)) => return Err(e),
@@ -106,7 +188,29 @@ async fn connection(
             _ = shutdown.changed() => return Ok(()),
         };
         metrics.received_bytes.inc_by(frame.len() as u64 + 4);
-        if let Some(pieces) = handle_frame(&broker, frame, peer).await? {
+        let frame = match &mut sasl {
+            None => frame,
+            Some(session) => match session.intercept(&broker, frame).await {
+                Intercept::Pass(frame) => {
+                    peer.principal = session.principal();
+                    frame
+                }
+                Intercept::Reply(response) => {
+                    metrics.sent_bytes.inc_by(response.len() as u64);
+                    writer.write_all(&response).await?;
+                    writer.flush().await?;
+                    continue;
+                }
+                Intercept::Close(response, reason) => {
+                    if let Some(response) = response {
+                        writer.write_all(&response).await?;
+                        writer.flush().await?;
+                    }
+                    return Err(protocol(reason));
+                }
+            },
+        };
+        if let Some(pieces) = handle_frame(&broker, frame, &peer).await? {
             for piece in pieces {
                 match piece {
                     Piece::Bytes(b) => {
@@ -114,8 +218,14 @@ async fn connection(
                         writer.write_all(&b).await?
                     }
                     Piece::File(f) => {
-                        writer.flush().await?;
-                        send_file(writer.get_ref().as_ref(), &f).await?;
+                        if writer.get_ref().plain_socket().is_some() {
+                            writer.flush().await?;
+                            if let Some(socket) = writer.get_ref().plain_socket() {
+                                send_file(socket, &f).await?;
+                            }
+                        } else {
+                            writer.write_all(&f.read_bytes()?).await?;
+                        }
                         metrics.sent_bytes.inc_by(f.len);
                     }
                 }
@@ -159,8 +269,12 @@ async fn send_file(socket: &TcpStream, slice: &FileSlice) -> Result<(), Connecti
     Ok(())
 }
 
-/// Reads one size-prefixed frame; None at a clean end of stream.
-async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Bytes>, ConnectionError> {
+/// Reads one size-prefixed frame of `min..=max` bytes; None at a clean end of stream.
+async fn read_frame<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    min: i32,
+    max: i32,
+) -> Result<Option<Bytes>, ConnectionError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -168,9 +282,9 @@ async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Bytes>,
         Err(e) => return Err(e.into()),
     }
     let len = i32::from_be_bytes(len);
-    if !(8..=MAX_FRAME_BYTES).contains(&len) {
+    if !(min..=max).contains(&len) {
         return Err(protocol(format!(
-            "request size {len} outside the allowed range 8..={MAX_FRAME_BYTES}"
+            "request size {len} outside the allowed range {min}..={max}"
         )));
     }
     let mut buf = BytesMut::zeroed(len as usize);
@@ -185,7 +299,7 @@ async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Bytes>,
 pub async fn handle_frame(
     broker: &Broker,
     mut frame: Bytes,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Result<Option<Vec<Piece>>, ConnectionError> {
     let api_key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
@@ -213,7 +327,9 @@ pub async fn handle_frame(
     let ctx = apis::RequestContext {
         version,
         client_id: header.client_id.as_ref().map(|c| c.to_string()),
-        peer,
+        peer: peer.addr,
+        listener: peer.listener.clone(),
+        principal: peer.principal.clone(),
     };
     let started = std::time::Instant::now();
     let reply = apis::dispatch(broker, &ctx, request).await;
@@ -270,7 +386,7 @@ fn encode_reply(
     }
 }
 
-fn encode_response(
+pub(crate) fn encode_response(
     correlation_id: i32,
     key: ApiKey,
     version: i16,
@@ -294,6 +410,14 @@ fn encode_response(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn test_peer() -> Peer {
+        Peer {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            listener: "PLAINTEXT".into(),
+            principal: ANONYMOUS.into(),
+        }
+    }
 
     fn broker() -> (tempfile::TempDir, Broker) {
         let dir = tempfile::tempdir().unwrap();
@@ -595,12 +719,36 @@ mod tests {
                                 ]),
                         ]),
                     ),
+                    ApiKey::SaslHandshake => RequestKind::SaslHandshake(
+                        SaslHandshakeRequest::default().with_mechanism(sb("PLAIN")),
+                    ),
+                    ApiKey::SaslAuthenticate => RequestKind::SaslAuthenticate(
+                        SaslAuthenticateRequest::default()
+                            .with_auth_bytes(bytes::Bytes::from_static(b"\0u\0p")),
+                    ),
+                    ApiKey::DescribeUserScramCredentials => {
+                        RequestKind::DescribeUserScramCredentials(
+                            DescribeUserScramCredentialsRequest::default().with_users(None),
+                        )
+                    }
+                    ApiKey::AlterUserScramCredentials => RequestKind::AlterUserScramCredentials(
+                        AlterUserScramCredentialsRequest::default().with_upsertions(vec![
+                            alter_user_scram_credentials_request::ScramCredentialUpsertion::default()
+                                .with_name(sb(&format!("user{n}")))
+                                .with_mechanism(2)
+                                .with_iterations(4096)
+                                .with_salt(bytes::Bytes::from_static(b"salt"))
+                                .with_salted_password(bytes::Bytes::from_static(b"salted")),
+                        ]),
+                    ),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {
                     version,
                     client_id: None,
                     peer: "127.0.0.1:1".parse().unwrap(),
+                    listener: "PLAINTEXT".into(),
+                    principal: ANONYMOUS.into(),
                 };
                 let reply = rt.block_on(apis::dispatch(&broker, &ctx, request)).unwrap();
                 encode_reply(1, key, version, reply)
@@ -623,8 +771,11 @@ mod tests {
             &include_bytes!("../../fuzz/artifacts-found/oom-metadata-v12-compact-array-length")[..],
             &include_bytes!("../../fuzz/artifacts-found/oom-create-topics-v2-array-length")[..],
         ] {
-            let peer = "127.0.0.1:1".parse().unwrap();
-            let result = rt.block_on(handle_frame(&broker, Bytes::copy_from_slice(frame), peer));
+            let result = rt.block_on(handle_frame(
+                &broker,
+                Bytes::copy_from_slice(frame),
+                &test_peer(),
+            ));
             assert!(
                 result.is_err(),
                 "a truncated array must be a protocol error"
@@ -645,9 +796,8 @@ mod tests {
             frame.extend_from_slice(&body);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             // A well-formed long-poll fetch may park; parking is fine, panicking is not.
-            let peer = "127.0.0.1:1".parse().unwrap();
             let _ = rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(50), handle_frame(&broker, Bytes::from(frame), peer)).await
+                tokio::time::timeout(Duration::from_millis(50), handle_frame(&broker, Bytes::from(frame), &test_peer())).await
             });
         }
     }
