@@ -19,13 +19,14 @@ import ssl
 import struct
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import (ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion,
+from confluent_kafka.admin import (NewTopic, ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion,
                                    UserScramCredentialUpsertion)
 
 import kafka_wire as kw
@@ -1313,3 +1314,44 @@ def test_metadata_advertises_the_listener_the_client_used(weir_factory, pki):
     create_topic(s.plain, topic, 1)
     produce_values_confluent(s.addr("SECURE"), topic, values_for("secure", 5), 1, conf)
     assert group_consume_confluent(s.addr("SECURE"), topic, "advertised", 5, conf) == values_for("secure", 5)
+
+
+# ---------------------------------------------------------------------------
+# a cluster
+# ---------------------------------------------------------------------------
+
+def test_a_cluster_shares_users_and_advertises_each_listener(weir_factory, kcat_bin):
+    """A user created through one node logs in on every node's SASL listener (credentials live
+    in the Raft metadata), and a SASL client is given every node's SASL address, so it
+    reaches partition leaders on other nodes without ever touching a plaintext port."""
+    raft_ports = _pick_free_ports(3)
+    voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
+    nodes, sasl_ports = [], []
+    for i in range(3):
+        kafka_port, http_port, sasl_port = _pick_free_ports(3)
+        yaml = ("raft_heartbeat_ms: 200\nraft_election_timeout_ms: 1500\n"
+                "node_session_timeout_ms: 3000\nmetadata_timeout_ms: 15000\n"
+                + security_yaml([Listener("PLAIN", "PLAINTEXT", port=kafka_port),
+                                 Listener("SASL", "SASL_PLAINTEXT", port=sasl_port)], None))
+        d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
+                         extra_args=("--node-id", str(i + 1), "--voters", voters))
+        d.kafka_port, d.http_port = kafka_port, http_port
+        nodes.append(d)
+        sasl_ports.append(sasl_port)
+    with ThreadPoolExecutor(3) as pool:
+        for f in [pool.submit(n.start, 60) for n in nodes]:
+            f.result()
+
+    nodes[0].cli("user", "create", "alice", "--password", PASSWORD)
+    a = admin(nodes[0].bootstrap)
+    a.create_topics([NewTopic("shared", num_partitions=3, replication_factor=3)])["shared"].result(30)
+    for port in sasl_ports:
+        addr = f"127.0.0.1:{port}"
+        wait_until(lambda: authenticates(addr, "shared", "SCRAM-SHA-512", "alice", PASSWORD), 30,
+                   message=f"alice to log in on {addr}")
+        md = json.loads(subprocess.run(
+            [kcat_bin, "-b", addr, "-L", "-J", *kcat_args(rk_sasl("SCRAM-SHA-512", "alice", PASSWORD))],
+            capture_output=True, timeout=30, check=True).stdout)
+        assert sorted(b["name"].rsplit(":", 1)[1] for b in md["brokers"]) == \
+            sorted(str(p) for p in sasl_ports), md["brokers"]
+    assert not authenticates(f"127.0.0.1:{sasl_ports[2]}", "shared", "PLAIN", "alice", OTHER_PASSWORD)

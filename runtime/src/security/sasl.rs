@@ -381,3 +381,84 @@ fn encode(correlation_id: i32, key: ApiKey, version: i16, response: ResponseKind
     crate::kafka::server::encode_response(correlation_id, key, version, &response)
         .expect("SASL responses always encode")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::{AuthSettings, ListenerSettings, SecurityProtocol};
+    use proptest::prelude::*;
+
+    fn listener() -> Arc<Listener> {
+        let settings = ListenerSettings {
+            name: None,
+            address: "127.0.0.1:0".into(),
+            protocol: SecurityProtocol::SaslPlaintext,
+            advertised: None,
+            sasl_mechanisms: None,
+        };
+        let auth = AuthSettings {
+            failed_delay: std::time::Duration::ZERO,
+            max_failures_per_minute: u32::MAX,
+            max_reauth: None,
+        };
+        Arc::new(Listener::new(&settings, None, auth).unwrap())
+    }
+
+    fn handshake(version: i16, mechanism: &str) -> Bytes {
+        use kafka_protocol::protocol::Encodable;
+        let mut buf = BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(ApiKey::SaslHandshake as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(1)
+            .encode(
+                &mut buf,
+                ApiKey::SaslHandshake.request_header_version(version),
+            )
+            .unwrap();
+        SaslHandshakeRequest::default()
+            .with_mechanism(StrBytes::from_string(mechanism.into()))
+            .encode(&mut buf, version)
+            .unwrap();
+        buf.freeze()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Whatever a client sends before, during or after choosing a mechanism, the session
+        /// answers, passes or closes; it never panics, and nothing unauthenticated passes.
+        #[test]
+        fn arbitrary_frames_never_panic_nor_pass_unauthenticated(
+            prelude in 0usize..4,
+            frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 8..120), 1..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let broker = Broker::for_tests(dir.path());
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut session = SaslSession::new(listener(), "127.0.0.1:1".parse().unwrap());
+                let first = match prelude {
+                    1 => Some(handshake(1, "SCRAM-SHA-512")),
+                    2 => Some(handshake(0, "PLAIN")),
+                    3 => Some(handshake(1, "PLAIN")),
+                    _ => None,
+                };
+                if let Some(f) = first {
+                    assert!(matches!(session.intercept(&broker, f).await, Intercept::Reply(_)));
+                }
+                for frame in frames {
+                    match session.intercept(&broker, Bytes::from(frame)).await {
+                        // No user exists, so no login succeeds: only ApiVersions may pass.
+                        Intercept::Pass(f) => {
+                            prop_assert_eq!(i16::from_be_bytes([f[0], f[1]]), ApiKey::ApiVersions as i16);
+                            prop_assert_eq!(&*session.principal(), ANONYMOUS);
+                        }
+                        Intercept::Reply(_) => {}
+                        Intercept::Close(..) => break,
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
