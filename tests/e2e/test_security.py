@@ -461,25 +461,34 @@ def is_auth_error(e: KafkaError) -> bool:
     return e.code() == KafkaError._AUTHENTICATION or "authentication" in e.str().lower()
 
 
-def expect_auth_failure(addr: str, topic: str, conf: dict[str, str], what: str) -> KafkaError:
-    """A confluent-kafka producer with these credentials gets an authentication error and
-    no acknowledgement; its record is purged once the error is seen."""
+def produce_or_refused(addr: str, topic: str, conf: dict[str, str], value: bytes,
+                       what: str) -> tuple[list[Optional[KafkaError]], list[KafkaError]]:
+    """Produces one record with a confluent-kafka producer until it is acknowledged or the
+    client reports an authentication error (a record still queued then is purged); returns
+    the delivery reports and the client's errors."""
     errors: list[KafkaError] = []
     reports: list[Optional[KafkaError]] = []
     p = Producer({"bootstrap.servers": addr, "acks": "all", "linger.ms": 0, "enable.idempotence": False,
                   "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 1000,
                   "error_cb": errors.append, **fast_producer(conf)})
-    p.produce(topic, value=f"must-not-be-written {what}".encode(), partition=0,
-              on_delivery=lambda err, msg: reports.append(err))
+    p.produce(topic, value=value, partition=0, on_delivery=lambda err, msg: reports.append(err))
     try:
         deadline = time.monotonic() + TIMEOUT
         while not reports and not any(is_auth_error(e) for e in errors):
             assert time.monotonic() < deadline, \
-                f"{what}: no authentication error within {TIMEOUT}s; errors: {[e.str() for e in errors]}"
+                f"{what}: neither delivered nor refused within {TIMEOUT}s; errors: {[e.str() for e in errors]}"
             p.poll(0.1)
     finally:
-        p.purge()
+        if not reports:
+            p.purge()
         p.flush(10)
+    return reports, errors
+
+
+def expect_auth_failure(addr: str, topic: str, conf: dict[str, str], what: str) -> KafkaError:
+    """A confluent-kafka producer with these credentials gets an authentication error and
+    no acknowledgement."""
+    reports, errors = produce_or_refused(addr, topic, conf, f"must-not-be-written {what}".encode(), what)
     assert not any(r is None for r in reports), f"{what}: the record was acknowledged"
     auth = [e for e in errors if is_auth_error(e)]
     assert auth, f"{what}: delivery failed without an authentication error: {reports}, {errors}"
@@ -664,29 +673,13 @@ def authenticates(addr: str, topic: str, mechanism: str, user: str, password: st
                   ca: Optional[Path] = None) -> bool:
     """True when confluent-kafka can produce with these credentials, False when it gets an
     authentication error (anything else fails the test)."""
-    conf = rk_sasl(mechanism, user, password, ca)
-    errors: list[KafkaError] = []
-    reports: list[Optional[KafkaError]] = []
-    p = Producer({"bootstrap.servers": addr, "acks": "all", "linger.ms": 0, "enable.idempotence": False,
-                  "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 1000,
-                  "error_cb": errors.append, **fast_producer(conf)})
-    p.produce(topic, value=f"{user} via {mechanism}".encode(), partition=0,
-              on_delivery=lambda err, msg: reports.append(err))
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not reports and not any(is_auth_error(e) for e in errors):
-            assert time.monotonic() < deadline, \
-                f"{user}/{mechanism}: neither delivered nor refused within {TIMEOUT}s; " \
-                f"errors: {[e.str() for e in errors]}"
-            p.poll(0.1)
-    finally:
-        if not reports:
-            p.purge()
-        p.flush(10)
+    what = f"{user}/{mechanism}"
+    reports, errors = produce_or_refused(addr, topic, rk_sasl(mechanism, user, password, ca),
+                                         f"{user} via {mechanism}".encode(), what)
     if reports and reports[0] is None:
         return True
     assert any(is_auth_error(e) for e in errors), \
-        f"{user}/{mechanism}: delivery failed without an authentication error: {reports}, {errors}"
+        f"{what}: delivery failed without an authentication error: {reports}, {errors}"
     return False
 
 
