@@ -368,6 +368,18 @@ def all_values(addr: str, topic: str, partitions: int, conf: Optional[dict[str, 
     return sorted(r.value for r in recs)
 
 
+def collect(batch, want: int, what: str) -> list[bytes]:
+    """Calls `batch()` (yielding ((partition, offset), value)) until `want` distinct records
+    are in; their values, sorted."""
+    got: dict[tuple[int, int], bytes] = {}
+    deadline = time.monotonic() + TIMEOUT
+    while len(got) < want:
+        assert time.monotonic() < deadline, f"{what} read {len(got)} of {want} records within {TIMEOUT}s"
+        got.update(batch())
+    assert len(got) == want, f"{what} read {len(got)} records, want {want}"
+    return sorted(got.values())
+
+
 def group_consume_confluent(addr: str, topic: str, group: str, want: int,
                             conf: dict[str, str]) -> list[bytes]:
     """Subscribe in a consumer group, read `want` records, commit synchronously."""
@@ -376,20 +388,18 @@ def group_consume_confluent(addr: str, topic: str, group: str, want: int,
                   "heartbeat.interval.ms": 1000, **fast(conf)})
     try:
         c.subscribe([topic])
-        got: dict[tuple[int, int], bytes] = {}
-        deadline = time.monotonic() + TIMEOUT
-        while len(got) < want:
-            assert time.monotonic() < deadline, \
-                f"group consumer of {group} read {len(got)} of {want} records within {TIMEOUT}s"
+
+        def batch():
             for m in c.consume(num_messages=100, timeout=0.5):
                 if m.error():
                     if m.error().code() == KafkaError._PARTITION_EOF:
                         continue
                     raise AssertionError(f"group consumer of {group}: {m.error()}")
-                got[(m.partition(), m.offset())] = m.value()
-        assert len(got) == want, f"group consumer of {group} read {len(got)} records, want {want}"
+                yield (m.partition(), m.offset()), m.value()
+
+        values = collect(batch, want, f"group consumer of {group}")
         c.commit(asynchronous=False)
-        return sorted(got.values())
+        return values
     finally:
         c.close()
 
@@ -399,17 +409,15 @@ def group_consume_kafka_python(addr: str, topic: str, group: str, want: int, **s
                     bootstrap_timeout_ms=int(TIMEOUT * 1000), **security)
     try:
         c.subscribe([topic])
-        got: dict[tuple[int, int], bytes] = {}
-        deadline = time.monotonic() + TIMEOUT
-        while len(got) < want:
-            assert time.monotonic() < deadline, \
-                f"kafka-python group consumer of {group} read {len(got)} of {want} records"
+
+        def batch():
             for _tp, msgs in c.poll(timeout_ms=500).items():
                 for m in msgs:
-                    got[(m.partition, m.offset)] = m.value
-        assert len(got) == want, f"kafka-python consumer of {group} read {len(got)} records, want {want}"
+                    yield (m.partition, m.offset), m.value
+
+        values = collect(batch, want, f"kafka-python group consumer of {group}")
         c.commit(timeout_ms=int(TIMEOUT * 1000))
-        return sorted(got.values())
+        return values
     finally:
         c.close(autocommit=False)
 
