@@ -208,6 +208,7 @@ impl Settings {
                 sasl_mechanisms: None,
             }]);
         }
+        // Mechanisms and TLS files are checked where each listener is built (security::Listener).
         let mut names = std::collections::BTreeSet::new();
         for l in &self.listeners {
             anyhow::ensure!(
@@ -215,14 +216,6 @@ impl Settings {
                 "listener name {} is used twice",
                 l.name()
             );
-            l.mechanisms()?;
-            if l.protocol.tls() && self.tls.is_none() {
-                anyhow::bail!(
-                    "listener {} ({}) needs the tls section (cert_file, key_file) or --tls-cert and --tls-key",
-                    l.name(),
-                    l.protocol.name()
-                );
-            }
         }
         if self.voters.is_some() && self.listeners[0].protocol != SecurityProtocol::Plaintext {
             anyhow::bail!(

@@ -191,11 +191,10 @@ async fn connection<R: AsyncRead + Unpin, W: Transport>(
         let frame = match &mut sasl {
             None => frame,
             Some(session) => match session.intercept(&broker, frame).await {
-                Intercept::Pass(frame) => {
-                    peer.principal = session.principal();
-                    frame
-                }
+                Intercept::Pass(frame) => frame,
                 Intercept::Reply(response) => {
+                    // A login only ever ends with a reply: the principal changes here or not at all.
+                    peer.principal = session.principal();
                     metrics.sent_bytes.inc_by(response.len() as u64);
                     writer.write_all(&response).await?;
                     writer.flush().await?;
