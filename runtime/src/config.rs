@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::cluster::{parse_voters, ClusterSettings};
 use crate::group::GroupSettings;
 use crate::log::config::LogConfig;
+use crate::security::acl::AuthorizerSettings;
 use crate::security::tls::TlsSettings;
 use crate::security::{AuthSettings, ListenerSettings, SecurityProtocol};
 use crate::txn::TxnSettings;
@@ -32,6 +33,8 @@ pub struct Settings {
     /// SASL sessions last this long, then clients re-authenticate (connections.max.reauth.ms,
     /// KIP-368); 0: no expiry.
     pub connections_max_reauth_ms: u64,
+    /// ACL checks on the Kafka listeners: off by default.
+    pub authorizer: AuthorizerSettings,
     /// HTTP API listener (health, later metrics and the pipeline API).
     pub http_addr: String,
     /// Host name given to clients in metadata; defaults to the listener's address.
@@ -97,6 +100,7 @@ impl Default for Settings {
             connection_failed_authentication_delay_ms: 100,
             max_failed_authentications_per_minute: 120,
             connections_max_reauth_ms: 0,
+            authorizer: AuthorizerSettings::default(),
             http_addr: "127.0.0.1:8083".into(),
             advertised_host: None,
             advertised_port: None,

@@ -65,6 +65,12 @@ enum Command {
         /// CAs (PEM) that sign client certificates; clients must then present one
         #[arg(long)]
         tls_client_ca: Option<PathBuf>,
+        /// Check every request against the ACLs (`weir acl`)
+        #[arg(long)]
+        authorizer: bool,
+        /// A principal allowed everything (User:admin); repeatable; adds to the file's
+        #[arg(long = "super-user", value_name = "PRINCIPAL")]
+        super_users: Vec<String>,
     },
     /// Create, list, describe and delete topics.
     Topic {
@@ -89,6 +95,13 @@ enum Command {
     User {
         #[command(subcommand)]
         command: cli::user::UserCommand,
+        #[command(flatten)]
+        conn: cli::ConnectArgs,
+    },
+    /// Add, list and remove the ACLs the authorizer checks.
+    Acl {
+        #[command(subcommand)]
+        command: cli::acl::AclCommand,
         #[command(flatten)]
         conn: cli::ConnectArgs,
     },
@@ -155,6 +168,8 @@ fn main() -> Result<()> {
                 tls_cert,
                 tls_key,
                 tls_client_ca,
+                authorizer,
+                super_users,
             } => {
                 let mut settings = match config {
                     Some(path) => Settings::load(&path)?,
@@ -202,12 +217,15 @@ fn main() -> Result<()> {
                     })?;
                     tls.client_ca_file = Some(ca);
                 }
+                settings.authorizer.enabled |= authorizer;
+                settings.authorizer.super_users.extend(super_users);
                 weir::serve::run(settings).await
             }
             Command::Topic { command, conn } => cli::topic::run(command, &conn).await,
             Command::Group { command, conn } => cli::group::run(command, &conn).await,
             Command::Txn { command, conn } => cli::txn::run(command, &conn).await,
             Command::User { command, conn } => cli::user::run(command, &conn).await,
+            Command::Acl { command, conn } => cli::acl::run(command, &conn).await,
             Command::Cluster { command } => cli::cluster::run(command).await,
             Command::Produce(a) => cli::produce::run(a).await,
             Command::Consume(a) => cli::consume::run(a).await,

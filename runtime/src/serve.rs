@@ -155,7 +155,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         default_partitions: settings.default_partitions.max(1),
         cluster,
         peers: Default::default(),
-        users: crate::security::users::LocalUsers::open(&settings.data_dir)?,
+        users: crate::security::users::LocalUsers::open_users(&settings.data_dir)?,
+        authorizer: crate::security::acl::Authorizer::new(&settings.authorizer),
+        acls: crate::security::local::LocalFile::open(&settings.data_dir, kafka::ACLS_FILE)?,
     });
     if let Some(link) = &txn_link {
         link.bind(&broker);

@@ -1,6 +1,7 @@
 //! Command-line tools that talk to a node over the Kafka protocol (and, for pipelines and the
 //! cluster status, over its HTTP API).
 
+pub mod acl;
 pub mod bench;
 pub mod cluster;
 pub mod consume;
@@ -12,7 +13,8 @@ pub mod topic;
 pub mod txn;
 pub mod user;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use kafka_protocol::error::ResponseError;
 
 pub use crate::now_ms;
 
@@ -59,4 +61,17 @@ pub async fn http_api(
         );
     }
     Ok(body)
+}
+
+/// An error code from a node's answer as an error naming it, with the node's message.
+pub fn check_code(code: i16, message: Option<&str>) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    let error = ResponseError::try_from_code(code)
+        .map_or_else(|| format!("error {code}"), |e| format!("{e:?}"));
+    match message {
+        Some(m) => bail!("{error}: {m}"),
+        None => bail!("{error}"),
+    }
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::alter_user_scram_credentials_request::{
     ScramCredentialDeletion, ScramCredentialUpsertion,
 };
@@ -14,7 +13,7 @@ use kafka_protocol::messages::{
     AlterUserScramCredentialsRequest, DescribeUserScramCredentialsRequest,
 };
 
-use super::ConnectArgs;
+use super::{check_code, ConnectArgs};
 use crate::client::Connection;
 use crate::kafka::str_bytes;
 use crate::security::scram::{random_bytes, Mechanism, MIN_ITERATIONS};
@@ -97,10 +96,10 @@ pub async fn run(cmd: UserCommand, conn: &ConnectArgs) -> Result<()> {
             let resp = c
                 .call(&DescribeUserScramCredentialsRequest::default().with_users(None))
                 .await?;
-            check(resp.error_code, resp.error_message.as_deref())?;
+            check_code(resp.error_code, resp.error_message.as_deref())?;
             println!("USER\tMECHANISM\tITERATIONS");
             for r in resp.results {
-                check(r.error_code, r.error_message.as_deref())?;
+                check_code(r.error_code, r.error_message.as_deref())?;
                 for info in r.credential_infos {
                     let m =
                         Mechanism::from_kafka_type(info.mechanism).map_or("UNKNOWN", |m| m.name());
@@ -122,10 +121,10 @@ pub async fn run(cmd: UserCommand, conn: &ConnectArgs) -> Result<()> {
                             ])),
                         )
                         .await?;
-                    check(resp.error_code, resp.error_message.as_deref())?;
+                    check_code(resp.error_code, resp.error_message.as_deref())?;
                     let mut found = Vec::new();
                     for r in resp.results {
-                        check(r.error_code, r.error_message.as_deref())?;
+                        check_code(r.error_code, r.error_message.as_deref())?;
                         found.extend(
                             r.credential_infos
                                 .iter()
@@ -155,20 +154,8 @@ pub async fn run(cmd: UserCommand, conn: &ConnectArgs) -> Result<()> {
 async fn alter(c: &mut Connection, req: AlterUserScramCredentialsRequest) -> Result<()> {
     let resp = c.call(&req).await?;
     for r in resp.results {
-        check(r.error_code, r.error_message.as_deref())
+        check_code(r.error_code, r.error_message.as_deref())
             .with_context(|| format!("user {}", r.user.as_str()))?;
     }
     Ok(())
-}
-
-fn check(code: i16, message: Option<&str>) -> Result<()> {
-    if code == 0 {
-        return Ok(());
-    }
-    let error = ResponseError::try_from_code(code)
-        .map_or_else(|| format!("error {code}"), |e| format!("{e:?}"));
-    match message {
-        Some(m) => bail!("{error}: {m}"),
-        None => bail!("{error}"),
-    }
 }

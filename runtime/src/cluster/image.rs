@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::security::acl::{AclBinding, Acls};
 use crate::security::users::{self, CredentialChange, Credentials};
 use crate::security::Endpoint;
 
@@ -90,6 +91,9 @@ pub struct ClusterImage {
     /// Users' SCRAM credentials (salted and hashed).
     #[serde(default)]
     pub scram_credentials: Credentials,
+    /// The authorizer's ACLs.
+    #[serde(default)]
+    pub acls: Acls,
 }
 
 /// A change to the image, proposed through Raft.
@@ -153,6 +157,14 @@ pub enum Command {
     /// Creates, replaces or deletes users' SCRAM credentials (AlterUserScramCredentials).
     AlterScramCredentials {
         changes: Vec<CredentialChange>,
+    },
+    /// Adds ACLs (CreateAcls); adding one that exists changes nothing.
+    CreateAcls {
+        acls: Vec<AclBinding>,
+    },
+    /// Removes these ACLs (DeleteAcls, resolved against the image to the bindings it named).
+    DeleteAcls {
+        acls: Vec<AclBinding>,
     },
     /// A leader changes its partition's in-sync set (Kafka's AlterPartition); refused unless
     /// it still leads in that epoch.
@@ -291,6 +303,16 @@ impl ClusterImage {
             }
             Command::AlterScramCredentials { changes } => {
                 users::apply(&mut self.scram_credentials, changes);
+                Ok(())
+            }
+            Command::CreateAcls { acls } => {
+                self.acls.extend(acls.iter().cloned());
+                Ok(())
+            }
+            Command::DeleteAcls { acls } => {
+                for acl in acls {
+                    self.acls.remove(acl);
+                }
                 Ok(())
             }
             Command::AllocateProducerIds { node, size } => {

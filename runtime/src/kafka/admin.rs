@@ -25,6 +25,7 @@ use super::apis::RequestContext;
 use super::{str_bytes, topic_error_code, Broker};
 use crate::log::config::{LogConfig, KEYS};
 use crate::log::manager::TopicError;
+use crate::security::acl::{Operation, ResourceType};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
@@ -61,6 +62,14 @@ pub async fn create_topics(
     for t in req.topics {
         let name = t.name.0.to_string();
         let mut result = CreatableTopicResult::default().with_name(t.name.clone());
+        if !broker.may_create_topic(ctx, &name) {
+            result.error_code = ResponseError::TopicAuthorizationFailed.code();
+            result.error_message = Some(str_bytes(format!(
+                "not authorized to create topic '{name}'"
+            )));
+            results.push(result);
+            continue;
+        }
         let mut overrides = BTreeMap::new();
         let mut null_value = None;
         for c in &t.configs {
@@ -177,6 +186,12 @@ pub async fn delete_topics(
             .with_topic_id(id);
         match name {
             None => r.error_code = ResponseError::UnknownTopicId.code(),
+            Some(name) if !broker.allowed(ctx, Operation::Delete, ResourceType::Topic, &name) => {
+                r.error_code = ResponseError::TopicAuthorizationFailed.code();
+                r.error_message = Some(str_bytes(format!(
+                    "not authorized to delete topic '{name}'"
+                )));
+            }
             Some(name) if name.starts_with("__") && broker.topic_id(&name).is_some() => {
                 r.error_code = ResponseError::InvalidRequest.code();
                 r.error_message = Some(str_bytes(format!(
@@ -195,6 +210,7 @@ pub async fn delete_topics(
 
 pub async fn create_partitions(
     broker: &Broker,
+    ctx: &RequestContext,
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
     let mut results = Vec::with_capacity(req.topics.len());
@@ -205,7 +221,13 @@ pub async fn create_partitions(
             .iter()
             .flatten()
             .any(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id));
-        if bad_assignment {
+        if !broker.allowed(ctx, Operation::Alter, ResourceType::Topic, &t.name.0) {
+            r.error_code = ResponseError::TopicAuthorizationFailed.code();
+            r.error_message = Some(str_bytes(format!(
+                "not authorized to alter topic '{}'",
+                &*t.name.0
+            )));
+        } else if bad_assignment {
             r.error_code = ResponseError::InvalidReplicaAssignment.code();
             r.error_message = Some(str_bytes(
                 "explicit replica assignments are not supported; replicas are placed by the controller",
@@ -245,7 +267,11 @@ fn broker_configs(broker: &Broker) -> Vec<(&'static str, String)> {
     ]
 }
 
-pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> DescribeConfigsResponse {
+pub fn describe_configs(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DescribeConfigsRequest,
+) -> DescribeConfigsResponse {
     let results = req
         .resources
         .into_iter()
@@ -270,6 +296,20 @@ pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> Describ
                         None
                     })
             };
+            if let Some(code) = config_refusal(
+                broker,
+                ctx,
+                Operation::DescribeConfigs,
+                res.resource_type,
+                &res.resource_name,
+            ) {
+                out.error_code = code.code();
+                out.error_message = Some(str_bytes(format!(
+                    "not authorized to describe the configs of '{}'",
+                    &*res.resource_name
+                )));
+                return out;
+            }
             match res.resource_type {
                 RESOURCE_TOPIC => match broker.log.topic(&res.resource_name) {
                     Some(t) => {
@@ -333,14 +373,40 @@ pub fn describe_configs(broker: &Broker, req: DescribeConfigsRequest) -> Describ
     DescribeConfigsResponse::default().with_results(results)
 }
 
+/// The authorization error for an operation on a config resource (a topic, or this broker as
+/// part of the cluster), if the principal may not do it.
+fn config_refusal(
+    broker: &Broker,
+    ctx: &RequestContext,
+    operation: Operation,
+    resource_type: i8,
+    name: &str,
+) -> Option<ResponseError> {
+    match resource_type {
+        RESOURCE_TOPIC => (!broker.allowed(ctx, operation, ResourceType::Topic, name))
+            .then_some(ResponseError::TopicAuthorizationFailed),
+        _ => (!broker.allowed_on_cluster(ctx, operation))
+            .then_some(ResponseError::ClusterAuthorizationFailed),
+    }
+}
+
 /// Applies new overrides to a topic resource; returns (error code, message).
 async fn alter_topic(
     broker: &Broker,
+    ctx: &RequestContext,
     resource_type: i8,
     name: &str,
     edit: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), String>,
     validate_only: bool,
 ) -> (i16, Option<StrBytes>) {
+    if let Some(code) = config_refusal(broker, ctx, Operation::AlterConfigs, resource_type, name) {
+        return (
+            code.code(),
+            Some(str_bytes(format!(
+                "not authorized to alter the configs of '{name}'"
+            ))),
+        );
+    }
     if resource_type != RESOURCE_TOPIC {
         return (
             ResponseError::InvalidRequest.code(),
@@ -367,11 +433,16 @@ async fn alter_topic(
     }
 }
 
-pub async fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsResponse {
+pub async fn alter_configs(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: AlterConfigsRequest,
+) -> AlterConfigsResponse {
     let mut responses = Vec::with_capacity(req.resources.len());
     for res in req.resources {
         let (code, msg) = alter_topic(
             broker,
+            ctx,
             res.resource_type,
             &res.resource_name,
             |o| {
@@ -400,12 +471,13 @@ pub async fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterCo
 
 pub async fn incremental_alter_configs(
     broker: &Broker,
+    ctx: &RequestContext,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {
     let mut responses = Vec::with_capacity(req.resources.len());
     for res in req.resources {
         let defaults = broker.log.defaults().clone();
-        let (code, msg) = alter_topic(broker, res.resource_type, &res.resource_name, |o| {
+        let (code, msg) = alter_topic(broker, ctx, res.resource_type, &res.resource_name, |o| {
                 for c in &res.configs {
                     let key = c.name.to_string();
                     let value = c.value.as_ref().map(|v| v.to_string());

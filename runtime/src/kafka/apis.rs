@@ -13,7 +13,8 @@ use kafka_protocol::messages::{
 use crate::log::partition::FileSlice;
 
 use super::{
-    admin, epochs, fetch, groups, metadata, produce, reassign, txn, txn_cluster, users, Broker,
+    acls, admin, epochs, fetch, groups, metadata, produce, reassign, txn, txn_cluster, users,
+    Broker,
 };
 
 /// (API, lowest, highest version) that weir implements. Only these are advertised.
@@ -56,6 +57,9 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslAuthenticate, 0, 2),
     (ApiKey::DescribeUserScramCredentials, 0, 0),
     (ApiKey::AlterUserScramCredentials, 0, 0),
+    (ApiKey::CreateAcls, 1, 3),
+    (ApiKey::DescribeAcls, 1, 3),
+    (ApiKey::DeleteAcls, 1, 3),
 ];
 
 pub fn is_supported(key: ApiKey, version: i16) -> bool {
@@ -72,6 +76,20 @@ pub struct RequestContext {
     pub listener: Arc<str>,
     /// Who sent it: `User:ANONYMOUS`, a SASL user or a client certificate's subject.
     pub principal: Arc<str>,
+}
+
+#[cfg(test)]
+impl RequestContext {
+    /// An anonymous plaintext client of the given API version.
+    pub fn for_tests(version: i16) -> RequestContext {
+        RequestContext {
+            version,
+            client_id: None,
+            peer: ([127, 0, 0, 1], 50000).into(),
+            listener: "PLAINTEXT".into(),
+            principal: crate::security::ANONYMOUS.into(),
+        }
+    }
 }
 
 fn api_version_list() -> Vec<ApiVersion> {
@@ -136,17 +154,17 @@ pub async fn dispatch(
             ResponseKind::DeleteTopics(admin::delete_topics(broker, ctx, r).await)
         }
         RequestKind::CreatePartitions(r) => {
-            ResponseKind::CreatePartitions(admin::create_partitions(broker, r).await)
+            ResponseKind::CreatePartitions(admin::create_partitions(broker, ctx, r).await)
         }
         RequestKind::DescribeConfigs(r) => {
-            ResponseKind::DescribeConfigs(admin::describe_configs(broker, r))
+            ResponseKind::DescribeConfigs(admin::describe_configs(broker, ctx, r))
         }
         RequestKind::AlterConfigs(r) => {
-            ResponseKind::AlterConfigs(admin::alter_configs(broker, r).await)
+            ResponseKind::AlterConfigs(admin::alter_configs(broker, ctx, r).await)
         }
-        RequestKind::IncrementalAlterConfigs(r) => {
-            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(broker, r).await)
-        }
+        RequestKind::IncrementalAlterConfigs(r) => ResponseKind::IncrementalAlterConfigs(
+            admin::incremental_alter_configs(broker, ctx, r).await,
+        ),
         RequestKind::FindCoordinator(r) => {
             ResponseKind::FindCoordinator(groups::find_coordinator(broker, ctx, r))
         }
@@ -156,7 +174,7 @@ pub async fn dispatch(
         RequestKind::SyncGroup(r) => {
             ResponseKind::SyncGroup(groups::sync_group(broker, ctx, r).await)
         }
-        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(broker, r)),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(broker, ctx, r)),
         RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(groups::leave_group(broker, ctx, r)),
         RequestKind::OffsetCommit(r) => {
             ResponseKind::OffsetCommit(groups::offset_commit(broker, ctx, r).await)
@@ -169,10 +187,10 @@ pub async fn dispatch(
             ResponseKind::DescribeGroups(groups::describe_groups(broker, ctx, r))
         }
         RequestKind::DeleteGroups(r) => {
-            ResponseKind::DeleteGroups(groups::delete_groups(broker, r))
+            ResponseKind::DeleteGroups(groups::delete_groups(broker, ctx, r))
         }
         RequestKind::OffsetDelete(r) => {
-            ResponseKind::OffsetDelete(groups::offset_delete(broker, r))
+            ResponseKind::OffsetDelete(groups::offset_delete(broker, ctx, r))
         }
         RequestKind::InitProducerId(r) => {
             ResponseKind::InitProducerId(txn::init_producer_id(broker, ctx, r).await)
@@ -188,22 +206,22 @@ pub async fn dispatch(
             ResponseKind::TxnOffsetCommit(txn::txn_offset_commit(broker, ctx, r).await)
         }
         RequestKind::DescribeTransactions(r) => {
-            ResponseKind::DescribeTransactions(txn::describe_transactions(broker, r).await)
+            ResponseKind::DescribeTransactions(txn::describe_transactions(broker, ctx, r).await)
         }
         RequestKind::ListTransactions(r) => {
             ResponseKind::ListTransactions(txn::list_transactions(broker, ctx, r).await)
         }
         RequestKind::OffsetForLeaderEpoch(r) => {
-            ResponseKind::OffsetForLeaderEpoch(epochs::offset_for_leader_epoch(broker, r))
+            ResponseKind::OffsetForLeaderEpoch(epochs::offset_for_leader_epoch(broker, ctx, r))
         }
         RequestKind::AlterPartitionReassignments(r) => ResponseKind::AlterPartitionReassignments(
-            reassign::alter_partition_reassignments(broker, r).await,
+            reassign::alter_partition_reassignments(broker, ctx, r).await,
         ),
         RequestKind::ListPartitionReassignments(r) => ResponseKind::ListPartitionReassignments(
-            reassign::list_partition_reassignments(broker, r),
+            reassign::list_partition_reassignments(broker, ctx, r),
         ),
         RequestKind::WriteTxnMarkers(r) => {
-            ResponseKind::WriteTxnMarkers(txn_cluster::write_txn_markers(broker, r).await)
+            ResponseKind::WriteTxnMarkers(txn_cluster::write_txn_markers(broker, ctx, r).await)
         }
         // A SASL listener's connections answer these themselves (security::sasl); here they
         // arrive on a listener without SASL, as in Kafka.
@@ -217,12 +235,21 @@ pub async fn dispatch(
                 .with_error_message(Some(super::str_bytes("this listener does not use SASL"))),
         ),
         RequestKind::DescribeUserScramCredentials(r) => ResponseKind::DescribeUserScramCredentials(
-            users::describe_user_scram_credentials(broker, r),
+            users::describe_user_scram_credentials(broker, ctx, r),
         ),
-        // is_supported() admits only the APIs above.
         RequestKind::AlterUserScramCredentials(r) => ResponseKind::AlterUserScramCredentials(
-            users::alter_user_scram_credentials(broker, r).await,
+            users::alter_user_scram_credentials(broker, ctx, r).await,
         ),
+        RequestKind::CreateAcls(r) => {
+            ResponseKind::CreateAcls(acls::create_acls(broker, ctx, r).await)
+        }
+        RequestKind::DescribeAcls(r) => {
+            ResponseKind::DescribeAcls(acls::describe_acls(broker, ctx, r))
+        }
+        // is_supported() admits only the APIs above.
+        RequestKind::DeleteAcls(r) => {
+            ResponseKind::DeleteAcls(acls::delete_acls(broker, ctx, r).await)
+        }
         other => unreachable!("dispatch of unadvertised request {other:?}"),
     };
     Some(Reply::Message(response))

@@ -9,22 +9,38 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
 };
 use kafka_protocol::messages::{OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse};
 
+use super::apis::RequestContext;
 use super::Broker;
 use crate::log::partition::Partition;
+use crate::security::acl::{Operation, ResourceType};
 
 pub fn offset_for_leader_epoch(
     broker: &Broker,
+    ctx: &RequestContext,
     req: OffsetForLeaderEpochRequest,
 ) -> OffsetForLeaderEpochResponse {
-    // replica_id (v3+) tells a follower from a consumer; both get the same answer here.
+    // replica_id (v3+) tells a follower from a consumer; both get the same answer here, a
+    // follower if it may act for the cluster, a consumer if it may describe the topic.
+    let follower_allowed = (ctx.version >= 3 && req.replica_id.0 >= 0)
+        .then(|| broker.allowed_on_cluster(ctx, Operation::ClusterAction));
     let topics = req
         .topics
         .into_iter()
         .map(|t| {
+            let allowed = follower_allowed.unwrap_or_else(|| {
+                broker.allowed(ctx, Operation::Describe, ResourceType::Topic, &t.topic.0)
+            });
             let partitions = t
                 .partitions
                 .iter()
-                .map(|p| epoch_end_offset(broker, &t.topic.0, p))
+                .map(|p| match allowed {
+                    true => epoch_end_offset(broker, &t.topic.0, p),
+                    false => EpochEndOffset::default()
+                        .with_partition(p.partition)
+                        .with_leader_epoch(-1)
+                        .with_end_offset(-1)
+                        .with_error_code(ResponseError::TopicAuthorizationFailed.code()),
+                })
                 .collect();
             OffsetForLeaderTopicResult::default()
                 .with_topic(t.topic)
@@ -101,7 +117,8 @@ mod tests {
                         .collect(),
                 ),
         ]);
-        let resp = offset_for_leader_epoch(broker, req);
+        let ctx = crate::kafka::apis::RequestContext::for_tests(4);
+        let resp = offset_for_leader_epoch(broker, &ctx, req);
         assert_eq!(resp.topics.len(), 1);
         resp.topics[0]
             .partitions

@@ -17,6 +17,7 @@ use super::apis::RequestContext;
 use super::{read_error_code, Broker};
 use crate::cluster::replication::LeaderState;
 use crate::log::partition::{FileSlice, Isolation, Partition};
+use crate::security::acl::{Operation, ResourceType};
 use kafka_protocol::messages::fetch_response::AbortedTransaction;
 use kafka_protocol::messages::ProducerId;
 
@@ -43,9 +44,11 @@ pub async fn fetch(
     } else {
         i32::MAX as u64
     };
+    let refused = refused_topics(broker, ctx, &req);
     loop {
         let notify = Arc::new(Notify::new());
-        let (response, slices, bytes, partitions) = read_once(broker, &req, max_bytes, &notify);
+        let (response, slices, bytes, partitions) =
+            read_once(broker, &req, &refused, max_bytes, &notify);
         let errors = response
             .responses
             .iter()
@@ -61,11 +64,36 @@ pub async fn fetch(
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {
-                let (response, slices, _, _) = read_once(broker, &req, max_bytes, &Arc::new(Notify::new()));
+                let (response, slices, _, _) = read_once(broker, &req, &refused, max_bytes, &Arc::new(Notify::new()));
                 return (response, slices);
             }
         }
     }
+}
+
+/// Per requested topic (by index), the error when the principal may not read it: Read on the
+/// topic for a consumer, ClusterAction for a follower replicating it. Empty when every topic
+/// may be read.
+fn refused_topics(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: &FetchRequest,
+) -> Vec<Option<ResponseError>> {
+    if !broker.authorizer.enabled() {
+        return Vec::new();
+    }
+    if req.replica_id.0 >= 0 {
+        let code = (!broker.allowed_on_cluster(ctx, Operation::ClusterAction))
+            .then_some(ResponseError::TopicAuthorizationFailed);
+        return vec![code; req.topics.len()];
+    }
+    req.topics
+        .iter()
+        .map(|t| {
+            (!broker.allowed(ctx, Operation::Read, ResourceType::Topic, &t.topic.0))
+                .then_some(ResponseError::TopicAuthorizationFailed)
+        })
+        .collect()
 }
 
 /// One pass over the requested partitions. Registers `notify` with each so an append wakes the
@@ -73,6 +101,7 @@ pub async fn fetch(
 fn read_once(
     broker: &Broker,
     req: &FetchRequest,
+    refused: &[Option<ResponseError>],
     max_bytes: u64,
     notify: &Arc<Notify>,
 ) -> (FetchResponse, Vec<Option<FileSlice>>, usize, usize) {
@@ -86,8 +115,9 @@ fn read_once(
     } else {
         Isolation::ReadUncommitted
     };
-    for ft in &req.topics {
-        let topic = broker.log.topic(&ft.topic.0);
+    for (i, ft) in req.topics.iter().enumerate() {
+        let refusal = refused.get(i).copied().flatten();
+        let topic = broker.log.topic(&ft.topic.0).filter(|_| refusal.is_none());
         let mut partitions = Vec::with_capacity(ft.partitions.len());
         for fp in &ft.partitions {
             let mut pd = PartitionData::default()
@@ -102,7 +132,11 @@ fn read_once(
                     .and_then(|i| t.partitions.get(i))
             });
             match partition {
-                None => pd.error_code = ResponseError::UnknownTopicOrPartition.code(),
+                None => {
+                    pd.error_code = refusal
+                        .unwrap_or(ResponseError::UnknownTopicOrPartition)
+                        .code()
+                }
                 Some(p) => {
                     let leader = match broker.leadership(&p.topic, p.id).and_then(|l| {
                         check_epoch(l.as_deref(), fp.current_leader_epoch)?;
@@ -202,7 +236,8 @@ pub fn list_offsets(
         .topics
         .into_iter()
         .map(|lt| {
-            let topic = broker.log.topic(&lt.name.0);
+            let described = broker.allowed(ctx, Operation::Describe, ResourceType::Topic, &lt.name.0);
+            let topic = broker.log.topic(&lt.name.0).filter(|_| described);
             let partitions = lt
                 .partitions
                 .into_iter()
@@ -215,7 +250,12 @@ pub fn list_offsets(
                         .as_ref()
                         .and_then(|t| usize::try_from(lp.partition_index).ok().and_then(|i| t.partitions.get(i)));
                     let Some(p) = p else {
-                        r.error_code = ResponseError::UnknownTopicOrPartition.code();
+                        r.error_code = if described {
+                            ResponseError::UnknownTopicOrPartition
+                        } else {
+                            ResponseError::TopicAuthorizationFailed
+                        }
+                        .code();
                         return r;
                     };
                     if let Err(code) = broker.leadership(&p.topic, p.id) {

@@ -27,12 +27,40 @@ use super::apis::RequestContext;
 use super::{str_bytes, Broker};
 use crate::group::{CommittedOffset, GroupState, JoinRequest};
 use crate::now_ms;
+use crate::security::acl::{Operation, ResourceType};
 
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
 
 fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
+}
+
+/// GROUP_AUTHORIZATION_FAILED when the principal may not do `operation` on the group.
+fn group_refusal(
+    broker: &Broker,
+    ctx: &RequestContext,
+    operation: Operation,
+    group: &str,
+) -> Option<ResponseError> {
+    (!broker.allowed(ctx, operation, ResourceType::Group, group))
+        .then_some(ResponseError::GroupAuthorizationFailed)
+}
+
+/// FindCoordinator's check: Describe on the group or transactional id.
+fn coordinator_key_refusal(
+    broker: &Broker,
+    ctx: &RequestContext,
+    key_type: i8,
+    key: &str,
+) -> Option<ResponseError> {
+    match key_type {
+        KEY_TYPE_TRANSACTION => {
+            (!broker.allowed(ctx, Operation::Describe, ResourceType::TransactionalId, key))
+                .then_some(ResponseError::TransactionalIdAuthorizationFailed)
+        }
+        _ => group_refusal(broker, ctx, Operation::Describe, key),
+    }
 }
 
 pub fn find_coordinator(
@@ -60,11 +88,14 @@ pub fn find_coordinator(
             .coordinator_keys
             .into_iter()
             .map(|key| {
+                let refused = coordinator_key_refusal(broker, ctx, req.key_type, &key);
                 let mut c = Coordinator::default()
-                    .with_key(key)
-                    .with_error_code(error)
-                    .with_error_message(message.clone());
-                if !unsupported {
+                    .with_error_code(refused.map_or(error, |e| e.code()))
+                    .with_error_message(message.clone())
+                    .with_key(key);
+                if refused.is_some() {
+                    c = c.with_node_id(BrokerId(-1)).with_port(-1);
+                } else if !unsupported {
                     c = c
                         .with_node_id(BrokerId(node))
                         .with_host(host.clone())
@@ -77,11 +108,13 @@ pub fn find_coordinator(
             .collect();
         return FindCoordinatorResponse::default().with_coordinators(coordinators);
     }
-    let mut r = FindCoordinatorResponse::default().with_error_code(error);
+    let refused = coordinator_key_refusal(broker, ctx, req.key_type, &req.key);
+    let mut r =
+        FindCoordinatorResponse::default().with_error_code(refused.map_or(error, |e| e.code()));
     if ctx.version >= 1 {
         r.error_message = message;
     }
-    if unsupported {
+    if unsupported || refused.is_some() {
         r.with_node_id(BrokerId(-1)).with_port(-1)
     } else {
         r.with_node_id(BrokerId(node))
@@ -119,6 +152,13 @@ pub async fn join_group(
     req: JoinGroupRequest,
 ) -> JoinGroupResponse {
     let v = ctx.version;
+    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+        let mut r = JoinGroupResponse::default()
+            .with_error_code(e.code())
+            .with_generation_id(-1);
+        r.protocol_name = Some(str_bytes(""));
+        return r;
+    }
     let rx = broker.groups.join(JoinRequest {
         group_id: req.group_id.0.to_string(),
         member_id: req.member_id.to_string(),
@@ -178,6 +218,9 @@ pub async fn sync_group(
     ctx: &RequestContext,
     req: SyncGroupRequest,
 ) -> SyncGroupResponse {
+    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+        return SyncGroupResponse::default().with_error_code(e.code());
+    }
     let rx = broker.groups.sync(
         &req.group_id.0,
         &req.member_id,
@@ -204,7 +247,14 @@ pub async fn sync_group(
     r
 }
 
-pub fn heartbeat(broker: &Broker, req: HeartbeatRequest) -> HeartbeatResponse {
+pub fn heartbeat(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: HeartbeatRequest,
+) -> HeartbeatResponse {
+    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+        return HeartbeatResponse::default().with_error_code(e.code());
+    }
     let e = broker.groups.heartbeat(
         &req.group_id.0,
         &req.member_id,
@@ -219,6 +269,9 @@ pub fn leave_group(
     ctx: &RequestContext,
     req: LeaveGroupRequest,
 ) -> LeaveGroupResponse {
+    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+        return LeaveGroupResponse::default().with_error_code(e.code());
+    }
     let leaving: Vec<(String, Option<String>)> = if ctx.version >= 3 {
         req.members
             .iter()
@@ -257,8 +310,18 @@ pub async fn offset_commit(
     req: OffsetCommitRequest,
 ) -> OffsetCommitResponse {
     let now = now_ms();
+    let group_refused = group_refusal(broker, ctx, Operation::Read, &req.group_id.0);
+    let topic_refused = |topic: &str| {
+        (!broker.allowed(ctx, Operation::Read, ResourceType::Topic, topic))
+            .then_some(ResponseError::TopicAuthorizationFailed)
+    };
+    let mut refused_topics = Vec::new();
     let mut offsets = Vec::new();
     for t in &req.topics {
+        if let Some(e) = topic_refused(&t.name.0) {
+            refused_topics.push((t.name.0.to_string(), e));
+            continue;
+        }
         for p in &t.partitions {
             let epoch = if ctx.version >= 6 {
                 p.committed_leader_epoch
@@ -276,14 +339,17 @@ pub async fn offset_commit(
             ));
         }
     }
-    let mut result = broker.groups.commit(
-        &req.group_id.0,
-        &req.member_id,
-        req.group_instance_id.as_deref(),
-        req.generation_id_or_member_epoch,
-        offsets,
-        |topic, p| broker.partition_exists(topic, p),
-    );
+    let mut result = match group_refused {
+        Some(e) => Err(e),
+        None => broker.groups.commit(
+            &req.group_id.0,
+            &req.member_id,
+            req.group_instance_id.as_deref(),
+            req.generation_id_or_member_epoch,
+            offsets,
+            |topic, p| broker.partition_exists(topic, p),
+        ),
+    };
     // In a cluster a commit is acknowledged once the in-sync replicas of the offsets topic
     // hold it, so it survives the coordinator's node.
     if result.is_ok() {
@@ -291,7 +357,10 @@ pub async fn offset_commit(
             result = Err(e);
         }
     }
-    let error_for = |topic: &str, p: i32| partition_code(&result, topic, p, |e| e);
+    let error_for = |topic: &str, p: i32| match refused_topics.iter().find(|(t, _)| t == topic) {
+        Some((_, e)) if group_refused.is_none() => e.code(),
+        _ => partition_code(&result, topic, p, |e| e),
+    };
     let topics = req
         .topics
         .iter()
@@ -345,13 +414,27 @@ pub(super) fn partition_code(
     }
 }
 
-/// A topic's committed offsets per partition (None: nothing committed).
-type TopicOffsets = (String, Vec<(i32, Option<CommittedOffset>)>);
+/// A topic's committed offsets per partition (None: nothing committed), or why the principal
+/// may not see them.
+type TopicOffsets = (
+    String,
+    Option<ResponseError>,
+    Vec<(i32, Option<CommittedOffset>)>,
+);
 
 /// (topic, partitions) pairs asked for, or None for "all committed offsets".
 type Wanted = Option<Vec<(String, Vec<i32>)>>;
 
-fn fetch_group_offsets(broker: &Broker, group: &str, wanted: Wanted) -> Vec<TopicOffsets> {
+/// The offsets asked for, by topic. Topics the principal may not describe are left out of
+/// "all", and answered TOPIC_AUTHORIZATION_FAILED when named.
+fn fetch_group_offsets(
+    broker: &Broker,
+    ctx: &RequestContext,
+    group: &str,
+    wanted: Wanted,
+) -> Vec<TopicOffsets> {
+    let described = |t: &str| broker.allowed(ctx, Operation::Describe, ResourceType::Topic, t);
+    let named = wanted.is_some();
     let flat = wanted.map(|w| {
         w.into_iter()
             .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p)))
@@ -359,9 +442,16 @@ fn fetch_group_offsets(broker: &Broker, group: &str, wanted: Wanted) -> Vec<Topi
     });
     let mut by_topic: Vec<TopicOffsets> = Vec::new();
     for ((topic, p), off) in broker.groups.fetch_offsets(group, flat) {
-        match by_topic.iter_mut().find(|(t, _)| *t == topic) {
-            Some((_, ps)) => ps.push((p, off)),
-            None => by_topic.push((topic, vec![(p, off)])),
+        match by_topic.iter_mut().find(|(t, _, _)| *t == topic) {
+            Some((_, None, ps)) => ps.push((p, off)),
+            Some((_, Some(_), ps)) => ps.push((p, None)),
+            None if described(&topic) => by_topic.push((topic, None, vec![(p, off)])),
+            None if named => by_topic.push((
+                topic,
+                Some(ResponseError::TopicAuthorizationFailed),
+                vec![(p, None)],
+            )),
+            None => {}
         }
     }
     by_topic
@@ -384,9 +474,14 @@ pub fn offset_fetch(
                         .collect()
                 });
                 let group_id = g.group_id.0.to_string();
-                let topics = fetch_group_offsets(broker, &group_id, wanted)
+                if let Some(e) = group_refusal(broker, ctx, Operation::Describe, &group_id) {
+                    return OffsetFetchResponseGroup::default()
+                        .with_group_id(g.group_id)
+                        .with_error_code(e.code());
+                }
+                let topics = fetch_group_offsets(broker, ctx, &group_id, wanted)
                     .into_iter()
-                    .map(|(t, ps)| {
+                    .map(|(t, refused, ps)| {
                         let partitions = ps
                             .into_iter()
                             .map(|(p, o)| {
@@ -403,6 +498,9 @@ pub fn offset_fetch(
                                     r = r.with_committed_offset(-1).with_error_code(
                                         ResponseError::UnstableOffsetCommit.code(),
                                     );
+                                }
+                                if let Some(e) = refused {
+                                    r.error_code = e.code();
                                 }
                                 r
                             })
@@ -425,9 +523,12 @@ pub fn offset_fetch(
             .map(|t| (t.name.0.to_string(), t.partition_indexes))
             .collect()
     });
-    let topics = fetch_group_offsets(broker, &req.group_id.0, wanted)
+    if let Some(e) = group_refusal(broker, ctx, Operation::Describe, &req.group_id.0) {
+        return OffsetFetchResponse::default().with_error_code(e.code());
+    }
+    let topics = fetch_group_offsets(broker, ctx, &req.group_id.0, wanted)
         .into_iter()
-        .map(|(t, ps)| {
+        .map(|(t, refused, ps)| {
             OffsetFetchResponseTopic::default()
                 .with_name(TopicName(str_bytes(t.clone())))
                 .with_partitions(
@@ -447,6 +548,9 @@ pub fn offset_fetch(
                             {
                                 r.committed_offset = -1;
                                 r.error_code = ResponseError::UnstableOffsetCommit.code();
+                            }
+                            if let Some(e) = refused {
+                                r.error_code = e.code();
                             }
                             r
                         })
@@ -474,10 +578,15 @@ pub fn list_groups(
     ctx: &RequestContext,
     req: ListGroupsRequest,
 ) -> ListGroupsResponse {
+    // The cluster's Describe shows every group; otherwise those the principal may describe.
+    let all = broker.allowed_on_cluster(ctx, Operation::Describe);
     let groups = broker
         .groups
         .list()
         .into_iter()
+        .filter(|(id, _, _)| {
+            all || broker.allowed(ctx, Operation::Describe, ResourceType::Group, id)
+        })
         .filter(|(_, _, state)| {
             req.states_filter.is_empty()
                 || req
@@ -507,6 +616,11 @@ pub fn describe_groups(
         .groups
         .into_iter()
         .map(|id| {
+            if let Some(e) = group_refusal(broker, ctx, Operation::Describe, &id.0) {
+                return DescribedGroup::default()
+                    .with_group_id(id)
+                    .with_error_code(e.code());
+            }
             let described = broker.groups.with_group(&id.0, |g| {
                 let members = g
                     .members
@@ -549,12 +663,17 @@ pub fn describe_groups(
     DescribeGroupsResponse::default().with_groups(groups)
 }
 
-pub fn delete_groups(broker: &Broker, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+pub fn delete_groups(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DeleteGroupsRequest,
+) -> DeleteGroupsResponse {
     let results = req
         .groups_names
         .into_iter()
         .map(|g| {
-            let e = broker.groups.delete_group(&g.0);
+            let e = group_refusal(broker, ctx, Operation::Delete, &g.0)
+                .or_else(|| broker.groups.delete_group(&g.0));
             DeletableGroupResult::default()
                 .with_group_id(g)
                 .with_error_code(code(e))
@@ -575,10 +694,19 @@ fn subscribed_topics(metadata: &Bytes) -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub fn offset_delete(broker: &Broker, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+pub fn offset_delete(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: OffsetDeleteRequest,
+) -> OffsetDeleteResponse {
+    if let Some(e) = group_refusal(broker, ctx, Operation::Delete, &req.group_id.0) {
+        return OffsetDeleteResponse::default().with_error_code(e.code());
+    }
+    let readable = |t: &str| broker.allowed(ctx, Operation::Read, ResourceType::Topic, t);
     let tps: Vec<(String, i32)> = req
         .topics
         .iter()
+        .filter(|t| readable(&t.name.0))
         .flat_map(|t| {
             t.partitions
                 .iter()
@@ -603,6 +731,8 @@ pub fn offset_delete(broker: &Broker, req: OffsetDeleteRequest) -> OffsetDeleteR
                 .into_iter()
                 .map(|t| {
                     let name = t.name.0.to_string();
+                    let refused =
+                        (!readable(&name)).then_some(ResponseError::TopicAuthorizationFailed);
                     OffsetDeleteResponseTopic::default()
                         .with_name(t.name)
                         .with_partitions(
@@ -614,7 +744,8 @@ pub fn offset_delete(broker: &Broker, req: OffsetDeleteRequest) -> OffsetDeleteR
                                         .find(|((tn, pi), _)| {
                                             *tn == name && *pi == p.partition_index
                                         })
-                                        .and_then(|(_, e)| *e);
+                                        .and_then(|(_, e)| *e)
+                                        .or(refused);
                                     OffsetDeleteResponsePartition::default()
                                         .with_partition_index(p.partition_index)
                                         .with_error_code(code(e))

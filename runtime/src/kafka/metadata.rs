@@ -16,6 +16,7 @@ use std::sync::Arc;
 use kafka_protocol::error::ResponseError;
 
 use crate::log::manager::Topic;
+use crate::security::acl::{Operation, ResourceType};
 
 pub async fn metadata(
     broker: &Broker,
@@ -36,6 +37,7 @@ pub async fn metadata(
         ),
     };
     let allow_create = ctx.version < 4 || req.allow_auto_topic_creation;
+    let listing_all = wanted.is_none();
     let names = match wanted {
         Some(names) => names,
         None => match &broker.cluster {
@@ -50,9 +52,25 @@ pub async fn metadata(
     };
     let mut topics = Vec::with_capacity(names.len());
     for name in names {
-        let meta = match broker.ensure_topic(&name, allow_create).await {
-            Ok(()) => topic_metadata(broker, &name),
-            Err(code) => Err(code),
+        // Topics the principal may not describe are left out of a full listing and refused
+        // when asked for by name; auto-creation needs Create as well.
+        let described = broker.allowed(ctx, Operation::Describe, ResourceType::Topic, &name);
+        if listing_all && !described {
+            continue;
+        }
+        let may_create = allow_create && broker.may_create_topic(ctx, &name);
+        let meta = if !described {
+            Err(ResponseError::TopicAuthorizationFailed)
+        } else {
+            match broker.ensure_topic(&name, may_create).await {
+                Ok(()) => topic_metadata(broker, &name),
+                Err(ResponseError::UnknownTopicOrPartition)
+                    if allow_create && broker.auto_create_topics && !may_create =>
+                {
+                    Err(ResponseError::TopicAuthorizationFailed)
+                }
+                Err(code) => Err(code),
+            }
         };
         topics.push(meta.unwrap_or_else(|code| {
             MetadataResponseTopic::default()
@@ -183,6 +201,11 @@ pub fn describe_cluster(
     ctx: &RequestContext,
     _req: DescribeClusterRequest,
 ) -> DescribeClusterResponse {
+    if !broker.allowed_on_cluster(ctx, Operation::Describe) {
+        return DescribeClusterResponse::default()
+            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
+            .with_error_message(Some(str_bytes("not authorized to describe the cluster")));
+    }
     let (brokers, controller) = brokers(broker, &ctx.listener);
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(cluster_id(broker)))

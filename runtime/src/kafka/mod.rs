@@ -1,6 +1,7 @@
 //! The Kafka wire protocol server: request decoding (the `kafka-protocol` crate), version
 //! negotiation, and one handler module per group of APIs.
 
+mod acls;
 mod admin;
 pub mod apis;
 mod epochs;
@@ -34,6 +35,8 @@ use crate::log::config::LogConfig;
 use crate::log::manager::{LogManager, Topic, TopicError, MAX_PARTITIONS};
 use crate::log::partition::{AppendError, ReadError};
 use crate::log::producer_state::ProducerError;
+use crate::security::acl::{Acls, Authorizer};
+use crate::security::local::LocalFile;
 use crate::security::users::LocalUsers;
 use crate::security::Endpoint;
 use crate::txn::TxnCoordinator;
@@ -55,6 +58,10 @@ pub struct Broker {
     pub peers: txn_cluster::Peers,
     /// Users' SCRAM credentials on a single node (a cluster keeps them in its image).
     pub users: LocalUsers,
+    /// Checks every request against the ACLs, when enabled.
+    pub authorizer: Authorizer,
+    /// The ACLs of a single node (a cluster keeps them in its image).
+    pub acls: LocalFile<Acls>,
 }
 
 /// How far a group is behind on one partition.
@@ -374,10 +381,15 @@ impl Broker {
             default_partitions: 1,
             cluster: None,
             peers: Default::default(),
-            users: LocalUsers::open(dir).unwrap(),
+            users: LocalUsers::open_users(dir).unwrap(),
+            authorizer: Authorizer::new(&Default::default()),
+            acls: LocalFile::open(dir, ACLS_FILE).unwrap(),
         }
     }
 }
+
+/// Where a single node keeps its ACLs, under `<data-dir>/meta/`.
+pub const ACLS_FILE: &str = "acls.json";
 
 /// Reads the node's cluster id, creating one on first start.
 pub fn load_cluster_id(data_dir: &Path) -> std::io::Result<String> {

@@ -13,22 +13,39 @@ use tokio::sync::Notify;
 use crate::cluster::replication::LeaderState;
 use crate::log::batch::{BatchView, HEADER_LEN};
 use crate::log::partition::Partition;
+use crate::security::acl::{Operation, ResourceType};
 use crate::txn::ProducerRef;
 
 /// Returns None for acks=0: the client expects no response.
 pub async fn produce(
     broker: &Broker,
-    _ctx: &RequestContext,
+    ctx: &RequestContext,
     req: ProduceRequest,
 ) -> Option<ProduceResponse> {
     let acks = req.acks;
+    let txn_refused = req.transactional_id.as_ref().is_some_and(|id| {
+        !broker.allowed(ctx, Operation::Write, ResourceType::TransactionalId, id)
+    });
     let mut responses = Vec::with_capacity(req.topic_data.len());
     let mut to_flush = Vec::new();
     // acks=all on replicated partitions: (partition, offset the high watermark must reach).
     let mut to_replicate = Vec::new();
     for topic_data in req.topic_data {
         let name = topic_data.name.0.to_string();
-        let topic = broker.topic_or_create(&name, true).await;
+        let refusal = if txn_refused {
+            Some(ResponseError::TransactionalIdAuthorizationFailed)
+        } else if !broker.allowed(ctx, Operation::Write, ResourceType::Topic, &name) {
+            Some(ResponseError::TopicAuthorizationFailed)
+        } else {
+            None
+        };
+        let topic = match refusal {
+            Some(code) => Err(code),
+            None => {
+                let may_create = broker.may_create_topic(ctx, &name);
+                broker.topic_or_create(&name, may_create).await
+            }
+        };
         let mut partitions = Vec::with_capacity(topic_data.partition_data.len());
         for pd in topic_data.partition_data {
             let mut resp = PartitionProduceResponse::default()
@@ -39,6 +56,8 @@ pub async fn produce(
                     ResponseError::InvalidRequiredAcks,
                     format!("acks must be -1, 0 or 1, got {acks}"),
                 ))
+            } else if let Some(code) = refusal {
+                Err((code, format!("not authorized to write to topic '{name}'")))
             } else if let Err(refusal) = check_transactional(
                 broker,
                 req.transactional_id.as_deref().map(|s| s.as_str()),

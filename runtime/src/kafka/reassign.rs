@@ -13,14 +13,22 @@ use kafka_protocol::messages::{
     ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse, TopicName,
 };
 
+use super::apis::RequestContext;
 use super::{str_bytes, Broker};
 use crate::cluster::image::{Command, CommandError};
 use crate::cluster::ClusterError;
+use crate::security::acl::Operation;
 
 pub async fn alter_partition_reassignments(
     broker: &Broker,
+    ctx: &RequestContext,
     req: AlterPartitionReassignmentsRequest,
 ) -> AlterPartitionReassignmentsResponse {
+    if !broker.allowed_on_cluster(ctx, Operation::Alter) {
+        return AlterPartitionReassignmentsResponse::default()
+            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
+            .with_error_message(Some(str_bytes("not authorized to alter the cluster")));
+    }
     let Some(cluster) = &broker.cluster else {
         return AlterPartitionReassignmentsResponse::default()
             .with_error_code(ResponseError::InvalidReplicaAssignment.code())
@@ -97,8 +105,14 @@ fn code_of(e: &ClusterError) -> ResponseError {
 
 pub fn list_partition_reassignments(
     broker: &Broker,
+    ctx: &RequestContext,
     req: ListPartitionReassignmentsRequest,
 ) -> ListPartitionReassignmentsResponse {
+    if !broker.allowed_on_cluster(ctx, Operation::Describe) {
+        return ListPartitionReassignmentsResponse::default()
+            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
+            .with_error_message(Some(str_bytes("not authorized to describe the cluster")));
+    }
     let Some(cluster) = &broker.cluster else {
         return ListPartitionReassignmentsResponse::default();
     };

@@ -431,7 +431,15 @@ mod tests {
         use crate::log::batch::BatchBuilder;
         use kafka_protocol::messages::*;
         use kafka_protocol::records::Compression;
-        let (_dir, broker) = broker();
+        let (_dir, mut broker) = broker();
+        // With the authorizer on (the anonymous test principal a super user), the ACL APIs
+        // answer with ACLs rather than SECURITY_DISABLED.
+        broker.authorizer =
+            crate::security::acl::Authorizer::new(&crate::security::acl::AuthorizerSettings {
+                enabled: true,
+                super_users: vec![ANONYMOUS.to_string()],
+                allow_everyone_if_no_acl_found: false,
+            });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -740,6 +748,33 @@ mod tests {
                                 .with_salted_password(bytes::Bytes::from_static(b"salted")),
                         ]),
                     ),
+                    ApiKey::CreateAcls => RequestKind::CreateAcls(CreateAclsRequest::default().with_creations(vec![
+                        create_acls_request::AclCreation::default()
+                            .with_resource_type(2)
+                            .with_resource_name(sb("logs-"))
+                            .with_resource_pattern_type(4)
+                            .with_principal(sb(&format!("User:u{n}")))
+                            .with_host(sb("*"))
+                            .with_operation(3)
+                            .with_permission_type(3),
+                        create_acls_request::AclCreation::default().with_resource_type(42),
+                    ])),
+                    ApiKey::DescribeAcls => RequestKind::DescribeAcls(
+                        DescribeAclsRequest::default()
+                            .with_resource_type_filter(1)
+                            .with_pattern_type_filter(1)
+                            .with_operation(1)
+                            .with_permission_type(1),
+                    ),
+                    ApiKey::DeleteAcls => RequestKind::DeleteAcls(DeleteAclsRequest::default().with_filters(vec![
+                        delete_acls_request::DeleteAclsFilter::default()
+                            .with_resource_type_filter(2)
+                            .with_resource_name_filter(Some(sb("logs-web")))
+                            .with_pattern_type_filter(2)
+                            .with_principal_filter(Some(sb(&format!("User:u{}", n - 2))))
+                            .with_operation(1)
+                            .with_permission_type(1),
+                    ])),
                     other => panic!("no sample request for {other:?}"),
                 };
                 let ctx = apis::RequestContext {

@@ -23,6 +23,7 @@ use super::groups::{partition_code, requested_offset};
 use super::{str_bytes, Broker};
 use crate::group::{self, CommittedOffset};
 use crate::now_ms;
+use crate::security::acl::{Operation, ResourceType};
 use crate::txn::ProducerRef;
 
 /// Before these versions clients do not know PRODUCER_FENCED (KIP-588) and get
@@ -39,11 +40,47 @@ fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
 }
 
+/// TRANSACTIONAL_ID_AUTHORIZATION_FAILED when the principal may not do `operation` on the
+/// transactional id.
+fn txn_refusal(
+    broker: &Broker,
+    ctx: &RequestContext,
+    operation: Operation,
+    id: &str,
+) -> Option<ResponseError> {
+    (!broker.allowed(ctx, operation, ResourceType::TransactionalId, id))
+        .then_some(ResponseError::TransactionalIdAuthorizationFailed)
+}
+
+fn topic_refusal(
+    broker: &Broker,
+    ctx: &RequestContext,
+    operation: Operation,
+    topic: &str,
+) -> Option<ResponseError> {
+    (!broker.allowed(ctx, operation, ResourceType::Topic, topic))
+        .then_some(ResponseError::TopicAuthorizationFailed)
+}
+
 pub async fn init_producer_id(
     broker: &Broker,
     ctx: &RequestContext,
     req: InitProducerIdRequest,
 ) -> InitProducerIdResponse {
+    // A transactional producer needs Write on its id; an idempotent one, IdempotentWrite on
+    // the cluster or Write on some topic (KIP-679).
+    let refused = match req.transactional_id.as_deref() {
+        Some(id) => txn_refusal(broker, ctx, Operation::Write, id),
+        None => (!broker.allowed_on_cluster(ctx, Operation::IdempotentWrite)
+            && !broker.allowed_on_any(ctx, Operation::Write, ResourceType::Topic))
+        .then_some(ResponseError::ClusterAuthorizationFailed),
+    };
+    if let Some(e) = refused {
+        return InitProducerIdResponse::default()
+            .with_error_code(e.code())
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+    }
     let current = (ctx.version >= 3 && req.producer_id.0 >= 0).then_some(ProducerRef {
         id: req.producer_id.0,
         epoch: req.producer_epoch,
@@ -82,10 +119,40 @@ pub async fn add_partitions_to_txn(
         id: req.v3_and_below_producer_id.0,
         epoch: req.v3_and_below_producer_epoch,
     };
-    let results = broker
-        .txns
-        .add_partitions(&req.v3_and_below_transactional_id, producer, wanted.clone())
-        .await;
+    // Kafka refuses the whole request when any part of it is refused; the partitions that
+    // were allowed get OPERATION_NOT_ATTEMPTED.
+    let id_refused = txn_refusal(
+        broker,
+        ctx,
+        Operation::Write,
+        &req.v3_and_below_transactional_id,
+    );
+    let refused_topics: Vec<&str> = req
+        .v3_and_below_topics
+        .iter()
+        .map(|t| t.name.0.as_str())
+        .filter(|t| topic_refusal(broker, ctx, Operation::Write, t).is_some())
+        .collect();
+    let results = if let Some(e) = id_refused {
+        Err(e)
+    } else if !refused_topics.is_empty() {
+        Ok(wanted
+            .iter()
+            .map(|(t, p)| {
+                let e = if refused_topics.contains(&t.as_str()) {
+                    ResponseError::TopicAuthorizationFailed
+                } else {
+                    ResponseError::OperationNotAttempted
+                };
+                ((t.clone(), *p), Some(e))
+            })
+            .collect())
+    } else {
+        broker
+            .txns
+            .add_partitions(&req.v3_and_below_transactional_id, producer, wanted.clone())
+            .await
+    };
     let error_for =
         |topic: &str, p: i32| partition_code(&results, topic, p, |e| fenced_for(ctx.version, 2, e));
     let topics = req
@@ -118,10 +185,19 @@ pub async fn add_offsets_to_txn(
         id: req.producer_id.0,
         epoch: req.producer_epoch,
     };
-    let result = broker
-        .txns
-        .add_offsets(&req.transactional_id, producer, &req.group_id)
-        .await;
+    let refused = txn_refusal(broker, ctx, Operation::Write, &req.transactional_id).or_else(|| {
+        (!broker.allowed(ctx, Operation::Read, ResourceType::Group, &req.group_id))
+            .then_some(ResponseError::GroupAuthorizationFailed)
+    });
+    let result = match refused {
+        Some(e) => Err(e),
+        None => {
+            broker
+                .txns
+                .add_offsets(&req.transactional_id, producer, &req.group_id)
+                .await
+        }
+    };
     AddOffsetsToTxnResponse::default()
         .with_error_code(code(result.err().map(|e| fenced_for(ctx.version, 2, e))))
 }
@@ -160,9 +236,23 @@ pub async fn txn_offset_commit(
         .collect();
     // The group's offsets partition must be in the transaction (AddOffsetsToTxn first), or
     // the commit marker would never reach these offsets.
-    let verified = broker
-        .verify_txn_partition(&req.transactional_id, producer, group::store::TOPIC, 0)
-        .await;
+    let refused = txn_refusal(broker, ctx, Operation::Write, &req.transactional_id).or_else(|| {
+        (!broker.allowed(ctx, Operation::Read, ResourceType::Group, &req.group_id))
+            .then_some(ResponseError::GroupAuthorizationFailed)
+    });
+    let refused_topic = |t: &str| topic_refusal(broker, ctx, Operation::Read, t);
+    let verified = match refused {
+        Some(e) => Err(e),
+        None => {
+            broker
+                .verify_txn_partition(&req.transactional_id, producer, group::store::TOPIC, 0)
+                .await
+        }
+    };
+    let offsets = offsets
+        .into_iter()
+        .filter(|((t, _), _)| refused_topic(t).is_none())
+        .collect();
     let result = match verified {
         Err(e) => Err(e),
         Ok(()) => {
@@ -183,14 +273,15 @@ pub async fn txn_offset_commit(
             )
         }
     };
-    let error_for = |topic: &str, p: i32| {
-        partition_code(&result, topic, p, |e| {
+    let error_for = |topic: &str, p: i32| match refused_topic(topic) {
+        Some(e) if refused.is_none() => e.code(),
+        _ => partition_code(&result, topic, p, |e| {
             let e = match e {
                 ResponseError::InvalidProducerEpoch => ResponseError::ProducerFenced,
                 other => other,
             };
             fenced_for(ctx.version, 3, e)
-        })
+        }),
     };
     let topics = req
         .topics
@@ -218,16 +309,22 @@ pub async fn end_txn(broker: &Broker, ctx: &RequestContext, req: EndTxnRequest) 
         id: req.producer_id.0,
         epoch: req.producer_epoch,
     };
-    let result = broker
-        .txns
-        .end_txn(&req.transactional_id, producer, req.committed)
-        .await;
+    let result = match txn_refusal(broker, ctx, Operation::Write, &req.transactional_id) {
+        Some(e) => Err(e),
+        None => {
+            broker
+                .txns
+                .end_txn(&req.transactional_id, producer, req.committed)
+                .await
+        }
+    };
     EndTxnResponse::default()
         .with_error_code(code(result.err().map(|e| fenced_for(ctx.version, 2, e))))
 }
 
 pub async fn describe_transactions(
     broker: &Broker,
+    ctx: &RequestContext,
     req: DescribeTransactionsRequest,
 ) -> DescribeTransactionsResponse {
     let mut states = Vec::with_capacity(req.transactional_ids.len());
@@ -236,6 +333,10 @@ pub async fn describe_transactions(
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
             .with_transaction_start_time_ms(-1);
+        if let Some(e) = txn_refusal(broker, ctx, Operation::Describe, &id) {
+            states.push(s.with_error_code(e.code()).with_transactional_id(id));
+            continue;
+        }
         match broker.txns.describe(&id).await {
             Err(e) => s.error_code = e.code(),
             Ok(None) => s.error_code = ResponseError::TransactionalIdNotFound.code(),
@@ -290,6 +391,7 @@ pub async fn list_transactions(
         .list()
         .await
         .into_iter()
+        .filter(|(id, _)| txn_refusal(broker, ctx, Operation::Describe, id).is_none())
         .filter(|(_, m)| {
             (req.state_filters.is_empty()
                 || req

@@ -22,10 +22,12 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::Request;
 use parking_lot::Mutex;
 
+use super::apis::RequestContext;
 use super::{str_bytes, Broker};
 use crate::client::Connection;
 use crate::cluster::image::{Command, NodeId};
 use crate::cluster::Cluster;
+use crate::security::acl::Operation;
 use crate::txn::{ClusterLink, Marker, ProducerRef};
 
 /// How long one request to another node may take.
@@ -81,8 +83,12 @@ impl Peers {
 /// and held by their in-sync replicas before the answer.
 pub async fn write_txn_markers(
     broker: &Broker,
+    ctx: &RequestContext,
     req: WriteTxnMarkersRequest,
 ) -> WriteTxnMarkersResponse {
+    // Only nodes (or principals acting for the cluster) write markers.
+    let refused = (!broker.allowed_on_cluster(ctx, Operation::ClusterAction))
+        .then_some(ResponseError::ClusterAuthorizationFailed);
     let mut results = Vec::with_capacity(req.markers.len());
     for m in req.markers {
         let marker = Marker {
@@ -94,12 +100,13 @@ pub async fn write_txn_markers(
         for t in m.topics {
             let mut partitions = Vec::with_capacity(t.partition_indexes.len());
             for p in t.partition_indexes {
-                let code = match write_marker_here(broker, &t.name, p, marker, m.coordinator_epoch)
-                    .await
-                {
-                    Ok(()) => 0,
-                    Err(e) => e.code(),
+                let written = match refused {
+                    Some(e) => Err(e),
+                    None => {
+                        write_marker_here(broker, &t.name, p, marker, m.coordinator_epoch).await
+                    }
                 };
+                let code = written.err().map_or(0, |e| e.code());
                 partitions.push(
                     WritableTxnMarkerPartitionResult::default()
                         .with_partition_index(p)

@@ -14,8 +14,10 @@ use kafka_protocol::messages::{
     DescribeUserScramCredentialsRequest, DescribeUserScramCredentialsResponse,
 };
 
+use super::apis::RequestContext;
 use super::{str_bytes, Broker};
 use crate::cluster::image::Command;
+use crate::security::acl::Operation;
 use crate::security::scram::{Mechanism, ScramCredential, MAX_ITERATIONS, MIN_ITERATIONS};
 use crate::security::users::{CredentialChange, Credentials};
 
@@ -29,14 +31,14 @@ impl Broker {
                 .get(user)?
                 .get(&mechanism)
                 .cloned(),
-            None => self.users.get(user, mechanism),
+            None => self.users.credential(user, mechanism),
         }
     }
 
     pub fn scram_credentials(&self) -> Credentials {
         match &self.cluster {
             Some(c) => c.image().scram_credentials.clone(),
-            None => self.users.all(),
+            None => Credentials::clone(&self.users.get()),
         }
     }
 
@@ -53,8 +55,14 @@ impl Broker {
 
 pub fn describe_user_scram_credentials(
     broker: &Broker,
+    ctx: &RequestContext,
     req: DescribeUserScramCredentialsRequest,
 ) -> DescribeUserScramCredentialsResponse {
+    if !broker.allowed_on_cluster(ctx, Operation::Describe) {
+        return DescribeUserScramCredentialsResponse::default()
+            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
+            .with_error_message(Some(str_bytes("not authorized to describe the cluster")));
+    }
     let all = broker.scram_credentials();
     let info = |by_mech: &BTreeMap<Mechanism, ScramCredential>| {
         by_mech
@@ -103,8 +111,27 @@ pub fn describe_user_scram_credentials(
 
 pub async fn alter_user_scram_credentials(
     broker: &Broker,
+    ctx: &RequestContext,
     req: AlterUserScramCredentialsRequest,
 ) -> AlterUserScramCredentialsResponse {
+    if !broker.allowed_on_cluster(ctx, Operation::Alter) {
+        let users: BTreeSet<String> = req
+            .deletions
+            .iter()
+            .map(|d| d.name.to_string())
+            .chain(req.upsertions.iter().map(|u| u.name.to_string()))
+            .collect();
+        return AlterUserScramCredentialsResponse::default().with_results(
+            users
+                .into_iter()
+                .map(|u| {
+                    AlterUserScramCredentialsResult::default()
+                        .with_user(str_bytes(u))
+                        .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
+                })
+                .collect(),
+        );
+    }
     let existing = broker.scram_credentials();
     // Each user's changes stand or fall together; one result per user.
     let mut per_user: BTreeMap<String, Result<Vec<CredentialChange>, (ResponseError, String)>> =

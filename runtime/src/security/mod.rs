@@ -1,6 +1,8 @@
 //! Who may talk to the Kafka listeners: security protocols per listener (as Kafka names them),
-//! TLS, SASL authentication and the users' SCRAM credentials.
+//! TLS, SASL authentication, the users' SCRAM credentials, and what each principal may do (ACLs).
 
+pub mod acl;
+pub mod local;
 pub mod sasl;
 pub mod scram;
 pub mod tls;

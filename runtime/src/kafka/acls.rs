@@ -1,0 +1,306 @@
+//! Authorization of requests, and CreateAcls, DescribeAcls and DeleteAcls: Kafka's APIs for the
+//! authorizer's ACLs (Kafka's admin clients and `weir acl` use them). A single node keeps its
+//! ACLs in `<data-dir>/meta/acls.json`, a cluster in its metadata image.
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::create_acls_response::AclCreationResult;
+use kafka_protocol::messages::delete_acls_response::{
+    DeleteAclsFilterResult, DeleteAclsMatchingAcl,
+};
+use kafka_protocol::messages::describe_acls_response::{AclDescription, DescribeAclsResource};
+use kafka_protocol::messages::{
+    CreateAclsRequest, CreateAclsResponse, DeleteAclsRequest, DeleteAclsResponse,
+    DescribeAclsRequest, DescribeAclsResponse,
+};
+
+use super::apis::RequestContext;
+use super::{str_bytes, Broker};
+use crate::cluster::image::Command;
+use crate::security::acl::{
+    AclBinding, AclFilter, Acls, Operation, PatternType, Permission, ResourceType, CLUSTER_NAME,
+};
+
+impl Broker {
+    fn with_acls<R>(&self, f: impl FnOnce(&Acls) -> R) -> R {
+        match &self.cluster {
+            Some(c) => f(&c.image().acls),
+            None => f(&self.acls.get()),
+        }
+    }
+
+    /// Whether the request's principal may do `operation` on the resource. Free when no
+    /// authorizer is configured.
+    pub fn allowed(
+        &self,
+        ctx: &RequestContext,
+        operation: Operation,
+        resource_type: ResourceType,
+        name: &str,
+    ) -> bool {
+        if !self.authorizer.enabled() {
+            return true;
+        }
+        let host = ctx.peer.ip().to_string();
+        self.with_acls(|acls| {
+            self.authorizer
+                .authorize(acls, &ctx.principal, &host, operation, resource_type, name)
+        })
+    }
+
+    pub fn allowed_on_cluster(&self, ctx: &RequestContext, operation: Operation) -> bool {
+        self.allowed(ctx, operation, ResourceType::Cluster, CLUSTER_NAME)
+    }
+
+    /// Whether the principal may do `operation` on some resource of the type.
+    pub fn allowed_on_any(
+        &self,
+        ctx: &RequestContext,
+        operation: Operation,
+        resource_type: ResourceType,
+    ) -> bool {
+        if !self.authorizer.enabled() {
+            return true;
+        }
+        let host = ctx.peer.ip().to_string();
+        self.with_acls(|acls| {
+            self.authorizer
+                .authorize_any(acls, &ctx.principal, &host, operation, resource_type)
+        })
+    }
+
+    /// Whether a topic may be created: Create on the cluster or on the topic, as in Kafka.
+    pub fn may_create_topic(&self, ctx: &RequestContext, name: &str) -> bool {
+        self.allowed_on_cluster(ctx, Operation::Create)
+            || self.allowed(ctx, Operation::Create, ResourceType::Topic, name)
+    }
+
+    async fn change_acls(
+        &self,
+        add: Vec<AclBinding>,
+        remove: Vec<AclBinding>,
+    ) -> Result<(), String> {
+        match &self.cluster {
+            Some(c) => {
+                if !add.is_empty() {
+                    c.run(Command::CreateAcls { acls: add })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                if !remove.is_empty() {
+                    c.run(Command::DeleteAcls { acls: remove })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            None => self
+                .acls
+                .update(|acls| {
+                    acls.extend(add);
+                    for acl in &remove {
+                        acls.remove(acl);
+                    }
+                })
+                .map_err(|e| format!("{e:#}")),
+        }
+    }
+}
+
+/// The error every entry of an ACL request gets when it cannot be served at all.
+fn refusal(broker: &Broker, ctx: &RequestContext, operation: Operation) -> Option<ResponseError> {
+    if !broker.authorizer.enabled() {
+        Some(ResponseError::SecurityDisabled)
+    } else if !broker.allowed_on_cluster(ctx, operation) {
+        Some(ResponseError::ClusterAuthorizationFailed)
+    } else {
+        None
+    }
+}
+
+fn message(code: ResponseError) -> String {
+    match code {
+        ResponseError::SecurityDisabled => "no authorizer is configured on this node".into(),
+        ResponseError::ClusterAuthorizationFailed => "not authorized on the cluster".into(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn create_acls(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: CreateAclsRequest,
+) -> CreateAclsResponse {
+    let refused = refusal(broker, ctx, Operation::Alter);
+    let checked: Vec<Result<AclBinding, (ResponseError, String)>> = req
+        .creations
+        .into_iter()
+        .map(|c| {
+            if let Some(code) = refused {
+                return Err((code, message(code)));
+            }
+            let invalid = |m: String| (ResponseError::InvalidRequest, m);
+            let binding = AclBinding {
+                resource_type: ResourceType::from_code(c.resource_type)
+                    .ok_or_else(|| invalid(format!("invalid resource type {}", c.resource_type)))?,
+                resource_name: c.resource_name.to_string(),
+                pattern: PatternType::from_code(c.resource_pattern_type).ok_or_else(|| {
+                    invalid(format!("invalid pattern type {}", c.resource_pattern_type))
+                })?,
+                principal: c.principal.to_string(),
+                host: c.host.to_string(),
+                operation: Operation::from_code(c.operation)
+                    .ok_or_else(|| invalid(format!("invalid operation {}", c.operation)))?,
+                permission: Permission::from_code(c.permission_type).ok_or_else(|| {
+                    invalid(format!("invalid permission type {}", c.permission_type))
+                })?,
+            };
+            binding.validate().map_err(invalid)?;
+            Ok(binding)
+        })
+        .collect();
+    let add: Vec<AclBinding> = checked.iter().flatten().cloned().collect();
+    let stored = if add.is_empty() {
+        Ok(())
+    } else {
+        broker.change_acls(add, Vec::new()).await
+    };
+    let results = checked
+        .into_iter()
+        .map(|outcome| {
+            let (code, msg) = match (outcome, &stored) {
+                (Err((code, msg)), _) => (code, msg),
+                (Ok(_), Err(msg)) => (ResponseError::UnknownServerError, msg.clone()),
+                (Ok(_), Ok(())) => return AclCreationResult::default(),
+            };
+            AclCreationResult::default()
+                .with_error_code(code.code())
+                .with_error_message(Some(str_bytes(msg)))
+        })
+        .collect();
+    CreateAclsResponse::default().with_results(results)
+}
+
+pub fn describe_acls(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DescribeAclsRequest,
+) -> DescribeAclsResponse {
+    let fail = |code: ResponseError, msg: String| {
+        DescribeAclsResponse::default()
+            .with_error_code(code.code())
+            .with_error_message(Some(str_bytes(msg)))
+    };
+    if let Some(code) = refusal(broker, ctx, Operation::Describe) {
+        return fail(code, message(code));
+    }
+    let filter = match AclFilter::from_kafka(
+        req.resource_type_filter,
+        req.resource_name_filter.as_deref(),
+        req.pattern_type_filter,
+        req.principal_filter.as_deref(),
+        req.host_filter.as_deref(),
+        req.operation,
+        req.permission_type,
+    ) {
+        Ok(f) => f,
+        Err(msg) => return fail(ResponseError::InvalidRequest, msg),
+    };
+    let mut by_resource: BTreeMap<(ResourceType, String, PatternType), Vec<AclDescription>> =
+        BTreeMap::new();
+    broker.with_acls(|acls| {
+        for acl in acls.iter().filter(|a| filter.matches(a)) {
+            by_resource
+                .entry((acl.resource_type, acl.resource_name.clone(), acl.pattern))
+                .or_default()
+                .push(
+                    AclDescription::default()
+                        .with_principal(str_bytes(acl.principal.as_str()))
+                        .with_host(str_bytes(acl.host.as_str()))
+                        .with_operation(acl.operation.code())
+                        .with_permission_type(acl.permission.code()),
+                );
+        }
+    });
+    DescribeAclsResponse::default().with_resources(
+        by_resource
+            .into_iter()
+            .map(|((t, name, pattern), acls)| {
+                DescribeAclsResource::default()
+                    .with_resource_type(t.code())
+                    .with_resource_name(str_bytes(name))
+                    .with_pattern_type(pattern.code())
+                    .with_acls(acls)
+            })
+            .collect(),
+    )
+}
+
+pub async fn delete_acls(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DeleteAclsRequest,
+) -> DeleteAclsResponse {
+    let refused = refusal(broker, ctx, Operation::Alter);
+    let filters: Vec<Result<AclFilter, (ResponseError, String)>> = req
+        .filters
+        .iter()
+        .map(|f| {
+            if let Some(code) = refused {
+                return Err((code, message(code)));
+            }
+            AclFilter::from_kafka(
+                f.resource_type_filter,
+                f.resource_name_filter.as_deref(),
+                f.pattern_type_filter,
+                f.principal_filter.as_deref(),
+                f.host_filter.as_deref(),
+                f.operation,
+                f.permission_type,
+            )
+            .map_err(|m| (ResponseError::InvalidRequest, m))
+        })
+        .collect();
+    let matched: Vec<Result<Vec<AclBinding>, (ResponseError, String)>> = broker.with_acls(|acls| {
+        filters
+            .into_iter()
+            .map(|f| f.map(|f| acls.iter().filter(|a| f.matches(a)).cloned().collect()))
+            .collect()
+    });
+    let remove: Vec<AclBinding> = matched.iter().flatten().flatten().cloned().collect();
+    let stored = if remove.is_empty() {
+        Ok(())
+    } else {
+        broker.change_acls(Vec::new(), remove).await
+    };
+    let results = matched
+        .into_iter()
+        .map(|outcome| {
+            let fail = |code: ResponseError, msg: String| {
+                DeleteAclsFilterResult::default()
+                    .with_error_code(code.code())
+                    .with_error_message(Some(str_bytes(msg)))
+            };
+            match (outcome, &stored) {
+                (Err((code, msg)), _) => fail(code, msg),
+                (Ok(_), Err(msg)) => fail(ResponseError::UnknownServerError, msg.clone()),
+                (Ok(acls), Ok(())) => DeleteAclsFilterResult::default().with_matching_acls(
+                    acls.into_iter()
+                        .map(|a| {
+                            DeleteAclsMatchingAcl::default()
+                                .with_resource_type(a.resource_type.code())
+                                .with_resource_name(str_bytes(a.resource_name))
+                                .with_pattern_type(a.pattern.code())
+                                .with_principal(str_bytes(a.principal))
+                                .with_host(str_bytes(a.host))
+                                .with_operation(a.operation.code())
+                                .with_permission_type(a.permission.code())
+                        })
+                        .collect(),
+                ),
+            }
+        })
+        .collect();
+    DeleteAclsResponse::default().with_filter_results(results)
+}
