@@ -10,6 +10,7 @@ use crate::cluster::{parse_voters, ClusterSettings};
 use crate::group::GroupSettings;
 use crate::log::config::LogConfig;
 use crate::security::acl::AuthorizerSettings;
+use crate::security::http::HttpAuthSettings;
 use crate::security::tls::TlsSettings;
 use crate::security::{AuthSettings, ListenerSettings, SecurityProtocol};
 use crate::txn::TxnSettings;
@@ -35,8 +36,12 @@ pub struct Settings {
     pub connections_max_reauth_ms: u64,
     /// ACL checks on the Kafka listeners: off by default.
     pub authorizer: AuthorizerSettings,
-    /// HTTP API listener (health, later metrics and the pipeline API).
+    /// HTTP API listener (health, metrics, the pipeline API, the console).
     pub http_addr: String,
+    /// Serve the HTTP API over TLS with this certificate.
+    pub http_tls: Option<TlsSettings>,
+    /// Require a token or a user on the HTTP API (all but /health).
+    pub http_auth: Option<HttpAuthSettings>,
     /// Host name given to clients in metadata; defaults to the listener's address.
     pub advertised_host: Option<String>,
     /// Port given to clients in metadata (behind a proxy or NAT); defaults to the listener's.
@@ -102,6 +107,8 @@ impl Default for Settings {
             connections_max_reauth_ms: 0,
             authorizer: AuthorizerSettings::default(),
             http_addr: "127.0.0.1:8083".into(),
+            http_tls: None,
+            http_auth: None,
             advertised_host: None,
             advertised_port: None,
             node_id: 0,

@@ -1,11 +1,13 @@
 //! The HTTP API: health, Prometheus metrics, the pipelines (status, put, delete, restart, pause,
-//! resume, validate), and the HTTP sources' ingest endpoints.
+//! resume, validate), and the HTTP sources' ingest endpoints. Optionally over TLS, and with
+//! callers proving a role (security::http) on everything but /health.
 
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,12 +20,21 @@ use crate::metrics::ScrapeOptions;
 use crate::pipeline::http_source::{parse_body, submit, Rejection};
 use crate::pipeline::spec::SpecError;
 use crate::pipeline::{EditError, PipelineManager};
+use crate::security::http::{same_digest, sha256, Caller, HttpAuth, Role};
+use crate::security::tls::{HttpsListener, Tls};
 
 #[derive(Clone)]
 struct AppState {
     broker: Arc<Broker>,
     pipelines: Option<Arc<PipelineManager>>,
     metrics: ScrapeOptions,
+    auth: Option<Arc<HttpAuth>>,
+}
+
+/// TLS and authentication of the HTTP API; neither by default.
+pub struct HttpSecurity {
+    pub tls: Option<Arc<Tls>>,
+    pub auth: Option<Arc<HttpAuth>>,
 }
 
 pub async fn serve(
@@ -31,12 +42,18 @@ pub async fn serve(
     broker: Arc<Broker>,
     pipelines: Option<Arc<PipelineManager>>,
     metrics: ScrapeOptions,
+    security: HttpSecurity,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let state = AppState {
+        broker,
+        pipelines,
+        metrics,
+        auth: security.auth,
+    };
     let app = Router::new()
         .route("/", get(crate::console::asset))
         .route("/console/{*file}", get(crate::console::asset))
-        .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster_status))
         .route("/topics", get(list_topics))
@@ -55,21 +72,91 @@ pub async fn serve(
         .route("/pipelines/{name}/dead-letters", get(dead_letters))
         .route("/pipelines/{name}/pause", post(pause_pipeline))
         .route("/pipelines/{name}/resume", post(resume_pipeline))
+        // Every route above needs a role when authentication is on; /health and the HTTP
+        // sources' paths (the fallback) decide for themselves.
+        .route_layer(from_fn_with_state(state.clone(), require_role))
+        .route("/health", get(health))
         .fallback(ingest)
-        .with_state(AppState {
-            broker,
-            pipelines,
-            metrics,
-        });
+        .with_state(state);
     let stop = async move {
         let _ = shutdown.changed().await;
     };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
+    let served = match security.tls {
+        Some(tls) => match HttpsListener::new(listener, tls) {
+            Ok(https) => axum::serve(https, app).with_graceful_shutdown(stop).await,
+            Err(e) => Err(e),
+        },
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "HTTP server failed");
     }
+}
+
+/// The caller the request's Authorization header proves, if any.
+fn caller(s: &AppState, auth: &HttpAuth, headers: &HeaderMap) -> Option<Caller> {
+    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    auth.authenticate(authorization, |user, password| {
+        s.broker.check_password(user, password)
+    })
+}
+
+/// 401 with a Basic challenge: browsers ask for a user and password, so the console works.
+fn unauthorized() -> Response {
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "authentication required: a bearer token, or HTTP Basic with a user or token name".into(),
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"weir\", charset=\"UTF-8\""),
+    );
+    response
+}
+
+/// Reading (GET, and validating a pipeline) needs the read role; changing anything, admin.
+async fn require_role(State(s): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(auth) = &s.auth else {
+        return next.run(request).await;
+    };
+    let reading = matches!(*request.method(), Method::GET | Method::HEAD)
+        || request.uri().path() == "/pipelines/validate";
+    let needed = if reading { Role::Read } else { Role::Admin };
+    match caller(&s, auth, request.headers()) {
+        None => unauthorized(),
+        Some(c) if c.role < needed => error(
+            StatusCode::FORBIDDEN,
+            format!("'{}' may only read; this needs the admin role", c.name),
+        ),
+        Some(_) => next.run(request).await,
+    }
+}
+
+/// An HTTP source with its own token takes that token (as a bearer token); otherwise, with
+/// authentication on, an admin. Admins may always post.
+fn may_ingest(s: &AppState, token: Option<&str>, headers: &HeaderMap) -> bool {
+    if token.is_none() && s.auth.is_none() {
+        return true;
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| sha256(t.trim().as_bytes()));
+    if let (Some(expected), Some(presented)) = (token, presented) {
+        if same_digest(&sha256(expected.as_bytes()), &presented) {
+            return true;
+        }
+    }
+    s.auth
+        .as_ref()
+        .and_then(|auth| caller(s, auth, headers))
+        .is_some_and(|c| c.role == Role::Admin)
 }
 
 /// 200 once the node serves: the log is loaded and the Kafka listener is bound before this
@@ -427,6 +514,9 @@ async fn ingest(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} takes POST", uri.path()),
         );
+    }
+    if !may_ingest(&s, endpoint.spec.token.as_deref(), &headers) {
+        return unauthorized();
     }
     let limit = endpoint.spec.max_body_bytes;
     let declared = headers

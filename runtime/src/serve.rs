@@ -34,6 +34,18 @@ pub async fn run(settings: Settings) -> Result<()> {
         .map(crate::security::tls::Tls::load)
         .transpose()
         .context("tls")?;
+    let http_tls = settings
+        .http_tls
+        .clone()
+        .map(crate::security::tls::Tls::load)
+        .transpose()
+        .context("http_tls")?;
+    let http_auth = settings
+        .http_auth
+        .as_ref()
+        .map(crate::security::http::HttpAuth::load)
+        .transpose()?
+        .map(Arc::new);
     let mut kafka_listeners = Vec::new();
     let mut endpoints = Vec::new();
     for (i, ls) in listener_settings.iter().enumerate() {
@@ -182,7 +194,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         ));
     }
     let txn_timers = tokio::spawn(txns.clone().run_timers(stop_rx.clone()));
-    if let Some(tls) = &tls {
+    for tls in tls.iter().chain(&http_tls) {
         tokio::spawn(tls.clone().watch(stop_rx.clone()));
     }
     let kafka_tasks: Vec<_> = kafka_listeners
@@ -204,6 +216,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         pipelines.clone(),
         crate::metrics::ScrapeOptions {
             per_partition: settings.metrics_per_partition,
+        },
+        crate::http::HttpSecurity {
+            tls: http_tls,
+            auth: http_auth,
         },
         stop_rx.clone(),
     ));

@@ -87,6 +87,10 @@ class WeirDaemon:
         self.kafka_port: int | None = None
         self.http_port: int | None = None
         self.starts = 0
+        # A CA file when the HTTP API is served over TLS (http_tls): https:// and verified.
+        self.http_ca: str | None = None
+        # Extra environment variables for the daemon.
+        self.env: dict[str, str] = {}
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     # -- addresses -----------------------------------------------------------
@@ -96,7 +100,8 @@ class WeirDaemon:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.http_ca else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def __repr__(self) -> str:
         return f"WeirDaemon({self.name}, kafka={self.kafka_port}, http={self.http_port}, pid={self.pid})"
@@ -136,6 +141,7 @@ class WeirDaemon:
                 log.flush()
                 env = dict(os.environ)
                 env.setdefault("RUST_BACKTRACE", "1")
+                env.update(self.env)
                 # The daemon's working directory is the test's own: defaults such as
                 # ./pipelines must not pick up the repository's example pipelines.
                 self.proc = subprocess.Popen(
@@ -172,7 +178,7 @@ class WeirDaemon:
                         return "addr-in-use"
                     return "exited"
                 try:
-                    r = session.get(f"{self.http_url}/health", timeout=1.0)
+                    r = session.get(f"{self.http_url}/health", timeout=1.0, verify=self.http_ca or True)
                     if r.status_code == 200:
                         return "ok"
                 except requests.RequestException:

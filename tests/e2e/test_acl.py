@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import pytest
@@ -23,7 +22,7 @@ from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, A
 from conftest import WeirDaemon, _pick_free_ports
 from support import Outgoing, admin, create_topic, produce_confluent, wait_until, watermarks
 from test_security import (PASSWORD, Listener, Secured, fast, fast_producer, kcat_args, read_values,
-                           rk_sasl, security_yaml, start_secured)
+                           rk_sasl, security_yaml, start_sasl_cluster, start_secured)
 
 TIMEOUT = 20.0
 SUPER_ANONYMOUS = 'authorizer:\n  enabled: true\n  super_users: ["User:ANONYMOUS"]\n'
@@ -377,23 +376,7 @@ def test_admin_clients_manage_acls(weir_factory):
 
 def test_a_cluster_shares_acls(weir_factory):
     """ACLs added through one node hold on every node: they live in the Raft metadata."""
-    raft_ports = _pick_free_ports(3)
-    voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
-    nodes, sasl_ports = [], []
-    for i in range(3):
-        kafka_port, http_port, sasl_port = _pick_free_ports(3)
-        yaml = ("raft_heartbeat_ms: 200\nraft_election_timeout_ms: 1500\n"
-                "node_session_timeout_ms: 3000\nmetadata_timeout_ms: 15000\n"
-                + security_yaml([Listener("PLAIN", "PLAINTEXT", port=kafka_port),
-                                 Listener("SASL", "SASL_PLAINTEXT", port=sasl_port)], None, SUPER_ANONYMOUS))
-        d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
-                         extra_args=("--node-id", str(i + 1), "--voters", voters))
-        d.kafka_port, d.http_port = kafka_port, http_port
-        nodes.append(d)
-        sasl_ports.append(sasl_port)
-    with ThreadPoolExecutor(3) as pool:
-        for f in [pool.submit(n.start, 60) for n in nodes]:
-            f.result()
+    nodes, sasl_ports = start_sasl_cluster(weir_factory, SUPER_ANONYMOUS)
     nodes[0].cli("user", "create", "alice", "--password", PASSWORD)
     a = admin(nodes[0].bootstrap)
     a.create_topics([NewTopic("shared", num_partitions=3, replication_factor=3)])["shared"].result(30)

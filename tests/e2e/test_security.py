@@ -1321,10 +1321,9 @@ def test_metadata_advertises_the_listener_the_client_used(weir_factory, pki):
 # a cluster
 # ---------------------------------------------------------------------------
 
-def test_a_cluster_shares_users_and_advertises_each_listener(weir_factory, kcat_bin):
-    """A user created through one node logs in on every node's SASL listener (credentials live
-    in the Raft metadata), and a SASL client is given every node's SASL address, so it
-    reaches partition leaders on other nodes without ever touching a plaintext port."""
+def start_sasl_cluster(weir_factory, extra_yaml: str = "") -> tuple[list[WeirDaemon], list[int]]:
+    """Three nodes, each with a PLAINTEXT listener first and a SASL_PLAINTEXT one; returns the
+    nodes and their SASL ports."""
     raft_ports = _pick_free_ports(3)
     voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
     nodes, sasl_ports = [], []
@@ -1333,7 +1332,7 @@ def test_a_cluster_shares_users_and_advertises_each_listener(weir_factory, kcat_
         yaml = ("raft_heartbeat_ms: 200\nraft_election_timeout_ms: 1500\n"
                 "node_session_timeout_ms: 3000\nmetadata_timeout_ms: 15000\n"
                 + security_yaml([Listener("PLAIN", "PLAINTEXT", port=kafka_port),
-                                 Listener("SASL", "SASL_PLAINTEXT", port=sasl_port)], None))
+                                 Listener("SASL", "SASL_PLAINTEXT", port=sasl_port)], None, extra_yaml))
         d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
                          extra_args=("--node-id", str(i + 1), "--voters", voters))
         d.kafka_port, d.http_port = kafka_port, http_port
@@ -1342,6 +1341,14 @@ def test_a_cluster_shares_users_and_advertises_each_listener(weir_factory, kcat_
     with ThreadPoolExecutor(3) as pool:
         for f in [pool.submit(n.start, 60) for n in nodes]:
             f.result()
+    return nodes, sasl_ports
+
+
+def test_a_cluster_shares_users_and_advertises_each_listener(weir_factory, kcat_bin):
+    """A user created through one node logs in on every node's SASL listener (credentials live
+    in the Raft metadata), and a SASL client is given every node's SASL address, so it
+    reaches partition leaders on other nodes without ever touching a plaintext port."""
+    nodes, sasl_ports = start_sasl_cluster(weir_factory)
 
     nodes[0].cli("user", "create", "alice", "--password", PASSWORD)
     a = admin(nodes[0].bootstrap)

@@ -1,13 +1,14 @@
 //! HTTP connectors: a sink that POSTs batches (NDJSON or a JSON array) with retries and an
 //! Idempotency-Key per batch, and a source that polls a URL with a cursor.
 //!
-//! This build speaks plain HTTP only (no TLS): `https://` URLs are refused with a clear error.
+//! Both speak http:// and https:// (rustls, the system's CAs plus an optional `ca_file`).
 //! docs/connectors/http.md documents both connectors.
 
 mod sink;
 mod source;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::anyhow;
@@ -73,29 +74,48 @@ pub(crate) fn header_map(
     Ok(map)
 }
 
-/// Parses an http:// URL (this build has no TLS).
+/// Parses an http:// or https:// URL.
 pub(crate) fn parse_url(url: &str, what: &str) -> Result<reqwest::Url, ConnectorError> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| ConnectorError::Fatal(anyhow!("{what}: url {url:?}: {e}")))?;
     match parsed.scheme() {
-        "http" => Ok(parsed),
-        "https" => Err(ConnectorError::Fatal(anyhow!(
-            "{what}: url {url}: https is not supported by this build of weir (no TLS); use \
-             http:// or a TLS-terminating proxy"
-        ))),
+        "http" | "https" => Ok(parsed),
         other => Err(ConnectorError::Fatal(anyhow!(
-            "{what}: url {url}: scheme {other} is not http"
+            "{what}: url {url}: scheme {other} is neither http nor https"
         ))),
     }
 }
 
-pub(crate) fn client(timeout: Duration, what: &str) -> Result<reqwest::Client, ConnectorError> {
-    reqwest::Client::builder()
+/// Makes rustls's ring provider the process default: reqwest's TLS takes the process default,
+/// and weir builds rustls with ring only. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An HTTP client; https:// servers are checked against the system's CAs and `ca_file`'s.
+pub(crate) fn client(
+    timeout: Duration,
+    ca_file: Option<&Path>,
+    what: &str,
+) -> Result<reqwest::Client, ConnectorError> {
+    install_crypto_provider();
+    let fatal = |m: String| ConnectorError::Fatal(anyhow!("{what}: {m}"));
+    let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .redirect(reqwest::redirect::Policy::none())
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca)
+            .map_err(|e| fatal(format!("ca_file: cannot read {}: {e}", ca.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| fatal(format!("ca_file: {} is not PEM: {e}", ca.display())))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
         .build()
-        .map_err(|e| ConnectorError::Fatal(anyhow!("{what}: building the HTTP client: {e}")))
+        .map_err(|e| fatal(format!("building the HTTP client: {e}")))
 }
 
 /// The start of a response body, for messages.
@@ -146,12 +166,9 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls() {
+    fn http_and_https_urls() {
         assert!(parse_url("http://127.0.0.1:8080/x", "t").is_ok());
-        let e = parse_url("https://example.com", "t")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("no TLS"), "{e}");
+        assert!(parse_url("https://example.com", "t").is_ok());
         assert!(parse_url("ftp://example.com", "t").is_err());
         assert!(parse_url("not a url", "t").is_err());
     }

@@ -38,7 +38,7 @@ fn default_max_retry_after_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
-    /// Where batches are POSTed (http:// only in this build).
+    /// Where batches are POSTed (http:// or https://).
     pub url: String,
     #[serde(default)]
     pub format: HttpFormat,
@@ -63,6 +63,9 @@ pub struct HttpSinkConfig {
     /// A Retry-After header is honoured up to this long.
     #[serde(default = "default_max_retry_after_ms")]
     pub max_retry_after_ms: u64,
+    /// CA certificates (PEM) trusted for an https:// URL besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of the Idempotency-Key. Not read from the pipeline file: the runtime sets it to
     /// `<pipeline>/<sink index>`.
     #[serde(skip)]
@@ -120,7 +123,11 @@ impl HttpSink {
                 }),
             );
         }
-        let client = client(Duration::from_millis(config.timeout_ms), what)?;
+        let client = client(
+            Duration::from_millis(config.timeout_ms),
+            config.ca_file.as_deref(),
+            what,
+        )?;
         Ok(HttpSink {
             backoff: Backoff {
                 initial: Duration::from_millis(config.backoff_initial_ms.max(1)),

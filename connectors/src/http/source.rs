@@ -26,7 +26,7 @@ fn default_timeout_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpPollSourceConfig {
-    /// The URL to GET (http:// only in this build); its own query parameters are kept.
+    /// The URL to GET (http:// or https://); its own query parameters are kept.
     pub url: String,
     /// Wait between polls that brought nothing new.
     #[serde(default = "default_interval_ms")]
@@ -54,6 +54,9 @@ pub struct HttpPollSourceConfig {
     pub headers: BTreeMap<String, String>,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// CA certificates (PEM) trusted for an https:// URL besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 pub struct HttpPollSource {
@@ -100,7 +103,11 @@ impl HttpPollSource {
             return bad("timeout_ms must be at least 1");
         }
         let headers = header_map(&config.headers, what)?;
-        let client = client(Duration::from_millis(config.timeout_ms), what)?;
+        let client = client(
+            Duration::from_millis(config.timeout_ms),
+            config.ca_file.as_deref(),
+            what,
+        )?;
         Ok(HttpPollSource {
             cursor: config.initial_cursor.clone(),
             config,

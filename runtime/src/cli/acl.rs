@@ -131,6 +131,22 @@ impl FilterArgs {
     }
 }
 
+/// DescribeAclsRequest and DeleteAcls' filters have the same fields: sets them from the
+/// command line's filter (any permission).
+macro_rules! with_filter {
+    ($message:expr, $filter:expr) => {{
+        let (kind, name, pattern, op) = $filter.codes()?;
+        $message
+            .with_resource_type_filter(kind)
+            .with_resource_name_filter(name.map(str_bytes))
+            .with_pattern_type_filter(pattern)
+            .with_principal_filter($filter.principal.clone().map(str_bytes))
+            .with_host_filter($filter.host.clone().map(str_bytes))
+            .with_operation(op)
+            .with_permission_type(ANY)
+    }};
+}
+
 fn operation(name: &str) -> Result<Operation> {
     Operation::parse(name).ok_or_else(|| {
         let known: Vec<&str> = Operation::ALL.iter().map(|o| o.name()).collect();
@@ -187,18 +203,8 @@ pub async fn run(cmd: AclCommand, conn: &ConnectArgs) -> Result<()> {
             );
         }
         AclCommand::List { filter } => {
-            let (kind, name, pattern, op) = filter.codes()?;
             let resp = c
-                .call(
-                    &DescribeAclsRequest::default()
-                        .with_resource_type_filter(kind)
-                        .with_resource_name_filter(name.map(str_bytes))
-                        .with_pattern_type_filter(pattern)
-                        .with_principal_filter(filter.principal.map(str_bytes))
-                        .with_host_filter(filter.host.map(str_bytes))
-                        .with_operation(op)
-                        .with_permission_type(ANY),
-                )
+                .call(&with_filter!(DescribeAclsRequest::default(), filter))
                 .await?;
             check_code(resp.error_code, resp.error_message.as_deref())?;
             println!("PRINCIPAL\tHOST\tPERMISSION\tOPERATION\tRESOURCE\tPATTERN\tNAME");
@@ -227,17 +233,10 @@ pub async fn run(cmd: AclCommand, conn: &ConnectArgs) -> Result<()> {
             if filter.is_empty() && !all {
                 bail!("give a filter (--principal, --topic, ...) or --all to remove every ACL");
             }
-            let (kind, name, pattern, op) = filter.codes()?;
             let resp = c
                 .call(
-                    &DeleteAclsRequest::default().with_filters(vec![DeleteAclsFilter::default()
-                        .with_resource_type_filter(kind)
-                        .with_resource_name_filter(name.map(str_bytes))
-                        .with_pattern_type_filter(pattern)
-                        .with_principal_filter(filter.principal.map(str_bytes))
-                        .with_host_filter(filter.host.map(str_bytes))
-                        .with_operation(op)
-                        .with_permission_type(ANY)]),
+                    &DeleteAclsRequest::default()
+                        .with_filters(vec![with_filter!(DeleteAclsFilter::default(), filter)]),
                 )
                 .await?;
             let mut removed = 0;

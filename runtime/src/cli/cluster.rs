@@ -8,9 +8,8 @@ use serde_json::Value;
 pub enum ClusterCommand {
     /// Nodes, roles, the Raft leader, fenced nodes, under-replicated and offline partitions.
     Status {
-        /// A node's HTTP API
-        #[arg(long, default_value = "http://127.0.0.1:8083", env = "WEIR_HTTP")]
-        url: String,
+        #[command(flatten)]
+        api: super::HttpApiArgs,
         /// Print the raw JSON
         #[arg(long)]
         json: bool,
@@ -18,17 +17,17 @@ pub enum ClusterCommand {
 }
 
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
-    let ClusterCommand::Status { url, json } = cmd;
-    let body = super::http_api(reqwest::Method::GET, &url, "/cluster", None)
+    let ClusterCommand::Status { api, json } = cmd;
+    let body = super::http_api(reqwest::Method::GET, &api, "/cluster", None)
         .await
-        .with_context(|| format!("{url}/cluster"))?;
+        .with_context(|| format!("{}/cluster", api.url))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
     print!(
         "{}",
-        render(&body).ok_or_else(|| anyhow!("unexpected answer from {url}"))?
+        render(&body).ok_or_else(|| anyhow!("unexpected answer from {}", api.url))?
     );
     Ok(())
 }

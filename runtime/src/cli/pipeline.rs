@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::Value;
 
+use super::HttpApiArgs;
 use crate::pipeline::spec::PipelineSpec;
 
 #[derive(Subcommand)]
@@ -15,13 +16,13 @@ pub enum PipelineCommand {
     /// Every pipeline file of the node: its pipeline's state and counts, or why it is refused.
     List {
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
     /// One pipeline's status (JSON).
     Status {
         name: String,
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
     /// Check a pipeline file without a node: YAML, fields, and its plugins (loaded and checked).
     Validate { file: PathBuf },
@@ -30,51 +31,44 @@ pub enum PipelineCommand {
     Apply {
         file: PathBuf,
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
     /// Stop a pipeline and start it again from its file.
     Restart {
         name: String,
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
     /// Stop a pipeline's tasks until it is resumed (also across daemon restarts).
     Pause {
         name: String,
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
     /// Run a paused pipeline again, from where it stopped.
     Resume {
         name: String,
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
     /// Stop a pipeline and delete its file.
     Delete {
         name: String,
         #[command(flatten)]
-        api: ApiArgs,
+        api: HttpApiArgs,
     },
-}
-
-#[derive(clap::Args)]
-pub struct ApiArgs {
-    /// The node's HTTP API
-    #[arg(long, default_value = "http://127.0.0.1:8083", env = "WEIR_HTTP")]
-    url: String,
 }
 
 pub async fn run(cmd: PipelineCommand) -> Result<()> {
     match cmd {
         PipelineCommand::List { api } => {
-            let body = super::http_api(reqwest::Method::GET, &api.url, "/pipelines", None).await?;
+            let body = super::http_api(reqwest::Method::GET, &api, "/pipelines", None).await?;
             print!("{}", render_list(&body));
         }
         PipelineCommand::Status { name, api } => {
             let body = super::http_api(
                 reqwest::Method::GET,
-                &api.url,
+                &api,
                 &format!("/pipelines/{name}"),
                 None,
             )
@@ -92,7 +86,7 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
             let spec = PipelineSpec::parse(&file, &text, |n| std::env::var(n).ok())?;
             let body = super::http_api(
                 reqwest::Method::PUT,
-                &api.url,
+                &api,
                 &format!("/pipelines/{}", spec.name),
                 Some(text),
             )
@@ -106,7 +100,7 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
         PipelineCommand::Restart { name, api } => {
             super::http_api(
                 reqwest::Method::POST,
-                &api.url,
+                &api,
                 &format!("/pipelines/{name}/restart"),
                 None,
             )
@@ -116,7 +110,7 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
         PipelineCommand::Pause { name, api } => {
             super::http_api(
                 reqwest::Method::POST,
-                &api.url,
+                &api,
                 &format!("/pipelines/{name}/pause"),
                 None,
             )
@@ -126,7 +120,7 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
         PipelineCommand::Resume { name, api } => {
             super::http_api(
                 reqwest::Method::POST,
-                &api.url,
+                &api,
                 &format!("/pipelines/{name}/resume"),
                 None,
             )
@@ -136,7 +130,7 @@ pub async fn run(cmd: PipelineCommand) -> Result<()> {
         PipelineCommand::Delete { name, api } => {
             let body = super::http_api(
                 reqwest::Method::DELETE,
-                &api.url,
+                &api,
                 &format!("/pipelines/{name}"),
                 None,
             )

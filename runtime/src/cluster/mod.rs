@@ -197,6 +197,7 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| anyhow!("invalid Raft settings: {e}"))?;
+        weir_connectors::http::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .build()?;

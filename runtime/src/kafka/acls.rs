@@ -19,7 +19,8 @@ use super::apis::RequestContext;
 use super::{str_bytes, Broker};
 use crate::cluster::image::Command;
 use crate::security::acl::{
-    AclBinding, AclFilter, Acls, Operation, PatternType, Permission, ResourceType, CLUSTER_NAME,
+    AclBinding, AclFilter, Acls, Authorizer, Operation, PatternType, Permission, ResourceType,
+    CLUSTER_NAME,
 };
 
 impl Broker {
@@ -39,13 +40,43 @@ impl Broker {
         resource_type: ResourceType,
         name: &str,
     ) -> bool {
+        self.decide(ctx, |a, acls, host| {
+            a.authorize(acls, &ctx.principal, host, operation, resource_type, name)
+        })
+    }
+
+    /// Asks the authorizer (with the ACLs and the client's address) when there is one.
+    fn decide(
+        &self,
+        ctx: &RequestContext,
+        ask: impl FnOnce(&Authorizer, &Acls, &str) -> bool,
+    ) -> bool {
         if !self.authorizer.enabled() {
             return true;
         }
         let host = ctx.peer.ip().to_string();
-        self.with_acls(|acls| {
-            self.authorizer
-                .authorize(acls, &ctx.principal, &host, operation, resource_type, name)
+        self.with_acls(|acls| ask(&self.authorizer, acls, &host))
+    }
+
+    /// The error a client expects when it may not do `operation` on the resource
+    /// (TOPIC_/GROUP_/TRANSACTIONAL_ID_/CLUSTER_AUTHORIZATION_FAILED), or None when it may.
+    pub fn refusal(
+        &self,
+        ctx: &RequestContext,
+        operation: Operation,
+        resource_type: ResourceType,
+        name: &str,
+    ) -> Option<ResponseError> {
+        if self.allowed(ctx, operation, resource_type, name) {
+            return None;
+        }
+        Some(match resource_type {
+            ResourceType::Topic => ResponseError::TopicAuthorizationFailed,
+            ResourceType::Group => ResponseError::GroupAuthorizationFailed,
+            ResourceType::TransactionalId => ResponseError::TransactionalIdAuthorizationFailed,
+            ResourceType::Cluster | ResourceType::DelegationToken | ResourceType::User => {
+                ResponseError::ClusterAuthorizationFailed
+            }
         })
     }
 
@@ -60,13 +91,8 @@ impl Broker {
         operation: Operation,
         resource_type: ResourceType,
     ) -> bool {
-        if !self.authorizer.enabled() {
-            return true;
-        }
-        let host = ctx.peer.ip().to_string();
-        self.with_acls(|acls| {
-            self.authorizer
-                .authorize_any(acls, &ctx.principal, &host, operation, resource_type)
+        self.decide(ctx, |a, acls, host| {
+            a.authorize_any(acls, &ctx.principal, host, operation, resource_type)
         })
     }
 
@@ -119,6 +145,36 @@ fn refusal(broker: &Broker, ctx: &RequestContext, operation: Operation) -> Optio
     }
 }
 
+/// Each entry's outcome: the whole request's refusal, if any, else the entry's own.
+fn each<I, T>(
+    refused: Option<ResponseError>,
+    entries: impl IntoIterator<Item = I>,
+    mut check: impl FnMut(I) -> Result<T, (ResponseError, String)>,
+) -> Vec<Result<T, (ResponseError, String)>> {
+    entries
+        .into_iter()
+        .map(|e| match refused {
+            Some(code) => Err((code, message(code))),
+            None => check(e),
+        })
+        .collect()
+}
+
+/// DescribeAclsRequest and DeleteAcls' filters carry the same fields.
+macro_rules! wire_filter {
+    ($f:expr) => {
+        AclFilter::from_kafka(
+            $f.resource_type_filter,
+            $f.resource_name_filter.as_deref(),
+            $f.pattern_type_filter,
+            $f.principal_filter.as_deref(),
+            $f.host_filter.as_deref(),
+            $f.operation,
+            $f.permission_type,
+        )
+    };
+}
+
 fn message(code: ResponseError) -> String {
     match code {
         ResponseError::SecurityDisabled => "no authorizer is configured on this node".into(),
@@ -133,33 +189,25 @@ pub async fn create_acls(
     req: CreateAclsRequest,
 ) -> CreateAclsResponse {
     let refused = refusal(broker, ctx, Operation::Alter);
-    let checked: Vec<Result<AclBinding, (ResponseError, String)>> = req
-        .creations
-        .into_iter()
-        .map(|c| {
-            if let Some(code) = refused {
-                return Err((code, message(code)));
-            }
-            let invalid = |m: String| (ResponseError::InvalidRequest, m);
-            let binding = AclBinding {
-                resource_type: ResourceType::from_code(c.resource_type)
-                    .ok_or_else(|| invalid(format!("invalid resource type {}", c.resource_type)))?,
-                resource_name: c.resource_name.to_string(),
-                pattern: PatternType::from_code(c.resource_pattern_type).ok_or_else(|| {
-                    invalid(format!("invalid pattern type {}", c.resource_pattern_type))
-                })?,
-                principal: c.principal.to_string(),
-                host: c.host.to_string(),
-                operation: Operation::from_code(c.operation)
-                    .ok_or_else(|| invalid(format!("invalid operation {}", c.operation)))?,
-                permission: Permission::from_code(c.permission_type).ok_or_else(|| {
-                    invalid(format!("invalid permission type {}", c.permission_type))
-                })?,
-            };
-            binding.validate().map_err(invalid)?;
-            Ok(binding)
-        })
-        .collect();
+    let checked = each(refused, req.creations, |c| {
+        let invalid = |m: String| (ResponseError::InvalidRequest, m);
+        let binding = AclBinding {
+            resource_type: ResourceType::from_code(c.resource_type)
+                .ok_or_else(|| invalid(format!("invalid resource type {}", c.resource_type)))?,
+            resource_name: c.resource_name.to_string(),
+            pattern: PatternType::from_code(c.resource_pattern_type).ok_or_else(|| {
+                invalid(format!("invalid pattern type {}", c.resource_pattern_type))
+            })?,
+            principal: c.principal.to_string(),
+            host: c.host.to_string(),
+            operation: Operation::from_code(c.operation)
+                .ok_or_else(|| invalid(format!("invalid operation {}", c.operation)))?,
+            permission: Permission::from_code(c.permission_type)
+                .ok_or_else(|| invalid(format!("invalid permission type {}", c.permission_type)))?,
+        };
+        binding.validate().map_err(invalid)?;
+        Ok(binding)
+    });
     let add: Vec<AclBinding> = checked.iter().flatten().cloned().collect();
     let stored = if add.is_empty() {
         Ok(())
@@ -195,15 +243,7 @@ pub fn describe_acls(
     if let Some(code) = refusal(broker, ctx, Operation::Describe) {
         return fail(code, message(code));
     }
-    let filter = match AclFilter::from_kafka(
-        req.resource_type_filter,
-        req.resource_name_filter.as_deref(),
-        req.pattern_type_filter,
-        req.principal_filter.as_deref(),
-        req.host_filter.as_deref(),
-        req.operation,
-        req.permission_type,
-    ) {
+    let filter = match wire_filter!(req) {
         Ok(f) => f,
         Err(msg) => return fail(ResponseError::InvalidRequest, msg),
     };
@@ -243,25 +283,9 @@ pub async fn delete_acls(
     req: DeleteAclsRequest,
 ) -> DeleteAclsResponse {
     let refused = refusal(broker, ctx, Operation::Alter);
-    let filters: Vec<Result<AclFilter, (ResponseError, String)>> = req
-        .filters
-        .iter()
-        .map(|f| {
-            if let Some(code) = refused {
-                return Err((code, message(code)));
-            }
-            AclFilter::from_kafka(
-                f.resource_type_filter,
-                f.resource_name_filter.as_deref(),
-                f.pattern_type_filter,
-                f.principal_filter.as_deref(),
-                f.host_filter.as_deref(),
-                f.operation,
-                f.permission_type,
-            )
-            .map_err(|m| (ResponseError::InvalidRequest, m))
-        })
-        .collect();
+    let filters = each(refused, &req.filters, |f| {
+        wire_filter!(f).map_err(|m| (ResponseError::InvalidRequest, m))
+    });
     let matched: Vec<Result<Vec<AclBinding>, (ResponseError, String)>> = broker.with_acls(|acls| {
         filters
             .into_iter()

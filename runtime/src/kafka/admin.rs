@@ -25,7 +25,7 @@ use super::apis::RequestContext;
 use super::{str_bytes, topic_error_code, Broker};
 use crate::log::config::{LogConfig, KEYS};
 use crate::log::manager::TopicError;
-use crate::security::acl::{Operation, ResourceType};
+use crate::security::acl::{Operation, ResourceType, CLUSTER_NAME};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
@@ -383,10 +383,8 @@ fn config_refusal(
     name: &str,
 ) -> Option<ResponseError> {
     match resource_type {
-        RESOURCE_TOPIC => (!broker.allowed(ctx, operation, ResourceType::Topic, name))
-            .then_some(ResponseError::TopicAuthorizationFailed),
-        _ => (!broker.allowed_on_cluster(ctx, operation))
-            .then_some(ResponseError::ClusterAuthorizationFailed),
+        RESOURCE_TOPIC => broker.refusal(ctx, operation, ResourceType::Topic, name),
+        _ => broker.refusal(ctx, operation, ResourceType::Cluster, CLUSTER_NAME),
     }
 }
 

@@ -89,10 +89,7 @@ fn refused_topics(
     }
     req.topics
         .iter()
-        .map(|t| {
-            (!broker.allowed(ctx, Operation::Read, ResourceType::Topic, &t.topic.0))
-                .then_some(ResponseError::TopicAuthorizationFailed)
-        })
+        .map(|t| broker.refusal(ctx, Operation::Read, ResourceType::Topic, &t.topic.0))
         .collect()
 }
 

@@ -36,17 +36,6 @@ fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
 }
 
-/// GROUP_AUTHORIZATION_FAILED when the principal may not do `operation` on the group.
-fn group_refusal(
-    broker: &Broker,
-    ctx: &RequestContext,
-    operation: Operation,
-    group: &str,
-) -> Option<ResponseError> {
-    (!broker.allowed(ctx, operation, ResourceType::Group, group))
-        .then_some(ResponseError::GroupAuthorizationFailed)
-}
-
 /// FindCoordinator's check: Describe on the group or transactional id.
 fn coordinator_key_refusal(
     broker: &Broker,
@@ -56,10 +45,9 @@ fn coordinator_key_refusal(
 ) -> Option<ResponseError> {
     match key_type {
         KEY_TYPE_TRANSACTION => {
-            (!broker.allowed(ctx, Operation::Describe, ResourceType::TransactionalId, key))
-                .then_some(ResponseError::TransactionalIdAuthorizationFailed)
+            broker.refusal(ctx, Operation::Describe, ResourceType::TransactionalId, key)
         }
-        _ => group_refusal(broker, ctx, Operation::Describe, key),
+        _ => broker.refusal(ctx, Operation::Describe, ResourceType::Group, key),
     }
 }
 
@@ -152,7 +140,7 @@ pub async fn join_group(
     req: JoinGroupRequest,
 ) -> JoinGroupResponse {
     let v = ctx.version;
-    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+    if let Some(e) = broker.refusal(ctx, Operation::Read, ResourceType::Group, &req.group_id.0) {
         let mut r = JoinGroupResponse::default()
             .with_error_code(e.code())
             .with_generation_id(-1);
@@ -218,7 +206,7 @@ pub async fn sync_group(
     ctx: &RequestContext,
     req: SyncGroupRequest,
 ) -> SyncGroupResponse {
-    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+    if let Some(e) = broker.refusal(ctx, Operation::Read, ResourceType::Group, &req.group_id.0) {
         return SyncGroupResponse::default().with_error_code(e.code());
     }
     let rx = broker.groups.sync(
@@ -252,7 +240,7 @@ pub fn heartbeat(
     ctx: &RequestContext,
     req: HeartbeatRequest,
 ) -> HeartbeatResponse {
-    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+    if let Some(e) = broker.refusal(ctx, Operation::Read, ResourceType::Group, &req.group_id.0) {
         return HeartbeatResponse::default().with_error_code(e.code());
     }
     let e = broker.groups.heartbeat(
@@ -269,7 +257,7 @@ pub fn leave_group(
     ctx: &RequestContext,
     req: LeaveGroupRequest,
 ) -> LeaveGroupResponse {
-    if let Some(e) = group_refusal(broker, ctx, Operation::Read, &req.group_id.0) {
+    if let Some(e) = broker.refusal(ctx, Operation::Read, ResourceType::Group, &req.group_id.0) {
         return LeaveGroupResponse::default().with_error_code(e.code());
     }
     let leaving: Vec<(String, Option<String>)> = if ctx.version >= 3 {
@@ -310,11 +298,9 @@ pub async fn offset_commit(
     req: OffsetCommitRequest,
 ) -> OffsetCommitResponse {
     let now = now_ms();
-    let group_refused = group_refusal(broker, ctx, Operation::Read, &req.group_id.0);
-    let topic_refused = |topic: &str| {
-        (!broker.allowed(ctx, Operation::Read, ResourceType::Topic, topic))
-            .then_some(ResponseError::TopicAuthorizationFailed)
-    };
+    let group_refused = broker.refusal(ctx, Operation::Read, ResourceType::Group, &req.group_id.0);
+    let topic_refused =
+        |topic: &str| broker.refusal(ctx, Operation::Read, ResourceType::Topic, topic);
     let mut refused_topics = Vec::new();
     let mut offsets = Vec::new();
     for t in &req.topics {
@@ -474,7 +460,9 @@ pub fn offset_fetch(
                         .collect()
                 });
                 let group_id = g.group_id.0.to_string();
-                if let Some(e) = group_refusal(broker, ctx, Operation::Describe, &group_id) {
+                if let Some(e) =
+                    broker.refusal(ctx, Operation::Describe, ResourceType::Group, &group_id)
+                {
                     return OffsetFetchResponseGroup::default()
                         .with_group_id(g.group_id)
                         .with_error_code(e.code());
@@ -523,7 +511,12 @@ pub fn offset_fetch(
             .map(|t| (t.name.0.to_string(), t.partition_indexes))
             .collect()
     });
-    if let Some(e) = group_refusal(broker, ctx, Operation::Describe, &req.group_id.0) {
+    if let Some(e) = broker.refusal(
+        ctx,
+        Operation::Describe,
+        ResourceType::Group,
+        &req.group_id.0,
+    ) {
         return OffsetFetchResponse::default().with_error_code(e.code());
     }
     let topics = fetch_group_offsets(broker, ctx, &req.group_id.0, wanted)
@@ -616,7 +609,7 @@ pub fn describe_groups(
         .groups
         .into_iter()
         .map(|id| {
-            if let Some(e) = group_refusal(broker, ctx, Operation::Describe, &id.0) {
+            if let Some(e) = broker.refusal(ctx, Operation::Describe, ResourceType::Group, &id.0) {
                 return DescribedGroup::default()
                     .with_group_id(id)
                     .with_error_code(e.code());
@@ -672,7 +665,8 @@ pub fn delete_groups(
         .groups_names
         .into_iter()
         .map(|g| {
-            let e = group_refusal(broker, ctx, Operation::Delete, &g.0)
+            let e = broker
+                .refusal(ctx, Operation::Delete, ResourceType::Group, &g.0)
                 .or_else(|| broker.groups.delete_group(&g.0));
             DeletableGroupResult::default()
                 .with_group_id(g)
@@ -699,14 +693,14 @@ pub fn offset_delete(
     ctx: &RequestContext,
     req: OffsetDeleteRequest,
 ) -> OffsetDeleteResponse {
-    if let Some(e) = group_refusal(broker, ctx, Operation::Delete, &req.group_id.0) {
+    if let Some(e) = broker.refusal(ctx, Operation::Delete, ResourceType::Group, &req.group_id.0) {
         return OffsetDeleteResponse::default().with_error_code(e.code());
     }
-    let readable = |t: &str| broker.allowed(ctx, Operation::Read, ResourceType::Topic, t);
+    let refused_topic = |t: &str| broker.refusal(ctx, Operation::Read, ResourceType::Topic, t);
     let tps: Vec<(String, i32)> = req
         .topics
         .iter()
-        .filter(|t| readable(&t.name.0))
+        .filter(|t| refused_topic(&t.name.0).is_none())
         .flat_map(|t| {
             t.partitions
                 .iter()
@@ -731,8 +725,7 @@ pub fn offset_delete(
                 .into_iter()
                 .map(|t| {
                     let name = t.name.0.to_string();
-                    let refused =
-                        (!readable(&name)).then_some(ResponseError::TopicAuthorizationFailed);
+                    let refused = refused_topic(&name);
                     OffsetDeleteResponseTopic::default()
                         .with_name(t.name)
                         .with_partitions(

@@ -87,9 +87,6 @@ pub struct Peer {
     pub principal: Arc<str>,
 }
 
-/// A client gets this long to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 async fn accept(
     stream: TcpStream,
     addr: SocketAddr,
@@ -121,10 +118,13 @@ async fn accept(
             connection(reader, writer, peer, broker, security, shutdown).await
         }
         Some(acceptor) => {
-            let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-                .map_err(|_| protocol("TLS handshake timed out"))?
-                .map_err(|e| protocol(format!("TLS handshake failed: {e}")))?;
+            let tls = tokio::time::timeout(
+                crate::security::tls::HANDSHAKE_TIMEOUT,
+                acceptor.accept(stream),
+            )
+            .await
+            .map_err(|_| protocol("TLS handshake timed out"))?
+            .map_err(|e| protocol(format!("TLS handshake failed: {e}")))?;
             if let Some(principal) = tls
                 .get_ref()
                 .1

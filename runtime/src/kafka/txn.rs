@@ -40,26 +40,22 @@ fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
 }
 
-/// TRANSACTIONAL_ID_AUTHORIZATION_FAILED when the principal may not do `operation` on the
-/// transactional id.
-fn txn_refusal(
+/// Adding a group's offsets to a transaction needs Write on the transactional id and Read on
+/// the group.
+fn offsets_refusal(
     broker: &Broker,
     ctx: &RequestContext,
-    operation: Operation,
-    id: &str,
+    transactional_id: &str,
+    group: &str,
 ) -> Option<ResponseError> {
-    (!broker.allowed(ctx, operation, ResourceType::TransactionalId, id))
-        .then_some(ResponseError::TransactionalIdAuthorizationFailed)
-}
-
-fn topic_refusal(
-    broker: &Broker,
-    ctx: &RequestContext,
-    operation: Operation,
-    topic: &str,
-) -> Option<ResponseError> {
-    (!broker.allowed(ctx, operation, ResourceType::Topic, topic))
-        .then_some(ResponseError::TopicAuthorizationFailed)
+    broker
+        .refusal(
+            ctx,
+            Operation::Write,
+            ResourceType::TransactionalId,
+            transactional_id,
+        )
+        .or_else(|| broker.refusal(ctx, Operation::Read, ResourceType::Group, group))
 }
 
 pub async fn init_producer_id(
@@ -70,7 +66,7 @@ pub async fn init_producer_id(
     // A transactional producer needs Write on its id; an idempotent one, IdempotentWrite on
     // the cluster or Write on some topic (KIP-679).
     let refused = match req.transactional_id.as_deref() {
-        Some(id) => txn_refusal(broker, ctx, Operation::Write, id),
+        Some(id) => broker.refusal(ctx, Operation::Write, ResourceType::TransactionalId, id),
         None => (!broker.allowed_on_cluster(ctx, Operation::IdempotentWrite)
             && !broker.allowed_on_any(ctx, Operation::Write, ResourceType::Topic))
         .then_some(ResponseError::ClusterAuthorizationFailed),
@@ -121,17 +117,21 @@ pub async fn add_partitions_to_txn(
     };
     // Kafka refuses the whole request when any part of it is refused; the partitions that
     // were allowed get OPERATION_NOT_ATTEMPTED.
-    let id_refused = txn_refusal(
-        broker,
+    let id_refused = broker.refusal(
         ctx,
         Operation::Write,
+        ResourceType::TransactionalId,
         &req.v3_and_below_transactional_id,
     );
     let refused_topics: Vec<&str> = req
         .v3_and_below_topics
         .iter()
         .map(|t| t.name.0.as_str())
-        .filter(|t| topic_refusal(broker, ctx, Operation::Write, t).is_some())
+        .filter(|t| {
+            broker
+                .refusal(ctx, Operation::Write, ResourceType::Topic, t)
+                .is_some()
+        })
         .collect();
     let results = if let Some(e) = id_refused {
         Err(e)
@@ -185,10 +185,7 @@ pub async fn add_offsets_to_txn(
         id: req.producer_id.0,
         epoch: req.producer_epoch,
     };
-    let refused = txn_refusal(broker, ctx, Operation::Write, &req.transactional_id).or_else(|| {
-        (!broker.allowed(ctx, Operation::Read, ResourceType::Group, &req.group_id))
-            .then_some(ResponseError::GroupAuthorizationFailed)
-    });
+    let refused = offsets_refusal(broker, ctx, &req.transactional_id, &req.group_id);
     let result = match refused {
         Some(e) => Err(e),
         None => {
@@ -236,11 +233,8 @@ pub async fn txn_offset_commit(
         .collect();
     // The group's offsets partition must be in the transaction (AddOffsetsToTxn first), or
     // the commit marker would never reach these offsets.
-    let refused = txn_refusal(broker, ctx, Operation::Write, &req.transactional_id).or_else(|| {
-        (!broker.allowed(ctx, Operation::Read, ResourceType::Group, &req.group_id))
-            .then_some(ResponseError::GroupAuthorizationFailed)
-    });
-    let refused_topic = |t: &str| topic_refusal(broker, ctx, Operation::Read, t);
+    let refused = offsets_refusal(broker, ctx, &req.transactional_id, &req.group_id);
+    let refused_topic = |t: &str| broker.refusal(ctx, Operation::Read, ResourceType::Topic, t);
     let verified = match refused {
         Some(e) => Err(e),
         None => {
@@ -309,7 +303,12 @@ pub async fn end_txn(broker: &Broker, ctx: &RequestContext, req: EndTxnRequest) 
         id: req.producer_id.0,
         epoch: req.producer_epoch,
     };
-    let result = match txn_refusal(broker, ctx, Operation::Write, &req.transactional_id) {
+    let result = match broker.refusal(
+        ctx,
+        Operation::Write,
+        ResourceType::TransactionalId,
+        &req.transactional_id,
+    ) {
         Some(e) => Err(e),
         None => {
             broker
@@ -333,7 +332,9 @@ pub async fn describe_transactions(
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
             .with_transaction_start_time_ms(-1);
-        if let Some(e) = txn_refusal(broker, ctx, Operation::Describe, &id) {
+        if let Some(e) =
+            broker.refusal(ctx, Operation::Describe, ResourceType::TransactionalId, &id)
+        {
             states.push(s.with_error_code(e.code()).with_transactional_id(id));
             continue;
         }
@@ -391,7 +392,11 @@ pub async fn list_transactions(
         .list()
         .await
         .into_iter()
-        .filter(|(id, _)| txn_refusal(broker, ctx, Operation::Describe, id).is_none())
+        .filter(|(id, _)| {
+            broker
+                .refusal(ctx, Operation::Describe, ResourceType::TransactionalId, id)
+                .is_none()
+        })
         .filter(|(_, m)| {
             (req.state_filters.is_empty()
                 || req

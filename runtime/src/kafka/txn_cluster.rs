@@ -27,7 +27,7 @@ use super::{str_bytes, Broker};
 use crate::client::Connection;
 use crate::cluster::image::{Command, NodeId};
 use crate::cluster::Cluster;
-use crate::security::acl::Operation;
+use crate::security::acl::{Operation, ResourceType, CLUSTER_NAME};
 use crate::txn::{ClusterLink, Marker, ProducerRef};
 
 /// How long one request to another node may take.
@@ -87,8 +87,12 @@ pub async fn write_txn_markers(
     req: WriteTxnMarkersRequest,
 ) -> WriteTxnMarkersResponse {
     // Only nodes (or principals acting for the cluster) write markers.
-    let refused = (!broker.allowed_on_cluster(ctx, Operation::ClusterAction))
-        .then_some(ResponseError::ClusterAuthorizationFailed);
+    let refused = broker.refusal(
+        ctx,
+        Operation::ClusterAction,
+        ResourceType::Cluster,
+        CLUSTER_NAME,
+    );
     let mut results = Vec::with_capacity(req.markers.len());
     for m in req.markers {
         let marker = Marker {

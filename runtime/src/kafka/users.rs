@@ -35,6 +35,25 @@ impl Broker {
         }
     }
 
+    /// Checks a password against the user's stored credentials (PLAIN logins, HTTP Basic);
+    /// the error says why, for the log.
+    pub fn check_password(&self, user: &str, password: &[u8]) -> Result<(), String> {
+        let mut known = false;
+        for m in [Mechanism::Sha512, Mechanism::Sha256] {
+            if let Some(credential) = self.scram_credential(user, m) {
+                known = true;
+                if credential.verify_password(m, password) {
+                    return Ok(());
+                }
+            }
+        }
+        Err(if known {
+            format!("wrong password for user '{user}'")
+        } else {
+            format!("unknown user '{user}'")
+        })
+    }
+
     pub fn scram_credentials(&self) -> Credentials {
         match &self.cluster {
             Some(c) => c.image().scram_credentials.clone(),

@@ -302,6 +302,7 @@ mod tests {
             format: BodyFormat::Json,
             max_body_bytes: 1000,
             max_pending_requests: 4,
+            token: None,
         };
         let (mut source, endpoint) = HttpSource::new("p", &spec);
         source.start(None).await.unwrap();

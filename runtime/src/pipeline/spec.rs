@@ -1,13 +1,15 @@
 //! The pipeline file: one YAML file, one pipeline (docs/pipelines.md documents every field).
 //!
 //! `${NAME}` is replaced by the environment variable NAME before parsing, `${NAME:-default}`
-//! falls back to the default when NAME is unset (`$${` writes a literal `${`). Every error names the file, line and column, and the field.
+//! falls back to the default when NAME is unset, `${file:PATH}` by the file's content without
+//! its final newline (secrets kept out of the pipeline file; `$${` writes a literal `${`). Every error names the file, line and column, and the field.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::log::config::validate_topic_name;
+use crate::security::http::Secret;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +67,9 @@ pub struct HttpSourceSpec {
     /// Requests waiting for their records to be written; more get 503 with Retry-After.
     #[serde(default = "default_max_pending_requests")]
     pub max_pending_requests: usize,
+    /// A bearer token posters must present (write `${ENV}` or `${file:PATH}`, not the token).
+    #[serde(default)]
+    pub token: Option<Secret>,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -426,6 +431,15 @@ fn interpolate(
                     ));
                 };
                 let inner = &open[..end];
+                if let Some(file) = inner.strip_prefix("file:") {
+                    match std::fs::read_to_string(file) {
+                        Ok(text) => out.push_str(text.strip_suffix('\n').unwrap_or(&text)),
+                        Err(e) => return Err((n + 1, col, format!("cannot read {file}: {e}"))),
+                    }
+                    rest = &open[end + 1..];
+                    col += inner.chars().count() + 3;
+                    continue;
+                }
                 let (name, default) = match inner.split_once(":-") {
                     Some((name, default)) => (name, Some(default)),
                     None => (inner, None),
@@ -552,6 +566,27 @@ mod tests {
             panic!()
         };
         assert_eq!(h.path, "/a${b}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_stay_out_of_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "tok-123\n").unwrap();
+        let text = format!(
+            "name: a\nsource:\n  http: {{ path: /in, token: \"${{file:{}}}\" }}\ntopic: {{ name: t }}\n",
+            file.display()
+        );
+        let spec = parse(&text).unwrap();
+        let SourceSpec::Http(h) = &spec.source else {
+            panic!()
+        };
+        assert_eq!(h.token.as_deref(), Some("tok-123"));
+        assert!(!format!("{spec:?}").contains("tok-123"));
+        let e = parse("name: a\nsource:\n  http: { path: /in, token: \"${file:/nonexistent/t}\" }\ntopic: { name: t }\n")
+            .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("cannot read /nonexistent/t"), "{e}");
     }
 
     #[test]

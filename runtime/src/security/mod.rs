@@ -2,6 +2,7 @@
 //! TLS, SASL authentication, the users' SCRAM credentials, and what each principal may do (ACLs).
 
 pub mod acl;
+pub mod http;
 pub mod local;
 pub mod sasl;
 pub mod scram;

@@ -349,20 +349,8 @@ fn plain(broker: &Broker, token: &[u8]) -> Result<String, String> {
     if user.is_empty() || (!authzid.is_empty() && authzid != user.as_bytes()) {
         return Err("PLAIN authorization id differs from the user".into());
     }
-    let mut known = false;
-    for m in [Mechanism::Sha512, Mechanism::Sha256] {
-        if let Some(credential) = broker.scram_credential(user, m) {
-            known = true;
-            if credential.verify_password(m, password) {
-                return Ok(user.to_string());
-            }
-        }
-    }
-    Err(if known {
-        format!("wrong password for user '{user}'")
-    } else {
-        format!("unknown user '{user}'")
-    })
+    broker.check_password(user, password)?;
+    Ok(user.to_string())
 }
 
 /// Decodes a SASL request: its version, correlation id and body.

@@ -1,6 +1,6 @@
-//! TLS for the Kafka listeners, with rustls: a certificate chain and key from PEM files,
-//! optional client certificates (mTLS, the principal taken from the certificate's subject),
-//! and renewed files picked up by new connections without a restart.
+//! TLS for the Kafka listeners and the HTTP API, with rustls: a certificate chain and key from
+//! PEM files, optional client certificates (mTLS, the principal taken from the certificate's
+//! subject), and renewed files picked up by new connections without a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +13,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+/// A client gets this long to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether clients present certificates (Kafka's ssl.client.auth).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -121,6 +127,68 @@ impl Tls {
             // Also after an error: the next change is tried, not the same broken files again.
             *self.loaded.lock() = now;
         }
+    }
+}
+
+/// The HTTP API's listener over TLS. Each handshake runs in its own task, so a slow client
+/// holds up no one; connections reach the server as their handshakes finish.
+pub struct HttpsListener {
+    local: std::net::SocketAddr,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
+}
+
+impl HttpsListener {
+    pub fn new(listener: TcpListener, tls: Arc<Tls>) -> std::io::Result<HttpsListener> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    r = listener.accept() => r,
+                    // The server is gone: stop accepting (and release the port).
+                    _ = tx.closed() => return,
+                };
+                let (stream, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let acceptor = tls.acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, addr)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "HTTPS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %addr, "HTTPS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(HttpsListener { local, ready })
+    }
+}
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The accepting task only ends once this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }
 
