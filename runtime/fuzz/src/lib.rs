@@ -1,11 +1,16 @@
-//! Harness for fuzzing weir's Kafka request path (`weir::kafka::server::handle_frame`), shared by
-//! the `request_frame` fuzz target and the seed corpus generator (`examples/gen_seeds.rs`).
+//! Harness for fuzzing weir's Kafka request path (`weir::kafka::server::handle_frame`) and a
+//! SASL listener's authentication (`weir::security::sasl::SaslSession`), shared by the
+//! `request_frame` and `sasl_frames` fuzz targets and the seed corpus generator
+//! (`examples/gen_seeds.rs`).
 //!
 //! One broker over a scratch data directory serves every input. Automatic topic creation is off,
 //! so random Produce/Metadata requests do not create topics; a few topics are pre-created so the
-//! produce, fetch and admin paths reach real partitions. Inputs may still change the broker's
-//! state (CreateTopics, DeleteTopics, config changes, appended records), so the broker is rebuilt
-//! from scratch whenever that state drifts too far (see [`Harness::needs_reset`]).
+//! produce, fetch and admin paths reach real partitions. The authorizer is on: requests with an
+//! even correlation id come from a super user, the others from `User:fuzz`, whom a few ACLs
+//! allow some things, so both sides of every authorization check are reached. One SCRAM user
+//! exists for the SASL target. Inputs may still change the broker's state (CreateTopics,
+//! DeleteTopics, config changes, appended records, ACLs), so the broker is rebuilt from scratch
+//! whenever that state drifts too far (see [`Harness::needs_reset`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,10 +21,23 @@ use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use kafka_protocol::records::Compression;
 use weir::group::{GroupCoordinator, GroupSettings};
-use weir::kafka::server::{handle_frame, ConnectionError};
+use weir::kafka::server::{handle_frame, ConnectionError, Peer};
 use weir::kafka::Broker;
 use weir::log::batch::BatchBuilder;
 use weir::log::manager::LogManager;
+use weir::security::acl::{
+    AclBinding, Authorizer, AuthorizerSettings, Operation, PatternType, Permission, ResourceType,
+};
+use weir::security::sasl::{Intercept, SaslSession};
+use weir::security::scram::{Mechanism, ScramCredential};
+use weir::security::users::CredentialChange;
+use weir::security::{AuthSettings, Listener, ListenerSettings, ANONYMOUS};
+
+/// The principal of requests with an odd correlation id.
+pub const FUZZ_PRINCIPAL: &str = "User:fuzz";
+/// The SCRAM user that exists (SCRAM-SHA-256, and PLAIN).
+pub const SASL_USER: &str = "alice";
+pub const SASL_PASSWORD: &str = "alice-secret";
 
 /// Topics every broker starts with: (name, partitions).
 pub const TOPICS: &[(&str, i32)] = &[("fuzz-a", 1), ("fuzz-b", 3)];
@@ -32,6 +50,8 @@ pub const INPUT_TIMEOUT: Duration = Duration::from_millis(10);
 const MAX_EXTRA_TOPICS: usize = 32;
 /// Partitions in all tolerated before the broker is rebuilt.
 const MAX_PARTITIONS_TOTAL: usize = 256;
+/// ACLs tolerated (CreateAcls inputs add them) before the broker is rebuilt.
+const MAX_ACLS: usize = 64;
 /// Inputs one broker serves before it is rebuilt (bounds the data appended by Produce inputs).
 const MAX_RUNS_PER_BROKER: u64 = 20_000;
 
@@ -67,17 +87,66 @@ impl Harness {
             },
         )
         .expect("cannot open the group coordinator");
+        let mut broker =
+            Broker::local(dir.path(), log, Arc::new(groups)).expect("cannot build the broker");
+        broker.auto_create_topics = false;
+        broker.authorizer = Authorizer::new(&AuthorizerSettings {
+            enabled: true,
+            super_users: vec![ANONYMOUS.to_string()],
+            allow_everyone_if_no_acl_found: false,
+        });
+        let allow = |resource_type, name: &str, pattern, operation| AclBinding {
+            resource_type,
+            resource_name: name.into(),
+            pattern,
+            principal: FUZZ_PRINCIPAL.into(),
+            host: "*".into(),
+            operation,
+            permission: Permission::Allow,
+        };
+        broker
+            .acls
+            .update(|acls| {
+                acls.extend([
+                    allow(
+                        ResourceType::Topic,
+                        "fuzz-",
+                        PatternType::Prefixed,
+                        Operation::Read,
+                    ),
+                    allow(
+                        ResourceType::Topic,
+                        "fuzz-a",
+                        PatternType::Literal,
+                        Operation::All,
+                    ),
+                    allow(
+                        ResourceType::Group,
+                        "g",
+                        PatternType::Prefixed,
+                        Operation::Read,
+                    ),
+                    allow(
+                        ResourceType::TransactionalId,
+                        "*",
+                        PatternType::Literal,
+                        Operation::Write,
+                    ),
+                ])
+            })
+            .expect("cannot store the ACLs");
+        let m = Mechanism::Sha256;
+        let salted = m.salted_password(SASL_PASSWORD.as_bytes(), b"fuzz-salt", 4096);
+        broker
+            .users
+            .alter(&[CredentialChange::Upsert {
+                user: SASL_USER.into(),
+                mechanism: m,
+                credential: ScramCredential::from_salted_password(m, b"fuzz-salt", 4096, &salted),
+            }])
+            .expect("cannot store the SCRAM user");
         Harness {
-            broker: Broker {
-                node_id: 0,
-                cluster_id: "weir-fuzz".into(),
-                advertised_host: "127.0.0.1".into(),
-                advertised_port: 9092,
-                log,
-                groups: Arc::new(groups),
-                auto_create_topics: false,
-                default_partitions: 1,
-            },
+            broker,
             runs: 0,
             _dir: dir,
         }
@@ -94,6 +163,7 @@ impl Harness {
             || TOPICS
                 .iter()
                 .any(|&(name, _)| self.broker.log.topic(name).is_none())
+            || self.broker.acls.get().len() > MAX_ACLS
     }
 }
 
@@ -119,26 +189,34 @@ fn peer() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 40000))
 }
 
+/// The connection a frame arrives on: a super user for even correlation ids, else the
+/// ACL-limited `User:fuzz`.
+fn peer_for(frame: &[u8]) -> Peer {
+    let odd = frame.get(7).is_some_and(|b| b & 1 == 1);
+    Peer {
+        addr: peer(),
+        listener: "PLAINTEXT".into(),
+        principal: if odd { FUZZ_PRINCIPAL } else { ANONYMOUS }.into(),
+    }
+}
+
 /// Runs one frame (a request without its 4-byte size prefix) through `handle_frame`.
 /// None: the input timed out (a parked long poll).
 pub fn handle(
     harness: &Harness,
     frame: &[u8],
 ) -> Option<Result<Option<Vec<weir::kafka::fetch_encode::Piece>>, ConnectionError>> {
+    let peer = peer_for(frame);
     let frame = Bytes::copy_from_slice(frame);
     runtime().block_on(async {
-        tokio::time::timeout(INPUT_TIMEOUT, handle_frame(&harness.broker, frame, peer()))
+        tokio::time::timeout(INPUT_TIMEOUT, handle_frame(&harness.broker, frame, &peer))
             .await
             .ok()
     })
 }
 
-/// The fuzz target's body: any outcome but a panic (or a crash) is acceptable.
-pub fn fuzz_one(data: &[u8]) {
-    // The connection reader rejects frames outside this range before handle_frame sees them.
-    if data.len() < 8 || data.len() > weir::kafka::server::MAX_FRAME_BYTES as usize {
-        return;
-    }
+/// The shared harness, rebuilt when it has drifted too far.
+fn harness() -> std::sync::MutexGuard<'static, Harness> {
     static HARNESS: OnceLock<Mutex<Harness>> = OnceLock::new();
     let mut harness = HARNESS
         .get_or_init(|| Mutex::new(Harness::new()))
@@ -148,9 +226,102 @@ pub fn fuzz_one(data: &[u8]) {
         *harness = Harness::new();
     }
     harness.runs += 1;
+    harness
+}
+
+/// The fuzz target's body: any outcome but a panic (or a crash) is acceptable.
+pub fn fuzz_one(data: &[u8]) {
+    // The connection reader rejects frames outside this range before handle_frame sees them.
+    if data.len() < 8 || data.len() > weir::kafka::server::MAX_FRAME_BYTES as usize {
+        return;
+    }
+    let harness = harness();
     let _ = handle(&harness, data);
     // The daemon runs this every 100 ms: session expiry and joins that came due.
     harness.broker.groups.tick();
+}
+
+/// A SASL_PLAINTEXT listener offering every mechanism, answering failures at once.
+fn sasl_listener() -> Arc<Listener> {
+    static LISTENER: OnceLock<Arc<Listener>> = OnceLock::new();
+    LISTENER
+        .get_or_init(|| {
+            let settings = ListenerSettings::parse("SASL_PLAINTEXT://127.0.0.1:0")
+                .expect("cannot parse the listener");
+            let auth = AuthSettings {
+                failed_delay: Duration::ZERO,
+                max_failures_per_minute: u32::MAX,
+                max_reauth: None,
+            };
+            Arc::new(Listener::new(&settings, None, auth).expect("cannot build the listener"))
+        })
+        .clone()
+}
+
+/// The handshake a SASL conversation opens with: none, SCRAM-SHA-256 (v1), PLAIN (v0, bare
+/// tokens follow) or PLAIN (v1).
+pub fn sasl_opening(choice: u8) -> Option<Vec<u8>> {
+    let (version, mechanism) = match choice % 4 {
+        1 => (1, "SCRAM-SHA-256"),
+        2 => (0, "PLAIN"),
+        3 => (1, "PLAIN"),
+        _ => return None,
+    };
+    let request =
+        RequestKind::SaslHandshake(SaslHandshakeRequest::default().with_mechanism(s(mechanism)));
+    Some(encode_frame(ApiKey::SaslHandshake, version, 1, &request))
+}
+
+/// The `sasl_frames` target's body. The input is one connection to a SASL listener: its first
+/// byte picks the opening handshake ([`sasl_opening`]), the rest is cut into frames, each
+/// preceded by a one-byte length. The session must answer, pass or close, never panic; while no
+/// login has succeeded it passes nothing but ApiVersions, and what it passes after a login is
+/// handled as that user's request.
+pub fn fuzz_sasl(data: &[u8]) {
+    let Some((&choice, mut rest)) = data.split_first() else {
+        return;
+    };
+    let harness = harness();
+    let broker = &harness.broker;
+    runtime().block_on(async {
+        let mut session = SaslSession::new(sasl_listener(), peer());
+        let mut frames: Vec<Bytes> = sasl_opening(choice).map(Bytes::from).into_iter().collect();
+        while let Some((&len, tail)) = rest.split_first() {
+            let (frame, next) = tail.split_at((len as usize).min(tail.len()));
+            frames.push(Bytes::copy_from_slice(frame));
+            rest = next;
+        }
+        for frame in frames {
+            // The connection reader refuses shorter requests (raw tokens may be any length).
+            if frame.len() < 8 && !session.expects_raw_token() {
+                continue;
+            }
+            let outcome =
+                tokio::time::timeout(INPUT_TIMEOUT, session.intercept(broker, frame)).await;
+            match outcome {
+                Ok(Intercept::Pass(request)) => {
+                    let principal = session.principal();
+                    if &*principal == ANONYMOUS {
+                        assert_eq!(
+                            i16::from_be_bytes([request[0], request[1]]),
+                            ApiKey::ApiVersions as i16,
+                            "a request other than ApiVersions passed before a login"
+                        );
+                    }
+                    let peer = Peer {
+                        addr: peer(),
+                        listener: "SASL_PLAINTEXT".into(),
+                        principal,
+                    };
+                    let _ =
+                        tokio::time::timeout(INPUT_TIMEOUT, handle_frame(broker, request, &peer))
+                            .await;
+                }
+                Ok(Intercept::Close(..)) => return,
+                Ok(Intercept::Reply(_)) | Err(_) => {}
+            }
+        }
+    });
 }
 
 #[cfg(feature = "mask-huge-allocs")]
@@ -773,7 +944,7 @@ pub fn seed_frames() -> Vec<(String, Vec<u8>)> {
             };
             (
                 format!("{:02}-{key:?}-v{version}{tag}", i),
-                encode_frame(key, version, i as i32 + 1, &request),
+                encode_frame(key, version, 2 * (i as i32 + 1), &request),
             )
         })
         .collect();
@@ -820,6 +991,58 @@ mod tests {
                 assert!(appended > 0, "{file}: nothing appended");
             }
         }
+    }
+
+    /// The inputs that once aborted the daemon (huge array counts) are now refused.
+    #[test]
+    fn past_findings_are_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts-found");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let frame = std::fs::read(&path).unwrap();
+            let harness = Harness::new();
+            let outcome = handle(&harness, &frame).expect("timed out");
+            assert!(outcome.is_err(), "{}: accepted", path.display());
+        }
+    }
+
+    /// A SASL conversation that logs in (PLAIN v1 with the right password) passes the user's
+    /// requests on; a wrong password, a truncated token or garbage ends it.
+    #[test]
+    fn sasl_conversations() {
+        let token = |password: &str| format!("\0{SASL_USER}\0{password}").into_bytes();
+        let authenticate = |auth: &[u8]| {
+            let request = RequestKind::SaslAuthenticate(
+                SaslAuthenticateRequest::default().with_auth_bytes(Bytes::copy_from_slice(auth)),
+            );
+            encode_frame(ApiKey::SaslAuthenticate, 1, 2, &request)
+        };
+        let metadata = encode_frame(
+            ApiKey::Metadata,
+            1,
+            3,
+            &RequestKind::Metadata(MetadataRequest::default().with_topics(None)),
+        );
+        let conversation = |frames: &[Vec<u8>]| {
+            let mut input = vec![3u8]; // opens with a PLAIN v1 handshake
+            for f in frames {
+                input.push(f.len() as u8);
+                input.extend_from_slice(f);
+            }
+            input
+        };
+        fuzz_sasl(&conversation(&[
+            authenticate(&token(SASL_PASSWORD)),
+            metadata.clone(),
+        ]));
+        fuzz_sasl(&conversation(&[
+            authenticate(&token("wrong")),
+            metadata.clone(),
+        ]));
+        fuzz_sasl(&conversation(&[authenticate(&token(SASL_PASSWORD)[..4])]));
+        fuzz_sasl(&conversation(&[metadata]));
+        fuzz_sasl(&[2, 5, 0, b'a', 0, b'b', 0xff]);
+        fuzz_sasl(&[1, 200, 1, 2, 3]);
     }
 
     #[test]

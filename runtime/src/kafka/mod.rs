@@ -351,6 +351,38 @@ impl Broker {
         out
     }
 
+    /// A single node over an opened log and group coordinator, on 127.0.0.1:9092, with
+    /// auto-creation on and no authorizer: the unit tests' and the fuzz harness's broker.
+    pub fn local(
+        dir: &Path,
+        log: Arc<LogManager>,
+        groups: Arc<GroupCoordinator>,
+    ) -> anyhow::Result<Broker> {
+        Ok(Broker {
+            node_id: 0,
+            cluster_id: "local".into(),
+            endpoints: vec![Endpoint {
+                listener: "PLAINTEXT".into(),
+                host: "127.0.0.1".into(),
+                port: 9092,
+            }],
+            txns: Arc::new(TxnCoordinator::open(
+                log.clone(),
+                groups.clone(),
+                Default::default(),
+            )?),
+            groups,
+            log,
+            auto_create_topics: true,
+            default_partitions: 1,
+            cluster: None,
+            peers: Default::default(),
+            users: LocalUsers::open_users(dir)?,
+            authorizer: Authorizer::new(&Default::default()),
+            acls: LocalFile::open(dir, ACLS_FILE)?,
+        })
+    }
+
     #[cfg(test)]
     pub fn for_tests(dir: &Path) -> Broker {
         let log = Arc::new(LogManager::open(dir, Default::default()).unwrap());
@@ -364,27 +396,7 @@ impl Broker {
             )
             .unwrap(),
         );
-        Broker {
-            node_id: 0,
-            cluster_id: "test-cluster".into(),
-            endpoints: vec![Endpoint {
-                listener: "PLAINTEXT".into(),
-                host: "127.0.0.1".into(),
-                port: 9092,
-            }],
-            txns: Arc::new(
-                TxnCoordinator::open(log.clone(), groups.clone(), Default::default()).unwrap(),
-            ),
-            groups,
-            log,
-            auto_create_topics: true,
-            default_partitions: 1,
-            cluster: None,
-            peers: Default::default(),
-            users: LocalUsers::open_users(dir).unwrap(),
-            authorizer: Authorizer::new(&Default::default()),
-            acls: LocalFile::open(dir, ACLS_FILE).unwrap(),
-        }
+        Broker::local(dir, log, groups).unwrap()
     }
 }
 
