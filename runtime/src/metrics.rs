@@ -49,6 +49,8 @@ pub struct Instruments {
     pub plugin_records_out: IntCounterVec,
     pub plugin_faults: IntCounterVec,
     pub plugin_restarts: IntCounterVec,
+    pub authentications: IntCounterVec,
+    pub authentication_failures: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -67,6 +69,16 @@ impl Instruments {
     fn new() -> Instruments {
         let m = Instruments {
             registry: Registry::new(),
+            authentications: counter(
+                "weir_kafka_authentications_total",
+                "Successful SASL logins (re-authentications included), by listener and mechanism.",
+                &["listener", "mechanism"],
+            ),
+            authentication_failures: counter(
+                "weir_kafka_authentication_failures_total",
+                "Failed SASL logins (wrong password, unknown user, malformed or throttled), by listener.",
+                &["listener"],
+            ),
             requests: counter(
                 "weir_kafka_requests_total",
                 "Kafka protocol requests handled, by API and version.",
@@ -172,6 +184,8 @@ impl Instruments {
             ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.authentications.clone()),
+            Box::new(m.authentication_failures.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.request_errors.clone()),
             Box::new(m.request_seconds.clone()),

@@ -15,14 +15,17 @@ import time
 from typing import Optional
 
 import pytest
+import requests
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, AclPermissionType, AdminClient,
                                    NewTopic, ResourcePatternType, ResourceType)
 
+import kafka_wire as kw
 from conftest import WeirDaemon, _pick_free_ports
 from support import Outgoing, admin, create_topic, produce_confluent, wait_until, watermarks
-from test_security import (PASSWORD, Listener, Secured, fast, fast_producer, kcat_args, read_values,
-                           rk_sasl, security_yaml, start_sasl_cluster, start_secured)
+from test_security import (ERR_SASL_AUTHENTICATION_FAILED, PASSWORD, Listener, Secured, fast, fast_producer,
+                           kcat_args, read_values, rk_sasl, sasl_plain_login, security_yaml, start_sasl_cluster,
+                           start_secured)
 
 TIMEOUT = 20.0
 SUPER_ANONYMOUS = 'authorizer:\n  enabled: true\n  super_users: ["User:ANONYMOUS"]\n'
@@ -52,6 +55,14 @@ def acl_rows(d: WeirDaemon, *filter_args: str) -> set[tuple[str, ...]]:
     rows = [tuple(line.split("\t")) for line in out[1:] if line.strip()]
     assert all(len(r) == 7 for r in rows), out
     return set(rows)
+
+
+def metric(text: str, series: str) -> float:
+    """One series' value in a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def sasl(user: str) -> dict[str, str]:
@@ -194,6 +205,17 @@ def test_a_prefixed_reader_is_confined_to_what_it_was_granted(weir_factory, kcat
     assert e.value.args[0].code() == ERR_TRANSACTIONAL_ID_AUTHORIZATION_FAILED, e.value
     for topic in ("logs-web", "logs-private", "secret"):
         assert watermarks(d.bootstrap, topic, [0])[0][1] == 3, topic
+
+    # The logins and the refusals show in the metrics.
+    metrics = requests.get(f"{d.http_url}/metrics", timeout=10).text
+    assert metric(metrics, 'weir_kafka_authentications_total{listener="SASL",mechanism="SCRAM-SHA-512"}') > 0
+    assert metric(metrics, 'weir_kafka_request_errors_total{api="Produce",error="TOPIC_AUTHORIZATION_FAILED"}') >= 2
+    assert metric(metrics, 'weir_kafka_request_errors_total{api="JoinGroup",error="GROUP_AUTHORIZATION_FAILED"}') \
+        + metric(metrics, 'weir_kafka_request_errors_total{api="FindCoordinator",error="GROUP_AUTHORIZATION_FAILED"}') >= 1
+    with kw.connect(sasl_addr) as sock:
+        assert sasl_plain_login(sock, "alice", "wrong") == ERR_SASL_AUTHENTICATION_FAILED
+    metrics = requests.get(f"{d.http_url}/metrics", timeout=10).text
+    assert metric(metrics, 'weir_kafka_authentication_failures_total{listener="SASL"}') == 1
 
 
 def test_a_transactional_writer_with_its_own_id(weir_factory):

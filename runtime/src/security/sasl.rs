@@ -319,6 +319,10 @@ impl SaslSession {
             }
         }
         tracing::debug!(peer = %self.peer, %principal, mechanism = mechanism.name(), "authenticated");
+        crate::metrics::get()
+            .authentications
+            .with_label_values(&[&*self.listener.name, mechanism.name()])
+            .inc();
         self.principal = Some(principal);
         self.mechanism = Some(mechanism);
         self.expires = self.listener.auth.max_reauth.map(|d| Instant::now() + d);
@@ -330,6 +334,10 @@ impl SaslSession {
     /// delay (so guessing is slow), and closes.
     async fn fail(&mut self, reply: Option<Bytes>, reason: String) -> Intercept {
         self.listener.record_failure(self.peer.ip());
+        crate::metrics::get()
+            .authentication_failures
+            .with_label_values(&[&*self.listener.name])
+            .inc();
         self.state = State::Start;
         tokio::time::sleep(self.listener.auth.failed_delay).await;
         Intercept::Close(reply, format!("authentication failed: {reason}"))
