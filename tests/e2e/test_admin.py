@@ -196,3 +196,22 @@ def test_kafka_python_admin(weir):
         wait_until(lambda: "kp-topic" not in a.list_topics(), TIMEOUT, message="kp-topic to disappear")
     finally:
         a.close()
+
+
+def test_replica_assignments_on_a_single_node(weir):
+    """A single node takes replica assignments that name only itself (node 0), as the partition
+    count; any other node is INVALID_REPLICA_ASSIGNMENT and nothing is created."""
+    a = admin(weir.bootstrap)
+    a.create_topics([NewTopic("assigned", num_partitions=2, replica_assignment=[[0], [0]])],
+                    request_timeout=TIMEOUT)["assigned"].result(TIMEOUT)
+    assert partition_count(weir.bootstrap, "assigned") == 2
+    assert create_error(a, NewTopic("elsewhere", num_partitions=1, replica_assignment=[[1]])) == \
+        KafkaError.INVALID_REPLICA_ASSIGNMENT
+    assert "elsewhere" not in topic_names(weir.bootstrap)
+    with pytest.raises(KafkaException) as exc:
+        a.create_partitions([NewPartitions("assigned", 3, replica_assignment=[[2]])],
+                            request_timeout=TIMEOUT)["assigned"].result(TIMEOUT)
+    assert kafka_error_code(exc.value) == KafkaError.INVALID_REPLICA_ASSIGNMENT
+    a.create_partitions([NewPartitions("assigned", 3, replica_assignment=[[0]])],
+                        request_timeout=TIMEOUT)["assigned"].result(TIMEOUT)
+    assert partition_count(weir.bootstrap, "assigned") == 3

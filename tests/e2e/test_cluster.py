@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import ConfigResource, NewTopic
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
 from conftest import WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
@@ -178,6 +178,39 @@ def test_three_nodes_serve_replicated_topics_to_every_client(cluster, kcat_bin):
     a.delete_topics(["orders"])["orders"].result(30)
     wait_until(lambda: all(not (n.data_dir / "orders-0").exists() for n in cluster.nodes), 30,
                message="every node to delete its replicas")
+
+
+def test_clients_choose_the_replicas(cluster):
+    """CreateTopics and CreatePartitions with explicit replica assignments: each partition lives
+    on the nodes given, led by the first; an unknown node or a wrong replica count is
+    INVALID_REPLICA_ASSIGNMENT and changes nothing."""
+    a = admin(cluster.bootstrap)
+    a.create_topics([NewTopic("placed", num_partitions=2, replica_assignment=[[2, 3], [3, 1]])],
+                    request_timeout=30)["placed"].result(30)
+
+    def placed(count: int):
+        t = cluster.metadata().topics.get("placed")
+        if t is None or len(t.partitions) != count:
+            return None
+        return {i: (p.leader, list(p.replicas)) for i, p in t.partitions.items()}
+
+    wait_until(lambda: placed(2) == {0: (2, [2, 3]), 1: (3, [3, 1])}, 30,
+               message="the assigned replicas and leaders")
+    for bad in ([[1, 9]], [[1, 1]]):
+        with pytest.raises(KafkaException) as exc:
+            a.create_topics([NewTopic("misplaced", num_partitions=1, replica_assignment=bad)],
+                            request_timeout=30)["misplaced"].result(30)
+        assert exc.value.args[0].code() == KafkaError.INVALID_REPLICA_ASSIGNMENT, (bad, exc.value)
+    assert "misplaced" not in cluster.metadata().topics
+    with pytest.raises(KafkaException) as exc:
+        a.create_partitions([NewPartitions("placed", 3, replica_assignment=[[1]])],
+                            request_timeout=30)["placed"].result(30)
+    assert exc.value.args[0].code() == KafkaError.INVALID_REPLICA_ASSIGNMENT
+    a.create_partitions([NewPartitions("placed", 3, replica_assignment=[[1, 2]])],
+                        request_timeout=30)["placed"].result(30)
+    wait_until(lambda: (placed(3) or {}).get(2) == (1, [1, 2]), 30, message="the new partition on nodes 1 and 2")
+    acked = produce_confluent(cluster.bootstrap, "placed", [Outgoing(b"v%d" % p, partition=p) for p in range(3)])
+    assert sorted(r.partition for r in acked) == [0, 1, 2]
 
 
 def test_acks_all_needs_min_insync_replicas(weir_factory):

@@ -65,6 +65,40 @@ pub struct PartitionImage {
     pub original: Option<Vec<NodeId>>,
 }
 
+impl PartitionImage {
+    /// A new partition on these replicas, all in sync, led by the first.
+    fn on(replicas: Vec<NodeId>) -> PartitionImage {
+        PartitionImage {
+            leader: replicas[0],
+            leader_epoch: 0,
+            isr: replicas.clone(),
+            replicas,
+            target: None,
+            original: None,
+        }
+    }
+}
+
+/// A replica list a client chose: not empty, distinct, and of registered nodes.
+fn check_replicas(
+    nodes: &BTreeSet<NodeId>,
+    partition: &str,
+    replicas: &[NodeId],
+) -> Result<(), CommandError> {
+    let unique: BTreeSet<_> = replicas.iter().collect();
+    if replicas.is_empty() || unique.len() != replicas.len() {
+        return Err(CommandError::InvalidReplicaAssignment(format!(
+            "replicas {replicas:?} for {partition} must be distinct and not empty"
+        )));
+    }
+    if let Some(n) = replicas.iter().find(|n| !nodes.contains(n)) {
+        return Err(CommandError::InvalidReplicaAssignment(format!(
+            "node {n} is not registered"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicImage {
     pub id: Uuid,
@@ -108,6 +142,10 @@ pub enum Command {
         configs: BTreeMap<String, String>,
         /// Creating a topic that exists is not an error (internal topics, auto-creation).
         if_missing: bool,
+        /// Each partition's replicas as the client chose them (the first leads); None: the
+        /// controller places them.
+        #[serde(default)]
+        assignments: Option<Vec<Vec<NodeId>>>,
     },
     DeleteTopic {
         name: String,
@@ -115,6 +153,9 @@ pub enum Command {
     CreatePartitions {
         name: String,
         total: i32,
+        /// The new partitions' replicas as the client chose them; None: placed as usual.
+        #[serde(default)]
+        assignments: Option<Vec<Vec<NodeId>>>,
     },
     SetTopicConfigs {
         name: String,
@@ -242,22 +283,12 @@ impl ClusterImage {
             } => {
                 let nodes: BTreeSet<NodeId> = self.nodes.keys().copied().collect();
                 let name = format!("{topic}-{partition}");
+                if let Some(r) = replicas {
+                    check_replicas(&nodes, &name, r)?;
+                }
                 let p = self.partition_mut(topic, *partition)?;
                 let target = match replicas {
-                    Some(r) => {
-                        let unique: BTreeSet<_> = r.iter().collect();
-                        if r.is_empty() || unique.len() != r.len() {
-                            return Err(CommandError::InvalidReplicaAssignment(format!(
-                                "replicas {r:?} for {name} must be distinct and not empty"
-                            )));
-                        }
-                        if let Some(n) = r.iter().find(|n| !nodes.contains(n)) {
-                            return Err(CommandError::InvalidReplicaAssignment(format!(
-                                "node {n} is not registered"
-                            )));
-                        }
-                        r.clone()
-                    }
+                    Some(r) => r.clone(),
                     None => p
                         .original
                         .clone()
@@ -350,6 +381,7 @@ impl ClusterImage {
                 replication_factor,
                 configs,
                 if_missing,
+                assignments,
             } => {
                 if self.topics.contains_key(name) {
                     return if *if_missing {
@@ -358,11 +390,16 @@ impl ClusterImage {
                         Err(CommandError::TopicExists(name.clone()))
                     };
                 }
-                let rf = self.replication_factor(*replication_factor)?;
-                let start = self.assignment_start();
-                let partitions = (0..*partitions)
-                    .map(|p| self.new_partition(start + p as usize, rf))
-                    .collect();
+                let partitions = match assignments {
+                    Some(a) => self.assigned_partitions(name, 0, a, None)?,
+                    None => {
+                        let rf = self.replication_factor(*replication_factor)?;
+                        let start = self.assignment_start();
+                        (0..*partitions)
+                            .map(|p| self.new_partition(start + p as usize, rf))
+                            .collect()
+                    }
+                };
                 self.topics.insert(
                     name.clone(),
                     TopicImage {
@@ -381,7 +418,11 @@ impl ClusterImage {
                 self.deleted_topics.insert(t.id);
                 Ok(())
             }
-            Command::CreatePartitions { name, total } => {
+            Command::CreatePartitions {
+                name,
+                total,
+                assignments,
+            } => {
                 let t = self
                     .topics
                     .get(name)
@@ -393,10 +434,22 @@ impl ClusterImage {
                     )));
                 }
                 let rf = t.partitions[0].replicas.len();
-                let start = self.assignment_start();
-                let added: Vec<_> = (current..*total)
-                    .map(|p| self.new_partition(start + p as usize, rf))
-                    .collect();
+                let added: Vec<_> = match assignments {
+                    Some(a) if a.len() as i32 != total - current => {
+                        return Err(CommandError::InvalidReplicaAssignment(format!(
+                            "{} assignments for the {} new partitions of '{name}'",
+                            a.len(),
+                            total - current
+                        )))
+                    }
+                    Some(a) => self.assigned_partitions(name, current, a, Some(rf))?,
+                    None => {
+                        let start = self.assignment_start();
+                        (current..*total)
+                            .map(|p| self.new_partition(start + p as usize, rf))
+                            .collect()
+                    }
+                };
                 self.topics.get_mut(name).unwrap().partitions.extend(added);
                 Ok(())
             }
@@ -467,15 +520,40 @@ impl ClusterImage {
     /// alternate, so consecutive replicas of a partition sit on different racks where possible.
     fn new_partition(&self, n: usize, rf: usize) -> PartitionImage {
         let order = self.rack_alternating_nodes();
-        let replicas: Vec<NodeId> = (0..rf).map(|i| order[(n + i) % order.len()]).collect();
-        PartitionImage {
-            leader: replicas[0],
-            leader_epoch: 0,
-            isr: replicas.clone(),
-            replicas,
-            target: None,
-            original: None,
+        PartitionImage::on((0..rf).map(|i| order[(n + i) % order.len()]).collect())
+    }
+
+    /// Partitions on the replicas a client chose (numbered from `first`): each list distinct,
+    /// of registered nodes, and all of one length (`rf` when the topic has one already).
+    fn assigned_partitions(
+        &self,
+        topic: &str,
+        first: i32,
+        assignments: &[Vec<NodeId>],
+        rf: Option<usize>,
+    ) -> Result<Vec<PartitionImage>, CommandError> {
+        if assignments.is_empty() {
+            return Err(CommandError::InvalidReplicaAssignment(format!(
+                "no partitions assigned for '{topic}'"
+            )));
         }
+        let nodes: BTreeSet<NodeId> = self.nodes.keys().copied().collect();
+        let rf = rf.unwrap_or(assignments[0].len());
+        for (i, replicas) in assignments.iter().enumerate() {
+            let name = format!("{topic}-{}", first + i as i32);
+            check_replicas(&nodes, &name, replicas)?;
+            if replicas.len() != rf {
+                return Err(CommandError::InvalidReplicaAssignment(format!(
+                    "{name} has {} replicas; every partition of '{topic}' must have {rf}",
+                    replicas.len()
+                )));
+            }
+        }
+        Ok(assignments
+            .iter()
+            .cloned()
+            .map(PartitionImage::on)
+            .collect())
     }
 
     fn rack_alternating_nodes(&self) -> Vec<NodeId> {
@@ -600,7 +678,51 @@ mod tests {
             replication_factor: rf,
             configs: BTreeMap::new(),
             if_missing: false,
+            assignments: None,
         }
+    }
+
+    #[test]
+    fn clients_may_choose_the_replicas() {
+        let mut img = ClusterImage::default();
+        for id in 1..=3 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        let with = |a: Vec<Vec<NodeId>>| {
+            let mut c = create("a", 0, -1);
+            if let Command::CreateTopic { assignments, .. } = &mut c {
+                *assignments = Some(a);
+            }
+            c
+        };
+        for bad in [
+            vec![],
+            vec![vec![1, 1]],
+            vec![vec![1, 9]],
+            vec![vec![1, 2], vec![3]],
+        ] {
+            assert!(
+                matches!(
+                    img.apply(&with(bad.clone())),
+                    Err(CommandError::InvalidReplicaAssignment(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        img.apply(&with(vec![vec![3, 1], vec![2, 3]])).unwrap();
+        let t = &img.topics["a"];
+        assert_eq!((t.partitions[0].leader, t.partitions[1].leader), (3, 2));
+        assert_eq!(t.partitions[1].isr, vec![2, 3]);
+        let grow = |total, a: Vec<Vec<NodeId>>| Command::CreatePartitions {
+            name: "a".into(),
+            total,
+            assignments: Some(a),
+        };
+        // One assignment per new partition, with the topic's replication factor.
+        assert!(img.apply(&grow(4, vec![vec![1, 2]])).is_err());
+        assert!(img.apply(&grow(3, vec![vec![1]])).is_err());
+        img.apply(&grow(3, vec![vec![1, 2]])).unwrap();
+        assert_eq!(img.topics["a"].partitions[2].replicas, vec![1, 2]);
     }
 
     #[test]
@@ -651,13 +773,15 @@ mod tests {
         img.apply(&Command::CreatePartitions {
             name: "t".into(),
             total: 5,
+            assignments: None,
         })
         .unwrap();
         assert_eq!(img.topics["t"].partitions.len(), 5);
         assert!(img
             .apply(&Command::CreatePartitions {
                 name: "t".into(),
-                total: 5
+                total: 5,
+                assignments: None,
             })
             .is_err());
         let id = img.topics["t"].id;

@@ -335,6 +335,7 @@ impl Cluster {
                 replication_factor: rf,
                 configs,
                 if_missing: true,
+                assignments: None,
             })
             .await
             .map_err(|e| anyhow!("cannot create {name}: {e}"))?;

@@ -80,25 +80,19 @@ pub async fn create_topics(
                 None => null_value = Some(c.name.to_string()),
             }
         }
-        let partitions = if !t.assignments.is_empty() {
-            if let Some(a) = t.assignments.iter().find(|a| {
-                a.broker_ids.iter().any(|b| b.0 != broker.node_id) || a.broker_ids.len() != 1
-            }) {
-                result.error_code = ResponseError::InvalidReplicaAssignment.code();
-                result.error_message = Some(str_bytes(format!(
-                    "partition {} is assigned to brokers {:?}; this node is broker {}",
-                    a.partition_index,
-                    a.broker_ids.iter().map(|b| b.0).collect::<Vec<_>>(),
-                    broker.node_id
-                )));
+        let assignments = match requested_assignments(&t) {
+            Ok(a) => a,
+            Err((code, message)) => {
+                result.error_code = code.code();
+                result.error_message = Some(str_bytes(message));
                 results.push(result);
                 continue;
             }
-            t.assignments.len() as i32
-        } else if t.num_partitions == -1 {
-            broker.default_partitions
-        } else {
-            t.num_partitions
+        };
+        let partitions = match &assignments {
+            Some(a) => a.len() as i32,
+            None if t.num_partitions == -1 => broker.default_partitions,
+            None => t.num_partitions,
         };
         if let Some(key) = null_value {
             result.error_code = ResponseError::InvalidConfig.code();
@@ -108,7 +102,13 @@ pub async fn create_topics(
         }
         let outcome = if req.validate_only {
             broker
-                .validate_new_topic(&name, partitions, t.replication_factor as i32, &overrides)
+                .validate_new_topic(
+                    &name,
+                    partitions,
+                    t.replication_factor as i32,
+                    assignments.as_deref(),
+                    &overrides,
+                )
                 .map(|config| (None, config))
         } else {
             broker
@@ -116,6 +116,7 @@ pub async fn create_topics(
                     &name,
                     partitions,
                     t.replication_factor as i32,
+                    assignments,
                     overrides.clone(),
                 )
                 .await
@@ -160,6 +161,41 @@ pub async fn create_topics(
         results.push(result);
     }
     CreateTopicsResponse::default().with_topics(results)
+}
+
+/// A CreateTopics entry's replica assignments, ordered by partition (None when it has none).
+/// As in Kafka, they replace the partition count and replication factor, and number the
+/// partitions from 0 without gaps.
+fn requested_assignments(
+    t: &kafka_protocol::messages::create_topics_request::CreatableTopic,
+) -> Result<Option<Vec<Vec<i32>>>, (ResponseError, String)> {
+    if t.assignments.is_empty() {
+        return Ok(None);
+    }
+    if t.num_partitions != -1 || t.replication_factor != -1 {
+        return Err((
+            ResponseError::InvalidRequest,
+            "give either replica assignments or a partition count and replication factor".into(),
+        ));
+    }
+    let mut sorted: Vec<_> = t.assignments.iter().collect();
+    sorted.sort_by_key(|a| a.partition_index);
+    if sorted
+        .iter()
+        .enumerate()
+        .any(|(i, a)| a.partition_index != i as i32)
+    {
+        return Err((
+            ResponseError::InvalidReplicaAssignment,
+            "assigned partitions must be numbered 0, 1, 2, ... without gaps".into(),
+        ));
+    }
+    Ok(Some(
+        sorted
+            .iter()
+            .map(|a| a.broker_ids.iter().map(|b| b.0).collect())
+            .collect(),
+    ))
 }
 
 pub async fn delete_topics(
@@ -216,24 +252,19 @@ pub async fn create_partitions(
     let mut results = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default().with_name(t.name.clone());
-        let bad_assignment = t
-            .assignments
-            .iter()
-            .flatten()
-            .any(|a| a.broker_ids.iter().any(|b| b.0 != broker.node_id));
+        let assignments = t.assignments.as_ref().map(|a| {
+            a.iter()
+                .map(|p| p.broker_ids.iter().map(|b| b.0).collect::<Vec<i32>>())
+                .collect::<Vec<_>>()
+        });
         if !broker.allowed(ctx, Operation::Alter, ResourceType::Topic, &t.name.0) {
             r.error_code = ResponseError::TopicAuthorizationFailed.code();
             r.error_message = Some(str_bytes(format!(
                 "not authorized to alter topic '{}'",
                 &*t.name.0
             )));
-        } else if bad_assignment {
-            r.error_code = ResponseError::InvalidReplicaAssignment.code();
-            r.error_message = Some(str_bytes(
-                "explicit replica assignments are not supported; replicas are placed by the controller",
-            ));
         } else if let Err(e) = broker
-            .create_partitions(&t.name.0, t.count, req.validate_only)
+            .create_partitions(&t.name.0, t.count, assignments, req.validate_only)
             .await
         {
             (r.error_code, r.error_message) = error_parts(&e);

@@ -25,7 +25,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use uuid::Uuid;
 
-use crate::cluster::image::{Command, CommandError};
+use crate::cluster::image::{ClusterImage, Command, CommandError};
 use crate::cluster::replication::LeaderState;
 use crate::cluster::{Cluster, ClusterError};
 use crate::group::GroupCoordinator;
@@ -118,7 +118,7 @@ impl Broker {
             return Err(ResponseError::UnknownTopicOrPartition);
         }
         match self
-            .create_topic(name, self.default_partitions, -1, Default::default())
+            .create_topic(name, self.default_partitions, -1, None, Default::default())
             .await
         {
             // Another request created it first.
@@ -128,21 +128,31 @@ impl Broker {
     }
 
     /// Creates a topic: through the metadata quorum in a cluster, else in the local log.
-    /// Returns the topic id and its effective config.
+    /// `assignments` are the replicas of each partition as the client chose them (they give
+    /// the partition count). Returns the topic id and its effective config.
     pub async fn create_topic(
         &self,
         name: &str,
         partitions: i32,
         replication_factor: i32,
+        assignments: Option<Vec<Vec<i32>>>,
         overrides: BTreeMap<String, String>,
     ) -> Result<(Uuid, LogConfig), TopicError> {
+        let partitions = assignments.as_ref().map_or(partitions, |a| a.len() as i32);
         let Some(cluster) = &self.cluster else {
+            self.check_local_assignments(assignments.as_deref())?;
             let t = self
                 .log
                 .create_topic(name, partitions, replication_factor, overrides)?;
             return Ok((t.id, t.config.clone()));
         };
-        let config = self.validate_new_topic(name, partitions, replication_factor, &overrides)?;
+        let config = self.validate_new_topic(
+            name,
+            partitions,
+            replication_factor,
+            assignments.as_deref(),
+            &overrides,
+        )?;
         let id = Uuid::new_v4();
         cluster
             .run(Command::CreateTopic {
@@ -152,6 +162,7 @@ impl Broker {
                 replication_factor,
                 configs: overrides,
                 if_missing: false,
+                assignments,
             })
             .await
             .map_err(cluster_error)?;
@@ -164,13 +175,30 @@ impl Broker {
         name: &str,
         partitions: i32,
         replication_factor: i32,
+        assignments: Option<&[Vec<i32>]>,
         overrides: &BTreeMap<String, String>,
     ) -> Result<LogConfig, TopicError> {
         let Some(cluster) = &self.cluster else {
+            self.check_local_assignments(assignments)?;
             return self
                 .log
                 .validate_new_topic(name, partitions, replication_factor, overrides);
         };
+        if let Some(a) = assignments {
+            // The image decides, as it will when the command is applied: a dry run on a copy.
+            let mut image = ClusterImage::clone(&cluster.image());
+            image
+                .apply(&Command::CreateTopic {
+                    name: name.to_string(),
+                    id: Uuid::nil(),
+                    partitions,
+                    replication_factor,
+                    configs: overrides.clone(),
+                    if_missing: false,
+                    assignments: Some(a.to_vec()),
+                })
+                .map_err(|e| cluster_error(ClusterError::Refused(e)))?;
+        }
         let config = self
             .log
             .validate_new_topic(name, partitions, -1, overrides)?;
@@ -203,13 +231,30 @@ impl Broker {
         Ok(id)
     }
 
+    /// A single node places every replica on itself: assignments may only name it.
+    fn check_local_assignments(&self, assignments: Option<&[Vec<i32>]>) -> Result<(), TopicError> {
+        match assignments
+            .into_iter()
+            .flatten()
+            .find(|a| a.as_slice() != [self.node_id])
+        {
+            Some(a) => Err(TopicError::InvalidReplicaAssignment(format!(
+                "replicas {a:?}: this single node is node {}",
+                self.node_id
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub async fn create_partitions(
         &self,
         name: &str,
         total: i32,
+        assignments: Option<Vec<Vec<i32>>>,
         validate_only: bool,
     ) -> Result<(), TopicError> {
         let Some(cluster) = &self.cluster else {
+            self.check_local_assignments(assignments.as_deref())?;
             return self.log.create_partitions(name, total, validate_only);
         };
         let current = cluster
@@ -230,6 +275,7 @@ impl Broker {
             .run(Command::CreatePartitions {
                 name: name.to_string(),
                 total,
+                assignments,
             })
             .await
             .map_err(cluster_error)
@@ -424,6 +470,7 @@ pub fn topic_error_code(e: &TopicError) -> ResponseError {
         TopicError::InvalidName(_) => ResponseError::InvalidTopicException,
         TopicError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
         TopicError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
+        TopicError::InvalidReplicaAssignment(_) => ResponseError::InvalidReplicaAssignment,
         TopicError::InvalidConfig(_) => ResponseError::InvalidConfig,
         TopicError::Io(_) => ResponseError::KafkaStorageError,
         TopicError::Unavailable(_) => ResponseError::RequestTimedOut,
@@ -441,10 +488,12 @@ fn cluster_error(e: ClusterError) -> TopicError {
         ClusterError::Refused(CommandError::InvalidPartitions(m)) => {
             TopicError::InvalidPartitions(m)
         }
+        ClusterError::Refused(CommandError::InvalidReplicaAssignment(m)) => {
+            TopicError::InvalidReplicaAssignment(m)
+        }
         ClusterError::Refused(
             e @ (CommandError::StaleLeader(_)
             | CommandError::StaleNode(_)
-            | CommandError::InvalidReplicaAssignment(_)
             | CommandError::NoReassignmentInProgress(_)),
         ) => TopicError::Unavailable(e.to_string()),
     }
