@@ -61,6 +61,7 @@ pub async fn serve(
         .route("/topics/{name}/records", get(get_records))
         .route("/groups", get(list_groups))
         .route("/groups/{id}", get(get_group))
+        .route("/groups/{id}/reset-offsets", post(reset_group_offsets))
         .route("/transactions", get(list_transactions))
         .route("/pipelines", get(list_pipelines))
         .route("/pipelines/validate", post(validate_pipeline))
@@ -249,6 +250,64 @@ async fn get_group(State(s): State<AppState>, Path(id): Path<String>) -> Respons
             StatusCode::NOT_FOUND,
             format!("no group '{id}' coordinated by this node"),
         ),
+    }
+}
+
+/// `POST /groups/{id}/reset-offsets` with `{"topic": T, "to": "earliest" | "latest" |
+/// "offset" | "datetime", "offset": N, "datetime": RFC 3339}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetRequest {
+    topic: String,
+    to: String,
+    #[serde(default)]
+    offset: Option<i64>,
+    #[serde(default)]
+    datetime: Option<String>,
+}
+
+/// Moves an empty group's offsets for a topic, as `weir group reset-offsets` does and through
+/// the same Kafka requests, sent to this node's first listener (the group's coordinator and
+/// the partitions' leaders may be other nodes).
+async fn reset_group_offsets(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    use crate::cli::group::{reset_offsets, ResetTo};
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    let Ok(bytes) = to_bytes(body, 64 << 10).await else {
+        return bad("the body is over 64 KiB".into());
+    };
+    let req: ResetRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("invalid request: {e}")),
+    };
+    let to = match (req.to.as_str(), req.offset, req.datetime.as_deref()) {
+        ("earliest", _, _) => ResetTo::Earliest,
+        ("latest", _, _) => ResetTo::Latest,
+        ("offset", Some(o), _) => ResetTo::Offset(o),
+        ("datetime", _, Some(t)) => match ResetTo::parse_datetime(t) {
+            Ok(to) => to,
+            Err(e) => return bad(format!("{e:#}")),
+        },
+        (other, _, _) => {
+            return bad(format!(
+                "'to' is '{other}': earliest, latest, offset (with 'offset') or datetime (with 'datetime')"
+            ))
+        }
+    };
+    let own = &s.broker.endpoints[0];
+    let reset = async {
+        let mut router =
+            crate::client::router::Router::connect(&format!("{}:{}", own.host, own.port)).await?;
+        reset_offsets(&mut router, &id, &req.topic, to).await
+    };
+    match reset.await {
+        Ok(offsets) => {
+            Json(json!({ "group": id, "topic": req.topic, "offsets": offsets })).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
     }
 }
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 from support import create_topic, wait_until
@@ -38,6 +39,27 @@ def browser():
         yield b
     finally:
         b.quit()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        return {tp.partition: tp.offset
+                for tp in c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)}
+    finally:
+        c.close()
+
+
+def click(browser, by: str, value: str) -> None:
+    """Clicks an element; the page is redrawn every two seconds, so a click that lands on a
+    replaced element is tried again on the new one."""
+    def attempt() -> bool:
+        try:
+            browser.find_element(by, value).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+    wait_until(attempt, 10, message=f"to click {value}")
 
 
 def no_console_errors(browser) -> None:
@@ -79,18 +101,22 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
     shown = page("#/topics/orders", ["Topic orders", '"user": "u1"', "source: checkout"], "topic")
     assert "12.5" in shown
     page("#/groups", ["billing", "Empty"], "groups")
-    page("#/groups/billing", ["Offsets and lag", "orders"], "group")
+    page("#/groups/billing", ["Offsets and lag", "orders", "Reset offsets"], "group")
+    # The group is empty: its offsets go back to the beginning through the reset button.
+    click(browser, By.ID, "reset-offsets")
+    wait_until(lambda: committed(weir.bootstrap, "billing", "orders", 2) == {0: 0, 1: 0}, 30,
+               message="billing's offsets to be reset")
+    wait_until(lambda: "201" in text(browser), 30, message="the lag of the whole topic")
+    no_console_errors(browser)
     page("#/pipelines", ["copy", "running", "topic pin", "topic pmid", "topic pout"], "pipelines")
 
     # Pause and resume through the buttons.
-    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-pipeline="copy"]')
-    row.find_element(By.XPATH, ".//button[text()='Pause']").click()
+    click(browser, By.XPATH, "//tr[@data-pipeline='copy']//button[text()='Pause']")
     wait_until(lambda: pipeline_state(weir, "copy")["state"] == "paused", 30,
                message="the pipeline to pause")
     wait_until(lambda: "Resume" in text(browser), 30, message="the Resume button")
     browser.save_screenshot(str(shots / "console-pipelines-paused.png"))
-    browser.find_element(By.CSS_SELECTOR, 'tr[data-pipeline="copy"]') \
-        .find_element(By.XPATH, ".//button[text()='Resume']").click()
+    click(browser, By.XPATH, "//tr[@data-pipeline='copy']//button[text()='Resume']")
     wait_until(lambda: pipeline_state(weir, "copy")["state"] == "running", 30,
                message="the pipeline to resume")
     no_console_errors(browser)

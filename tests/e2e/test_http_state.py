@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import requests
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
-from support import create_topic
+from support import create_topic, wait_until
 from test_metrics import consume_and_commit, produce
 
 
@@ -55,3 +55,37 @@ def test_topics_groups_and_transactions_as_json(weir):
     tp.commit_transaction(30)
     txns = {t["transactional_id"]: t for t in get(weir, "/transactions")["transactions"]}
     assert txns["json-txn"]["state"] == "CompleteCommit", txns
+
+
+def test_reset_a_group_over_http(weir):
+    """POST /groups/{id}/reset-offsets moves an empty group's offsets as `weir group
+    reset-offsets` does; a group with members, or a bad target, is refused with the reason."""
+    create_topic(weir.bootstrap, "orders", 2)
+    produce(weir.bootstrap, "orders", 100, 2)
+    consume_and_commit(weir.bootstrap, "orders", "billing", 100)
+    url = f"{weir.http_url}/groups/billing/reset-offsets"
+
+    def offsets():
+        return sorted((o["partition"], o["committed"]) for o in get(weir, "/groups/billing")["offsets"])
+
+    r = requests.post(url, json={"topic": "orders", "to": "earliest"}, timeout=30)
+    assert r.status_code == 200 and r.json()["offsets"] == {"0": 0, "1": 0}, r.text
+    assert offsets() == [(0, 0), (1, 0)]
+    r = requests.post(url, json={"topic": "orders", "to": "offset", "offset": 30}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert offsets() == [(0, 30), (1, 30)]
+    r = requests.post(url, json={"topic": "orders", "to": "latest"}, timeout=30)
+    assert r.status_code == 200 and offsets() == [(0, 50), (1, 50)], r.text
+    for body in ({"topic": "orders", "to": "sideways"}, {"topic": "orders", "to": "offset"}, {"to": "latest"}):
+        r = requests.post(url, json=body, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+
+    member = Consumer({"bootstrap.servers": weir.bootstrap, "group.id": "billing", "session.timeout.ms": 10000})
+    try:
+        member.subscribe(["orders"])
+        wait_until(lambda: member.poll(0.2) is None and bool(member.assignment()), 30,
+                   message="the consumer to join")
+        r = requests.post(url, json={"topic": "orders", "to": "earliest"}, timeout=30)
+        assert r.status_code == 409 and "not empty" in r.json()["error"], r.text
+    finally:
+        member.close()

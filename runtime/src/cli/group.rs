@@ -143,65 +143,20 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
             to_offset,
             to_datetime,
         } => {
-            let coordinator = r.coordinator(GROUP, &group).await?;
-            let d = describe_group(r.node(coordinator).await?, &group).await?;
-            if d.state != "Empty" && d.state != "Dead" {
-                bail!("group '{group}' is not empty (state {}, {} member(s)); stop its consumers first", d.state, d.members.len());
-            }
-            let partitions = r.partitions(&topic, false).await?;
-            let earliest = list_offsets_routed(&mut r, &topic, &partitions, -2).await?;
-            let latest = list_offsets_routed(&mut r, &topic, &partitions, -1).await?;
-            let targets: BTreeMap<i32, i64> = if to_earliest {
-                earliest.clone()
+            let to = if to_earliest {
+                ResetTo::Earliest
             } else if to_latest {
-                latest.clone()
+                ResetTo::Latest
             } else if let Some(o) = to_offset {
-                partitions
-                    .iter()
-                    .map(|p| (*p, o.clamp(earliest[p], latest[p])))
-                    .collect()
+                ResetTo::Offset(o)
             } else if let Some(t) = to_datetime {
-                let ts = humantime::parse_rfc3339_weak(&t)
-                    .map_err(|e| anyhow!("--to-datetime '{t}': {e}"))?
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
-                let found = list_offsets_routed(&mut r, &topic, &partitions, ts).await?;
-                // No record at or after the time: the end of the partition.
-                found
-                    .into_iter()
-                    .map(|(p, o)| (p, if o < 0 { latest[&p] } else { o }))
-                    .collect()
+                ResetTo::parse_datetime(&t)?
             } else {
                 bail!(
                     "say where to: --to-earliest, --to-latest, --to-offset N or --to-datetime TIME"
                 );
             };
-            let req = OffsetCommitRequest::default()
-                .with_group_id(GroupId(str_bytes(group.clone())))
-                .with_generation_id_or_member_epoch(-1)
-                .with_topics(vec![OffsetCommitRequestTopic::default()
-                    .with_name(TopicName(str_bytes(topic.clone())))
-                    .with_partitions(
-                        targets
-                            .iter()
-                            .map(|(p, o)| {
-                                OffsetCommitRequestPartition::default()
-                                    .with_partition_index(*p)
-                                    .with_committed_offset(*o)
-                            })
-                            .collect(),
-                    )]);
-            let resp = r.node(coordinator).await?.call(&req).await?;
-            for t in resp.topics {
-                for p in t.partitions {
-                    check(
-                        p.error_code,
-                        &format!("commit {topic}/{}", p.partition_index),
-                    )?;
-                }
-            }
-            for (p, o) in targets {
+            for (p, o) in reset_offsets(&mut r, &group, &topic, to).await? {
                 println!("{group}\t{topic}\t{p}\t{o}");
             }
         }
@@ -222,6 +177,90 @@ pub async fn run(cmd: GroupCommand, conn: &ConnectArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where `reset_offsets` moves a group's offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    Earliest,
+    Latest,
+    /// Clamped to each partition's [earliest, latest].
+    Offset(i64),
+    /// The first offset at or after this time (ms since the epoch); the end when none is.
+    Time(i64),
+}
+
+impl ResetTo {
+    /// An RFC 3339 time (2024-01-31T12:00:00Z).
+    pub fn parse_datetime(t: &str) -> Result<ResetTo> {
+        let ts = humantime::parse_rfc3339_weak(t)
+            .map_err(|e| anyhow!("datetime '{t}': {e}"))?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Ok(ResetTo::Time(ts))
+    }
+}
+
+/// Moves an empty group's committed offsets for every partition of a topic, through the
+/// group's coordinator (as Kafka's tools do); returns the new offsets.
+pub async fn reset_offsets(
+    r: &mut Router,
+    group: &str,
+    topic: &str,
+    to: ResetTo,
+) -> Result<BTreeMap<i32, i64>> {
+    let coordinator = r.coordinator(GROUP, group).await?;
+    let d = describe_group(r.node(coordinator).await?, group).await?;
+    if d.state != "Empty" && d.state != "Dead" {
+        bail!(
+            "group '{group}' is not empty (state {}, {} member(s)); stop its consumers first",
+            d.state,
+            d.members.len()
+        );
+    }
+    let partitions = r.partitions(topic, false).await?;
+    let earliest = list_offsets_routed(r, topic, &partitions, -2).await?;
+    let latest = list_offsets_routed(r, topic, &partitions, -1).await?;
+    let targets: BTreeMap<i32, i64> = match to {
+        ResetTo::Earliest => earliest,
+        ResetTo::Latest => latest,
+        ResetTo::Offset(o) => partitions
+            .iter()
+            .map(|p| (*p, o.clamp(earliest[p], latest[p])))
+            .collect(),
+        // No record at or after the time: the end of the partition.
+        ResetTo::Time(ts) => list_offsets_routed(r, topic, &partitions, ts)
+            .await?
+            .into_iter()
+            .map(|(p, o)| (p, if o < 0 { latest[&p] } else { o }))
+            .collect(),
+    };
+    let req = OffsetCommitRequest::default()
+        .with_group_id(GroupId(str_bytes(group)))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(TopicName(str_bytes(topic)))
+            .with_partitions(
+                targets
+                    .iter()
+                    .map(|(p, o)| {
+                        OffsetCommitRequestPartition::default()
+                            .with_partition_index(*p)
+                            .with_committed_offset(*o)
+                    })
+                    .collect(),
+            )]);
+    let resp = r.node(coordinator).await?.call(&req).await?;
+    for t in resp.topics {
+        for p in t.partitions {
+            check(
+                p.error_code,
+                &format!("commit {topic}/{}", p.partition_index),
+            )?;
+        }
+    }
+    Ok(targets)
 }
 
 async fn describe(r: &mut Router, group: &str, json_format: bool) -> Result<()> {

@@ -4,7 +4,7 @@
 
 const REFRESH_MS = 2000;
 const HISTORY = 60; // points kept for the rate charts (two minutes)
-const state = { timer: null, history: [], lastEnd: null, browser: null };
+const state = { timer: null, history: [], lastEnd: null, browser: null, reset: {} };
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -135,6 +135,7 @@ const pages = {
       main.append(el("h2", {}, "Offsets and lag"), table(
         ["topic", { label: "partition", num: 1 }, { label: "committed", num: 1 }, { label: "high watermark", num: 1 }, { label: "lag", num: 1 }],
         g.offsets.map(o => el("tr", {}, el("td", {}, o.topic), num(o.partition), num(o.committed), num(o.high_watermark), num(o.lag)))));
+      main.append(resetForm(g));
       main.append(el("h2", {}, "Members"), table(["member", "client", "host"],
         g.members.map(m => el("tr", {}, el("td", {}, m.member_id), el("td", {}, m.client_id), el("td", {}, m.client_host)))));
     }
@@ -209,6 +210,39 @@ async function topicPage(main, name) {
         el("td", {}, show(r.value)),
         el("td", {}, r.headers.map(([k, v]) =>
           el("div", {}, `${k}: `, typeof v === "string" ? v : show(v))))))));
+}
+
+// Moving an empty group's offsets for one of its topics. The choices survive the page's
+// refreshes.
+function resetForm(g) {
+  const topics = [...new Set(g.offsets.map(o => o.topic))];
+  const choice = state.reset;
+  if (!topics.includes(choice.topic)) choice.topic = topics[0];
+  choice.to = choice.to || "earliest";
+  const select = (id, key, values) => {
+    const s = el("select", { id, onchange: () => { choice[key] = s.value; } },
+      values.map(v => el("option", { value: v }, v)));
+    s.value = choice[key];
+    return s;
+  };
+  const empty = g.state === "Empty";
+  const button = el("button", {
+    id: "reset-offsets",
+    onclick: async () => {
+      try {
+        await api(`/groups/${encodeURIComponent(g.group)}/reset-offsets`, {
+          method: "POST", headers: { "content-type": "application/json" },
+          body: JSON.stringify({ topic: choice.topic, to: choice.to }),
+        });
+      } catch (e) { alert(e.message); }
+      refresh();
+    },
+  }, "Reset offsets");
+  button.disabled = !empty || !topics.length;
+  return el("div", { class: "reset" }, el("h2", {}, "Reset offsets"),
+    el("p", {}, select("reset-topic", "topic", topics), " to ",
+      select("reset-to", "to", ["earliest", "latest"]), " ", button,
+      empty ? null : el("span", { class: "muted" }, " only an empty group: stop its consumers first")));
 }
 
 async function refresh() {
