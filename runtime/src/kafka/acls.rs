@@ -54,7 +54,8 @@ impl Broker {
         if !self.authorizer.enabled() {
             return true;
         }
-        let host = ctx.peer.ip().to_string();
+        // An IPv4 client on a dual-stack listener is named by its IPv4 address, as ACLs are.
+        let host = ctx.peer.ip().to_canonical().to_string();
         self.with_acls(|acls| ask(&self.authorizer, acls, &host))
     }
 
@@ -327,4 +328,52 @@ pub async fn delete_acls(
         })
         .collect();
     DeleteAclsResponse::default().with_filter_results(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::acl::AuthorizerSettings;
+
+    #[test]
+    fn acl_hosts_match_ipv4_clients_of_dual_stack_listeners() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::for_tests(dir.path());
+        broker.authorizer = Authorizer::new(&AuthorizerSettings {
+            enabled: true,
+            ..Default::default()
+        });
+        broker
+            .acls
+            .update(|acls| {
+                acls.insert(AclBinding {
+                    resource_type: ResourceType::Topic,
+                    resource_name: "t".into(),
+                    pattern: PatternType::Literal,
+                    principal: "User:alice".into(),
+                    host: "10.0.0.1".into(),
+                    operation: Operation::Read,
+                    permission: Permission::Allow,
+                });
+            })
+            .unwrap();
+        let mut ctx = RequestContext::for_tests(4);
+        ctx.principal = "User:alice".into();
+        for (peer, allowed) in [
+            ("[::ffff:10.0.0.1]:5000", true),
+            ("10.0.0.1:5000", true),
+            ("10.0.0.2:5000", false),
+        ] {
+            ctx.peer = peer.parse().unwrap();
+            assert_eq!(
+                broker.allowed(&ctx, Operation::Read, ResourceType::Topic, "t"),
+                allowed,
+                "{peer}"
+            );
+        }
+        assert_eq!(
+            broker.refusal(&ctx, Operation::Write, ResourceType::Topic, "t"),
+            Some(ResponseError::TopicAuthorizationFailed)
+        );
+    }
 }
