@@ -20,7 +20,7 @@ use crate::metrics::ScrapeOptions;
 use crate::pipeline::http_source::{parse_body, submit, Rejection};
 use crate::pipeline::spec::SpecError;
 use crate::pipeline::{EditError, PipelineManager};
-use crate::security::http::{same_digest, sha256, Caller, HttpAuth, Role};
+use crate::security::http::{bearer, same_secret, Caller, HttpAuth, Role};
 use crate::security::tls::{HttpsListener, Tls};
 
 #[derive(Clone)]
@@ -146,11 +146,9 @@ fn may_ingest(s: &AppState, token: Option<&str>, headers: &HeaderMap) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| sha256(t.trim().as_bytes()));
+        .and_then(bearer);
     if let (Some(expected), Some(presented)) = (token, presented) {
-        if same_digest(&sha256(expected.as_bytes()), &presented) {
+        if same_secret(expected, presented) {
             return true;
         }
     }

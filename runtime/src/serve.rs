@@ -28,18 +28,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         .await??,
     );
     let listener_settings = settings.kafka_listeners()?;
-    let tls = settings
-        .tls
-        .clone()
-        .map(crate::security::tls::Tls::load)
-        .transpose()
-        .context("tls")?;
-    let http_tls = settings
-        .http_tls
-        .clone()
-        .map(crate::security::tls::Tls::load)
-        .transpose()
-        .context("http_tls")?;
+    let tls = crate::security::tls::Tls::load_if_set(&settings.tls, "tls")?;
+    let http_tls = crate::security::tls::Tls::load_if_set(&settings.http_tls, "http_tls")?;
     let http_auth = settings
         .http_auth
         .as_ref()

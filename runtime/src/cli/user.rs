@@ -16,6 +16,7 @@ use kafka_protocol::messages::{
 use super::{check_code, ConnectArgs};
 use crate::client::Connection;
 use crate::kafka::str_bytes;
+use crate::security::http::read_secret;
 use crate::security::scram::{random_bytes, Mechanism, MIN_ITERATIONS};
 
 #[derive(Subcommand)]
@@ -64,12 +65,7 @@ pub async fn run(cmd: UserCommand, conn: &ConnectArgs) -> Result<()> {
             let m = mechanism(&mech)?;
             let password = match (password, password_file) {
                 (Some(p), _) => p,
-                (None, Some(f)) => std::fs::read_to_string(&f)
-                    .with_context(|| format!("cannot read {}", f.display()))?
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
+                (None, Some(f)) => read_secret(Some(&f), None, "--password-file")?,
                 (None, None) => {
                     bail!(
                         "give the password with --password-file, WEIR_USER_PASSWORD or --password"

@@ -201,11 +201,7 @@ pub fn describe_cluster(
     ctx: &RequestContext,
     _req: DescribeClusterRequest,
 ) -> DescribeClusterResponse {
-    if !broker.allowed_on_cluster(ctx, Operation::Describe) {
-        return DescribeClusterResponse::default()
-            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
-            .with_error_message(Some(str_bytes("not authorized to describe the cluster")));
-    }
+    require_on_cluster!(broker, ctx, Operation::Describe, DescribeClusterResponse);
     let (brokers, controller) = brokers(broker, &ctx.listener);
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(cluster_id(broker)))

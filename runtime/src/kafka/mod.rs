@@ -1,6 +1,23 @@
 //! The Kafka wire protocol server: request decoding (the `kafka-protocol` crate), version
 //! negotiation, and one handler module per group of APIs.
 
+/// Returns CLUSTER_AUTHORIZATION_FAILED in a `$response` (a cluster-level API's answer) when
+/// the request's principal may not do `$operation` on the cluster.
+macro_rules! require_on_cluster {
+    ($broker:expr, $ctx:expr, $operation:expr, $response:ty) => {
+        if !$broker.allowed_on_cluster($ctx, $operation) {
+            return <$response>::default()
+                .with_error_code(
+                    kafka_protocol::error::ResponseError::ClusterAuthorizationFailed.code(),
+                )
+                .with_error_message(Some($crate::kafka::str_bytes(format!(
+                    "not authorized: {} on the cluster",
+                    $operation
+                ))));
+        }
+    };
+}
+
 mod acls;
 mod admin;
 pub mod apis;

@@ -24,11 +24,12 @@ pub async fn alter_partition_reassignments(
     ctx: &RequestContext,
     req: AlterPartitionReassignmentsRequest,
 ) -> AlterPartitionReassignmentsResponse {
-    if !broker.allowed_on_cluster(ctx, Operation::Alter) {
-        return AlterPartitionReassignmentsResponse::default()
-            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
-            .with_error_message(Some(str_bytes("not authorized to alter the cluster")));
-    }
+    require_on_cluster!(
+        broker,
+        ctx,
+        Operation::Alter,
+        AlterPartitionReassignmentsResponse
+    );
     let Some(cluster) = &broker.cluster else {
         return AlterPartitionReassignmentsResponse::default()
             .with_error_code(ResponseError::InvalidReplicaAssignment.code())
@@ -108,11 +109,12 @@ pub fn list_partition_reassignments(
     ctx: &RequestContext,
     req: ListPartitionReassignmentsRequest,
 ) -> ListPartitionReassignmentsResponse {
-    if !broker.allowed_on_cluster(ctx, Operation::Describe) {
-        return ListPartitionReassignmentsResponse::default()
-            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
-            .with_error_message(Some(str_bytes("not authorized to describe the cluster")));
-    }
+    require_on_cluster!(
+        broker,
+        ctx,
+        Operation::Describe,
+        ListPartitionReassignmentsResponse
+    );
     let Some(cluster) = &broker.cluster else {
         return ListPartitionReassignmentsResponse::default();
     };

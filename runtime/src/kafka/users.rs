@@ -77,11 +77,12 @@ pub fn describe_user_scram_credentials(
     ctx: &RequestContext,
     req: DescribeUserScramCredentialsRequest,
 ) -> DescribeUserScramCredentialsResponse {
-    if !broker.allowed_on_cluster(ctx, Operation::Describe) {
-        return DescribeUserScramCredentialsResponse::default()
-            .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
-            .with_error_message(Some(str_bytes("not authorized to describe the cluster")));
-    }
+    require_on_cluster!(
+        broker,
+        ctx,
+        Operation::Describe,
+        DescribeUserScramCredentialsResponse
+    );
     let all = broker.scram_credentials();
     let info = |by_mech: &BTreeMap<Mechanism, ScramCredential>| {
         by_mech

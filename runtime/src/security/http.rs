@@ -2,7 +2,7 @@
 //! Tokens come from files, the environment or their SHA-256; only their SHA-256 is kept.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +10,8 @@ use base64::Engine;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use super::scram::constant_time_eq;
 
 /// What a caller may do: `read` is every GET (and pipeline validation); `admin` is everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -92,13 +94,21 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// Compares two secrets' digests without an early exit.
-pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The token of a `Bearer <token>` Authorization header.
+pub fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// Whether a presented secret is the expected one; compares their digests in constant time.
+pub fn same_secret(expected: &str, presented: &str) -> bool {
+    constant_time_eq(&sha256(expected.as_bytes()), &sha256(presented.as_bytes()))
 }
 
 /// A secret read from a file (its first line) or an environment variable; never logged.
-pub fn read_secret(file: Option<&PathBuf>, env: Option<&str>, what: &str) -> Result<String> {
+pub fn read_secret(file: Option<&Path>, env: Option<&str>, what: &str) -> Result<String> {
     let secret = match (file, env) {
         (Some(f), None) => std::fs::read_to_string(f)
             .with_context(|| format!("{what}: cannot read {}", f.display()))?
@@ -108,10 +118,10 @@ pub fn read_secret(file: Option<&PathBuf>, env: Option<&str>, what: &str) -> Res
             .to_string(),
         (None, Some(var)) => std::env::var(var)
             .with_context(|| format!("{what}: environment variable {var} is not set"))?,
-        _ => bail!("{what}: give exactly one of token_file, token_env and token_sha256"),
+        _ => bail!("{what}: give exactly one of a file and an environment variable"),
     };
     if secret.is_empty() {
-        bail!("{what}: the token is empty");
+        bail!("{what}: it is empty");
     }
     Ok(secret)
 }
@@ -122,18 +132,20 @@ impl HttpAuth {
         for t in &settings.tokens {
             let what = format!("http_auth token '{}'", t.name);
             let digest = match &t.token_sha256 {
-                Some(hex) if t.token_file.is_none() && t.token_env.is_none() => {
-                    let bytes = hex_decode(hex.trim())
+                Some(digest) if t.token_file.is_none() && t.token_env.is_none() => {
+                    let mut bytes = [0u8; 32];
+                    hex::decode_to_slice(digest.trim(), &mut bytes)
                         .with_context(|| format!("{what}: token_sha256 is not 64 hex digits"))?;
                     bytes
-                        .try_into()
-                        .map_err(|_| anyhow::anyhow!("{what}: token_sha256 is not 64 hex digits"))?
                 }
                 Some(_) => {
                     bail!("{what}: give exactly one of token_file, token_env and token_sha256")
                 }
+                None if t.token_file.is_some() == t.token_env.is_some() => {
+                    bail!("{what}: give exactly one of token_file, token_env and token_sha256")
+                }
                 None => sha256(
-                    read_secret(t.token_file.as_ref(), t.token_env.as_deref(), &what)?.as_bytes(),
+                    read_secret(t.token_file.as_deref(), t.token_env.as_deref(), &what)?.as_bytes(),
                 ),
             };
             if tokens.iter().any(|(n, _, _)| n == &t.name) {
@@ -158,7 +170,7 @@ impl HttpAuth {
         let mut found = None;
         // Every token is compared, so the time taken does not tell which one nearly matched.
         for (name, role, known) in &self.tokens {
-            if same_digest(known, &digest) {
+            if constant_time_eq(known, &digest) {
                 found = Some(Caller {
                     name: name.clone(),
                     role: *role,
@@ -176,10 +188,10 @@ impl HttpAuth {
         authorization: &str,
         check_password: impl Fn(&str, &[u8]) -> Result<(), String>,
     ) -> Option<Caller> {
-        let (scheme, value) = authorization.trim().split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return self.token(value.trim());
+        if let Some(token) = bearer(authorization) {
+            return self.token(token);
         }
+        let (scheme, value) = authorization.trim().split_once(' ')?;
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
@@ -217,16 +229,6 @@ impl HttpAuth {
     }
 }
 
-fn hex_decode(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,10 +245,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ops.token");
         std::fs::write(&file, "ops-secret\n").unwrap();
-        let hex: String = sha256(b"ci-secret")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = hex::encode(sha256(b"ci-secret"));
         let auth = HttpAuth::load(&HttpAuthSettings {
             tokens: vec![
                 TokenSettings {

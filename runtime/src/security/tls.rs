@@ -98,6 +98,15 @@ impl Tls {
         }))
     }
 
+    /// Loads the setting when it is given; errors name it (`what`).
+    pub fn load_if_set(settings: &Option<TlsSettings>, what: &str) -> Result<Option<Arc<Tls>>> {
+        settings
+            .clone()
+            .map(Tls::load)
+            .transpose()
+            .with_context(|| what.to_string())
+    }
+
     pub fn acceptor(&self) -> TlsAcceptor {
         self.acceptor.read().clone()
     }
