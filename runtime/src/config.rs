@@ -65,6 +65,9 @@ pub struct Settings {
     pub log_cleaner_interval_ms: u64,
     /// Memory for the cleaner's key map (Kafka's log.cleaner.dedupe.buffer.size).
     pub log_cleaner_dedupe_buffer_bytes: usize,
+    /// Incremental fetch sessions (KIP-227) kept at once; 0 turns them off
+    /// (max.incremental.fetch.session.cache.slots).
+    pub max_incremental_fetch_session_cache_slots: usize,
     /// The pipelines directory [default: ./pipelines when it exists].
     pub pipelines_dir: Option<PathBuf>,
     /// Longest transaction.timeout.ms a producer may ask for (transaction.max.timeout.ms).
@@ -121,6 +124,7 @@ impl Default for Settings {
             log_retention_check_interval_ms: 300_000,
             log_cleaner_interval_ms: 15_000,
             log_cleaner_dedupe_buffer_bytes: 128 << 20,
+            max_incremental_fetch_session_cache_slots: crate::kafka::fetch_session::DEFAULT_SLOTS,
             pipelines_dir: None,
             transaction_max_timeout_ms: TxnSettings::default().max_timeout_ms,
             transactional_id_expiration_ms: TxnSettings::default().id_expiration_ms,

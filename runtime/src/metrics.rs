@@ -470,6 +470,13 @@ fn state_gauges(broker: &Broker, options: ScrapeOptions) -> Vec<MetricFamily> {
     .expect("valid metric");
     ongoing.set(broker.txns.ongoing() as i64);
 
+    let fetch_sessions = IntGauge::new(
+        "weir_fetch_sessions",
+        "Incremental fetch sessions (KIP-227) this node keeps for consumers.",
+    )
+    .expect("valid metric");
+    fetch_sessions.set(broker.fetch_sessions.len() as i64);
+
     let mut out = Vec::new();
     for c in [
         &start as &dyn Collector,
@@ -484,6 +491,7 @@ fn state_gauges(broker: &Broker, options: ScrapeOptions) -> Vec<MetricFamily> {
         &lag,
         &partition_lag,
         &ongoing,
+        &fetch_sessions,
     ] {
         out.extend(c.collect());
     }

@@ -160,6 +160,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         users: crate::security::users::LocalUsers::open_users(&settings.data_dir)?,
         authorizer: crate::security::acl::Authorizer::new(&settings.authorizer),
         acls: crate::security::local::LocalFile::open(&settings.data_dir, kafka::ACLS_FILE)?,
+        fetch_sessions: kafka::fetch_session::FetchSessions::new(
+            settings.max_incremental_fetch_session_cache_slots,
+        ),
     });
     if let Some(link) = &txn_link {
         link.bind(&broker);

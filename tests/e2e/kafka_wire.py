@@ -300,3 +300,84 @@ def wait_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes]:
         if not chunk:
             return True, bytes(got)
         got += chunk
+
+
+# ---------------------------------------------------------------------------
+# Fetch v7 (the first version with fetch sessions, KIP-227)
+# ---------------------------------------------------------------------------
+
+API_FETCH = 1
+ERR_FETCH_SESSION_ID_NOT_FOUND = 70
+ERR_INVALID_FETCH_SESSION_EPOCH = 71
+
+
+def fetch_v7(correlation_id: int, session_id: int, session_epoch: int,
+             partitions: list[tuple[str, int, int]],
+             forgotten: list[tuple[str, int]] = (), max_wait_ms: int = 0) -> bytes:
+    """Fetch v7 of `partitions` [(topic, partition, fetch offset)], consecutive partitions of a
+    topic grouped, and `forgotten` [(topic, partition)] leaving the session."""
+    def grouped(items):
+        topics: list[tuple[str, list]] = []
+        for topic, *rest in items:
+            if not topics or topics[-1][0] != topic:
+                topics.append((topic, []))
+            topics[-1][1].append(rest)
+        return topics
+
+    body = struct.pack(">iiiib", -1, max_wait_ms, 0, 1 << 20, 0)  # replica, wait, min, max, isolation
+    body += struct.pack(">ii", session_id, session_epoch)
+    topics = grouped(partitions)
+    body += struct.pack(">i", len(topics))
+    for topic, parts in topics:
+        body += string(topic) + struct.pack(">i", len(parts))
+        for partition, offset in parts:
+            body += struct.pack(">iqqi", partition, offset, -1, 1 << 20)
+    gone = grouped(forgotten)
+    body += struct.pack(">i", len(gone))
+    for topic, parts in gone:
+        body += string(topic) + struct.pack(">i", len(parts))
+        for (partition,) in parts:
+            body += struct.pack(">i", partition)
+    return frame(request_header(API_FETCH, 7, correlation_id) + body)
+
+
+@dataclass
+class FetchedPartition:
+    topic: str
+    partition: int
+    error_code: int
+    high_watermark: int
+    records: bytes
+
+
+@dataclass
+class FetchV7Response:
+    error_code: int
+    session_id: int
+    partitions: list[FetchedPartition]
+
+    def keys(self) -> list[tuple[str, int]]:
+        return [(p.topic, p.partition) for p in self.partitions]
+
+
+def parse_fetch_v7_response(payload: bytes) -> FetchV7Response:
+    r = Reader(payload)
+    r.i32()  # correlation id
+    r.i32()  # throttle_time_ms
+    error_code, session_id = r.i16(), r.i32()
+    partitions = []
+    for _ in range(r.i32()):
+        topic = r.str()
+        for _ in range(r.i32()):
+            partition, err, hw = r.i32(), r.i16(), r.i64()
+            r.i64()  # last_stable_offset
+            r.i64()  # log_start_offset
+            aborted = r.i32()
+            for _ in range(max(aborted, 0)):
+                r.i64()
+                r.i64()
+            size = r.i32()
+            records = r._take(size) if size > 0 else b""
+            partitions.append(FetchedPartition(topic, partition, err, hw, records))
+    assert r.done(), f"{r.remaining()} unexpected trailing bytes in fetch response"
+    return FetchV7Response(error_code, session_id, partitions)

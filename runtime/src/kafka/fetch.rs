@@ -14,6 +14,7 @@ use kafka_protocol::messages::{
 use tokio::sync::Notify;
 
 use super::apis::RequestContext;
+use super::fetch_session::Ticket;
 use super::{read_error_code, Broker};
 use crate::cluster::replication::LeaderState;
 use crate::log::partition::{FileSlice, Isolation, Partition};
@@ -28,14 +29,26 @@ const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
 pub async fn fetch(
     broker: &Broker,
     ctx: &RequestContext,
-    req: FetchRequest,
+    mut req: FetchRequest,
 ) -> (FetchResponse, Vec<Option<FileSlice>>) {
-    // Fetch sessions (KIP-227) are declined: session id 0 makes every fetch a full one.
-    if ctx.version >= 7 && req.session_epoch > 0 {
-        let response =
-            FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code());
-        return (response, vec![]);
-    }
+    let ticket = if ctx.version >= 7 {
+        match broker.fetch_sessions.begin(&mut req) {
+            Ok(t) => t,
+            Err(e) => return (FetchResponse::default().with_error_code(e.code()), vec![]),
+        }
+    } else {
+        Ticket::None
+    };
+    let (response, slices) = fetch_all(broker, ctx, &req).await;
+    broker.fetch_sessions.finish(ticket, response, slices)
+}
+
+/// Reads every requested partition, parking until there is enough to send or the wait is over.
+async fn fetch_all(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: &FetchRequest,
+) -> (FetchResponse, Vec<Option<FileSlice>>) {
     let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
     let deadline = tokio::time::Instant::now() + wait;
     let min_bytes = req.min_bytes.max(0) as usize;
@@ -44,11 +57,11 @@ pub async fn fetch(
     } else {
         i32::MAX as u64
     };
-    let refused = refused_topics(broker, ctx, &req);
+    let refused = refused_topics(broker, ctx, req);
     loop {
         let notify = Arc::new(Notify::new());
         let (response, slices, bytes, partitions) =
-            read_once(broker, &req, &refused, max_bytes, &notify);
+            read_once(broker, req, &refused, max_bytes, &notify);
         let errors = response
             .responses
             .iter()
@@ -64,7 +77,7 @@ pub async fn fetch(
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {
-                let (response, slices, _, _) = read_once(broker, &req, &refused, max_bytes, &Arc::new(Notify::new()));
+                let (response, slices, _, _) = read_once(broker, req, &refused, max_bytes, &Arc::new(Notify::new()));
                 return (response, slices);
             }
         }

@@ -24,6 +24,7 @@ pub mod apis;
 mod epochs;
 mod fetch;
 pub mod fetch_encode;
+pub mod fetch_session;
 mod groups;
 mod metadata;
 mod produce;
@@ -79,6 +80,8 @@ pub struct Broker {
     pub authorizer: Authorizer,
     /// The ACLs of a single node (a cluster keeps them in its image).
     pub acls: LocalFile<Acls>,
+    /// Consumers' incremental fetch sessions (KIP-227).
+    pub fetch_sessions: fetch_session::FetchSessions,
 }
 
 /// How far a group is behind on one partition.
@@ -443,6 +446,7 @@ impl Broker {
             users: LocalUsers::open_users(dir)?,
             authorizer: Authorizer::new(&Default::default()),
             acls: LocalFile::open(dir, ACLS_FILE)?,
+            fetch_sessions: fetch_session::FetchSessions::new(fetch_session::DEFAULT_SLOTS),
         })
     }
 
