@@ -401,6 +401,7 @@ def main() -> int:
         systems = [s for s in systems if not s.startswith("kafka")]
     scratch = Path(tempfile.mkdtemp(prefix="weir-vs-kafka-"))
     results: dict[str, dict[str, list[dict]]] = {w.name: {} for w in chosen}
+    failures: list[str] = []
     try:
         clients = Clients(kafka_dir if kafka_found else None, scratch)
         for rnd in range(rounds):
@@ -414,6 +415,11 @@ def main() -> int:
                               else Kafka(kafka_dir, scratch, sessions))
                     try:
                         r = measure(server, clients, w, e2e_secs, a.rate)
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:
+                        # One failed row is reported; the rest of the run goes on.
+                        failures.append(f"round {rnd + 1} {w.name} {system}: {str(e)[:1000]}")
+                        print(f"vs_kafka: FAILED {failures[-1]}", flush=True)
+                        continue
                     finally:
                         server.stop()
                     results[w.name].setdefault(system, []).append(r)
@@ -423,9 +429,12 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print()
     print(report(results, systems, a.rate, kafka_found))
+    for f in failures:
+        print(f"failed: {f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rate": a.rate, "results": results}, indent=1))
-    return 0
+        Path(a.json).write_text(json.dumps({"rate": a.rate, "results": results, "failures": failures},
+                                           indent=1))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -662,8 +662,12 @@ impl Partition {
             .chain(log.segments.range(offset + 1..))
         {
             if let Some((pos, first_len)) = seg.locate_offset(offset)? {
+                // A first batch that does not fit is left out whole, as Kafka does: the Java
+                // consumer fails a partition whose records hold no complete batch.
                 let want = if min_one_batch {
                     max_bytes.max(first_len)
+                } else if max_bytes < first_len {
+                    0
                 } else {
                     max_bytes
                 };
@@ -1391,6 +1395,28 @@ mod tests {
             p.read(0, 100, true),
             Err(ReadError::OffsetOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn a_read_without_room_for_its_first_batch_returns_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let first = batch(&[b"aaaaaaaaaa", b"bbbbbbbbbb"], Compression::None, 0);
+        p.append(&first).unwrap();
+        p.append(&batch(&[b"c"], Compression::None, 0)).unwrap();
+        let len = first.len() as u64;
+        let read = |max, min_one| p.read(0, max, min_one).unwrap().records.map(|r| r.len);
+        assert_eq!(read(len - 1, false), None, "no partial first batch");
+        assert_eq!(
+            read(len - 1, true),
+            Some(len),
+            "the first batch of a response is whole"
+        );
+        assert_eq!(read(len, false), Some(len));
+        // Room for the first batch and part of the next: the next is cut, as Kafka cuts it.
+        assert_eq!(read(len + 5, false), Some(len + 5));
+        let empty = p.read(0, len - 1, false).unwrap();
+        assert_eq!((empty.high_watermark, empty.log_start_offset), (3, 0));
     }
 
     fn idempotent(pid: i64, seq: i32, values: &[&[u8]], txn: bool) -> Vec<u8> {
