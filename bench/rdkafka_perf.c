@@ -12,7 +12,8 @@
  *       latency from the send time written into each value to its arrival at the consumer
  *
  * Prints one JSON object on stdout. Client settings are the same for every broker: linger.ms=5,
- * batch.size=1 MiB, lz4 off, fetch.wait.max.ms=100 (librdkafka's defaults elsewhere).
+ * batch.size=1 MiB, lz4 off, a random partition per record, fetch.wait.max.ms=100 (librdkafka's
+ * defaults elsewhere).
  */
 #include <inttypes.h>
 #include <librdkafka/rdkafka.h>
@@ -134,6 +135,9 @@ static rd_kafka_t *new_producer(const char *brokers, const char *acks, produce_s
     set(conf, "queue.buffering.max.messages", "1000000");
     set(conf, "queue.buffering.max.kbytes", "1048576");
     set(conf, "compression.codec", "none");
+    /* Each keyless record to a random partition, not one partition per 10 ms: the partitions
+     * end up even, so consumers of every partition finish together. */
+    set(conf, "sticky.partitioning.linger.ms", "0");
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     rd_kafka_conf_set_opaque(conf, st);
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
