@@ -22,6 +22,7 @@ Per workload (partitions, record size, acks=1, page-cache durability on both):
   e2e             librdkafka producer at 10k records/s for S seconds, consumer in the same
                   process: p50/p99/p99.9 from send to receipt
   server          CPU seconds per MB moved (produce and consume phases), peak RSS
+  client          the client process's CPU seconds per MB moved, in the same phases
 
 The fetch-session workloads (16p-100B-sessions, 256p-100B-sessions) measure consumers of many
 partitions only: no Java produce; librdkafka fills the topic, then the Java consumer (which uses incremental fetch
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -60,6 +62,13 @@ def free_port() -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def clients_cpu_seconds() -> float:
+    """CPU of the client processes run and waited for so far (the servers are not reaped until
+    they stop, so a phase's difference is its client's CPU alone)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -267,9 +276,10 @@ def measure(server: Server, clients: Clients, w: Workload, e2e_secs: float, rate
     out: dict[str, float] = {}
 
     def phase(prefix: str, f) -> dict:
-        before = cpu_seconds(server.pid)
+        before, client_before = cpu_seconds(server.pid), clients_cpu_seconds()
         r = f()
         out[f"{prefix}_server_cpu_ms_per_mb"] = (cpu_seconds(server.pid) - before) * 1000 / mb
+        out[f"{prefix}_client_cpu_ms_per_mb"] = (clients_cpu_seconds() - client_before) * 1000 / mb
         for k, v in r.items():
             out[f"{prefix}_{k}"] = v
         return r
@@ -327,6 +337,10 @@ FIGURES = [
     ("java_consume_server_cpu_ms_per_mb", "server CPU per MB consumed, Java client (ms)", False),
     ("rdkafka_produce_server_cpu_ms_per_mb", "server CPU per MB produced, librdkafka (ms)", False),
     ("rdkafka_consume_server_cpu_ms_per_mb", "server CPU per MB consumed, librdkafka (ms)", False),
+    ("java_produce_client_cpu_ms_per_mb", "client CPU per MB produced, Java client (ms)", False),
+    ("java_consume_client_cpu_ms_per_mb", "client CPU per MB consumed, Java client (ms)", False),
+    ("rdkafka_produce_client_cpu_ms_per_mb", "client CPU per MB produced, librdkafka (ms)", False),
+    ("rdkafka_consume_client_cpu_ms_per_mb", "client CPU per MB consumed, librdkafka (ms)", False),
     ("peak_rss_mb", "server peak RSS (MB)", False),
 ]
 
