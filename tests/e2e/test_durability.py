@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+import kafka_wire as kw
 from support import (Outgoing, Rec, assert_contiguous, assert_same_records, consume_confluent,
                      create_topic, now_ms, produce_confluent, producer_conf, wait_until,
                      watermarks)
@@ -269,3 +270,42 @@ def test_backdated_records_stay_until_the_retention_check(weir_factory):
     backfill(fast, "backfill")
     wait_until(lambda: watermarks(fast.bootstrap, "backfill", [0])[0] == (50, 50), 30,
                message="the expired backfill to be deleted")
+
+
+def test_pipelined_requests_behind_fsync_produces_are_answered_in_order(weir):
+    """Requests sent all at once, mixing Produce to a flush.messages=1 topic (answered after
+    its fsync), acks=0 Produce (no answer), Produce to a plain topic and ApiVersions: the
+    answers come back in request order, and every record is where its answer says."""
+    create_topic(weir.bootstrap, "synced", 1, config={"flush.messages": "1"})
+    create_topic(weir.bootstrap, "plain", 1)
+    sock = kw.connect(weir.bootstrap)
+    requests, expected = [], []
+    for i in range(60):
+        corr = i + 1
+        kind = ("synced", "plain", "versions", "synced-acks0")[i % 4]
+        if kind == "versions":
+            requests.append(kw.api_versions_request(corr))
+        else:
+            topic = kind.split("-")[0]
+            batch = kw.record_batch([(None, b"%s-%d" % (kind.encode(), i))], now_ms())
+            acks = 0 if kind.endswith("acks0") else -1
+            requests.append(kw.produce_v3(corr, topic, 0, batch, acks=acks))
+        if kind != "synced-acks0":  # acks=0: no answer
+            expected.append((corr, kind))
+    sock.sendall(b"".join(requests))  # all at once: the client does not wait for any answer
+    next_offset = {"synced": 0, "plain": 0}
+    for corr, kind in expected:
+        payload = kw.recv_frame(sock)
+        got = int.from_bytes(payload[:4], "big", signed=True)
+        assert got == corr, f"answer {got} came where {corr} ({kind}) was due"
+        if kind == "versions":
+            assert kw.parse_api_versions_v0(payload).error_code == 0
+            continue
+        _, [result] = kw.parse_produce_v3_response(payload)
+        assert result.error_code == 0, result
+        # acks=0 records of "synced" sit between the acknowledged ones.
+        assert result.base_offset >= next_offset[kind]
+        next_offset[kind] = result.base_offset + 1
+    sock.close()
+    assert watermarks(weir.bootstrap, "synced", [0]) == {0: (0, 30)}
+    assert watermarks(weir.bootstrap, "plain", [0]) == {0: (0, 15)}

@@ -22,13 +22,81 @@ pub async fn produce(
     ctx: &RequestContext,
     req: ProduceRequest,
 ) -> Option<ProduceResponse> {
+    append(broker, ctx, req).await.acknowledge().await
+}
+
+/// A Produce request whose batches are appended, and what its answer still waits for: the
+/// fsync of fsync-before-ack topics and, for acks=all in a cluster, the in-sync replicas.
+pub struct Appended {
+    acks: i16,
+    responses: Vec<TopicProduceResponse>,
+    to_flush: Vec<(Arc<Partition>, i64)>,
+    /// acks=all on replicated partitions: (partition, offset the high watermark must reach,
+    /// the leader epoch it was written in).
+    to_replicate: Vec<(Arc<Partition>, i64, i32)>,
+    deadline: tokio::time::Instant,
+}
+
+impl Appended {
+    /// True when the answer needs no waiting.
+    pub fn is_ready(&self) -> bool {
+        self.acks == 0 || (self.to_flush.is_empty() && self.to_replicate.is_empty())
+    }
+
+    /// Waits for durability and replication as acks asks, then answers (None for acks=0).
+    pub async fn acknowledge(self) -> Option<ProduceResponse> {
+        let Appended {
+            acks,
+            mut responses,
+            to_flush,
+            to_replicate,
+            deadline,
+        } = self;
+        if acks == 0 {
+            return None;
+        }
+        // fsync-before-ack topics: one group-committed fsync per partition covers this request.
+        for (p, offset) in to_flush {
+            if let Err(e) = p.flush_to(offset).await {
+                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "fsync failed");
+                for t in responses.iter_mut().filter(|t| *t.name.0 == *p.topic) {
+                    for r in t.partition_responses.iter_mut().filter(|r| r.index == p.id) {
+                        r.error_code = ResponseError::KafkaStorageError.code();
+                        r.error_message = Some(str_bytes(format!("fsync failed: {e}")));
+                    }
+                }
+            }
+        }
+        for (p, offset, epoch) in to_replicate {
+            if let Err(e) = wait_replicated(&p, offset, Some(epoch), deadline).await {
+                let message = if e == ResponseError::RequestTimedOut {
+                    "the in-sync replicas did not all acknowledge the write in time"
+                } else {
+                    "leadership moved before the in-sync replicas acknowledged the write"
+                };
+                for t in responses.iter_mut().filter(|t| *t.name.0 == *p.topic) {
+                    for r in t.partition_responses.iter_mut().filter(|r| r.index == p.id) {
+                        r.error_code = e.code();
+                        r.error_message = Some(str_bytes(message));
+                    }
+                }
+            }
+        }
+        Some(ProduceResponse::default().with_responses(responses))
+    }
+}
+
+/// Validates and appends every partition's batches, in request order; the waits are left to
+/// [`Appended::acknowledge`].
+pub async fn append(broker: &Broker, ctx: &RequestContext, req: ProduceRequest) -> Appended {
     let acks = req.acks;
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(req.timeout_ms.max(0) as u64);
     let txn_refused = req.transactional_id.as_ref().is_some_and(|id| {
         !broker.allowed(ctx, Operation::Write, ResourceType::TransactionalId, id)
     });
     let mut responses = Vec::with_capacity(req.topic_data.len());
     let mut to_flush = Vec::new();
-    // acks=all on replicated partitions: (partition, offset the high watermark must reach).
     let mut to_replicate = Vec::new();
     for topic_data in req.topic_data {
         let name = topic_data.name.0.to_string();
@@ -140,40 +208,13 @@ pub async fn produce(
                 .with_partition_responses(partitions),
         );
     }
-    if acks != 0 {
-        // fsync-before-ack topics: one group-committed fsync per partition covers this request.
-        for (p, offset) in to_flush {
-            if let Err(e) = p.flush_to(offset).await {
-                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "fsync failed");
-                for t in responses.iter_mut().filter(|t| *t.name.0 == *p.topic) {
-                    for r in t.partition_responses.iter_mut().filter(|r| r.index == p.id) {
-                        r.error_code = ResponseError::KafkaStorageError.code();
-                        r.error_message = Some(str_bytes(format!("fsync failed: {e}")));
-                    }
-                }
-            }
-        }
+    Appended {
+        acks,
+        responses,
+        to_flush,
+        to_replicate,
+        deadline,
     }
-    if !to_replicate.is_empty() {
-        let deadline = tokio::time::Instant::now()
-            + std::time::Duration::from_millis(req.timeout_ms.max(0) as u64);
-        for (p, offset, epoch) in to_replicate {
-            if let Err(e) = wait_replicated(&p, offset, Some(epoch), deadline).await {
-                let message = if e == ResponseError::RequestTimedOut {
-                    "the in-sync replicas did not all acknowledge the write in time"
-                } else {
-                    "leadership moved before the in-sync replicas acknowledged the write"
-                };
-                for t in responses.iter_mut().filter(|t| *t.name.0 == *p.topic) {
-                    for r in t.partition_responses.iter_mut().filter(|r| r.index == p.id) {
-                        r.error_code = e.code();
-                        r.error_message = Some(str_bytes(message));
-                    }
-                }
-            }
-        }
-    }
-    (acks != 0).then(|| ProduceResponse::default().with_responses(responses))
 }
 
 /// In a cluster, only the partition's leader takes writes, and acks=all needs

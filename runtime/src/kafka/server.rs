@@ -1,19 +1,24 @@
 //! The Kafka listener: one task per connection, requests answered in order.
 //!
-//! Like Kafka, a connection's requests are handled one after another, so pipelined requests are
+//! Like Kafka, a connection's requests are handled one after another, and pipelined requests are
 //! answered in the order they were sent; responses are buffered and flushed when the client has
-//! nothing more queued. A malformed frame closes only its own connection, with a logged reason.
+//! nothing more queued. Unlike Kafka, a Produce that waits for its fsync or its in-sync replicas
+//! does not hold up the connection: its records are appended, the requests after it are read
+//! and handled, and their answers queue behind its own. A malformed frame closes only its own
+//! connection, with a logged reason.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use std::os::fd::AsRawFd;
 
@@ -21,7 +26,7 @@ use tokio::io::Interest;
 
 use super::apis::{self, Reply};
 use super::fetch_encode::{self, Piece};
-use super::Broker;
+use super::{produce, Broker};
 use crate::log::partition::FileSlice;
 use crate::security::sasl::{Intercept, SaslSession};
 use crate::security::tls::certificate_principal;
@@ -31,6 +36,9 @@ use crate::security::{Listener, ANONYMOUS};
 pub const MAX_FRAME_BYTES: i32 = 100 * 1024 * 1024;
 /// Connections idle this long are closed, as Kafka's connections.max.idle.ms.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Answers a connection may have queued (waiting Produce answers and those behind them) before
+/// it stops reading requests; clients keep at most 5 in flight by default.
+const MAX_QUEUED_ANSWERS: usize = 32;
 
 pub async fn serve(
     listener: TcpListener,
@@ -160,9 +168,50 @@ impl Transport for tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStrea
     }
 }
 
+/// A request's answer, as the handler leaves it.
+pub enum Answer {
+    /// Nothing is sent (acks=0).
+    None,
+    Ready(Vec<Piece>),
+    /// A Produce answer still waiting for its fsync or its in-sync replicas.
+    Waiting(WaitingAnswer),
+}
+
+/// The encoded answer once its wait is over (None: no response is due).
+pub type WaitingAnswer =
+    Pin<Box<dyn Future<Output = Result<Option<Vec<Piece>>, ConnectionError>> + Send>>;
+
+/// An answer on its way to the writer, in request order.
+struct Outgoing {
+    answer: Answer,
+    /// The client had more requests queued when this one was handled, so the answers to come
+    /// right after may share a flush with this one.
+    more_queued: bool,
+    /// Told once the answer is written: the reader waits for that before the next request,
+    /// except behind a waiting Produce answer.
+    written: Option<oneshot::Sender<()>>,
+}
+
 async fn connection<R: AsyncRead + Unpin, W: Transport>(
+    reader: BufReader<R>,
+    writer: BufWriter<W>,
+    peer: Peer,
+    broker: Arc<Broker>,
+    security: Arc<Listener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let (answers, queued) = mpsc::channel(MAX_QUEUED_ANSWERS);
+    let (read, written) = tokio::join!(
+        read_requests(reader, answers, peer, broker, security, shutdown),
+        write_answers(writer, queued)
+    );
+    written.and(read)
+}
+
+/// Reads and handles the connection's requests one after another, queueing their answers.
+async fn read_requests<R: AsyncRead + Unpin>(
     mut reader: BufReader<R>,
-    mut writer: BufWriter<W>,
+    answers: mpsc::Sender<Outgoing>,
     mut peer: Peer,
     broker: Arc<Broker>,
     security: Arc<Listener>,
@@ -173,6 +222,31 @@ async fn connection<R: AsyncRead + Unpin, W: Transport>(
         .protocol
         .sasl()
         .then(|| SaslSession::new(security.clone(), peer.addr));
+    // A ready answer is written before the next request is read, as a connection without
+    // waiting answers always did; only a waiting Produce answer lets the reader go on.
+    let queue = &answers;
+    let send = |answer: Answer, more_queued: bool| async move {
+        let (written, done) = match answer {
+            Answer::Waiting(_) => (None, None),
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+        };
+        queue
+            .send(Outgoing {
+                answer,
+                more_queued,
+                written,
+            })
+            .await
+            .map_err(|_| ())?;
+        if let Some(done) = done {
+            done.await.map_err(|_| ())?;
+        }
+        Ok(())
+    };
+    let stopped = |_: ()| protocol("the connection's writer stopped");
     loop {
         let (min, max) = match &sasl {
             None => (8, MAX_FRAME_BYTES),
@@ -186,6 +260,8 @@ async fn connection<R: AsyncRead + Unpin, W: Transport>(
                 Err(_) => return Err(protocol("idle timeout")),
             },
             _ = shutdown.changed() => return Ok(()),
+            // The writer failed (the client went away): nothing more can be answered.
+            _ = answers.closed() => return Ok(()),
         };
         metrics.received_bytes.inc_by(frame.len() as u64 + 4);
         let frame = match &mut sasl {
@@ -195,45 +271,72 @@ async fn connection<R: AsyncRead + Unpin, W: Transport>(
                 Intercept::Reply(response) => {
                     // A login only ever ends with a reply: the principal changes here or not at all.
                     peer.principal = session.principal();
-                    metrics.sent_bytes.inc_by(response.len() as u64);
-                    writer.write_all(&response).await?;
-                    writer.flush().await?;
+                    send(Answer::Ready(vec![Piece::Bytes(response)]), false)
+                        .await
+                        .map_err(stopped)?;
                     continue;
                 }
                 Intercept::Close(response, reason) => {
                     if let Some(response) = response {
-                        writer.write_all(&response).await?;
-                        writer.flush().await?;
+                        send(Answer::Ready(vec![Piece::Bytes(response)]), false)
+                            .await
+                            .map_err(stopped)?;
                     }
                     return Err(protocol(reason));
                 }
             },
         };
-        if let Some(pieces) = handle_frame(&broker, frame, &peer).await? {
-            for piece in pieces {
-                match piece {
-                    Piece::Bytes(b) => {
-                        metrics.sent_bytes.inc_by(b.len() as u64);
-                        writer.write_all(&b).await?
-                    }
-                    Piece::File(f) => {
-                        if writer.get_ref().plain_socket().is_some() {
-                            writer.flush().await?;
-                            if let Some(socket) = writer.get_ref().plain_socket() {
-                                send_file(socket, &f).await?;
-                            }
-                        } else {
-                            writer.write_all(&f.read_bytes()?).await?;
+        let answer = handle_frame(&broker, frame, &peer).await?;
+        send(answer, !reader.buffer().is_empty())
+            .await
+            .map_err(stopped)?;
+    }
+}
+
+/// Writes the answers in request order, waiting for each Produce answer that is not ready.
+async fn write_answers<W: Transport>(
+    mut writer: BufWriter<W>,
+    mut queued: mpsc::Receiver<Outgoing>,
+) -> Result<(), ConnectionError> {
+    let metrics = crate::metrics::get();
+    while let Some(out) = queued.recv().await {
+        let pieces = match out.answer {
+            Answer::None => None,
+            Answer::Ready(pieces) => Some(pieces),
+            Answer::Waiting(answer) => {
+                // The answers before this one go out now, not after its wait.
+                writer.flush().await?;
+                answer.await?
+            }
+        };
+        for piece in pieces.into_iter().flatten() {
+            match piece {
+                Piece::Bytes(b) => {
+                    metrics.sent_bytes.inc_by(b.len() as u64);
+                    writer.write_all(&b).await?
+                }
+                Piece::File(f) => {
+                    if writer.get_ref().plain_socket().is_some() {
+                        writer.flush().await?;
+                        if let Some(socket) = writer.get_ref().plain_socket() {
+                            send_file(socket, &f).await?;
                         }
-                        metrics.sent_bytes.inc_by(f.len);
+                    } else {
+                        writer.write_all(&f.read_bytes()?).await?;
                     }
+                    metrics.sent_bytes.inc_by(f.len);
                 }
             }
         }
-        if reader.buffer().is_empty() {
+        if !out.more_queued {
             writer.flush().await?;
         }
+        if let Some(written) = out.written {
+            let _ = written.send(());
+        }
     }
+    writer.flush().await?;
+    Ok(())
 }
 
 /// Sends a segment file range with sendfile(2): the bytes go from the page cache to the socket
@@ -294,12 +397,11 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
 }
 
 /// Decodes, handles and encodes one request into the pieces of its response frame.
-/// Ok(None): no response is due (acks=0).
 pub async fn handle_frame(
     broker: &Broker,
     mut frame: Bytes,
     peer: &Peer,
-) -> Result<Option<Vec<Piece>>, ConnectionError> {
+) -> Result<Answer, ConnectionError> {
     let api_key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
     let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
@@ -308,7 +410,7 @@ pub async fn handle_frame(
     if !apis::is_supported(key, version) {
         if key == ApiKey::ApiVersions {
             // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our ranges, so the client retries.
-            return Ok(Some(vec![Piece::Bytes(encode_response(
+            return Ok(Answer::Ready(vec![Piece::Bytes(encode_response(
                 correlation_id,
                 ApiKey::ApiVersions,
                 0,
@@ -331,7 +433,41 @@ pub async fn handle_frame(
         principal: peer.principal.clone(),
     };
     let started = std::time::Instant::now();
-    let reply = apis::dispatch(broker, &ctx, request).await;
+    let reply = match request {
+        // Appended here, in request order; the wait for the fsync or the in-sync replicas goes
+        // with the answer, and the connection reads the client's next requests meanwhile.
+        RequestKind::Produce(r) => {
+            let appended = produce::append(broker, &ctx, r).await;
+            if !appended.is_ready() {
+                return Ok(Answer::Waiting(Box::pin(async move {
+                    let reply = appended.acknowledge().await.map(produce_reply);
+                    finish(correlation_id, key, version, started, reply)
+                })));
+            }
+            appended.acknowledge().await.map(produce_reply)
+        }
+        request => apis::dispatch(broker, &ctx, request).await,
+    };
+    Ok(
+        match finish(correlation_id, key, version, started, reply)? {
+            Some(pieces) => Answer::Ready(pieces),
+            None => Answer::None,
+        },
+    )
+}
+
+fn produce_reply(response: kafka_protocol::messages::ProduceResponse) -> Reply {
+    Reply::Message(ResponseKind::Produce(response))
+}
+
+/// Records the request's latency and error codes, and encodes its reply (None: no response).
+fn finish(
+    correlation_id: i32,
+    key: ApiKey,
+    version: i16,
+    started: std::time::Instant,
+    reply: Option<Reply>,
+) -> Result<Option<Vec<Piece>>, ConnectionError> {
     let series = crate::metrics::api(key);
     if let Some(s) = series {
         s.observe(version, started.elapsed().as_secs_f64());
