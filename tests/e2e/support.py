@@ -207,6 +207,23 @@ def _norm_headers(headers) -> tuple[Header, ...]:
     return tuple((k if isinstance(k, str) else k.decode(), v) for k, v in headers)
 
 
+def _high_watermark(c: Consumer, topic: str, partition: int) -> int:
+    """The partition's high watermark from its leader. On a cluster, leadership may move
+    between the client's metadata and its ListOffsets (a preferred leader coming back): the
+    client retries, as a consumer does, rather than failing on the first NOT_LEADER."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
+                                           cached=False)[1]
+        except KafkaException as e:
+            retriable = e.args[0].code() in (KafkaError.NOT_LEADER_FOR_PARTITION,
+                                             KafkaError.LEADER_NOT_AVAILABLE)
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def consume_confluent(bootstrap: str, topic: str, partitions: Iterable[int],
                       start: dict[int, int] | None = None,
                       timeout: float = DEFAULT_TIMEOUT_S, **conf) -> list[Rec]:
@@ -215,8 +232,7 @@ def consume_confluent(bootstrap: str, topic: str, partitions: Iterable[int],
     partitions = list(partitions)
     c = Consumer(consumer_conf(bootstrap, **conf))
     try:
-        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-                for p in partitions}
+        ends = {p: _high_watermark(c, topic, p) for p in partitions}
         start = start or {}
         c.assign([TopicPartition(topic, p, start.get(p, OFFSET_BEGINNING)) for p in partitions])
         out: list[Rec] = []
