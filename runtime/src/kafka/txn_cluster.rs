@@ -37,14 +37,27 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MARKER_DEADLINE: Duration = Duration::from_secs(15);
 
 /// One connection to each other node's Kafka listener, made on first use and again after an
-/// error; requests to one node go one at a time.
-#[derive(Default)]
+/// error; requests to one node go one at a time, each given `timeout` to be answered.
 pub struct Peers {
     conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    timeout: Duration,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        Peers::new(CALL_TIMEOUT)
+    }
 }
 
 impl Peers {
-    async fn call<R: Request>(
+    pub fn new(timeout: Duration) -> Peers {
+        Peers {
+            conns: Default::default(),
+            timeout,
+        }
+    }
+
+    pub async fn call<R: Request>(
         &self,
         cluster: &Cluster,
         node: NodeId,
@@ -60,20 +73,21 @@ impl Peers {
         };
         let slot = self.conns.lock().entry(node).or_default().clone();
         let mut slot = slot.lock().await;
-        let result = tokio::time::timeout(CALL_TIMEOUT, async {
-            if slot.is_none() {
-                *slot = Some(Connection::connect(&addr).await?);
-            }
-            slot.as_mut().expect("connected above").call(req).await
+        let timeout = self.timeout;
+        // The connection is out of its slot while in use and goes back only after a whole
+        // answer: a call dropped half-way (or failed) leaves a fresh connection to the next.
+        let mut conn = slot.take();
+        let result = tokio::time::timeout(timeout, async {
+            let c = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(Connection::connect(&addr).await?),
+            };
+            c.call(req).await
         })
         .await
-        .unwrap_or_else(|_| {
-            Err(anyhow!(
-                "no answer from node {node} within {CALL_TIMEOUT:?}"
-            ))
-        });
-        if result.is_err() {
-            *slot = None;
+        .unwrap_or_else(|_| Err(anyhow!("no answer from node {node} within {timeout:?}")));
+        if result.is_ok() {
+            *slot = conn;
         }
         result
     }
