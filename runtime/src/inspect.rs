@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::kafka::Broker;
 use crate::log::manager::Topic;
-use crate::pipeline::io::TopicReader;
+use crate::pipeline::io::LocalReader;
 
 fn topic_json(broker: &Broker, t: &Topic, with_configs: bool) -> Value {
     let partitions: Vec<Value> = t
@@ -74,7 +74,7 @@ pub fn records(
     let start = offset
         .unwrap_or(hw - limit as i64)
         .clamp(p.log_start_offset(), hw);
-    let mut reader = TopicReader::new(&t, &BTreeMap::from([(partition, start)]));
+    let mut reader = LocalReader::new(&t, &BTreeMap::from([(partition, start)]));
     let mut out = Vec::new();
     let mut next = start;
     while out.len() < limit && next < hw {

@@ -117,35 +117,6 @@ pub async fn run(settings: Settings) -> Result<()> {
         // Before any client connects: finish or abort what the previous run left open.
         txns.recover().await?;
     }
-    let pipelines_dir = match (&cluster, pipelines_dir(&settings)) {
-        (Some(_), Some(dir)) if settings.pipelines_dir.is_some() => anyhow::bail!(
-            "pipelines ({}) do not run on a cluster node yet; start a single node for them",
-            dir.display()
-        ),
-        (Some(_), Some(dir)) => {
-            tracing::warn!(dir = %dir.display(), "pipelines do not run on a cluster node yet; not loading them");
-            None
-        }
-        (_, dir) => dir,
-    };
-    let pipelines = match pipelines_dir {
-        Some(dir) => {
-            let offsets = Arc::new(crate::pipeline::offsets::OffsetStore::open(&log)?);
-            let ctx = crate::pipeline::Context {
-                log: log.clone(),
-                groups: groups.clone(),
-                txns: txns.clone(),
-                offsets,
-                default_partitions: settings.default_partitions.max(1),
-                plugins: Arc::new(weir_wasm::Host::new(Some(
-                    &settings.data_dir.join("plugin-cache"),
-                ))?),
-            };
-            tracing::info!(dir = %dir.display(), "loading pipelines");
-            Some(Arc::new(crate::pipeline::PipelineManager::new(ctx, dir)))
-        }
-        None => None,
-    };
     let broker = Arc::new(Broker {
         node_id: settings.node_id,
         cluster_id: kafka::load_cluster_id(&settings.data_dir)?,
@@ -167,6 +138,34 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Some(link) = &txn_link {
         link.bind(&broker);
     }
+
+    // On a cluster every node is given the pipelines directory; the image places each
+    // pipeline on one node.
+    let pipelines = match pipelines_dir(&settings) {
+        Some(dir) => {
+            let (offsets, cluster) = match &broker.cluster {
+                Some(_) => (
+                    crate::pipeline::offsets::OffsetStore::Cluster(broker.clone()),
+                    Some(broker.clone()),
+                ),
+                None => (crate::pipeline::offsets::OffsetStore::open(&log)?, None),
+            };
+            let ctx = crate::pipeline::Context {
+                log: log.clone(),
+                groups: groups.clone(),
+                txns: txns.clone(),
+                offsets: Arc::new(offsets),
+                default_partitions: settings.default_partitions.max(1),
+                plugins: Arc::new(weir_wasm::Host::new(Some(
+                    &settings.data_dir.join("plugin-cache"),
+                ))?),
+                cluster,
+            };
+            tracing::info!(dir = %dir.display(), "loading pipelines");
+            Some(Arc::new(crate::pipeline::PipelineManager::new(ctx, dir)))
+        }
+        None => None,
+    };
 
     let maintenance = tokio::spawn(log.clone().run_maintenance(
         Duration::from_millis(100),
@@ -216,9 +215,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         },
         stop_rx.clone(),
     ));
+    // Pipelines stop first, so that on a cluster they move to another node only once stopped.
+    let (pipelines_stop_tx, pipelines_stop_rx) = tokio::sync::watch::channel(false);
     let pipeline_task = pipelines
         .clone()
-        .map(|p| tokio::spawn(p.run(stop_rx.clone())));
+        .map(|p| tokio::spawn(p.run(pipelines_stop_rx)));
     tracing::info!(kafka = %kafka_local, http = %http_local, data_dir = %settings.data_dir.display(), "weir is serving");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -227,15 +228,16 @@ pub async fn run(settings: Settings) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    // A cluster node first hands its leaderships to the other in-sync replicas.
+    // Pipelines finish their current batch while the log (and the cluster) still serve.
+    let _ = pipelines_stop_tx.send(true);
+    if let Some(t) = pipeline_task {
+        let _ = t.await;
+    }
+    // A cluster node then hands its leaderships to the other in-sync replicas.
     if let Some(c) = &broker.cluster {
         c.leave().await;
     }
     let _ = stop_tx.send(true);
-    // Pipelines finish their current batch while the log is still open.
-    if let Some(t) = pipeline_task {
-        let _ = t.await;
-    }
     for t in kafka_tasks {
         let _ = t.await;
     }

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
@@ -55,9 +56,10 @@ class Cluster:
         return admin(via.bootstrap).list_topics(topic=topic, timeout=10)
 
 
-def start_cluster(weir_factory, size: int, proxies: list | None = None) -> Cluster:
+def start_cluster(weir_factory, size: int, proxies: list | None = None,
+                  extra_args: tuple[str, ...] = ()) -> Cluster:
     """`proxies`: one FaultProxy a node, whose port the node advertises to clients and to
-    the other nodes' followers."""
+    the other nodes' followers. `extra_args` are given to every node."""
     raft_ports = _pick_free_ports(size)
     voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
     nodes = []
@@ -66,7 +68,7 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None) -> Clust
         if proxies:
             yaml += f"advertised_port: {proxies[i].port}\n"
         d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
-                         extra_args=("--node-id", str(i + 1), "--voters", voters))
+                         extra_args=("--node-id", str(i + 1), "--voters", voters) + extra_args)
         d.kafka_port, d.http_port = _pick_free_ports(2)
         if proxies:
             proxies[i].upstream_port = d.kafka_port
@@ -739,3 +741,104 @@ def test_the_cli_reaches_every_partition_leader_and_coordinator(cluster):
     survivor.cli("produce", "cli-spread", input="\n".join(second) + "\n")
     out = survivor.cli("consume", "cli-spread", "--from-beginning", "-e").stdout
     assert sorted(out.decode().split()) == sorted(first + second)
+
+
+@pytest.mark.parametrize("how", ["kill-9", "sigterm"])
+def test_pipelines_move_when_their_node_goes_and_stay_exactly_once(weir_factory, tmp_path, how):
+    """Every node is given the same pipelines directory and the cluster runs each pipeline on
+    one node: `lines` (a file source into a topic, and a file sink), `copy` (that topic into
+    another). The node running `lines` is killed with -9 (or stopped) while lines keep coming:
+    its pipeline moves to another node, which fences the old transactional producer and
+    resumes from the committed offsets. Both topics and the sink's file hold every line once,
+    in order."""
+    from test_pipelines import pipeline_state, read_committed
+
+    logs, out, pipelines = tmp_path / "logs", tmp_path / "out", tmp_path / "pipelines"
+    for d in (logs, out, pipelines):
+        d.mkdir()
+    (pipelines / "lines.yaml").write_text(f"""\
+name: lines
+source:
+  file:
+    paths: ["{logs}/in.log"]
+    format: lines
+topic:
+  name: lines
+  partitions: 1
+sinks:
+  - file:
+      path: {out}/lines.txt
+      format: lines
+batch_records: 50
+""")
+    (pipelines / "copy.yaml").write_text("""\
+name: copy
+source:
+  topic:
+    name: lines
+topic:
+  name: copy
+  partitions: 1
+batch_records: 50
+""")
+    c = start_cluster(weir_factory, 3, extra_args=("--pipelines", str(pipelines)))
+
+    def states(name: str):
+        return {int(n.name[4:]): pipeline_state(n, name) for n in c.live()}
+
+    def owner(name: str):
+        running = [i for i, s in states(name).items() if s and s["state"] == "running"]
+        return running[0] if len(running) == 1 else None
+
+    def shown_everywhere(name: str, node: int) -> bool:
+        return all(s and (s["state"] == "running") == (i == node) and s.get("node") == node
+                   for i, s in states(name).items())
+
+    # Two pipelines on three nodes end up on two nodes.
+    first, _ = wait_until(lambda: (owner("lines"), owner("copy")) if None not in (
+        owner("lines"), owner("copy")) and owner("lines") != owner("copy") else None,
+        timeout=60, message="`lines` and `copy` to run, on two nodes")
+    wait_until(lambda: shown_everywhere("lines", first), timeout=30,
+               message="every node to show where `lines` runs")
+    n = 2000
+    log = logs / "in.log"
+
+    def write(lo, hi):
+        with open(log, "a") as f:
+            for i in range(lo, hi):
+                f.write(f"line {i}\n")
+                if i % 50 == 0:
+                    f.flush()
+                    time.sleep(0.02)
+
+    write(0, 600)
+    wait_until(lambda: len(read_committed(c.bootstrap, "lines")) >= 200, timeout=60,
+               message="the first lines in the topic")
+    if how == "kill-9":
+        c.node(first).kill()
+    else:
+        c.node(first).stop()
+    write(600, 1400)
+    second = wait_until(lambda: owner("lines") not in (None, first) and owner("lines"),
+                        timeout=60, message="another node to take `lines` over")
+    write(1400, n)
+    want = [f"line {i}".encode() for i in range(n)]
+
+    def topic_values(topic: str):
+        return [v for _, _, _, v, _ in read_committed(c.bootstrap, topic, timeout=60)]
+
+    def sink_lines():
+        return [line for p in sorted(out.glob("lines*.txt")) for line in p.read_bytes().splitlines()]
+
+    wait_until(lambda: len(topic_values("lines")) >= n, timeout=90, message="every line in the topic")
+    wait_until(lambda: len(topic_values("copy")) >= n, timeout=90, message="every line copied")
+    wait_until(lambda: len(sink_lines()) >= n, timeout=90, message="every line in the sink's file")
+    assert topic_values("lines") == want
+    assert topic_values("copy") == want
+    assert sorted(sink_lines()) == sorted(want) and len(sink_lines()) == n
+    # The node comes back; every node says where each pipeline runs.
+    c.node(first).start()
+    wait_until(lambda: shown_everywhere("lines", second), timeout=60,
+               message="every node to show where `lines` runs")
+    placed = requests.get(f"{c.node(first).http_url}/cluster", timeout=5).json()["pipelines"]
+    assert placed["lines"] == second and set(placed) == {"lines", "copy"}, placed

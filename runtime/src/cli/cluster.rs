@@ -6,7 +6,8 @@ use serde_json::Value;
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
-    /// Nodes, roles, the Raft leader, fenced nodes, under-replicated and offline partitions.
+    /// Nodes, roles, the Raft leader, fenced nodes, under-replicated and offline partitions,
+    /// and where each pipeline runs.
     Status {
         #[command(flatten)]
         api: super::HttpApiArgs,
@@ -87,6 +88,13 @@ fn render(s: &Value) -> Option<String> {
             );
         }
     }
+    // Older nodes do not report pipelines.
+    if let Some(pipelines) = s["pipelines"].as_object() {
+        out += &format!("pipelines: {}\n", pipelines.len());
+        for (name, node) in pipelines {
+            out += &format!("  {name}  on node {node}\n");
+        }
+    }
     Some(out)
 }
 
@@ -106,6 +114,7 @@ mod tests {
             "topics": 1, "partitions": 2,
             "under_replicated": [{"topic": "t", "partition": 0, "leader": 1, "leader_epoch": 1, "replicas": [1, 2], "isr": [1]}],
             "offline": [],
+            "pipelines": {"orders": 2},
         });
         let text = render(&s).unwrap();
         assert!(text.contains("raft leader: 2"), "{text}");
@@ -115,5 +124,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("offline partitions: 0"), "{text}");
+        assert!(text.contains("orders  on node 2"), "{text}");
     }
 }

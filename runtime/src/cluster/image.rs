@@ -128,6 +128,12 @@ pub struct ClusterImage {
     /// The authorizer's ACLs.
     #[serde(default)]
     pub acls: Acls,
+    /// The pipelines each node can run (the valid files of its pipelines directory).
+    #[serde(default)]
+    pub pipeline_offers: BTreeMap<NodeId, BTreeSet<String>>,
+    /// Where each pipeline runs: one unfenced node among those that offer it.
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, NodeId>,
 }
 
 /// A change to the image, proposed through Raft.
@@ -207,6 +213,11 @@ pub enum Command {
     DeleteAcls {
         acls: Vec<AclBinding>,
     },
+    /// A node tells which pipelines it can run; each pipeline is then placed on one node.
+    OfferPipelines {
+        node: NodeId,
+        names: BTreeSet<String>,
+    },
     /// A leader changes its partition's in-sync set (Kafka's AlterPartition); refused unless
     /// it still leads in that epoch.
     AlterPartition {
@@ -249,6 +260,15 @@ fn info_id(command: &Command) -> NodeId {
 impl ClusterImage {
     pub fn apply(&mut self, command: &Command) -> Result<(), CommandError> {
         self.version += 1;
+        let applied = self.apply_command(command);
+        // Nodes come, go and change what they offer: pipelines follow.
+        if applied.is_ok() {
+            self.place_pipelines();
+        }
+        applied
+    }
+
+    fn apply_command(&mut self, command: &Command) -> Result<(), CommandError> {
         match command {
             Command::RegisterNode(info) => {
                 if self.cluster_id.is_empty() {
@@ -266,6 +286,13 @@ impl ClusterImage {
                     _ => return Err(CommandError::StaleNode(*id)),
                 }
                 self.fence(*id);
+                Ok(())
+            }
+            Command::OfferPipelines { node, names } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(CommandError::StaleNode(*node));
+                }
+                self.pipeline_offers.insert(*node, names.clone());
                 Ok(())
             }
             Command::UnfenceNode { id, incarnation } => {
@@ -573,6 +600,64 @@ impl ClusterImage {
         order
     }
 
+    /// Keeps each pipeline on its node while that node is unfenced and offers it; places the
+    /// others on the unfenced offering node running the fewest (the lowest id on a tie).
+    /// Pipelines that no live node offers are not placed anywhere. Moving a pipeline costs a
+    /// restart of its source, so one moves only to even out loads that differ by two or more
+    /// (the first node to offer is not left with them all).
+    fn place_pipelines(&mut self) {
+        let live: BTreeMap<NodeId, &BTreeSet<String>> = self
+            .pipeline_offers
+            .iter()
+            .filter(|(id, _)| self.nodes.get(id).is_some_and(|n| !n.fenced))
+            .map(|(id, names)| (*id, names))
+            .collect();
+        let offered: BTreeSet<&String> = self.pipeline_offers.values().flatten().collect();
+        let mut kept: BTreeMap<String, NodeId> = BTreeMap::new();
+        let mut load: BTreeMap<NodeId, usize> = live.keys().map(|id| (*id, 0)).collect();
+        for (name, node) in &self.pipelines {
+            if live.get(node).is_some_and(|names| names.contains(name)) {
+                kept.insert(name.clone(), *node);
+                *load.entry(*node).or_default() += 1;
+            }
+        }
+        for name in offered {
+            if kept.contains_key(name) {
+                continue;
+            }
+            let choice = live
+                .iter()
+                .filter(|(_, names)| names.contains(name))
+                .map(|(id, _)| *id)
+                .min_by_key(|id| (load[id], *id));
+            if let Some(node) = choice {
+                kept.insert(name.clone(), node);
+                *load.entry(node).or_default() += 1;
+            }
+        }
+        // Each move narrows the gap between two nodes, so this ends.
+        loop {
+            let mut moved = false;
+            for (name, node) in kept.clone() {
+                let target = live
+                    .iter()
+                    .filter(|(_, names)| names.contains(&name))
+                    .map(|(id, _)| *id)
+                    .min_by_key(|id| (load[id], *id));
+                if let Some(target) = target.filter(|t| load[t] + 1 < load[&node]) {
+                    kept.insert(name, target);
+                    *load.get_mut(&node).expect("a live node") -= 1;
+                    *load.get_mut(&target).expect("a live node") += 1;
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.pipelines = kept;
+    }
+
     fn fenced_nodes(&self) -> BTreeSet<NodeId> {
         self.nodes
             .values()
@@ -680,6 +765,60 @@ mod tests {
             if_missing: false,
             assignments: None,
         }
+    }
+
+    #[test]
+    fn each_pipeline_runs_on_one_live_node_that_offers_it() {
+        let mut img = ClusterImage::default();
+        for id in 1..=3 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        let offer = |node: NodeId, names: &[&str]| Command::OfferPipelines {
+            node,
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        img.apply(&offer(1, &["a", "b", "c"])).unwrap();
+        img.apply(&offer(2, &["a", "b", "c"])).unwrap();
+        img.apply(&offer(3, &["a", "b", "pinned"])).unwrap();
+        let on = |img: &ClusterImage, name: &str| img.pipelines.get(name).copied();
+        // Spread: the node offering first is not left with them all.
+        assert_eq!(img.pipelines.len(), 4);
+        let mut load = BTreeMap::new();
+        for n in img.pipelines.values() {
+            *load.entry(*n).or_insert(0) += 1;
+        }
+        assert!(load.values().all(|c| *c <= 2), "{:?}", img.pipelines);
+        assert_eq!(on(&img, "pinned"), Some(3));
+        // A fenced node's pipelines move to another node that offers them; what only it
+        // offers runs nowhere until it is back.
+        let before = img.pipelines.clone();
+        img.apply(&Command::FenceNode {
+            id: 3,
+            incarnation: Uuid::nil(),
+        })
+        .unwrap();
+        assert_eq!(on(&img, "pinned"), None);
+        for (name, n) in &img.pipelines {
+            assert_ne!(*n, 3);
+            if before[name] != 3 {
+                assert_eq!(before[name], *n, "{name} moved although its node is up");
+            }
+        }
+        img.apply(&Command::UnfenceNode {
+            id: 3,
+            incarnation: Uuid::nil(),
+        })
+        .unwrap();
+        assert_eq!(on(&img, "pinned"), Some(3));
+        // A pipeline its node stops offering moves; one nobody offers is dropped.
+        let c_node = on(&img, "c").unwrap();
+        let other = if c_node == 1 { 2 } else { 1 };
+        img.apply(&offer(c_node, &["a", "b"])).unwrap();
+        assert_eq!(on(&img, "c"), Some(other));
+        img.apply(&offer(other, &["a", "b"])).unwrap();
+        assert_eq!(on(&img, "c"), None);
+        // Unknown nodes cannot offer.
+        assert!(img.apply(&offer(9, &["x"])).is_err());
     }
 
     #[test]

@@ -348,6 +348,11 @@ impl Cluster {
         self.image.borrow().clone()
     }
 
+    /// Tells of every new image.
+    pub fn watch_image(&self) -> watch::Receiver<Arc<ClusterImage>> {
+        self.image.clone()
+    }
+
     /// The voters' cluster addresses, from the Raft membership.
     fn voter_addrs(&self) -> Vec<(NodeId, String)> {
         let metrics = self.raft.metrics();
@@ -427,6 +432,7 @@ impl Cluster {
             "partitions": image.topics.values().map(|t| t.partitions.len()).sum::<usize>(),
             "under_replicated": under,
             "offline": offline,
+            "pipelines": image.pipelines,
         })
     }
 

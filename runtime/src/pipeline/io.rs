@@ -13,7 +13,7 @@ use kafka_protocol::records::Compression;
 use tokio::sync::Notify;
 use weir_connectors::{Record, SinkRecord, TopicPartition};
 
-use crate::log::batch::{complete_batches, BatchBuilder, ProducerFields};
+use crate::log::batch::{complete_batches, BatchBuilder, BatchView, ProducerFields};
 use crate::log::manager::{LogManager, Topic, TopicError};
 use crate::log::partition::{Isolation, Partition, ReadError};
 use crate::log::producer_state::seq_add;
@@ -31,65 +31,140 @@ pub struct Outgoing {
 }
 
 /// Appends records as one producer: with `transactional` every [`TopicWriter::write`] is one
-/// transaction, so a batch and its source offset land together or not at all.
+/// transaction, so a batch and its source offset land together or not at all. On a single
+/// node it appends through the broker's own path; on a cluster node it produces to the
+/// partitions' leaders (see [`super::remote`]).
 pub struct TopicWriter {
+    way: Way,
+    /// A write failed: start over with a new epoch (which aborts what is left open).
+    reinit: bool,
+}
+
+enum Way {
+    Local(LocalWriter),
+    Cluster(super::remote::ClusterWriter),
+}
+
+struct LocalWriter {
     log: Arc<LogManager>,
     txns: Arc<TxnCoordinator>,
+    /// Where source offsets go (`__pipeline_offsets`).
+    offsets: Arc<Partition>,
     transactional_id: Option<String>,
     producer: ProducerRef,
     sequences: HashMap<(Arc<str>, i32), i32>,
-    /// A write failed: start over with a new epoch (which aborts what is left open).
-    reinit: bool,
 }
 
 impl TopicWriter {
     /// A producer for `transactional_id` (fencing any earlier instance), or a plain
     /// idempotent one with None.
     pub async fn open(
-        log: Arc<LogManager>,
-        txns: Arc<TxnCoordinator>,
+        ctx: &super::Context,
         transactional_id: Option<String>,
     ) -> Result<TopicWriter> {
-        let producer = txns
-            .init_producer_id(transactional_id.as_deref(), 60_000, None)
-            .await
-            .map_err(|e| anyhow!("cannot get a producer id: {e:?}"))?;
-        Ok(TopicWriter {
-            log,
-            txns,
-            transactional_id,
-            producer,
-            sequences: HashMap::new(),
-            reinit: false,
-        })
+        let way = match (&ctx.cluster, &ctx.offsets.local_partition()) {
+            (Some(broker), _) => Way::Cluster(
+                super::remote::ClusterWriter::open(broker.clone(), transactional_id).await?,
+            ),
+            (None, Some(offsets)) => {
+                let producer = ctx
+                    .txns
+                    .init_producer_id(transactional_id.as_deref(), 60_000, None)
+                    .await
+                    .map_err(|e| anyhow!("cannot get a producer id: {e:?}"))?;
+                Way::Local(LocalWriter {
+                    log: ctx.log.clone(),
+                    txns: ctx.txns.clone(),
+                    offsets: offsets.clone(),
+                    transactional_id,
+                    producer,
+                    sequences: HashMap::new(),
+                })
+            }
+            (None, None) => bail!("a single node keeps pipeline offsets in its own log"),
+        };
+        Ok(TopicWriter { way, reinit: false })
     }
 
-    /// Writes the records, then `offset` (key and value, into its topic partition), as one
+    /// Writes the records, then `offset` (key and value, into `__pipeline_offsets`), as one
     /// transaction when transactional; in that order otherwise.
     /// The records are borrowed, so a caller retrying a failed write copies nothing.
     pub async fn write(
         &mut self,
         records: &[Outgoing],
-        offset: Option<(Arc<Partition>, Bytes, Bytes)>,
+        offset: Option<(Bytes, Bytes)>,
     ) -> Result<()> {
         if self.reinit {
-            self.producer = self
-                .txns
-                .init_producer_id(self.transactional_id.as_deref(), 60_000, None)
-                .await
-                .map_err(|e| anyhow!("cannot get a producer id: {e:?}"))?;
-            self.sequences.clear();
+            match &mut self.way {
+                Way::Local(w) => w.reinit().await?,
+                Way::Cluster(w) => w.reinit().await?,
+            }
             self.reinit = false;
         }
-        let result = self.write_once(records, offset).await;
+        let result = match &mut self.way {
+            Way::Local(w) => w.write_once(records, offset).await,
+            Way::Cluster(w) => w.write(records, offset).await,
+        };
         self.reinit = result.is_err();
         result
+    }
+}
+
+/// The records as batches of one producer, the first at `first_sequence`; also returns the
+/// sequence that follows them.
+pub fn build_batches(
+    records: &[&Record],
+    producer: ProducerRef,
+    first_sequence: i32,
+    transactional: bool,
+    codec: Compression,
+) -> (Vec<Vec<u8>>, i32) {
+    let mut out = Vec::new();
+    let mut seq = first_sequence;
+    let mut rest = records;
+    while !rest.is_empty() {
+        let now = crate::now_ms();
+        let mut b = BatchBuilder::new(rest[0].timestamp.min(now)).with_producer(ProducerFields {
+            producer_id: producer.id,
+            producer_epoch: producer.epoch,
+            base_sequence: seq,
+            transactional,
+        });
+        let mut taken: i32 = 0;
+        for r in rest {
+            if taken > 0 && b.size() >= MAX_BATCH_BYTES {
+                break;
+            }
+            let headers: Vec<(&[u8], Option<&[u8]>)> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_deref()))
+                .collect();
+            b.push(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp);
+            taken += 1;
+        }
+        out.push(b.finish(codec));
+        seq = seq_add(seq, taken);
+        rest = &rest[taken as usize..];
+    }
+    (out, seq)
+}
+
+impl LocalWriter {
+    async fn reinit(&mut self) -> Result<()> {
+        self.producer = self
+            .txns
+            .init_producer_id(self.transactional_id.as_deref(), 60_000, None)
+            .await
+            .map_err(|e| anyhow!("cannot get a producer id: {e:?}"))?;
+        self.sequences.clear();
+        Ok(())
     }
 
     async fn write_once(
         &mut self,
         records: &[Outgoing],
-        offset: Option<(Arc<Partition>, Bytes, Bytes)>,
+        offset: Option<(Bytes, Bytes)>,
     ) -> Result<()> {
         let mut groups: BTreeMap<(&str, i32), Vec<&Record>> = BTreeMap::new();
         for o in records {
@@ -98,14 +173,14 @@ impl TopicWriter {
                 .or_default()
                 .push(&o.record);
         }
-        let offset = offset.map(|(p, key, value)| {
+        let offset = offset.map(|(key, value)| {
             let record = Record {
                 key: Some(key),
                 value: Some(value),
                 headers: vec![],
                 timestamp: crate::now_ms(),
             };
-            (p, record)
+            (self.offsets.clone(), record)
         });
         let mut targets: Vec<(Arc<Partition>, Vec<&Record>)> = Vec::new();
         for ((topic, p), recs) in groups {
@@ -135,7 +210,7 @@ impl TopicWriter {
                 bail!("cannot add {}-{} to the transaction: {e:?}", tp.0, tp.1);
             }
         }
-        let result = self.append_all(&targets).await;
+        let result = self.append_all(&targets);
         if let Some(id) = &self.transactional_id {
             let commit = result.is_ok();
             if let Err(e) = self.txns.end_txn(id, self.producer, commit).await {
@@ -152,42 +227,60 @@ impl TopicWriter {
         Ok(())
     }
 
-    async fn append_all(&mut self, targets: &[(Arc<Partition>, Vec<&Record>)]) -> Result<()> {
+    fn append_all(&mut self, targets: &[(Arc<Partition>, Vec<&Record>)]) -> Result<()> {
         let transactional = self.transactional_id.is_some();
         for (p, records) in targets {
-            let mut rest = &records[..];
-            while !rest.is_empty() {
-                let key = (p.topic.clone(), p.id);
-                let seq = *self.sequences.get(&key).unwrap_or(&0);
-                let now = crate::now_ms();
-                let mut b =
-                    BatchBuilder::new(rest[0].timestamp.min(now)).with_producer(ProducerFields {
-                        producer_id: self.producer.id,
-                        producer_epoch: self.producer.epoch,
-                        base_sequence: seq,
-                        transactional,
-                    });
-                let mut taken: i32 = 0;
-                for r in rest {
-                    if taken > 0 && b.size() >= MAX_BATCH_BYTES {
-                        break;
-                    }
-                    let headers: Vec<(&[u8], Option<&[u8]>)> = r
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_bytes(), v.as_deref()))
-                        .collect();
-                    b.push(r.key.as_deref(), r.value.as_deref(), &headers, r.timestamp);
-                    taken += 1;
-                }
-                p.append_built(b.finish(Compression::None))
+            let key = (p.topic.clone(), p.id);
+            let seq = *self.sequences.get(&key).unwrap_or(&0);
+            let (batches, next) = build_batches(
+                records,
+                self.producer,
+                seq,
+                transactional,
+                Compression::None,
+            );
+            for batch in batches {
+                p.append_built(batch)
                     .with_context(|| format!("cannot append to {}-{}", p.topic, p.id))?;
-                self.sequences.insert(key, seq_add(seq, taken));
-                rest = &rest[taken as usize..];
             }
+            self.sequences.insert(key, next);
         }
         Ok(())
     }
+}
+
+/// A topic pipelines write to, created with `partitions` (or the broker default) when missing:
+/// its name and partition count. On a cluster it is created through the metadata quorum.
+pub async fn ensure_output(
+    ctx: &super::Context,
+    name: &str,
+    partitions: Option<i32>,
+) -> Result<(Arc<str>, i32)> {
+    let Some(cluster) = ctx.cluster.as_ref().and_then(|b| b.cluster.clone()) else {
+        let t = ensure_topic(&ctx.log, name, partitions, ctx.default_partitions)?;
+        return Ok((t.name.clone(), t.partitions.len() as i32));
+    };
+    let broker = ctx.cluster.as_ref().expect("a cluster node");
+    let count = |cluster: &crate::cluster::Cluster| {
+        cluster
+            .image()
+            .topics
+            .get(name)
+            .map(|t| t.partitions.len() as i32)
+    };
+    if let Some(n) = count(&cluster) {
+        return Ok((Arc::from(name), n));
+    }
+    let wanted = partitions.unwrap_or(ctx.default_partitions);
+    match broker
+        .create_topic(name, wanted, -1, None, Default::default())
+        .await
+    {
+        Ok(_) | Err(TopicError::AlreadyExists(_)) => {}
+        Err(e) => bail!("cannot create topic {name}: {e}"),
+    }
+    let n = count(&cluster).with_context(|| format!("topic {name} vanished"))?;
+    Ok((Arc::from(name), n))
 }
 
 /// The topic, created with `partitions` (or the broker default) when missing.
@@ -214,32 +307,164 @@ pub fn ensure_topic(
     }
 }
 
+/// A topic a pipeline reads: in this node's log, or on a cluster's partition leaders.
+#[derive(Clone)]
+pub enum Input {
+    Local(Arc<Topic>),
+    Cluster {
+        broker: Arc<crate::kafka::Broker>,
+        topic: Arc<str>,
+        partitions: i32,
+    },
+}
+
+impl Input {
+    /// The topic, created with `partitions` (or the broker default) when missing.
+    pub async fn ensure(
+        ctx: &super::Context,
+        name: &str,
+        partitions: Option<i32>,
+    ) -> Result<Input> {
+        match &ctx.cluster {
+            None => Ok(Input::Local(ensure_topic(
+                &ctx.log,
+                name,
+                partitions,
+                ctx.default_partitions,
+            )?)),
+            Some(broker) => {
+                let (topic, partitions) = ensure_output(ctx, name, partitions).await?;
+                Ok(Input::Cluster {
+                    broker: broker.clone(),
+                    topic,
+                    partitions,
+                })
+            }
+        }
+    }
+
+    /// The topic if it exists.
+    pub fn existing(ctx: &super::Context, name: &str) -> Option<Input> {
+        match &ctx.cluster {
+            None => ctx.log.topic(name).map(Input::Local),
+            Some(broker) => {
+                let cluster = broker.cluster.as_ref()?;
+                let partitions = cluster.image().topics.get(name)?.partitions.len() as i32;
+                Some(Input::Cluster {
+                    broker: broker.clone(),
+                    topic: Arc::from(name),
+                    partitions,
+                })
+            }
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        match self {
+            Input::Local(t) => &t.name,
+            Input::Cluster { topic, .. } => topic,
+        }
+    }
+
+    pub fn partition_ids(&self) -> Vec<i32> {
+        match self {
+            Input::Local(t) => t.partitions.iter().map(|p| p.id).collect(),
+            Input::Cluster { partitions, .. } => (0..*partitions).collect(),
+        }
+    }
+}
+
 /// Reads partitions of a topic from given offsets, as a read_committed consumer: control
 /// batches and aborted transactions are skipped, nothing past the last stable offset is
 /// returned.
-pub struct TopicReader {
+pub enum TopicReader {
+    Local(LocalReader),
+    Cluster(super::remote::ClusterReader),
+}
+
+impl TopicReader {
+    /// `start` gives each partition's first offset (clamped into the log); missing ones start
+    /// at the log start, or with `from_end` at the last stable offset.
+    pub async fn open(
+        input: &Input,
+        start: &BTreeMap<i32, i64>,
+        from_end: bool,
+    ) -> Result<TopicReader> {
+        Ok(match input {
+            Input::Local(topic) => {
+                let mut start = start.clone();
+                for p in &topic.partitions {
+                    start.entry(p.id).or_insert(if from_end {
+                        p.last_stable_offset()
+                    } else {
+                        p.log_start_offset()
+                    });
+                }
+                TopicReader::Local(LocalReader::new(topic, &start))
+            }
+            Input::Cluster {
+                broker,
+                topic,
+                partitions,
+            } => TopicReader::Cluster(
+                super::remote::ClusterReader::open(
+                    broker.clone(),
+                    topic.clone(),
+                    *partitions,
+                    start,
+                    from_end,
+                )
+                .await?,
+            ),
+        })
+    }
+
+    /// The next offset to read per partition.
+    pub fn positions(&self) -> BTreeMap<i32, i64> {
+        match self {
+            TopicReader::Local(r) => r.positions(),
+            TopicReader::Cluster(r) => r.positions(),
+        }
+    }
+
+    /// Records committed since the last call (at most about `max_bytes` per partition); waits
+    /// up to `wait` for some when there are none.
+    pub async fn poll(&mut self, max_bytes: u64, wait: Duration) -> Result<Vec<SinkRecord>> {
+        match self {
+            TopicReader::Local(r) => r.poll(max_bytes, wait).await,
+            TopicReader::Cluster(r) => r.read(max_bytes, wait).await,
+        }
+    }
+
+    /// What is there now, without waiting (empty if nothing). Positions move only once the
+    /// records are returned, so a call dropped half-way loses nothing.
+    pub async fn read_now(&mut self, max_bytes: u64) -> Result<Vec<SinkRecord>> {
+        match self {
+            TopicReader::Local(r) => r.read_now(max_bytes),
+            TopicReader::Cluster(r) => r.read(max_bytes, Duration::ZERO).await,
+        }
+    }
+}
+
+/// [`TopicReader`] over this node's own log.
+pub struct LocalReader {
     topic: Arc<str>,
     partitions: Vec<(Arc<Partition>, i64)>,
     notify: Arc<Notify>,
 }
 
-impl TopicReader {
-    /// `start` gives each partition's first offset (clamped into the log); missing ones start
-    /// at the log start.
-    pub fn new(topic: &Topic, start: &BTreeMap<i32, i64>) -> TopicReader {
+impl LocalReader {
+    /// Reads the partitions `start` names, each from its offset there (clamped into the log).
+    pub fn new(topic: &Topic, start: &BTreeMap<i32, i64>) -> LocalReader {
         let partitions = topic
             .partitions
             .iter()
-            .map(|p| {
-                let from = start
-                    .get(&p.id)
-                    .copied()
-                    .unwrap_or(0)
-                    .clamp(p.log_start_offset(), p.high_watermark());
-                (p.clone(), from)
+            .filter_map(|p| {
+                let from = (*start.get(&p.id)?).clamp(p.log_start_offset(), p.high_watermark());
+                Some((p.clone(), from))
             })
             .collect();
-        TopicReader {
+        LocalReader {
             topic: topic.name.clone(),
             partitions,
             notify: Arc::new(Notify::new()),
@@ -289,55 +514,70 @@ impl TopicReader {
             };
             let Some(slice) = data.records else { continue };
             let bytes = slice.read_bytes()?;
-            for batch in complete_batches(&bytes) {
-                let base = batch.base_offset();
-                if batch.next_offset() <= *next {
-                    continue;
-                }
-                let skip = batch.is_control()
-                    || (batch.is_transactional() && p.is_aborted(batch.producer_id(), base));
-                if !skip {
-                    let base_ts = batch.base_timestamp();
-                    let position = TopicPartition {
-                        topic: self.topic.to_string(),
-                        partition: p.id,
-                    };
-                    let from = *next;
-                    batch.for_each_record(|r| {
-                        let offset = base + r.offset_delta as i64;
-                        if offset < from {
-                            return;
-                        }
-                        let headers = r
-                            .headers()
-                            .into_iter()
-                            .map(|(k, v)| {
-                                (
-                                    String::from_utf8_lossy(k).into_owned(),
-                                    v.map(|v| share(&bytes, v)),
-                                )
-                            })
-                            .collect();
-                        out.push(SinkRecord {
-                            record: Record {
-                                key: r.key.map(|k| share(&bytes, k)),
-                                value: r.value.map(|v| share(&bytes, v)),
-                                headers,
-                                timestamp: base_ts + r.timestamp_delta,
-                            },
-                            position: position.clone(),
-                            offset,
-                        });
-                    })?;
-                }
-                *next = batch.next_offset();
-            }
+            let position = TopicPartition {
+                topic: self.topic.to_string(),
+                partition: p.id,
+            };
+            records_of(&bytes, &position, next, &mut out, |batch| {
+                batch.is_control()
+                    || (batch.is_transactional()
+                        && p.is_aborted(batch.producer_id(), batch.base_offset()))
+            })?;
         }
         for ((_, o), next) in self.partitions.iter_mut().zip(positions) {
             *o = next;
         }
         Ok(out)
     }
+}
+
+/// Appends the records of `bytes` (whole batches of one partition) at or after `*next` to
+/// `out`, except those of batches `skip` refuses, and moves `*next` past them.
+pub fn records_of(
+    bytes: &Bytes,
+    position: &TopicPartition,
+    next: &mut i64,
+    out: &mut Vec<SinkRecord>,
+    mut skip: impl FnMut(&BatchView<'_>) -> bool,
+) -> Result<()> {
+    for batch in complete_batches(bytes) {
+        let base = batch.base_offset();
+        if batch.next_offset() <= *next {
+            continue;
+        }
+        if !skip(&batch) {
+            let base_ts = batch.base_timestamp();
+            let from = *next;
+            batch.for_each_record(|r| {
+                let offset = base + r.offset_delta as i64;
+                if offset < from {
+                    return;
+                }
+                let headers = r
+                    .headers()
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(k).into_owned(),
+                            v.map(|v| share(bytes, v)),
+                        )
+                    })
+                    .collect();
+                out.push(SinkRecord {
+                    record: Record {
+                        key: r.key.map(|k| share(bytes, k)),
+                        value: r.value.map(|v| share(bytes, v)),
+                        headers,
+                        timestamp: base_ts + r.timestamp_delta,
+                    },
+                    position: position.clone(),
+                    offset,
+                });
+            })?;
+        }
+        *next = batch.next_offset();
+    }
+    Ok(())
 }
 
 /// `part` as `Bytes`: a slice of `buf` (no copy) when it lies in `buf`, as the fields of an

@@ -6,6 +6,7 @@
 pub mod http_source;
 pub mod io;
 pub mod offsets;
+pub mod remote;
 pub mod spec;
 pub mod task;
 pub mod topic;
@@ -46,6 +47,19 @@ pub struct Context {
     pub default_partitions: i32,
     /// The WASM plugin host (one engine and module cache for every pipeline).
     pub plugins: Arc<weir_wasm::Host>,
+    /// On a cluster node, the broker: the cluster image places each pipeline on one node,
+    /// and pipelines reach partition leaders and coordinators over the network.
+    pub cluster: Option<Arc<crate::kafka::Broker>>,
+}
+
+/// Where the cluster runs a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    /// On this node (always, on a single node).
+    Here,
+    On(i32),
+    /// Nowhere: no live node offers it.
+    Nowhere,
 }
 
 /// A pipeline's state as `GET /pipelines` shows it.
@@ -64,6 +78,9 @@ pub struct Status {
     /// Records written per sink.
     pub records_out: Vec<u64>,
     pub dead_letters: u64,
+    /// On a cluster, the node running it (None: no node can now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<i32>,
 }
 
 /// One pipeline file as the manager knows it.
@@ -78,6 +95,8 @@ pub struct FileStatus {
 
 struct Running {
     spec: PipelineSpec,
+    /// Where the cluster placed it when this was started.
+    placed: Placed,
     status: Arc<Mutex<Status>>,
     stop: Arc<watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -85,21 +104,30 @@ struct Running {
 }
 
 impl Running {
-    /// A pipeline that is not run because it is paused: its status, no tasks.
-    fn paused(spec: PipelineSpec, file: &Path) -> Running {
+    /// A pipeline that is not run here, because it is paused (`state`) or runs elsewhere in
+    /// the cluster: its status, no tasks.
+    fn idle(
+        spec: PipelineSpec,
+        file: &Path,
+        state: &str,
+        placed: Placed,
+        node: Option<i32>,
+    ) -> Running {
         let status = Status {
             name: spec.name.clone(),
             file: file.to_path_buf(),
             flow: spec.flow(),
-            state: "paused".into(),
+            state: state.into(),
             error: None,
             error_at_ms: None,
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
             dead_letters: 0,
+            node,
         };
         Running {
             spec,
+            placed,
             status: Arc::new(Mutex::new(status)),
             stop: Arc::new(watch::channel(false).0),
             tasks: Vec::new(),
@@ -390,10 +418,24 @@ impl PipelineManager {
         if let Err(e) = &watcher {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the pipelines directory; rescanning every 2 s instead");
         }
+        // On a cluster, a new image may move pipelines here or away.
+        let mut image = self
+            .ctx
+            .cluster
+            .as_ref()
+            .and_then(|b| b.cluster.as_ref())
+            .map(|c| c.watch_image());
         loop {
             self.scan().await;
+            self.offer().await;
             tokio::select! {
                 _ = shutdown.changed() => break,
+                _ = async {
+                    match image.as_mut() {
+                        Some(i) => { let _ = i.changed().await; }
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = rx.recv() => {
                     // Let an editor finish writing (several events) before reading.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -442,9 +484,14 @@ impl PipelineManager {
                 .parsed
                 .as_ref()
                 .is_some_and(|s| plugins_stamp(s, &file) != state.plugins_stamp);
+            let moved = state
+                .running
+                .as_ref()
+                .is_some_and(|r| r.placed != self.placement(&r.spec.name));
             if state.content_hash == hash
                 && !state.conflict
                 && !plugins_changed
+                && !moved
                 && (state.running.is_some() || state.invalid.is_some())
             {
                 continue;
@@ -458,7 +505,13 @@ impl PipelineManager {
                     continue;
                 }
             };
-            if !plugins_changed && state.running.as_ref().is_some_and(|r| r.spec == spec) {
+            let placed = self.placement(&spec.name);
+            if !plugins_changed
+                && state
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.spec == spec && r.placed == placed)
+            {
                 state.invalid = None;
                 continue;
             }
@@ -485,11 +538,27 @@ impl PipelineManager {
                 self.reject(state, &file, e);
                 continue;
             }
+            if placed != Placed::Here {
+                if let Some(old) = state.running.take() {
+                    tracing::info!(pipeline = %old.spec.name, ?placed, "the cluster runs the pipeline elsewhere: stopping it here");
+                    self.stop(old).await;
+                }
+                let (label, node) = match placed {
+                    Placed::On(n) => ("elsewhere", Some(n)),
+                    _ => ("unplaced", None),
+                };
+                state.plugins_stamp = plugins_stamp(&spec, &file);
+                state.parsed = Some(spec.clone());
+                state.running = Some(Running::idle(spec, &file, label, placed, node));
+                state.invalid = None;
+                continue;
+            }
             if self.paused.lock().contains(&spec.name) {
                 if let Some(old) = state.running.take() {
                     self.stop(old).await;
                 }
-                state.running = Some(Running::paused(spec, &file));
+                let node = self.this_node();
+                state.running = Some(Running::idle(spec, &file, "paused", placed, node));
                 state.invalid = None;
                 continue;
             }
@@ -505,7 +574,11 @@ impl PipelineManager {
                 }
             };
             if let Some(old) = state.running.take() {
-                tracing::info!(pipeline = %old.spec.name, file = %file.display(), "pipeline file changed: restarting");
+                if old.placed == placed {
+                    tracing::info!(pipeline = %old.spec.name, file = %file.display(), "pipeline file changed: restarting");
+                } else {
+                    tracing::info!(pipeline = %old.spec.name, "the cluster placed the pipeline on this node");
+                }
                 self.stop(old).await;
             }
             match self.start(spec.clone(), &file, plugins).await {
@@ -520,6 +593,58 @@ impl PipelineManager {
                     state.invalid = Some(message);
                 }
             }
+        }
+    }
+
+    /// Where the cluster runs the pipeline `name`; always here on a single node.
+    fn placement(&self, name: &str) -> Placed {
+        let Some(cluster) = self.ctx.cluster.as_ref().and_then(|b| b.cluster.as_ref()) else {
+            return Placed::Here;
+        };
+        match cluster.image().pipelines.get(name) {
+            Some(n) if *n == cluster.node_id => Placed::Here,
+            Some(n) => Placed::On(*n),
+            None => Placed::Nowhere,
+        }
+    }
+
+    /// This node's id in statuses, on a cluster.
+    fn this_node(&self) -> Option<i32> {
+        self.ctx.cluster.as_ref().map(|b| b.node_id)
+    }
+
+    /// On a cluster, tells the quorum which pipelines this node can run when that changed:
+    /// the valid ones whose `node` is unset or this node.
+    async fn offer(&self) {
+        let Some(broker) = &self.ctx.cluster else {
+            return;
+        };
+        let Some(cluster) = &broker.cluster else {
+            return;
+        };
+        let names: std::collections::BTreeSet<String> = {
+            let files = self.files.lock().await;
+            files
+                .values()
+                .filter_map(|f| f.running.as_ref())
+                .filter(|r| r.spec.node.is_none_or(|n| n == broker.node_id))
+                .map(|r| r.spec.name.clone())
+                .collect()
+        };
+        let offered = cluster
+            .image()
+            .pipeline_offers
+            .get(&broker.node_id)
+            .cloned();
+        if offered.as_ref() == Some(&names) || (offered.is_none() && names.is_empty()) {
+            return;
+        }
+        let command = crate::cluster::image::Command::OfferPipelines {
+            node: broker.node_id,
+            names,
+        };
+        if let Err(e) = cluster.run(command).await {
+            tracing::warn!(error = %e, "cannot tell the cluster which pipelines this node runs; trying again");
         }
     }
 
@@ -583,6 +708,7 @@ impl PipelineManager {
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
             dead_letters: 0,
+            node: self.this_node(),
         }));
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_tx = Arc::new(stop_tx);
@@ -632,6 +758,7 @@ impl PipelineManager {
         }
         Ok(Running {
             spec,
+            placed: Placed::Here,
             status,
             stop: stop_tx,
             tasks,

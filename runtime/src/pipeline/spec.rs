@@ -32,6 +32,10 @@ pub struct PipelineSpec {
     /// Most records the source hands over in one batch (one transaction).
     #[serde(default = "default_batch_records")]
     pub batch_records: usize,
+    /// On a cluster, the node that runs this pipeline (a file source reads that node's disk);
+    /// unset, any node that has the file may.
+    #[serde(default)]
+    pub node: Option<i32>,
 }
 
 fn default_batch_records() -> usize {
@@ -397,6 +401,9 @@ impl PipelineSpec {
             if let Err(e) = validate_topic_name(d) {
                 return bad("errors.dead_letter_topic", e.to_string());
             }
+        }
+        if self.node.is_some_and(|n| n < 0) {
+            return bad("node", "must be a node id (0 or more)".into());
         }
         if self.batch_records == 0 {
             return bad("batch_records", "must be at least 1".into());

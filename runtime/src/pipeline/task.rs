@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 use weir_connectors::{ConnectorError, Record, Sink, SinkRecord, Source, SourceBatch};
 
-use super::io::{ensure_topic, Outgoing, TopicReader, TopicWriter};
+use super::io::{ensure_output, Input, Outgoing, TopicReader, TopicWriter};
 use super::offsets::OffsetStore;
 use super::spec::{Delivery, PipelineSpec, SinkSpec, SourceSpec, Tolerance};
 use super::topic::{TopicSink, TopicSource};
@@ -21,7 +21,7 @@ use super::transform::{Rejected, Transformed, Transforms};
 use super::{Context, Status};
 use crate::client::partitioner::partition_for_key;
 use crate::group::CommittedOffset;
-use crate::log::manager::Topic;
+use crate::kafka::txn_cluster::Peers;
 use weir_connectors::file::{FileSink, FileSource};
 use weir_connectors::http::{HttpPollSource, HttpSink};
 use weir_connectors::sql::{SqlSink, SqlSource};
@@ -81,13 +81,13 @@ fn rand_below(n: u64) -> u64 {
 /// The source task writes them in its batch's transaction; sinks through their own writer.
 pub struct DeadLetters {
     pipeline: String,
-    topic: Arc<Topic>,
+    topic: Arc<str>,
     writer: Option<TopicWriter>,
 }
 
 impl DeadLetters {
-    pub fn open(ctx: &Context, spec: &PipelineSpec) -> Result<DeadLetters> {
-        let topic = ensure_topic(&ctx.log, &spec.dead_letter_topic(), None, 1)?;
+    pub async fn open(ctx: &Context, spec: &PipelineSpec) -> Result<DeadLetters> {
+        let (topic, _) = ensure_output(ctx, &spec.dead_letter_topic(), Some(1)).await?;
         Ok(DeadLetters {
             pipeline: spec.name.clone(),
             topic,
@@ -107,7 +107,7 @@ impl DeadLetters {
     ) -> Result<()> {
         let letter = self.letter(record, stage, error, 1, origin);
         if self.writer.is_none() {
-            self.writer = Some(TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), None).await?);
+            self.writer = Some(TopicWriter::open(ctx, None).await?);
         }
         let writer = self.writer.as_mut().expect("just opened");
         writer.write(&[letter], None).await
@@ -136,7 +136,7 @@ impl DeadLetters {
         }
         tracing::warn!(pipeline = %self.pipeline, stage, error, "record sent to the dead-letter topic");
         Outgoing {
-            topic: self.topic.name.clone(),
+            topic: self.topic.clone(),
             partition: 0,
             record: r,
         }
@@ -146,14 +146,15 @@ impl DeadLetters {
 /// Places records in the output topic's partitions: by the key field (Kafka's murmur2
 /// partitioner) or round robin.
 struct Router {
-    topic: Arc<Topic>,
+    topic: Arc<str>,
+    partitions: i32,
     key_field: Option<String>,
     next: usize,
 }
 
 impl Router {
     fn route(&mut self, mut record: Record) -> Result<Outgoing, (Record, String)> {
-        let n = self.topic.partitions.len();
+        let n = self.partitions as usize;
         if let Some(field) = &self.key_field {
             match key_of(record.value.as_deref(), field) {
                 Ok(key) => record.key = key,
@@ -168,7 +169,7 @@ impl Router {
             }
         };
         Ok(Outgoing {
-            topic: self.topic.name.clone(),
+            topic: self.topic.clone(),
             partition,
             record,
         })
@@ -205,19 +206,15 @@ pub async fn run_source(
         .topic
         .clone()
         .ok_or_else(|| anyhow!("a source task needs an output topic"))?;
-    let output = ensure_topic(
-        &ctx.log,
-        &output_spec.name,
-        output_spec.partitions,
-        ctx.default_partitions,
-    )?;
+    let (output, partitions) =
+        ensure_output(&ctx, &output_spec.name, output_spec.partitions).await?;
     let transactional_id =
         (spec.delivery == Delivery::ExactlyOnce).then(|| format!("weir-pipeline-{}", spec.name));
     // Opening the writer first fences an earlier instance and aborts its open transaction,
     // so the offset loaded next is the committed one.
-    let writer = TopicWriter::open(ctx.log.clone(), ctx.txns.clone(), transactional_id).await?;
+    let writer = TopicWriter::open(&ctx, transactional_id).await?;
     let key = OffsetStore::key(&spec.name, None);
-    let resume = ctx.offsets.load(&key)?;
+    let resume = ctx.offsets.load(&key).await?;
     let mut backoff = Backoff::new(spec.errors.max_retries);
     let mut source = match mounted {
         Some(s) => s,
@@ -253,6 +250,7 @@ pub async fn run_source(
         backoff,
         router: Router {
             topic: output,
+            partitions,
             key_field: output_spec.key.clone(),
             next: 0,
         },
@@ -358,7 +356,7 @@ pub async fn run_source(
                     tracing::warn!(pipeline = %spec.name, error = %message, "source skipped bad input");
                     continue;
                 };
-                let letters = committer.dead_letters()?;
+                let letters = committer.dead_letters().await?;
                 let out = rejected
                     .records
                     .iter()
@@ -603,14 +601,14 @@ struct Committer<'a> {
 }
 
 impl<'a> Committer<'a> {
-    fn dead_letters(&mut self) -> Result<&mut DeadLetters> {
-        dead_letters_for(self.ctx, self.spec, &mut self.dead_letters)
+    async fn dead_letters(&mut self) -> Result<&mut DeadLetters> {
+        dead_letters_for(self.ctx, self.spec, &mut self.dead_letters).await
     }
 
     /// The records to write for a batch: each record routed to its partition of the output
     /// topic, and the ones a stage rejected (or that cannot be routed) as dead letters. Err
     /// when the pipeline stops on errors. Also returns how many are dead letters.
-    fn assemble(
+    async fn assemble(
         &mut self,
         records: Vec<Record>,
         rejected: Vec<Rejected>,
@@ -623,7 +621,8 @@ impl<'a> Committer<'a> {
                 bail!("{stage}: {message}");
             }
             out.push(
-                self.dead_letters()?
+                self.dead_letters()
+                    .await?
                     .letter(&record, &stage, &message, 1, None),
             );
             failed += 1;
@@ -636,7 +635,8 @@ impl<'a> Committer<'a> {
                         bail!("topic: {message}");
                     }
                     out.push(
-                        self.dead_letters()?
+                        self.dead_letters()
+                            .await?
                             .letter(&record, "topic", &message, 1, None),
                     );
                     failed += 1;
@@ -656,7 +656,7 @@ impl<'a> Committer<'a> {
         offset: &serde_json::Value,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
-        let (out, failed) = self.assemble(records, rejected)?;
+        let (out, failed) = self.assemble(records, rejected).await?;
         let n = out.len() as u64;
         if !self.write(out, offset, stop).await? {
             return Ok(false);
@@ -697,14 +697,7 @@ impl<'a> Committer<'a> {
         loop {
             let result = self
                 .writer
-                .write(
-                    &out,
-                    Some((
-                        self.ctx.offsets.partition(),
-                        self.key.clone(),
-                        value.clone(),
-                    )),
-                )
+                .write(&out, Some((self.key.clone(), value.clone())))
                 .await;
             match result {
                 Ok(()) => break,
@@ -720,13 +713,13 @@ impl<'a> Committer<'a> {
     }
 }
 
-fn dead_letters_for<'a>(
+async fn dead_letters_for<'a>(
     ctx: &Context,
     spec: &PipelineSpec,
     slot: &'a mut Option<DeadLetters>,
 ) -> Result<&'a mut DeadLetters> {
     if slot.is_none() {
-        *slot = Some(DeadLetters::open(ctx, spec)?);
+        *slot = Some(DeadLetters::open(ctx, spec).await?);
     }
     Ok(slot.as_mut().expect("just set"))
 }
@@ -745,12 +738,12 @@ pub async fn run_sink(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let input_name = spec.sink_input_topic().to_string();
-    let input = ensure_topic(
-        &ctx.log,
+    let input = Input::ensure(
+        &ctx,
         &input_name,
         spec.topic.as_ref().and_then(|t| t.partitions),
-        ctx.default_partitions,
-    )?;
+    )
+    .await?;
     let group = sink_group(&spec.name, index);
     let stage = format!("sinks[{index}]");
     let mut backoff = Backoff::new(spec.errors.max_retries);
@@ -777,28 +770,24 @@ pub async fn run_sink(
         }
     };
     backoff.reset();
-    let committed = ctx.groups.fetch_offsets(
-        &group,
-        Some(
-            input
-                .partitions
-                .iter()
-                .map(|p| (input_name.clone(), p.id))
-                .collect(),
-        ),
-    );
-    let mut start = BTreeMap::new();
-    for ((_, p), off) in committed {
-        if let Some(o) = off {
-            start.insert(p, o.offset);
+    // The group coordinator's connection, on a cluster.
+    let peers = super::remote::peers();
+    let mut start = loop {
+        match committed_offsets(&ctx, &peers, &group, &input).await {
+            Ok(s) => break s,
+            Err(e) => {
+                if !backoff.wait(&e, &mut stop).await? {
+                    return Ok(());
+                }
+            }
         }
-    }
+    };
     for (tp, offset) in stored {
         if tp.topic == input_name {
             start.insert(tp.partition, offset);
         }
     }
-    let mut reader = TopicReader::new(&input, &start);
+    let mut reader = TopicReader::open(&input, &start, false).await?;
     let mut dead_letters = None;
     loop {
         let polled = tokio::select! {
@@ -836,7 +825,8 @@ pub async fn run_sink(
                         );
                     }
                     let bad = records.remove(i);
-                    dead_letters_for(&ctx, &spec, &mut dead_letters)?
+                    dead_letters_for(&ctx, &spec, &mut dead_letters)
+                        .await?
                         .send(
                             &ctx,
                             &bad.record,
@@ -852,27 +842,9 @@ pub async fn run_sink(
         }
         backoff.reset();
         let written = records.len() as u64;
-        let now = crate::now_ms();
-        let offsets: Vec<((String, i32), CommittedOffset)> = reader
-            .positions()
-            .into_iter()
-            .map(|(p, o)| {
-                (
-                    (input_name.clone(), p),
-                    CommittedOffset {
-                        offset: o,
-                        leader_epoch: -1,
-                        metadata: String::new(),
-                        commit_timestamp: now,
-                    },
-                )
-            })
-            .collect();
-        if let Err(e) = ctx
-            .groups
-            .commit(&group, "", None, -1, offsets, |_, _| true)
+        if let Err(e) = commit_offsets(&ctx, &peers, &group, &input_name, reader.positions()).await
         {
-            tracing::warn!(pipeline = %spec.name, group, error = ?e, "cannot commit the sink's group offsets");
+            tracing::warn!(pipeline = %spec.name, group, error = %format!("{e:#}"), "cannot commit the sink's group offsets");
         }
         let mut s = status.lock();
         if let Some(n) = s.records_out.get_mut(index) {
@@ -880,6 +852,62 @@ pub async fn run_sink(
         }
         s.dead_letters += dead;
     }
+}
+
+/// The offsets a sink's group committed for its input, by partition.
+async fn committed_offsets(
+    ctx: &Context,
+    peers: &Peers,
+    group: &str,
+    input: &Input,
+) -> Result<BTreeMap<i32, i64>> {
+    let partitions = input.partition_ids();
+    let Some(broker) = &ctx.cluster else {
+        let wanted = partitions
+            .iter()
+            .map(|p| (input.name().to_string(), *p))
+            .collect();
+        return Ok(ctx
+            .groups
+            .fetch_offsets(group, Some(wanted))
+            .into_iter()
+            .filter_map(|((_, p), o)| Some((p, o?.offset)))
+            .collect());
+    };
+    super::remote::group_offsets(broker, peers, group, input.name(), &partitions).await
+}
+
+/// Commits a sink's read positions as its group's offsets (so `weir group describe` shows
+/// its lag); the sink's own exactly-once offsets are stored with its output.
+async fn commit_offsets(
+    ctx: &Context,
+    peers: &Peers,
+    group: &str,
+    topic: &str,
+    positions: BTreeMap<i32, i64>,
+) -> Result<()> {
+    if let Some(broker) = &ctx.cluster {
+        return super::remote::commit_group_offsets(broker, peers, group, topic, &positions).await;
+    }
+    let now = crate::now_ms();
+    let offsets: Vec<((String, i32), CommittedOffset)> = positions
+        .into_iter()
+        .map(|(p, o)| {
+            (
+                (topic.to_string(), p),
+                CommittedOffset {
+                    offset: o,
+                    leader_epoch: -1,
+                    metadata: String::new(),
+                    commit_timestamp: now,
+                },
+            )
+        })
+        .collect();
+    ctx.groups
+        .commit(group, "", None, -1, offsets, |_, _| true)
+        .map(|_| ())
+        .map_err(|e| anyhow!("{e:?}"))
 }
 
 /// Opens the pipeline's source (the HTTP push source is mounted by the manager instead).
@@ -892,7 +920,7 @@ async fn open_source(
         SourceSpec::Sql(c) => Box::new(SqlSource::connect(c.clone()).await?),
         SourceSpec::HttpPoll(c) => Box::new(HttpPollSource::new(c.clone())?),
         SourceSpec::Topic(t) => {
-            let topic = ctx.log.topic(&t.name).ok_or_else(|| {
+            let topic = Input::existing(ctx, &t.name).ok_or_else(|| {
                 ConnectorError::Transient(anyhow!("topic '{}' does not exist yet", t.name))
             })?;
             Box::new(TopicSource::new(topic, t.start_at))
@@ -926,11 +954,11 @@ async fn open_sink(
             Box::new(HttpSink::new(c)?)
         }
         SinkSpec::Topic(t) => {
-            let target = ensure_topic(&ctx.log, &t.name, t.partitions, ctx.default_partitions)
-                .map_err(ConnectorError::Fatal)?;
+            let target = ensure_output(ctx, &t.name, t.partitions)
+                .await
+                .map_err(ConnectorError::Transient)?;
             let writer = TopicWriter::open(
-                ctx.log.clone(),
-                ctx.txns.clone(),
+                ctx,
                 Some(format!("weir-pipeline-{}-sink-{index}", spec.name)),
             )
             .await

@@ -12,11 +12,10 @@ use weir_connectors::{
     ConnectorError, Guarantee, Record, Sink, SinkRecord, Source, SourceBatch, TopicPartition,
 };
 
-use super::io::{Outgoing, TopicReader, TopicWriter};
+use super::io::{Input, Outgoing, TopicReader, TopicWriter};
 use super::offsets::OffsetStore;
 use super::spec::StartAt;
 use crate::client::partitioner::partition_for_key;
-use crate::log::manager::Topic;
 
 /// Bytes read per partition per poll.
 const READ_BYTES: u64 = 1 << 20;
@@ -29,7 +28,7 @@ fn read_bytes(records: usize) -> u64 {
 /// Reads an existing topic (committed records only); the offset is the next offset per
 /// partition.
 pub struct TopicSource {
-    topic: Arc<Topic>,
+    topic: Input,
     start_at: StartAt,
     reader: Option<TopicReader>,
     /// Records read from the log but not handed over yet (a read can return more records than
@@ -39,7 +38,7 @@ pub struct TopicSource {
 }
 
 impl TopicSource {
-    pub fn new(topic: Arc<Topic>, start_at: StartAt) -> TopicSource {
+    pub fn new(topic: Input, start_at: StartAt) -> TopicSource {
         TopicSource {
             topic,
             start_at,
@@ -73,14 +72,12 @@ fn positions_from(value: Option<&serde_json::Value>) -> BTreeMap<i32, i64> {
 #[async_trait]
 impl Source for TopicSource {
     async fn start(&mut self, resume: Option<serde_json::Value>) -> weir_connectors::Result<()> {
-        let mut start = positions_from(resume.as_ref());
-        for p in &self.topic.partitions {
-            start.entry(p.id).or_insert(match self.start_at {
-                StartAt::Beginning => p.log_start_offset(),
-                StartAt::End => p.last_stable_offset(),
-            });
-        }
-        self.reader = Some(TopicReader::new(&self.topic, &start));
+        let start = positions_from(resume.as_ref());
+        let from_end = self.start_at == StartAt::End;
+        let reader = TopicReader::open(&self.topic, &start, from_end)
+            .await
+            .map_err(ConnectorError::Transient)?;
+        self.reader = Some(reader);
         Ok(())
     }
 
@@ -104,7 +101,10 @@ impl Source for TopicSource {
         // of the last read alone: fewer, fuller batches (each one a transaction) go faster.
         // A read error here hands over what is pending; the next call's read reports it.
         while self.pending.len() < max_records {
-            match reader.read_now(read_bytes(max_records - self.pending.len())) {
+            match reader
+                .read_now(read_bytes(max_records - self.pending.len()))
+                .await
+            {
                 Ok(records) if !records.is_empty() => self.pending.extend(records),
                 _ => break,
             }
@@ -129,21 +129,23 @@ impl Source for TopicSource {
     }
 
     fn last_batch_origins(&self) -> Option<(&str, &[(i32, i64)])> {
-        Some((&self.topic.name, &self.origins))
+        Some((self.topic.name(), &self.origins))
     }
 
     // The reader's positions move only in a read that has no await after it, and what it
     // returns goes straight into `pending`: a dropped next_batch loses nothing, and the offset
-    // of each batch stands on its own.
+    // of each batch stands on its own. On a cluster a dropped read would also drop its
+    // connection (the answer is not read), so the source is not read ahead there.
     fn allows_read_ahead(&self) -> bool {
-        true
+        matches!(self.topic, Input::Local(_))
     }
 }
 
 /// Writes records into another topic, exactly once: the offsets it has applied are stored
 /// in `__pipeline_offsets` in the same transaction as the records.
 pub struct TopicSink {
-    target: Arc<Topic>,
+    target: Arc<str>,
+    partitions: i32,
     writer: TopicWriter,
     offsets: Arc<OffsetStore>,
     key: Bytes,
@@ -154,7 +156,7 @@ pub struct TopicSink {
 
 impl TopicSink {
     pub fn new(
-        target: Arc<Topic>,
+        (target, partitions): (Arc<str>, i32),
         writer: TopicWriter,
         offsets: Arc<OffsetStore>,
         pipeline: &str,
@@ -163,6 +165,7 @@ impl TopicSink {
     ) -> TopicSink {
         TopicSink {
             target,
+            partitions,
             writer,
             offsets,
             key: Bytes::from(OffsetStore::key(pipeline, Some(sink_index))),
@@ -173,7 +176,7 @@ impl TopicSink {
     }
 
     fn partition_for(&mut self, record: &Record) -> i32 {
-        let n = self.target.partitions.len() as i32;
+        let n = self.partitions;
         match &record.key {
             Some(k) => partition_for_key(k, n),
             None => {
@@ -190,6 +193,7 @@ impl Sink for TopicSink {
         let stored = self
             .offsets
             .load(&self.key)
+            .await
             .map_err(ConnectorError::Transient)?;
         self.applied = positions_from(stored.as_ref());
         Ok(self
@@ -213,7 +217,7 @@ impl Sink for TopicSink {
         for r in batch {
             let partition = self.partition_for(&r.record);
             out.push(Outgoing {
-                topic: self.target.name.clone(),
+                topic: self.target.clone(),
                 partition,
                 record: r.record.clone(),
             });
@@ -221,14 +225,7 @@ impl Sink for TopicSink {
         }
         let value = serde_json::to_vec(&positions_json(&applied)).expect("offsets serialise");
         self.writer
-            .write(
-                &out,
-                Some((
-                    self.offsets.partition(),
-                    self.key.clone(),
-                    Bytes::from(value),
-                )),
-            )
+            .write(&out, Some((self.key.clone(), Bytes::from(value))))
             .await
             .map_err(ConnectorError::Transient)?;
         self.applied = applied;
@@ -244,7 +241,7 @@ impl Sink for TopicSink {
 mod tests {
     use super::*;
     use crate::log::batch::BatchBuilder;
-    use crate::log::manager::LogManager;
+    use crate::log::manager::{LogManager, Topic};
     use crate::pipeline::io::ensure_topic;
     use kafka_protocol::records::Compression;
 
@@ -275,7 +272,7 @@ mod tests {
         fill(&topic, 0, 0..25);
         fill(&topic, 1, 100..110);
 
-        let mut source = TopicSource::new(topic.clone(), StartAt::Beginning);
+        let mut source = TopicSource::new(Input::Local(topic.clone()), StartAt::Beginning);
         source.start(None).await.unwrap();
         let first = source.next_batch(7).await.unwrap().unwrap();
         assert_eq!(first.records.len(), 7);
@@ -285,7 +282,7 @@ mod tests {
         let mut seen = values(&first);
 
         // A restart from the first batch's offset hands over exactly what came after it.
-        let mut resumed = TopicSource::new(topic.clone(), StartAt::Beginning);
+        let mut resumed = TopicSource::new(Input::Local(topic.clone()), StartAt::Beginning);
         resumed.start(Some(first.offset.clone())).await.unwrap();
         while seen.len() < 35 {
             let b = resumed.next_batch(7).await.unwrap().unwrap();
@@ -325,7 +322,7 @@ mod tests {
                 .append(&b.finish(Compression::None))
                 .unwrap();
         }
-        let mut source = TopicSource::new(topic.clone(), StartAt::Beginning);
+        let mut source = TopicSource::new(Input::Local(topic.clone()), StartAt::Beginning);
         source.start(None).await.unwrap();
         let sizes: Vec<usize> = [
             source.next_batch(8).await.unwrap().unwrap(),
