@@ -127,10 +127,13 @@ impl Replicas {
                 let key: Key = (local.name.clone(), i as i32);
                 seen.push(key.clone());
                 if !roles.contains_key(&key) && p.replicas.len() > 1 {
-                    // The high watermark is not kept across restarts: start from the log start
-                    // and learn it again (from the followers as leader, from the leader as
+                    // Start from the last checkpointed high watermark (else the log start) and
+                    // learn it again (from the followers as leader, from the leader as
                     // follower) rather than expose records no other replica has.
-                    partition.reset_high_watermark(partition.log_start_offset());
+                    let start = partition
+                        .checkpointed_high_watermark()
+                        .unwrap_or_else(|| partition.log_start_offset());
+                    partition.reset_high_watermark(start);
                 }
                 if p.leader == self.node {
                     let same = matches!(roles.get(&key), Some(Role::Leader(l)) if l.epoch == p.leader_epoch && l.isr == p.isr && l.replicas == p.replicas);

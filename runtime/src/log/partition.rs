@@ -28,6 +28,9 @@ use super::segment::{AppendedBatch, Segment};
 use super::write_atomically;
 
 const RECOVERY_POINT_FILE: &str = "recovery-point";
+/// A replicated partition's high watermark at its last checkpoint (Kafka's
+/// replication-offset-checkpoint, per partition): where a restarted replica starts from.
+const HIGH_WATERMARK_FILE: &str = "high-watermark";
 const PRODUCER_SNAPSHOT_FILE: &str = "producer-state.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -856,7 +859,24 @@ impl Partition {
         write_atomically(
             &self.dir.join(RECOVERY_POINT_FILE),
             durable.to_string().as_bytes(),
-        )
+        )?;
+        if self.is_replicated() {
+            write_atomically(
+                &self.dir.join(HIGH_WATERMARK_FILE),
+                self.high_watermark().to_string().as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The high watermark the last checkpoint recorded, if any: every record below it was
+    /// held by every in-sync replica when it was written.
+    pub fn checkpointed_high_watermark(&self) -> Option<i64> {
+        std::fs::read_to_string(self.dir.join(HIGH_WATERMARK_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Removes everything from `offset` on (offset should be a batch boundary: otherwise the
@@ -937,6 +957,11 @@ impl Partition {
         log.producers = ProducerState::default();
         log.producers_dirty = false;
         log.producers_end = offset;
+        // The old log's high watermark says nothing of the new one.
+        match std::fs::remove_file(self.dir.join(HIGH_WATERMARK_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         // A recovery point from the old log would trust segments of the new one unflushed.
         write_atomically(
             &self.dir.join(RECOVERY_POINT_FILE),
@@ -1819,6 +1844,31 @@ mod tests {
             plain.append_replica(gapped),
             Err(AppendError::OutOfOrderReplica { expected: 0, .. })
         ));
+    }
+
+    #[test]
+    fn a_replicated_partition_checkpoints_its_high_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let p = open(dir.path());
+        p.append(&batch(&[b"a", b"b", b"c"], Compression::None, 0))
+            .unwrap();
+        // A single node's partitions keep none.
+        rt.block_on(p.checkpoint()).unwrap();
+        assert_eq!(p.checkpointed_high_watermark(), None);
+        p.set_replicated(true);
+        p.reset_high_watermark(0);
+        p.advance_high_watermark(2);
+        rt.block_on(p.checkpoint()).unwrap();
+        drop(p);
+        let p = open(dir.path());
+        assert_eq!(p.checkpointed_high_watermark(), Some(2));
+        // Emptied for a new log, it forgets the old one's.
+        p.truncate_fully_and_start_at(0).unwrap();
+        assert_eq!(p.checkpointed_high_watermark(), None);
     }
 
     #[test]
