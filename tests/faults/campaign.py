@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A fault campaign against a three-node weir cluster: randomized kills, pauses, isolations
-and restarts under a queue workload, then checkers over the whole history.
+and restarts under a queue workload and an exactly-once pipeline copying the queue, then
+checkers over the whole history.
 
     python tests/faults/campaign.py --duration 600 --seed 7
 
@@ -39,10 +40,22 @@ from fault_proxy import FaultProxy  # noqa: E402
 from nemesis import KINDS, Nemesis, schedule  # noqa: E402
 from support import admin, consume_confluent, watermarks  # noqa: E402
 from test_cluster import create_replicated, segment_bytes, start_cluster  # noqa: E402
+from test_pipelines import read_committed  # noqa: E402
 from workload import GroupConsumer, History, QueueProducer  # noqa: E402
 
 TOPIC = "queue"
 GROUP = "queue-readers"
+COPY = "queue-copy"
+# Runs on one node the cluster picks (every node has the file) and moves when that node fails.
+PIPELINE = f"""\
+name: copy
+source:
+  topic:
+    name: {TOPIC}
+topic:
+  name: {COPY}
+batch_records: 200
+"""
 HEAL_BOUND_S = 120.0      # after the final heal: every replica back in sync
 CATCH_UP_BOUND_S = 180.0  # then: the group has read to the end
 IDENTICAL_BOUND_S = 60.0  # then: every replica holds the same bytes
@@ -136,11 +149,16 @@ def run(opts: Options) -> Outcome:
     consumer: GroupConsumer | None = None
     nemesis: Nemesis | None = None
     extra: dict[str, list[str]] = {}
+    pipelines = workdir / "pipelines"
+    pipelines.mkdir(exist_ok=True)
     try:
-        cluster = start_cluster(factory, opts.nodes, proxies)
+        cluster = start_cluster(factory, opts.nodes, proxies,
+                                extra_args=("--pipelines", str(pipelines)))
         bootstrap = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
-        create_replicated(cluster, TOPIC, opts.partitions, rf=min(3, opts.nodes),
-                          config={"min.insync.replicas": "2"})
+        for topic in (TOPIC, COPY):
+            create_replicated(cluster, topic, opts.partitions, rf=min(3, opts.nodes),
+                              config={"min.insync.replicas": "2"})
+        (pipelines / "copy.yaml").write_text(PIPELINE)
         log(f"cluster up: nodes {[n.kafka_port for n in nodes]} behind proxies "
             f"{[p.port for p in proxies]}; topic {TOPIC} with {opts.partitions} partitions, RF 3")
 
@@ -185,6 +203,7 @@ def run(opts: Options) -> Outcome:
         history.final_log = [(r.partition, r.offset, r.value) for r in
                              consume_confluent(bootstrap, TOPIC, range(opts.partitions), timeout=120)]
         log(f"final read: {len(history.final_log)} records; group offsets {history.final_commits}")
+        history.final_copy = _wait_copied(bootstrap, len(history.final_log), log)
         extra["replicas-identical"] = _wait_identical(cluster, TOPIC, opts.partitions)
         offsets_partitions = len(cluster.metadata().topics["__consumer_offsets"].partitions)
         extra["replicas-identical"] += _wait_identical(cluster, "__consumer_offsets",
@@ -228,6 +247,21 @@ def run(opts: Options) -> Outcome:
         log(text)
     log(outcome.summary())
     return outcome
+
+
+def _wait_copied(bootstrap: str, want: int, log) -> list:
+    """What the pipeline wrote, read_committed, once it holds `want` records (or after
+    CATCH_UP_BOUND_S, for the checker to say what is missing)."""
+    copied: list = []
+
+    def done() -> bool:
+        nonlocal copied
+        copied = [(p, o, v) for p, o, _, v, _ in read_committed(bootstrap, COPY, timeout=60)]
+        return len(copied) >= want
+
+    _wait(done, CATCH_UP_BOUND_S)
+    log(f"the pipeline copied {len(copied)} of {want} records")
+    return copied
 
 
 def _wait_healed(cluster, log) -> list[str]:
@@ -306,6 +340,8 @@ def _save_history(workdir: Path, h: History, nemesis: Nemesis | None) -> None:
             f.write(json.dumps({"t": t, "type": "committed", "offsets": offs}) + "\n")
         for p, o, v in h.final_log:
             f.write(json.dumps({"type": "log", "value": b(v), "partition": p, "offset": o}) + "\n")
+        for p, o, v in h.final_copy or []:
+            f.write(json.dumps({"type": "copy", "value": b(v), "partition": p, "offset": o}) + "\n")
 
 
 def record_row(outcome: Outcome, path: Path = RESULTS) -> None:

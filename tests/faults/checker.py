@@ -139,6 +139,19 @@ def commits_monotonic(h: History) -> list[str]:
     return out
 
 
+def pipeline_copied_once(h: History) -> list[str]:
+    """The exactly-once pipeline copied every value of the topic once, and nothing else
+    (nothing of an aborted transaction, no value twice across the pipeline's moves)."""
+    if h.final_copy is None:
+        return []
+    source = Counter(v for _, _, v in h.final_log)
+    copied = Counter(v for _, _, v in h.final_copy)
+    out = [f"{v.decode()} is in the topic but was not copied" for v in sorted(source - copied)]
+    out += [f"{v.decode()} copied {n} time(s) more than the topic holds it"
+            for v, n in sorted((copied - source).items())]
+    return out
+
+
 CHECKERS = {
     "lost": lost_values,
     "duplicated": duplicated_values,
@@ -148,6 +161,7 @@ CHECKERS = {
     "reads-in-log": reads_in_log,
     "group-read-all": group_read_everything,
     "commits-monotonic": commits_monotonic,
+    "pipeline-exactly-once": pipeline_copied_once,
 }
 
 

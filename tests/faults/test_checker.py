@@ -77,3 +77,15 @@ def test_a_value_the_group_never_got():
     h = clean_history()
     h.reads = h.reads[:-1]
     assert list(check(h).violations) == ["group-read-all"]
+
+
+def test_the_pipeline_must_copy_every_value_once_and_nothing_else():
+    h = clean_history()
+    h.final_copy = [(p % 2, i, v) for i, (p, _, v) in enumerate(h.final_log)]
+    assert check(h).ok
+    missing, twice = make_value(0, 1), make_value(0, 5)
+    h.final_copy = [r for r in h.final_copy if r[2] != missing] + [(0, 99, twice)]
+    found = check(h).violations["pipeline-exactly-once"]
+    assert len(found) == 2
+    assert "p0-00000001 is in the topic but was not copied" in found[0]
+    assert "p0-00000005 copied 1 time(s) more" in found[1]

@@ -48,6 +48,9 @@ class History:
     end_offsets: dict = field(default_factory=dict)
     # after healing: {partition: committed offset} as the coordinator lists it
     final_commits: dict = field(default_factory=dict)
+    # after healing: what the exactly-once pipeline copied from the topic, read_committed,
+    # (partition, offset, value); None when the campaign ran no pipeline
+    final_copy: list | None = None
 
     def __post_init__(self):
         self.lock = threading.Lock()

@@ -379,13 +379,60 @@ impl ClusterWriter {
     }
 }
 
+/// Writes a tombstone into `__pipeline_offsets` (acks=all) and returns the offset after it.
+/// Once it is acknowledged, everything written before it is below the leader's high watermark:
+/// a leader that has just restarted or taken over may not know its high watermark yet, and
+/// reading only up to that would miss the latest commits.
+async fn barrier(broker: &Broker, peers: &Peers, key: &[u8]) -> Result<i64> {
+    let topic = super::offsets::TOPIC;
+    let barrier_key = serde_json::to_vec(&serde_json::json!({
+        "barrier": String::from_utf8_lossy(key)
+    }))?;
+    let now = crate::now_ms();
+    let mut b = crate::log::batch::BatchBuilder::new(now);
+    b.push(Some(&barrier_key), None, &[], now);
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(PRODUCE_TIMEOUT_MS)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(str_bytes(topic.to_string())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(Bytes::from(b.finish(Compression::None))))])]);
+    let code = |r: &kafka_protocol::messages::ProduceResponse| {
+        r.responses
+            .iter()
+            .flat_map(|t| &t.partition_responses)
+            .map(|p| p.error_code)
+            .find(|c| *c != 0)
+            .unwrap_or(0)
+    };
+    let resp = call_retrying(
+        broker,
+        peers,
+        "cannot write to the pipeline offsets",
+        &req,
+        || leader_of(broker, topic, 0),
+        code,
+    )
+    .await?;
+    resp.responses
+        .iter()
+        .flat_map(|t| &t.partition_responses)
+        .map(|p| p.base_offset + 1)
+        .next()
+        .ok_or_else(|| anyhow!("no offset for the write to {topic}"))
+}
+
 /// The last committed value stored under `key` in `__pipeline_offsets`, read from its leader:
-/// everything up to the high watermark, keeping only what no transaction left open or
-/// aborted. (A read_committed fetch would stop at the first transaction still open, which may
-/// be another pipeline's, and miss this one's later commits.)
+/// everything up to a [`barrier`] written first, keeping only what no transaction left open
+/// or aborted. (A read_committed fetch would stop at the first transaction still open, which
+/// may be another pipeline's, and miss this one's later commits.)
 pub async fn load_offset(broker: &Broker, key: &[u8]) -> Result<Option<serde_json::Value>> {
     let topic = super::offsets::TOPIC;
     let peers = peers();
+    let end = barrier(broker, &peers, key).await?;
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
     let mut offset = 0i64;
     let mut latest: Option<Bytes> = None;
     // Per producer, the value its open transaction wrote last: kept on commit, dropped on
@@ -430,11 +477,11 @@ pub async fn load_offset(broker: &Broker, key: &[u8]) -> Result<Option<serde_jso
         let records = pd.records.unwrap_or_default();
         let mut read_any = false;
         for batch in complete_batches(&records) {
-            read_any = true;
-            offset = batch.next_offset();
             if batch.next_offset() > pd.high_watermark {
                 break;
             }
+            read_any = true;
+            offset = batch.next_offset();
             let pid = batch.producer_id();
             if batch.is_control() {
                 let commit = {
@@ -467,8 +514,15 @@ pub async fn load_offset(broker: &Broker, key: &[u8]) -> Result<Option<serde_jso
                 latest = v;
             }
         }
-        if offset >= pd.high_watermark || !read_any {
+        if offset >= end {
             break;
+        }
+        if !read_any {
+            // A new leader still learning its high watermark: it will pass the barrier.
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the leader of {topic} did not reach offset {end} in {RETRY_FOR:?}");
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
     Ok(latest.and_then(|v| serde_json::from_slice(&v).ok()))
