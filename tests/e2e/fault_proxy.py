@@ -13,6 +13,9 @@ Clients reach the proxy because the daemon advertises the proxy's port (the
 `hold()` stops relaying in both directions (frames wait inside the proxy), `reset()` cuts
 every open connection and drops what was held, `release()` relays again: a partition of
 the network between whoever uses the proxy and the daemon behind it.
+
+With `kafka=False` it relays bytes as they come (no framing, nothing lost at random): for
+the cluster links (Raft and cluster RPCs over HTTP), which only hold, reset and release.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def _read_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class FaultProxy:
-    def __init__(self, seed: int, fault_rate: float, apis: tuple[int, ...] = (PRODUCE,)):
+    def __init__(self, seed: int, fault_rate: float, apis: tuple[int, ...] = (PRODUCE,),
+                 kafka: bool = True):
+        self.kafka = kafka
         self.rng = random.Random(seed)
         self.fault_rate = fault_rate
         self.apis = apis
@@ -112,12 +117,34 @@ class FaultProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, server]
+            if not self.kafka:
+                for src, dst in ((client, server), (server, client)):
+                    threading.Thread(target=self._relay, args=(src, dst), daemon=True).start()
+                continue
             # correlation id -> (api key, fault to apply to its response)
             pending: dict[int, tuple[int, str | None]] = {}
             threading.Thread(target=self._upstream, args=(client, server, pending),
                              daemon=True).start()
             threading.Thread(target=self._downstream, args=(client, server, pending),
                              daemon=True).start()
+
+    def _relay(self, src, dst) -> None:
+        while True:
+            try:
+                chunk = src.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self._relaying.wait()
+            if src.fileno() < 0:
+                break
+            try:
+                dst.sendall(chunk)
+            except OSError:
+                break
+        _close(src)
+        _close(dst)
 
     def _upstream(self, client, server, pending) -> None:
         while True:

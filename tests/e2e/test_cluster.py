@@ -57,18 +57,25 @@ class Cluster:
 
 
 def start_cluster(weir_factory, size: int, proxies: list | None = None,
-                  extra_args: tuple[str, ...] = ()) -> Cluster:
+                  extra_args: tuple[str, ...] = (), raft_proxies: list | None = None) -> Cluster:
     """`proxies`: one FaultProxy a node, whose port the node advertises to clients and to
-    the other nodes' followers. `extra_args` are given to every node."""
+    the other nodes' followers. `raft_proxies`: one (kafka=False) a node in front of its
+    cluster listener, whose port the voter list gives, so the other nodes' Raft and cluster
+    traffic to it goes through the proxy. `extra_args` are given to every node."""
     raft_ports = _pick_free_ports(size)
-    voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
+    if raft_proxies:
+        for proxy, port in zip(raft_proxies, raft_ports):
+            proxy.upstream_port = port
+    voter_ports = [p.port for p in raft_proxies] if raft_proxies else raft_ports
+    voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(voter_ports))
     nodes = []
     for i in range(size):
         yaml = CLUSTER_YAML
         if proxies:
             yaml += f"advertised_port: {proxies[i].port}\n"
+        own = ("--cluster-addr", f"127.0.0.1:{raft_ports[i]}") if raft_proxies else ()
         d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
-                         extra_args=("--node-id", str(i + 1), "--voters", voters) + extra_args)
+                         extra_args=("--node-id", str(i + 1), "--voters", voters) + own + extra_args)
         d.kafka_port, d.http_port = _pick_free_ports(2)
         if proxies:
             proxies[i].upstream_port = d.kafka_port
@@ -842,3 +849,90 @@ batch_records: 50
                message="every node to show where `lines` runs")
     placed = requests.get(f"{c.node(first).http_url}/cluster", timeout=5).json()["pipelines"]
     assert placed["lines"] == second and set(placed) == {"lines", "copy"}, placed
+
+
+def test_a_pipeline_resumes_where_it_was_after_every_node_restarts(weir_factory, tmp_path):
+    """Every node killed with -9 at once and started again: the replicas come back without
+    their high watermarks, and the pipeline, placed again, must still find its committed
+    offset (it reads its offsets up to a write of its own, not up to a high watermark being
+    relearnt) rather than start over."""
+    from test_pipelines import pipeline_state, read_committed
+
+    logs, pipelines = tmp_path / "logs", tmp_path / "pipelines"
+    logs.mkdir()
+    pipelines.mkdir()
+    (pipelines / "lines.yaml").write_text(f"""\
+name: lines
+source:
+  file:
+    paths: ["{logs}/in.log"]
+    format: lines
+topic:
+  name: lines
+  partitions: 1
+""")
+    c = start_cluster(weir_factory, 3, extra_args=("--pipelines", str(pipelines)))
+    wait_until(lambda: any((pipeline_state(n, "lines") or {}).get("state") == "running"
+                           for n in c.live()), timeout=60, message="the pipeline to run")
+    log = logs / "in.log"
+    log.write_text("".join(f"line {i}\n" for i in range(500)))
+
+    def values():
+        return [v for _, _, _, v, _ in read_committed(c.bootstrap, "lines", timeout=60)]
+
+    wait_until(lambda: len(values()) >= 500, timeout=60, message="the first lines in the topic")
+    for n in c.nodes:
+        n.kill()
+    c.start()
+    with open(log, "a") as f:
+        f.write("".join(f"line {i}\n" for i in range(500, 1000)))
+    wait_until(lambda: len(values()) >= 1000, timeout=90, message="every line in the topic")
+    time.sleep(2)  # a pipeline that started over would still be writing
+    assert values() == [f"line {i}".encode() for i in range(1000)]
+
+
+def test_a_controller_cut_off_from_the_other_nodes_fences_nobody(weir_factory):
+    """The controller's inbound links (Kafka and cluster) are cut while it can still send: the
+    other voters keep it as Raft leader and it hears no heartbeats. It must not fence the two
+    nodes it cannot hear (which would move every leadership to itself, unreachable), and the
+    partitions they lead stay writable."""
+    from fault_proxy import FaultProxy
+
+    proxies = [FaultProxy(seed=i, fault_rate=0.0) for i in range(3)]
+    raft_proxies = [FaultProxy(seed=0, fault_rate=0.0, kafka=False) for _ in range(3)]
+    c = None
+    try:
+        c = start_cluster(weir_factory, 3, proxies, raft_proxies=raft_proxies)
+        create_replicated(c, "t", 3, config={"min.insync.replicas": "2"})
+        controller = c.metadata().controller_id
+        others = [n for n in c.nodes if int(n.name[4:]) != controller]
+        for p in (proxies[controller - 1], raft_proxies[controller - 1]):
+            p.hold()
+        fenced = []
+        deadline = time.monotonic() + 8  # more than two node sessions (3 s)
+        while time.monotonic() < deadline:
+            for n in others:
+                status = requests.get(f"{n.http_url}/cluster", timeout=5).json()
+                fenced += [m["id"] for m in status["nodes"] if m["fenced"] and m["id"] != controller]
+            time.sleep(0.5)
+        assert not fenced, f"the cut-off controller fenced nodes {sorted(set(fenced))}"
+        # A partition one of the others leads takes acks=all writes meanwhile.
+        md = c.metadata(others[0])
+        mine = [p for p, pm in md.topics["t"].partitions.items()
+                if pm.leader != controller]
+        assert mine, "every partition is led by the controller"
+        producer = Producer({"bootstrap.servers": others[0].bootstrap, "acks": "all",
+                             "message.timeout.ms": 20000})
+        errors = []
+        producer.produce("t", b"while cut off", partition=mine[0],
+                         on_delivery=lambda err, _: err and errors.append(err))
+        assert producer.flush(30) == 0 and not errors, errors
+    finally:
+        for p in proxies + raft_proxies:
+            p.release()
+        # The nodes stop while the proxies they advertise still relay.
+        for n in (c.nodes if c else []):
+            if n.running():
+                n.stop()
+        for p in proxies + raft_proxies:
+            p.close()

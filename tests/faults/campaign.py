@@ -136,6 +136,7 @@ def run(opts: Options) -> Outcome:
         f"binary {binary}, work directory {workdir}")
 
     proxies = [FaultProxy(seed=opts.seed * 100 + i, fault_rate=0.0) for i in range(opts.nodes)]
+    raft_proxies = [FaultProxy(seed=0, fault_rate=0.0, kafka=False) for _ in range(opts.nodes)]
     nodes: list[WeirDaemon] = []
 
     def factory(name, start=False, config_yaml=None, extra_args=()):
@@ -153,7 +154,8 @@ def run(opts: Options) -> Outcome:
     pipelines.mkdir(exist_ok=True)
     try:
         cluster = start_cluster(factory, opts.nodes, proxies,
-                                extra_args=("--pipelines", str(pipelines)))
+                                extra_args=("--pipelines", str(pipelines)),
+                                raft_proxies=raft_proxies)
         bootstrap = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
         for topic in (TOPIC, COPY):
             create_replicated(cluster, topic, opts.partitions, rf=min(3, opts.nodes),
@@ -170,7 +172,7 @@ def run(opts: Options) -> Outcome:
         consumer.start()
         time.sleep(5)  # the workload before any fault
 
-        nemesis = Nemesis(cluster, proxies, TOPIC, log)
+        nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies)
         faults = schedule(opts.seed, opts.nodes, opts.partitions, opts.kinds)
         end = time.monotonic() + opts.duration
         while time.monotonic() < end:
@@ -232,7 +234,7 @@ def run(opts: Options) -> Outcome:
                     n.stop(timeout=30, expect_clean=False)
                 except AssertionError:
                     pass
-        for p in proxies:
+        for p in proxies + raft_proxies:
             p.close()
 
     verdict = check(history)

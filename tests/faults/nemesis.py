@@ -19,7 +19,7 @@ KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart")
 DESCRIBE = {
     "kill": "kill -9, then restart",
     "pause": "SIGSTOP, then SIGCONT",
-    "isolate": "hold the node's proxy, then reset and release it",
+    "isolate": "hold the node's proxies (Kafka and cluster links), then reset and release them",
     "term": "SIGTERM, then restart",
     "lossy": "lose produce responses at the node's proxy",
     "restart": "kill -9 every node at once, then start them all again",
@@ -65,8 +65,9 @@ def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
 class Nemesis:
     """Applies faults to a Cluster whose nodes sit behind FaultProxies."""
 
-    def __init__(self, cluster, proxies, topic: str, log):
+    def __init__(self, cluster, proxies, topic: str, log, raft_proxies=None):
         self.cluster, self.proxies, self.topic, self.log = cluster, proxies, topic, log
+        self.raft_proxies = raft_proxies or []
         self.paused: set[int] = set()
         self.injected: list[tuple[float, Fault, int]] = []
         self.anomalies: list[str] = []
@@ -116,10 +117,13 @@ class Nemesis:
             os.kill(node.pid, signal.SIGCONT)
             self.paused.discard(node_id)
         elif fault.kind == "isolate":
-            proxy.hold()
+            held = [proxy] + self.raft_proxies[node_id - 1:node_id]
+            for p in held:
+                p.hold()
             time.sleep(fault.hold_s)
-            proxy.reset()
-            proxy.release()
+            for p in held:
+                p.reset()
+                p.release()
         elif fault.kind == "lossy":
             proxy.fault_rate = 0.1
             time.sleep(fault.hold_s)
@@ -162,6 +166,8 @@ class Nemesis:
             self.paused.discard(node_id)
         for p in self.proxies:
             p.fault_rate = 0.0
+            p.release()
+        for p in self.raft_proxies:
             p.release()
         for node in self.cluster.nodes:
             if not node.running():

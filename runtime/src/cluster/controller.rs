@@ -109,6 +109,8 @@ impl Cluster {
         let mut known_leader = None;
         let mut incarnations: HashMap<NodeId, (Uuid, Instant)> = HashMap::new();
         let mut last_tick = Instant::now();
+        // Whether the last round heard from no majority (said once, not every round).
+        let mut cut_off = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -146,6 +148,29 @@ impl Cluster {
             let mut proposals = Vec::new();
             {
                 let seen = self.liveness.last_seen.lock();
+                // A controller that hears from no majority of the voters (itself included) is
+                // more likely cut off itself (it can send, not receive) than the others all
+                // gone: it fences nobody rather than every node.
+                let voters = &self.settings.voters;
+                let hearing = 1 + voters
+                    .keys()
+                    .filter(|id| **id != self.node_id)
+                    .filter(|id| {
+                        seen.get(id).is_some_and(|(inc, at)| {
+                            image.nodes.get(id).is_some_and(|n| n.incarnation == *inc)
+                                && now.duration_since(*at) <= timeout
+                        })
+                    })
+                    .count();
+                let may_fence = hearing > voters.len() / 2 || now.duration_since(since) <= timeout;
+                if !may_fence && !cut_off {
+                    tracing::warn!(
+                        hearing,
+                        voters = voters.len(),
+                        "the controller hears from no majority of the voters: fencing nobody"
+                    );
+                }
+                cut_off = !may_fence;
                 let mut fenced_since = self.liveness.fenced_since.lock();
                 fenced_since.retain(|id, _| image.nodes.get(id).is_some_and(|n| n.fenced));
                 for n in image.nodes.values().filter(|n| n.fenced) {
@@ -170,7 +195,7 @@ impl Cluster {
                         .or_insert((n.incarnation, since));
                     let silent_for = now.duration_since(heard.unwrap_or(registered.max(since)));
                     // The controller hears itself: it is running this.
-                    if !n.fenced && n.id != self.node_id && silent_for > timeout {
+                    if may_fence && !n.fenced && n.id != self.node_id && silent_for > timeout {
                         tracing::warn!(
                             node = n.id,
                             silent_ms = silent_for.as_millis() as u64,
