@@ -105,7 +105,8 @@ impl TopicWriter {
             Way::Local(w) => w.write_once(records, offset).await,
             Way::Cluster(w) => w.write(records, offset).await,
         };
-        self.reinit = result.is_err();
+        // A fenced writer does not take its id back: the caller stops (see remote::Fenced).
+        self.reinit = result.as_ref().is_err_and(|e| !super::remote::is_fenced(e));
         result
     }
 }

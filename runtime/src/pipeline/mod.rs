@@ -484,10 +484,11 @@ impl PipelineManager {
                 .parsed
                 .as_ref()
                 .is_some_and(|s| plugins_stamp(s, &file) != state.plugins_stamp);
-            let moved = state
-                .running
-                .as_ref()
-                .is_some_and(|r| r.placed != self.placement(&r.spec.name));
+            // A pipeline fenced by another instance of itself runs again from its committed
+            // offsets if the cluster still places it here (or stays idle once it learns where).
+            let moved = state.running.as_ref().is_some_and(|r| {
+                r.placed != self.placement(&r.spec.name) || r.status.lock().state == FENCED
+            });
             if state.content_hash == hash
                 && !state.conflict
                 && !plugins_changed
@@ -507,10 +508,9 @@ impl PipelineManager {
             };
             let placed = self.placement(&spec.name);
             if !plugins_changed
-                && state
-                    .running
-                    .as_ref()
-                    .is_some_and(|r| r.spec == spec && r.placed == placed)
+                && state.running.as_ref().is_some_and(|r| {
+                    r.spec == spec && r.placed == placed && r.status.lock().state != FENCED
+                })
             {
                 state.invalid = None;
                 continue;
@@ -842,12 +842,20 @@ fn spawn_stage(
     })
 }
 
+/// The state of a pipeline another instance of itself took over (see remote::Fenced).
+const FENCED: &str = "fenced";
+
 fn finish(status: &Mutex<Status>, stop_all: &watch::Sender<bool>, stage: &str, r: Result<()>) {
     if let Err(e) = r {
         let message = format!("{e:#}");
         let mut s = status.lock();
-        tracing::error!(pipeline = %s.name, stage, error = %message, "pipeline failed");
-        s.state = "failed".into();
+        if remote::is_fenced(&e) {
+            tracing::warn!(pipeline = %s.name, stage, error = %message, "pipeline fenced by another instance of itself; stopping it here");
+            s.state = FENCED.into();
+        } else {
+            tracing::error!(pipeline = %s.name, stage, error = %message, "pipeline failed");
+            s.state = "failed".into();
+        }
         s.error = Some(message);
         s.error_at_ms = Some(crate::now_ms());
         let _ = stop_all.send(true);

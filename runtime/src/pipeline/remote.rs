@@ -61,6 +61,29 @@ fn retriable(code: i16) -> bool {
         )
 }
 
+/// Another instance of the pipeline took its transactional id over (PRODUCER_FENCED): this
+/// one must stop, not take the id back with a new epoch. Its source position may be behind
+/// what the other instance committed since, so only a restart, which reads the committed
+/// offset again, may go on.
+#[derive(Debug, thiserror::Error)]
+#[error("another instance of the pipeline took its transactional id over ({0})")]
+pub struct Fenced(String);
+
+/// The error for `code` from `what`: [`Fenced`] when another producer took the id over.
+fn refusal(what: &str, code: i16) -> anyhow::Error {
+    match ResponseError::try_from_code(code) {
+        Some(ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch) => {
+            anyhow::Error::new(Fenced(error_name(code))).context(what.to_string())
+        }
+        _ => anyhow!("{what}: {}", error_name(code)),
+    }
+}
+
+/// Whether `e` says the pipeline was fenced by another instance of itself.
+pub fn is_fenced(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Fenced>())
+}
+
 fn error_name(code: i16) -> String {
     match ResponseError::try_from_code(code) {
         Some(e) => format!("{e:?} (Kafka error {code})"),
@@ -102,7 +125,7 @@ where
                 Ok(resp) => match code(&resp) {
                     0 => return Ok(resp),
                     c if retriable(c) => error_name(c),
-                    c => bail!("{what}: {}", error_name(c)),
+                    c => return Err(refusal(what, c)),
                 },
                 Err(e) => format!("{e:#}"),
             },
@@ -359,12 +382,11 @@ impl ClusterWriter {
                 for t in &resp.responses {
                     for p in &t.partition_responses {
                         if p.error_code != 0 {
-                            bail!(
-                                "cannot produce to {}-{} on node {node}: {}",
-                                &*t.name,
-                                p.index,
-                                error_name(p.error_code)
+                            let what = format!(
+                                "cannot produce to {}-{} on node {node}",
+                                &*t.name, p.index
                             );
+                            return Err(refusal(&what, p.error_code));
                         }
                     }
                 }
@@ -805,4 +827,24 @@ pub async fn commit_group_offsets(
     )
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_producer_taken_over_is_fenced() {
+        let fenced = refusal("cannot end the transaction", ResponseError::ProducerFenced.code());
+        assert!(is_fenced(&fenced));
+        assert!(format!("{fenced:#}").starts_with("cannot end the transaction: another instance"));
+        assert!(is_fenced(&refusal("x", ResponseError::InvalidProducerEpoch.code())));
+        for other in [
+            ResponseError::NotLeaderOrFollower,
+            ResponseError::InvalidTxnState,
+            ResponseError::UnknownServerError,
+        ] {
+            assert!(!is_fenced(&refusal("x", other.code())));
+        }
+    }
 }

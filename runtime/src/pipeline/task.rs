@@ -701,6 +701,8 @@ impl<'a> Committer<'a> {
                 .await;
             match result {
                 Ok(()) => break,
+                // Another instance runs the pipeline now; a restart reads where it got to.
+                Err(e) if super::remote::is_fenced(&e) => return Err(e),
                 Err(e) => {
                     if !self.backoff.wait(&e, stop).await? {
                         return Ok(false);
@@ -810,6 +812,7 @@ pub async fn run_sink(
         while !records.is_empty() {
             match sink.write(&records).await {
                 Ok(()) => break,
+                Err(ConnectorError::Fatal(e)) if super::remote::is_fenced(&e) => return Err(e),
                 Err(ConnectorError::Transient(e)) => {
                     if !backoff.wait(&e, &mut stop).await? {
                         return Ok(());

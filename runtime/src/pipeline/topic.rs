@@ -227,7 +227,14 @@ impl Sink for TopicSink {
         self.writer
             .write(&out, Some((self.key.clone(), Bytes::from(value))))
             .await
-            .map_err(ConnectorError::Transient)?;
+            .map_err(|e| {
+                // Another instance writes for this sink now: stop (see remote::Fenced).
+                if super::remote::is_fenced(&e) {
+                    ConnectorError::Fatal(e)
+                } else {
+                    ConnectorError::Transient(e)
+                }
+            })?;
         self.applied = applied;
         Ok(())
     }
