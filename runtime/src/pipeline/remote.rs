@@ -219,14 +219,17 @@ impl ClusterWriter {
         records: &[Outgoing],
         offset: Option<(Bytes, Bytes)>,
     ) -> Result<()> {
-        if let Some((key, value)) = self.unsure.take() {
+        if let Some((key, value)) = self.unsure.clone() {
             // The same batch again, after a transaction that may have committed: not twice.
+            // The doubt stays until the check is made (a failed check is made again).
             if offset.as_ref() == Some(&(key.clone(), value.clone())) {
                 let committed = load_offset(&self.broker, &key).await?;
+                self.unsure = None;
                 if committed.is_some() && committed == serde_json::from_slice(&value).ok() {
                     return Ok(());
                 }
             }
+            self.unsure = None;
         }
         let unsure = offset.clone();
         let mut groups: BTreeMap<(Arc<str>, i32), Vec<&Record>> = BTreeMap::new();
@@ -835,10 +838,16 @@ mod tests {
 
     #[test]
     fn only_a_producer_taken_over_is_fenced() {
-        let fenced = refusal("cannot end the transaction", ResponseError::ProducerFenced.code());
+        let fenced = refusal(
+            "cannot end the transaction",
+            ResponseError::ProducerFenced.code(),
+        );
         assert!(is_fenced(&fenced));
         assert!(format!("{fenced:#}").starts_with("cannot end the transaction: another instance"));
-        assert!(is_fenced(&refusal("x", ResponseError::InvalidProducerEpoch.code())));
+        assert!(is_fenced(&refusal(
+            "x",
+            ResponseError::InvalidProducerEpoch.code()
+        )));
         for other in [
             ResponseError::NotLeaderOrFollower,
             ResponseError::InvalidTxnState,
