@@ -750,6 +750,21 @@ def test_the_cli_reaches_every_partition_leader_and_coordinator(cluster):
     assert sorted(out.decode().split()) == sorted(first + second)
 
 
+def lines_pipeline(logs: Path, more: str = "") -> str:
+    """The pipeline `lines`: the lines of `logs`/in.log into the one-partition topic `lines`,
+    then `more` (YAML)."""
+    return f"""\
+name: lines
+source:
+  file:
+    paths: ["{logs}/in.log"]
+    format: lines
+topic:
+  name: lines
+  partitions: 1
+{more}"""
+
+
 @pytest.mark.parametrize("how", ["kill-9", "sigterm"])
 def test_pipelines_move_when_their_node_goes_and_stay_exactly_once(weir_factory, tmp_path, how):
     """Every node is given the same pipelines directory and the cluster runs each pipeline on
@@ -763,21 +778,13 @@ def test_pipelines_move_when_their_node_goes_and_stay_exactly_once(weir_factory,
     logs, out, pipelines = tmp_path / "logs", tmp_path / "out", tmp_path / "pipelines"
     for d in (logs, out, pipelines):
         d.mkdir()
-    (pipelines / "lines.yaml").write_text(f"""\
-name: lines
-source:
-  file:
-    paths: ["{logs}/in.log"]
-    format: lines
-topic:
-  name: lines
-  partitions: 1
+    (pipelines / "lines.yaml").write_text(lines_pipeline(logs, f"""\
 sinks:
   - file:
       path: {out}/lines.txt
       format: lines
 batch_records: 50
-""")
+"""))
     (pipelines / "copy.yaml").write_text("""\
 name: copy
 source:
@@ -861,16 +868,7 @@ def test_a_pipeline_resumes_where_it_was_after_every_node_restarts(weir_factory,
     logs, pipelines = tmp_path / "logs", tmp_path / "pipelines"
     logs.mkdir()
     pipelines.mkdir()
-    (pipelines / "lines.yaml").write_text(f"""\
-name: lines
-source:
-  file:
-    paths: ["{logs}/in.log"]
-    format: lines
-topic:
-  name: lines
-  partitions: 1
-""")
+    (pipelines / "lines.yaml").write_text(lines_pipeline(logs))
     c = start_cluster(weir_factory, 3, extra_args=("--pipelines", str(pipelines)))
     wait_until(lambda: any((pipeline_state(n, "lines") or {}).get("state") == "running"
                            for n in c.live()), timeout=60, message="the pipeline to run")

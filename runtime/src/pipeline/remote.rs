@@ -84,6 +84,11 @@ pub fn is_fenced(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Fenced>())
 }
 
+/// The first error among `codes` (0 when there is none): the one an answer stands for.
+fn first_error(codes: impl IntoIterator<Item = i16>) -> i16 {
+    codes.into_iter().find(|c| *c != 0).unwrap_or(0)
+}
+
 fn error_name(code: i16) -> String {
     match ResponseError::try_from_code(code) {
         Some(e) => format!("{e:?} (Kafka error {code})"),
@@ -315,12 +320,12 @@ impl ClusterWriter {
             &req,
             || coordinator(&self.broker),
             |r| {
-                r.results_by_topic_v3_and_below
-                    .iter()
-                    .flat_map(|t| &t.results_by_partition)
-                    .map(|p| p.partition_error_code)
-                    .find(|c| *c != 0)
-                    .unwrap_or(0)
+                first_error(
+                    r.results_by_topic_v3_and_below
+                        .iter()
+                        .flat_map(|t| &t.results_by_partition)
+                        .map(|p| p.partition_error_code),
+                )
             },
         )
         .await
@@ -425,12 +430,12 @@ async fn barrier(broker: &Broker, peers: &Peers, key: &[u8]) -> Result<i64> {
                 .with_index(0)
                 .with_records(Some(Bytes::from(b.finish(Compression::None))))])]);
     let code = |r: &kafka_protocol::messages::ProduceResponse| {
-        r.responses
-            .iter()
-            .flat_map(|t| &t.partition_responses)
-            .map(|p| p.error_code)
-            .find(|c| *c != 0)
-            .unwrap_or(0)
+        first_error(
+            r.responses
+                .iter()
+                .flat_map(|t| &t.partition_responses)
+                .map(|p| p.error_code),
+        )
     };
     let resp = call_retrying(
         broker,
@@ -480,12 +485,8 @@ pub async fn load_offset(broker: &Broker, key: &[u8]) -> Result<Option<serde_jso
                     .with_log_start_offset(-1)
                     .with_partition_max_bytes(8 << 20)])]);
         let first = |r: &kafka_protocol::messages::FetchResponse| {
-            r.responses
-                .iter()
-                .flat_map(|t| &t.partitions)
-                .map(|p| p.error_code)
-                .find(|c| *c != 0)
-                .unwrap_or(r.error_code)
+            let partitions = r.responses.iter().flat_map(|t| &t.partitions);
+            first_error(std::iter::once(r.error_code).chain(partitions.map(|p| p.error_code)))
         };
         let resp = call_retrying(
             broker,
@@ -709,12 +710,12 @@ async fn last_stable_offset(
                 .with_current_leader_epoch(-1)
                 .with_timestamp(-1)])]);
     let code = |r: &kafka_protocol::messages::ListOffsetsResponse| {
-        r.topics
-            .iter()
-            .flat_map(|t| &t.partitions)
-            .map(|p| p.error_code)
-            .find(|c| *c != 0)
-            .unwrap_or(0)
+        first_error(
+            r.topics
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .map(|p| p.error_code),
+        )
     };
     let resp = call_retrying(
         broker,
@@ -758,11 +759,7 @@ pub async fn group_offsets(
                 .with_partition_indexes(partitions.to_vec())])),
     ]);
     let code = |r: &kafka_protocol::messages::OffsetFetchResponse| {
-        r.groups
-            .iter()
-            .map(|g| g.error_code)
-            .find(|c| *c != 0)
-            .unwrap_or(r.error_code)
+        first_error(std::iter::once(r.error_code).chain(r.groups.iter().map(|g| g.error_code)))
     };
     let resp = call_retrying(
         broker,
@@ -813,12 +810,12 @@ pub async fn commit_group_offsets(
                     .collect(),
             )]);
     let code = |r: &kafka_protocol::messages::OffsetCommitResponse| {
-        r.topics
-            .iter()
-            .flat_map(|t| &t.partitions)
-            .map(|p| p.error_code)
-            .find(|c| *c != 0)
-            .unwrap_or(0)
+        first_error(
+            r.topics
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .map(|p| p.error_code),
+        )
     };
     call_retrying(
         broker,
