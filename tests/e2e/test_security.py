@@ -30,7 +30,7 @@ from confluent_kafka.admin import (NewTopic, ScramCredentialInfo, ScramMechanism
                                    UserScramCredentialUpsertion)
 
 import kafka_wire as kw
-from conftest import WeirDaemon, _pick_free_ports
+from conftest import DaemonError, WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, consume_confluent, consume_kcat, create_topic, kafka_error_code,
                      kp_consumer, now_ms, produce_confluent, run, wait_until, watermarks)
 
@@ -1323,25 +1323,37 @@ def test_metadata_advertises_the_listener_the_client_used(weir_factory, pki):
 
 def start_sasl_cluster(weir_factory, extra_yaml: str = "") -> tuple[list[WeirDaemon], list[int]]:
     """Three nodes, each with a PLAINTEXT listener first and a SASL_PLAINTEXT one; returns the
-    nodes and their SASL ports."""
-    raft_ports = _pick_free_ports(3)
-    voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
-    nodes, sasl_ports = [], []
-    for i in range(3):
-        kafka_port, http_port, sasl_port = _pick_free_ports(3)
-        yaml = ("raft_heartbeat_ms: 200\nraft_election_timeout_ms: 1500\n"
-                "node_session_timeout_ms: 3000\nmetadata_timeout_ms: 15000\n"
-                + security_yaml([Listener("PLAIN", "PLAINTEXT", port=kafka_port),
-                                 Listener("SASL", "SASL_PLAINTEXT", port=sasl_port)], None, extra_yaml))
-        d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
-                         extra_args=("--node-id", str(i + 1), "--voters", voters))
-        d.kafka_port, d.http_port = kafka_port, http_port
-        nodes.append(d)
-        sasl_ports.append(sasl_port)
-    with ThreadPoolExecutor(3) as pool:
-        for f in [pool.submit(n.start, 60) for n in nodes]:
-            f.result()
-    return nodes, sasl_ports
+    nodes and their SASL ports. The listener ports are fixed in each node's config, so a port
+    another process took meanwhile (an outgoing connection's) means starting over with new
+    ones, as new nodes."""
+    for attempt in range(3):
+        raft_ports = _pick_free_ports(3)
+        voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))
+        nodes, sasl_ports = [], []
+        for i in range(3):
+            kafka_port, http_port, sasl_port = _pick_free_ports(3)
+            yaml = ("raft_heartbeat_ms: 200\nraft_election_timeout_ms: 1500\n"
+                    "node_session_timeout_ms: 3000\nmetadata_timeout_ms: 15000\n"
+                    + security_yaml([Listener("PLAIN", "PLAINTEXT", port=kafka_port),
+                                     Listener("SASL", "SASL_PLAINTEXT", port=sasl_port)], None, extra_yaml))
+            name = f"node{i + 1}" + (f"-again{attempt}" if attempt else "")
+            d = weir_factory(name, start=False, config_yaml=yaml,
+                             extra_args=("--node-id", str(i + 1), "--voters", voters))
+            d.kafka_port, d.http_port = kafka_port, http_port
+            nodes.append(d)
+            sasl_ports.append(sasl_port)
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                for f in [pool.submit(n.start, 60) for n in nodes]:
+                    f.result()
+            return nodes, sasl_ports
+        except DaemonError:
+            for n in nodes:
+                if n.running():
+                    n.kill()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_a_cluster_shares_users_and_advertises_each_listener(weir_factory, kcat_bin):
