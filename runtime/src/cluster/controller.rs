@@ -43,21 +43,6 @@ impl Liveness {
     }
 }
 
-/// Waits for every future; their results do not matter.
-async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>)
-where
-    F: std::future::Future + Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    for f in futures {
-        let f = async move {
-            let _ = f.await;
-        };
-        set.spawn(f);
-    }
-    while set.join_next().await.is_some() {}
-}
-
 impl Cluster {
     /// Sends this node's heartbeat to the voters until `stop`.
     pub(super) async fn run_heartbeats(
@@ -93,7 +78,7 @@ impl Cluster {
                         .timeout(Duration::from_millis(1000))
                         .send()
                 });
-            futures_join_all(sends).await;
+            futures::future::join_all(sends).await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop.wait_for(|s| *s) => return,
