@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::cluster::{ClusterError, VoterChange};
 use crate::kafka::Broker;
 use crate::metrics::ScrapeOptions;
 use crate::pipeline::http_source::{parse_body, submit, Rejection};
@@ -56,6 +57,7 @@ pub async fn serve(
         .route("/console/{*file}", get(crate::console::asset))
         .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster_status))
+        .route("/cluster/voters/{id}", post(add_voter).delete(remove_voter))
         .route("/topics", get(list_topics))
         .route("/topics/{name}", get(get_topic))
         .route("/topics/{name}/records", get(get_records))
@@ -313,14 +315,41 @@ async fn list_transactions(State(s): State<AppState>) -> Response {
     Json(crate::inspect::transactions(&s.broker).await).into_response()
 }
 
+fn not_a_cluster() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "this node is a single node, not part of a cluster".into(),
+    )
+}
+
 async fn cluster_status(State(s): State<AppState>) -> Response {
     match &s.broker.cluster {
         Some(c) => Json(c.status()).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "this node is a single node, not part of a cluster"})),
-        )
-            .into_response(),
+        None => not_a_cluster(),
+    }
+}
+
+/// POST /cluster/voters/{id}: a node that joined as an observer becomes a controller voter.
+async fn add_voter(State(s): State<AppState>, Path(id): Path<i32>) -> Response {
+    change_voters(&s, VoterChange::Add(id)).await
+}
+
+/// DELETE /cluster/voters/{id}: a voter becomes an observer (a dead one, to restore the
+/// quorum's margin; a live one keeps following the metadata).
+async fn remove_voter(State(s): State<AppState>, Path(id): Path<i32>) -> Response {
+    change_voters(&s, VoterChange::Remove(id)).await
+}
+
+async fn change_voters(s: &AppState, change: VoterChange) -> Response {
+    let Some(c) = &s.broker.cluster else {
+        return not_a_cluster();
+    };
+    match c.change_voters(change).await {
+        Ok(()) => Json(json!({ "voters": c.voter_ids() })).into_response(),
+        Err(ClusterError::Refused(e)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(ClusterError::Unavailable(e)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+        }
     }
 }
 

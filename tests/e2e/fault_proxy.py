@@ -12,7 +12,8 @@ Clients reach the proxy because the daemon advertises the proxy's port (the
 
 `hold()` stops relaying in both directions (frames wait inside the proxy), `reset()` cuts
 every open connection and drops what was held, `release()` relays again: a partition of
-the network between whoever uses the proxy and the daemon behind it.
+the network between whoever uses the proxy and the daemon behind it. Setting `delay_s` holds
+every frame (or chunk of bytes) that long before relaying it, in each direction: a slow link.
 
 With `kafka=False` it relays bytes as they come (no framing, nothing lost at random): for
 the cluster links (Raft and cluster RPCs over HTTP), which only hold, reset and release.
@@ -24,6 +25,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 
 PRODUCE = 0
@@ -62,6 +64,7 @@ class FaultProxy:
         self.faults: Counter[str] = Counter()
         self.forwarded: Counter[int] = Counter()
         self.enabled = True
+        self.delay_s = 0.0
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -136,7 +139,7 @@ class FaultProxy:
                 break
             if not chunk:
                 break
-            self._relaying.wait()
+            self._pass()
             if src.fileno() < 0:
                 break
             try:
@@ -145,6 +148,12 @@ class FaultProxy:
                 break
         _close(src)
         _close(dst)
+
+    def _pass(self) -> None:
+        """Wait until the proxy relays, and out the link's delay."""
+        if self.delay_s > 0:
+            time.sleep(self.delay_s)
+        self._relaying.wait()
 
     def _upstream(self, client, server, pending) -> None:
         while True:
@@ -158,7 +167,7 @@ class FaultProxy:
                     self.faults[fault] += 1
                 break
             pending[correlation] = (api_key, fault)
-            self._relaying.wait()
+            self._pass()
             if client.fileno() < 0:
                 break
             try:
@@ -181,7 +190,7 @@ class FaultProxy:
                 break
             with self._lock:
                 self.forwarded[api_key] += 1
-            self._relaying.wait()
+            self._pass()
             if server.fileno() < 0:
                 break
             try:

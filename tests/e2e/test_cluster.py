@@ -562,6 +562,75 @@ def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
                message="the old replica's data to be dropped")
 
 
+def _weir_cluster(node: WeirDaemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([node.binary, "cluster", *args, "--url", node.http_url],
+                          capture_output=True, text=True, timeout=90)
+
+
+def _voters(node: WeirDaemon) -> list[int]:
+    status = json.loads(_weir_cluster(node, "status", "--json").stdout)
+    return [n["id"] for n in status["nodes"] if n["voter"]]
+
+
+def test_voters_change_so_the_quorum_outlives_its_first_voters(cluster, weir_factory):
+    """A node that joined as an observer is made a voter, and a dead voter is removed: the
+    metadata quorum then lives on with two of the three original voters gone, and the new
+    voter restarts as a voter although `--voters` does not list it."""
+    voters = cluster.nodes[0].extra_args[cluster.nodes[0].extra_args.index("--voters") + 1]
+    (raft_port,) = _pick_free_ports(1)
+    fourth = weir_factory("node4", start=False, config_yaml=CLUSTER_YAML,
+                          extra_args=("--node-id", "4", "--voters", voters,
+                                      "--cluster-addr", f"127.0.0.1:{raft_port}"))
+    fourth.start(60)
+    cluster.nodes.append(fourth)
+    wait_until(lambda: len(cluster.metadata().brokers) == 4, 30, message="four brokers")
+    assert _voters(fourth) == [1, 2, 3]
+
+    added = _weir_cluster(cluster.node(2), "add-voter", "4")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == "voters: 1, 2, 3, 4"
+    wait_until(lambda: all(_voters(n) == [1, 2, 3, 4] for n in cluster.nodes), 30,
+               message="every node to see four voters")
+    again = _weir_cluster(cluster.node(3), "add-voter", "4")
+    assert again.returncode != 0 and "node 4 is a voter already" in again.stderr, again
+    unknown = _weir_cluster(cluster.node(3), "add-voter", "9")
+    assert unknown.returncode != 0 and "node 9 has not joined" in unknown.stderr, unknown
+
+    # Node 1 dies for good and is removed: three voters, of which two must answer.
+    cluster.node(1).kill()
+    removed = _weir_cluster(cluster.node(2), "remove-voter", "1")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == "voters: 2, 3, 4"
+    cluster.node(2).kill()
+    # With the first voters only, two of three gone would leave no quorum.
+    survivors = [cluster.node(3), fourth]
+    bootstrap = ",".join(n.bootstrap for n in survivors)
+
+    def created(name):
+        a = admin(bootstrap)  # alive until the future resolves
+        fs = a.create_topics([NewTopic(name, 1, replication_factor=2)], request_timeout=20)
+        try:
+            fs[name].result(timeout=30)
+        except KafkaException as e:  # created by an earlier try whose answer was lost
+            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+        return True
+
+    wait_until(lambda: created("after-two-voters-left"), 60,
+               message="a topic to be created with voters 3 and 4 alive")
+    produce_confluent(bootstrap, "after-two-voters-left",
+                      [Outgoing(value=f"v{i}".encode(), partition=0) for i in range(10)])
+    assert [r.value for r in consume_confluent(bootstrap, "after-two-voters-left", [0])] == \
+        [f"v{i}".encode() for i in range(10)]
+
+    # The new voter restarts: it is a voter from its Raft log, and the quorum needs it.
+    fourth.kill()
+    fourth.start(60)
+    assert _voters(fourth) == [2, 3, 4]
+    wait_until(lambda: created("after-a-restart"), 60,
+               message="a topic to be created once node 4 is back")
+
+
 def test_a_transactional_loop_survives_its_coordinator_node_dying(cluster):
     """confluent-kafka consumes, transforms and produces in transactions with the consumed
     offsets in them, while the node coordinating the transactions is killed with -9 in the

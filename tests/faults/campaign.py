@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A fault campaign against a three-node weir cluster: randomized kills, pauses, isolations
-and restarts under a queue workload and an exactly-once pipeline copying the queue, then
-checkers over the whole history.
+and restarts under a queue workload, an exactly-once pipeline copying the queue and a Kafka
+client's transactional loop copying it too, then checkers over the whole history.
 
     python tests/faults/campaign.py --duration 600 --seed 7
 
@@ -37,15 +37,18 @@ from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: E402
 from checker import Verdict, check, report  # noqa: E402
 from conftest import WeirDaemon  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
-from nemesis import KINDS, Nemesis, schedule  # noqa: E402
+from nemesis import KINDS, DiskControl, Nemesis, schedule  # noqa: E402
 from support import admin, consume_confluent, watermarks  # noqa: E402
 from test_cluster import create_replicated, segment_bytes, start_cluster  # noqa: E402
 from test_pipelines import read_committed  # noqa: E402
-from workload import GroupConsumer, History, QueueProducer  # noqa: E402
+from workload import (ABORTED_PREFIX, CommittedReader, GroupConsumer, History,  # noqa: E402
+                      QueueProducer, TxnCopier)
 
 TOPIC = "queue"
 GROUP = "queue-readers"
 COPY = "queue-copy"
+TXN_COPY = "queue-txn"
+TXN_GROUP = "queue-txn-copier"
 # Runs on one node the cluster picks (every node has the file) and moves when that node fails.
 PIPELINE = f"""\
 name: copy
@@ -137,17 +140,21 @@ def run(opts: Options) -> Outcome:
 
     proxies = [FaultProxy(seed=opts.seed * 100 + i, fault_rate=0.0) for i in range(opts.nodes)]
     raft_proxies = [FaultProxy(seed=0, fault_rate=0.0, kafka=False) for _ in range(opts.nodes)]
+    shim = DiskControl.build_shim(workdir / "diskfault.so")
+    disks = [DiskControl(workdir / f"node{i + 1}.disk") for i in range(opts.nodes)]
     nodes: list[WeirDaemon] = []
 
     def factory(name, start=False, config_yaml=None, extra_args=()):
         d = WeirDaemon(binary, workdir, name=name, extra_args=tuple(extra_args),
                        config_yaml=config_yaml)
+        d.env.update(disks[len(nodes)].env(shim))
         nodes.append(d)
         return d
 
     history = History()
     producers: list[QueueProducer] = []
     consumer: GroupConsumer | None = None
+    txn_clients: list = []
     nemesis: Nemesis | None = None
     extra: dict[str, list[str]] = {}
     pipelines = workdir / "pipelines"
@@ -157,7 +164,7 @@ def run(opts: Options) -> Outcome:
                                 extra_args=("--pipelines", str(pipelines)),
                                 raft_proxies=raft_proxies)
         bootstrap = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
-        for topic in (TOPIC, COPY):
+        for topic in (TOPIC, COPY, TXN_COPY):
             create_replicated(cluster, topic, opts.partitions, rf=min(3, opts.nodes),
                               config={"min.insync.replicas": "2"})
         (pipelines / "copy.yaml").write_text(PIPELINE)
@@ -167,12 +174,16 @@ def run(opts: Options) -> Outcome:
         producers = [QueueProducer(i, bootstrap, TOPIC, opts.partitions, opts.rate, history)
                      for i in range(opts.producers)]
         consumer = GroupConsumer(bootstrap, TOPIC, GROUP, history)
+        txn_clients = [TxnCopier(bootstrap, TOPIC, TXN_COPY, TXN_GROUP, history),
+                       CommittedReader(bootstrap, TXN_COPY, opts.partitions, history)]
         for p in producers:
             p.start()
         consumer.start()
+        for c in txn_clients:
+            c.start()
         time.sleep(5)  # the workload before any fault
 
-        nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies)
+        nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies, disks)
         faults = schedule(opts.seed, opts.nodes, opts.partitions, opts.kinds)
         end = time.monotonic() + opts.duration
         while time.monotonic() < end:
@@ -205,7 +216,12 @@ def run(opts: Options) -> Outcome:
         history.final_log = [(r.partition, r.offset, r.value) for r in
                              consume_confluent(bootstrap, TOPIC, range(opts.partitions), timeout=120)]
         log(f"final read: {len(history.final_log)} records; group offsets {history.final_commits}")
-        history.final_copy = _wait_copied(bootstrap, len(history.final_log), log)
+        history.final_copy = _wait_copied(bootstrap, COPY, len(history.final_log), log)
+        history.final_txn_copy = _wait_copied(bootstrap, TXN_COPY, len(history.final_log), log)
+        for c in txn_clients:
+            c.stop()
+        txn_clients = []
+        log(f"the transactional copier: {_txn_summary(history)}")
         extra["replicas-identical"] = _wait_identical(cluster, TOPIC, opts.partitions)
         offsets_partitions = len(cluster.metadata().topics["__consumer_offsets"].partitions)
         extra["replicas-identical"] += _wait_identical(cluster, "__consumer_offsets",
@@ -218,9 +234,9 @@ def run(opts: Options) -> Outcome:
                 p.stop(flush_timeout=5)
             except Exception:
                 pass
-        if consumer is not None:
+        for c in ([consumer] if consumer is not None else []) + txn_clients:
             try:
-                consumer.stop()
+                c.stop()
             except Exception:
                 pass
         if nemesis is not None:
@@ -251,19 +267,29 @@ def run(opts: Options) -> Outcome:
     return outcome
 
 
-def _wait_copied(bootstrap: str, want: int, log) -> list:
-    """What the pipeline wrote, read_committed, once it holds `want` records (or after
-    CATCH_UP_BOUND_S, for the checker to say what is missing)."""
+def _wait_copied(bootstrap: str, topic: str, want: int, log) -> list:
+    """A copy of the queue (the pipeline's or the transactional copier's), read_committed,
+    once it holds `want` values (or after CATCH_UP_BOUND_S, for the checkers to say what is
+    missing)."""
     copied: list = []
 
     def done() -> bool:
         nonlocal copied
-        copied = [(p, o, v) for p, o, _, v, _ in read_committed(bootstrap, COPY, timeout=60)]
-        return len(copied) >= want
+        copied = [(p, o, v) for p, o, _, v, _ in read_committed(bootstrap, topic, timeout=60)]
+        return sum(1 for *_, v in copied if not v.startswith(ABORTED_PREFIX)) >= want
 
     _wait(done, CATCH_UP_BOUND_S)
-    log(f"the pipeline copied {len(copied)} of {want} records")
+    log(f"{topic} holds {len(copied)} records, read_committed; the queue holds {want}")
     return copied
+
+
+def _txn_summary(h: History) -> str:
+    outcomes = {"committed": 0, "aborted": 0, "failed": 0}
+    for _, _, outcome, _ in h.txns:
+        outcomes["failed" if outcome.startswith("failed") else outcome] += 1
+    return (f"{outcomes['committed']} transactions committed, {outcomes['aborted']} aborted on "
+            f"purpose, {outcomes['failed']} failed and aborted; {len(h.txn_live_reads)} records "
+            f"read_committed while the faults ran")
 
 
 def _wait_healed(cluster, log) -> list[str]:
@@ -344,6 +370,15 @@ def _save_history(workdir: Path, h: History, nemesis: Nemesis | None) -> None:
             f.write(json.dumps({"type": "log", "value": b(v), "partition": p, "offset": o}) + "\n")
         for p, o, v in h.final_copy or []:
             f.write(json.dumps({"type": "copy", "value": b(v), "partition": p, "offset": o}) + "\n")
+        for t, n, outcome, records in h.txns:
+            f.write(json.dumps({"t": t, "type": "txn", "n": n, "outcome": outcome,
+                                "records": records}) + "\n")
+        for p, o, v, t in h.txn_live_reads:
+            f.write(json.dumps({"t": t, "type": "txn-read", "value": b(v), "partition": p,
+                                "offset": o}) + "\n")
+        for p, o, v in h.final_txn_copy or []:
+            f.write(json.dumps({"type": "txn-copy", "value": b(v), "partition": p,
+                                "offset": o}) + "\n")
 
 
 def record_row(outcome: Outcome, path: Path = RESULTS) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from workload import History, parse_value
+from workload import ABORTED_PREFIX, History, parse_value
 
 SHOW = 10  # examples listed per violation
 
@@ -144,11 +144,58 @@ def pipeline_copied_once(h: History) -> list[str]:
     (nothing of an aborted transaction, no value twice across the pipeline's moves)."""
     if h.final_copy is None:
         return []
-    source = Counter(v for _, _, v in h.final_log)
-    copied = Counter(v for _, _, v in h.final_copy)
-    out = [f"{v.decode()} is in the topic but was not copied" for v in sorted(source - copied)]
-    out += [f"{v.decode()} copied {n} time(s) more than the topic holds it"
+    return _copied_once(h.final_log, h.final_copy, "the pipeline")
+
+
+def _copied_once(source_log: list, copy: list, who: str) -> list[str]:
+    source = Counter(v for _, _, v in source_log)
+    copied = Counter(v for _, _, v in copy)
+    out = [f"{v.decode()} is in the topic but {who} did not copy it" for v in sorted(source - copied)]
+    out += [f"{v.decode()} copied by {who} {n} time(s) more than the topic holds it"
             for v, n in sorted((copied - source).items())]
+    return out
+
+
+def txn_copied_once(h: History) -> list[str]:
+    """The Kafka client's transactional copier copied every value of the topic once, and, read
+    committed, nothing of the transactions it aborted."""
+    if h.final_txn_copy is None:
+        return []
+    copy = [r for r in h.final_txn_copy if not r[2].startswith(ABORTED_PREFIX)]
+    return _copied_once(h.final_log, copy, "the transactional copier")
+
+
+def txn_copy_order(h: History) -> list[str]:
+    """The copy keeps each producer's order within a partition (a batch is copied to the
+    partition it came from, in order; an aborted batch is copied again in the same order)."""
+    out = []
+    last = {}
+    for p, o, v in sorted(h.final_txn_copy or []):
+        if v.startswith(ABORTED_PREFIX):
+            continue
+        prod, seq = parse_value(v)
+        prev = last.get((p, prod))
+        if prev is not None and seq <= prev[0]:
+            out.append(f"copy partition {p}: p{prod} seq {seq} at offset {o} after seq {prev[0]} "
+                       f"at offset {prev[1]}")
+        last[(p, prod)] = (seq, o)
+    return out
+
+
+def aborted_reads(h: History) -> list[str]:
+    """A read_committed consumer never sees a record of an aborted transaction (the markers
+    `aborted-<n>` are only ever written in transactions the copier aborts), and what it read
+    while the faults ran is in the copy for good, at the same offset."""
+    if h.final_txn_copy is None:
+        return []
+    out = [f"{v.decode()} read at {p}/{o} after healing" for p, o, v in h.final_txn_copy
+           if v.startswith(ABORTED_PREFIX)]
+    out += [f"{v.decode()} read at {p}/{o} while the faults ran" for p, o, v, _ in h.txn_live_reads
+            if v.startswith(ABORTED_PREFIX)]
+    final = {(p, o): v for p, o, v in h.final_txn_copy}
+    out += [f"{v.decode()} read at {p}/{o} while the faults ran, the copy has "
+            f"{final[(p, o)].decode() if (p, o) in final else 'nothing'} there after healing"
+            for p, o, v, _ in sorted(set(h.txn_live_reads)) if final.get((p, o)) != v]
     return out
 
 
@@ -162,6 +209,9 @@ CHECKERS = {
     "group-read-all": group_read_everything,
     "commits-monotonic": commits_monotonic,
     "pipeline-exactly-once": pipeline_copied_once,
+    "txn-exactly-once": txn_copied_once,
+    "txn-order": txn_copy_order,
+    "aborted-reads": aborted_reads,
 }
 
 

@@ -8,13 +8,17 @@ fault starts, from the cluster's metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
+import subprocess
 import random
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart")
+KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart", "slow", "full", "slow-disk")
 
 DESCRIBE = {
     "kill": "kill -9, then restart",
@@ -23,6 +27,9 @@ DESCRIBE = {
     "term": "SIGTERM, then restart",
     "lossy": "lose produce responses at the node's proxy",
     "restart": "kill -9 every node at once, then start them all again",
+    "slow": "delay every frame to and from the node (Kafka and cluster links) at its proxies",
+    "full": "the node's disk is full: every write to a file fails with ENOSPC",
+    "slow-disk": "every fsync of the node waits before it starts",
 }
 
 
@@ -32,6 +39,7 @@ class Fault:
     target: tuple  # ("leader", partition) | ("controller",) | ("node", node_id)
     hold_s: float  # how long the node is down, paused, isolated or lossy
     heal_s: float  # quiet time after the fault is undone
+    delay_s: float = 0.0  # slow: the delay of every frame; slow-disk: of every fsync
 
     def describe(self) -> str:
         if self.kind == "restart":
@@ -39,7 +47,9 @@ class Fault:
         t = self.target
         who = {"leader": lambda: f"leader of partition {t[1]}", "controller": lambda: "controller",
                "node": lambda: f"node {t[1]}"}[t[0]]()
-        return f"{self.kind} {who} for {self.hold_s:.1f}s, heal {self.heal_s:.1f}s"
+        slow = {"slow": f" by {self.delay_s * 1000:.0f} ms a frame",
+                "slow-disk": f" by {self.delay_s * 1000:.0f} ms an fsync"}.get(self.kind, "")
+        return f"{self.kind} {who}{slow} for {self.hold_s:.1f}s, heal {self.heal_s:.1f}s"
 
 
 def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
@@ -58,16 +68,24 @@ def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
             else:
                 target = ("node", rng.randrange(nodes) + 1)
             hold = {"kill": (1, 8), "pause": (2, 10), "isolate": (3, 12), "term": (1, 6),
-                    "lossy": (5, 15), "restart": (1, 5)}[kind]
-            yield Fault(kind, target, round(rng.uniform(*hold), 1), round(rng.uniform(4, 12), 1))
+                    "lossy": (5, 15), "restart": (1, 5), "slow": (5, 15), "full": (3, 10),
+                    "slow-disk": (5, 15)}[kind]
+            fault = Fault(kind, target, round(rng.uniform(*hold), 1), round(rng.uniform(4, 12), 1))
+            # Drawn for these kinds only, so that the other kinds' schedules stay as they were.
+            if kind == "slow":
+                fault = dataclasses.replace(fault, delay_s=round(rng.uniform(0.02, 0.4), 3))
+            elif kind == "slow-disk":
+                fault = dataclasses.replace(fault, delay_s=round(rng.uniform(0.05, 0.5), 3))
+            yield fault
 
 
 class Nemesis:
     """Applies faults to a Cluster whose nodes sit behind FaultProxies."""
 
-    def __init__(self, cluster, proxies, topic: str, log, raft_proxies=None):
+    def __init__(self, cluster, proxies, topic: str, log, raft_proxies=None, disks=None):
         self.cluster, self.proxies, self.topic, self.log = cluster, proxies, topic, log
         self.raft_proxies = raft_proxies or []
+        self.disks = disks or []  # one DiskControl a node, for full and slow-disk
         self.paused: set[int] = set()
         self.injected: list[tuple[float, Fault, int]] = []
         self.anomalies: list[str] = []
@@ -128,6 +146,25 @@ class Nemesis:
             proxy.fault_rate = 0.1
             time.sleep(fault.hold_s)
             proxy.fault_rate = 0.0
+        elif fault.kind == "slow":
+            slowed = [proxy] + self.raft_proxies[node_id - 1:node_id]
+            for p in slowed:
+                p.delay_s = fault.delay_s
+            time.sleep(fault.hold_s)
+            for p in slowed:
+                p.delay_s = 0.0
+        elif fault.kind in ("full", "slow-disk"):
+            disk = self.disks[node_id - 1]
+            if fault.kind == "full":
+                disk.set(full=True)
+            else:
+                disk.set(fsync_delay_ms=int(fault.delay_s * 1000))
+            time.sleep(fault.hold_s)
+            disk.set()
+            if not node.running():
+                # A node may stop on a failed write to its metadata log (and say so in its log).
+                self.anomalies.append(f"node {node_id} exited during {fault.describe()}")
+                self._start(node)
         elif fault.kind == "restart":
             # The whole cluster goes down; nodes wait for a quorum, so they start together.
             for n in self.cluster.nodes:
@@ -166,9 +203,11 @@ class Nemesis:
             self.paused.discard(node_id)
         for p in self.proxies:
             p.fault_rate = 0.0
+        for p in self.proxies + self.raft_proxies:
+            p.delay_s = 0.0
             p.release()
-        for p in self.raft_proxies:
-            p.release()
+        for d in self.disks:
+            d.set()
         for node in self.cluster.nodes:
             if not node.running():
                 self._start(node)
@@ -177,3 +216,34 @@ class Nemesis:
         from collections import Counter
         c = Counter(f.kind for _, f, _ in self.injected)
         return " ".join(f"{k}x{c[k]}" for k in KINDS if c[k]) or "none"
+
+
+class DiskControl:
+    """The control file of one node's disk faults (tests/faults/diskfault.c, loaded into the
+    node with LD_PRELOAD): a full disk, and a delay before every fsync."""
+
+    SHIM = Path(__file__).resolve().parent / "diskfault.c"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.set()
+
+    def set(self, full: bool = False, fsync_delay_ms: int = 0) -> None:
+        # Rewritten in place: the node has it mapped.
+        mode = "r+b" if self.path.exists() else "wb"
+        with open(self.path, mode) as f:
+            f.write(struct.pack("=ii", int(full), fsync_delay_ms))
+
+    def env(self, shim: Path) -> dict[str, str]:
+        return {"LD_PRELOAD": str(shim), "WEIR_DISKFAULT": str(self.path)}
+
+    @classmethod
+    def build_shim(cls, out: Path) -> Path:
+        """Compiles the shim (the C compiler Rust links with is on any machine that builds
+        weir); raises with the compiler's message when it cannot."""
+        cc = os.environ.get("CC", "cc")
+        r = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(cls.SHIM), "-ldl"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"cannot build the disk fault shim with {cc}: {r.stderr.strip()}")
+        return out

@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import campaign  # noqa: E402
 
-# Fixed seeds; three or four faults each in a minute, and between them every kind of fault
-# (seed 1: isolate, term, lossy; 2: isolate, pause, term, lossy; 3: kill, isolate, term, lossy).
-SEEDS = [1, 2, 3]
+# Fixed seeds; four to six faults each in a minute, and between them every kind of fault
+# (seed 1: restart, slow, full, lossy; 3: pause, restart, slow, kill, slow-disk, lossy;
+# 5: isolate the controller, term, pause, kill, slow-disk, full).
+SEEDS = [1, 3, 5]
 DURATION_S = float(os.environ.get("WEIR_FAULTS_SHORT_S", "60"))
 
 

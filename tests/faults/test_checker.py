@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checker import check  # noqa: E402
-from workload import History, make_value  # noqa: E402
+from workload import ABORTED_PREFIX, History, make_value  # noqa: E402
 
 
 def clean_history() -> History:
@@ -87,5 +87,44 @@ def test_the_pipeline_must_copy_every_value_once_and_nothing_else():
     h.final_copy = [r for r in h.final_copy if r[2] != missing] + [(0, 99, twice)]
     found = check(h).violations["pipeline-exactly-once"]
     assert len(found) == 2
-    assert "p0-00000001 is in the topic but was not copied" in found[0]
-    assert "p0-00000005 copied 1 time(s) more" in found[1]
+    assert "p0-00000001 is in the topic but the pipeline did not copy it" in found[0]
+    assert "p0-00000005 copied by the pipeline 1 time(s) more" in found[1]
+
+
+def copied(h: History) -> list:
+    """The queue copied partition for partition, in order, as the transactional copier does."""
+    return [(p, o, v) for p, o, v in sorted(h.final_log)]
+
+
+def test_the_transactional_copier_must_copy_every_value_once():
+    h = clean_history()
+    h.final_txn_copy = copied(h)
+    assert check(h).ok
+    h.final_txn_copy = copied(h)[1:] + [(1, 99, make_value(0, 3))]
+    found = check(h).violations["txn-exactly-once"]
+    assert len(found) == 2 and "did not copy" in found[0] and "1 time(s) more" in found[1]
+
+
+def test_a_marker_of_an_aborted_transaction_read_committed_is_an_aborted_read():
+    h = clean_history()
+    h.final_txn_copy = copied(h) + [(0, 3, ABORTED_PREFIX + b"7")]
+    assert list(check(h).violations) == ["aborted-reads"]
+    h.final_txn_copy = copied(h)
+    h.txn_live_reads = [(0, 3, ABORTED_PREFIX + b"7", 1.0)]
+    assert list(check(h).violations) == ["aborted-reads"]
+
+
+def test_a_live_read_the_copy_no_longer_holds_is_an_aborted_read():
+    h = clean_history()
+    h.final_txn_copy = copied(h)
+    h.txn_live_reads = [(p, o, v, 1.0) for p, o, v in copied(h)]
+    assert check(h).ok
+    h.txn_live_reads.append((1, 0, make_value(0, 5), 2.0))  # 1/0 holds p0-00000001
+    assert list(check(h).violations) == ["aborted-reads"]
+
+
+def test_the_copy_keeps_each_producers_order():
+    h = clean_history()
+    h.final_txn_copy = [(0, 0, make_value(0, 2)), (0, 1, make_value(0, 0))] + \
+        [r for r in copied(h) if r[0] == 1] + [(0, 2, make_value(0, 4))]
+    assert list(check(h).violations) == ["txn-order"]

@@ -1,6 +1,7 @@
-"""The queue workload: idempotent acks=all producers appending unique values, and a consumer
-group reading them and committing after processing. Everything the clients are told is kept
-in a History for the checkers.
+"""The workloads: idempotent acks=all producers appending unique values to a queue, a consumer
+group reading them and committing after processing, and a Kafka client's transactional
+consume-transform-produce loop copying the queue, watched by a read_committed reader.
+Everything the clients are told is kept in a History for the checkers.
 
 A value is `p<producer>-<seq>` (seq zero-padded); producer k sends its n-th value to
 partition n % partitions, so every (producer, partition) pair has its own produce order.
@@ -12,7 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer,
+                             TopicPartition)
 
 
 def make_value(producer: int, seq: int) -> bytes:
@@ -51,6 +53,15 @@ class History:
     # after healing: what the exactly-once pipeline copied from the topic, read_committed,
     # (partition, offset, value); None when the campaign ran no pipeline
     final_copy: list | None = None
+    # the transactional copier: (t, transaction number, outcome, records) with outcome
+    # "committed", "aborted" (on purpose) or the error that made it abort or start over
+    txns: list = field(default_factory=list)
+    # what a read_committed reader of the copier's topic read while the faults ran,
+    # (partition, offset, value, t)
+    txn_live_reads: list = field(default_factory=list)
+    # after healing: the copier's topic read_committed, (partition, offset, value); None when
+    # the campaign ran no copier
+    final_txn_copy: list | None = None
 
     def __post_init__(self):
         self.lock = threading.Lock()
@@ -254,3 +265,207 @@ class GroupConsumer:
             self._c.close()
         except (KafkaException, RuntimeError) as e:
             self.history.add("client_errors", (time.monotonic(), "consumer", f"close: {e}"))
+
+
+ABORTED_PREFIX = b"aborted-"
+
+
+class TxnCopier:
+    """A Kafka client's exactly-once loop (confluent-kafka, KIP-447 style): a consumer group
+    member reads the queue, and a transactional producer copies each batch to another topic,
+    same partition, committing the batch's offsets in the same transaction. Every
+    `abort_every`-th transaction is aborted on purpose, with a marker value `aborted-<n>` in
+    it, and the batch is copied again from the committed offsets. A failed transaction is
+    aborted too (a fatal error replaces the producer, which fences the old one), so the
+    copy holds each value once, read_committed, and never a marker."""
+
+    TXN_ID = "faults-txn-copier"
+
+    def __init__(self, bootstrap: str, source: str, target: str, group: str, history: History,
+                 abort_every: int = 7):
+        self.bootstrap, self.source, self.target = bootstrap, source, target
+        self.history, self.abort_every = history, abort_every
+        self.transactions = 0
+        self._stop = threading.Event()
+        self._c = Consumer({
+            "bootstrap.servers": bootstrap,
+            "client.id": "faults-txn-copier",
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+            "socket.timeout.ms": 10000,
+            "topic.metadata.refresh.interval.ms": 1000,
+            "log_level": 3,
+        })
+        self._p: Producer | None = None
+        self._thread = threading.Thread(target=self._run, name="txn-copier", daemon=True)
+
+    def _note(self, outcome: str, records: int) -> None:
+        self.history.add("txns", (time.monotonic(), self.transactions, outcome, records))
+
+    def _producer(self) -> Producer:
+        """A transactional producer with its id initialised; retried until it is (or stop)."""
+        while not self._stop.is_set():
+            p = Producer({
+                "bootstrap.servers": self.bootstrap,
+                "client.id": "faults-txn-copier",
+                "transactional.id": self.TXN_ID,
+                "linger.ms": 5,
+                "transaction.timeout.ms": 60000,
+                "message.timeout.ms": 55000,
+                "socket.timeout.ms": 10000,
+                "topic.metadata.refresh.interval.ms": 1000,
+                "log_level": 3,
+            })
+            try:
+                p.init_transactions(30)
+                return p
+            except KafkaException as e:
+                self.history.add("client_errors", (time.monotonic(), "txn-copier",
+                                                   f"init_transactions: {e}"))
+                time.sleep(1)
+        raise InterruptedError
+
+    def start(self) -> None:
+        self._c.subscribe([self.source])
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._p = self._producer()
+            while not self._stop.is_set():
+                msgs = [m for m in self._c.consume(500, 0.5) if m.error() is None]
+                if msgs:
+                    self._copy(msgs)
+        except InterruptedError:
+            pass
+
+    def _copy(self, msgs) -> None:
+        self.transactions += 1
+        on_purpose = self.transactions % self.abort_every == 0
+        offsets: dict[int, int] = {}
+        for m in msgs:
+            offsets[m.partition()] = m.offset() + 1
+        try:
+            self._p.begin_transaction()
+            for m in msgs:
+                self._produce(m.value(), m.partition())
+            if on_purpose:
+                self._produce(ABORTED_PREFIX + str(self.transactions).encode(), msgs[0].partition())
+                self._p.flush(30)  # the marker reaches the log before the abort
+                self._retry(lambda: self._p.abort_transaction(30))
+                self._note("aborted", len(msgs))
+                self._rewind()
+                return
+            self._retry(lambda: self._p.send_offsets_to_transaction(
+                [TopicPartition(self.source, p, o) for p, o in sorted(offsets.items())],
+                self._c.consumer_group_metadata(), 30))
+            self._retry(lambda: self._p.commit_transaction(30))
+            self._note("committed", len(msgs))
+        except KafkaException as e:
+            err = e.args[0]
+            self._note(f"failed: {err}", len(msgs))
+            if err.fatal() or not self._abort():
+                # A new producer with the same transactional id fences this one and aborts
+                # whatever it left open.
+                self._p = self._producer()
+            self._rewind()
+
+    def _produce(self, value: bytes, partition: int) -> None:
+        while True:
+            try:
+                self._p.produce(self.target, value=value, partition=partition)
+                return
+            except BufferError:
+                self._p.poll(0.1)
+
+    def _retry(self, op, budget_s: float = 60.0) -> None:
+        """Run a transactional call again while it fails with a retriable error."""
+        deadline = time.monotonic() + budget_s
+        while True:
+            try:
+                return op()
+            except KafkaException as e:
+                if not e.args[0].retriable() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _abort(self) -> bool:
+        try:
+            self._retry(lambda: self._p.abort_transaction(30))
+            return True
+        except KafkaException as e:
+            self.history.add("client_errors", (time.monotonic(), "txn-copier",
+                                               f"abort_transaction: {e}"))
+            return False
+
+    def _rewind(self) -> None:
+        """Go back to the group's committed offsets: what the last committed transaction
+        recorded (read with require_stable, so a pending one is waited for)."""
+        while not self._stop.is_set():
+            try:
+                assigned = self._c.assignment()
+                for tp in self._c.committed(assigned, timeout=30):
+                    if tp.offset < 0:
+                        tp.offset = OFFSET_BEGINNING
+                    self._c.seek(tp)
+                return
+            except KafkaException as e:
+                self.history.add("client_errors", (time.monotonic(), "txn-copier",
+                                                   f"rewind: {e}"))
+                time.sleep(1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        try:
+            self._c.close()
+        except (KafkaException, RuntimeError) as e:
+            self.history.add("client_errors", (time.monotonic(), "txn-copier", f"close: {e}"))
+
+
+class CommittedReader:
+    """Reads a topic read_committed from the beginning, without a group, while the faults
+    run: what it sees must be committed for good (no aborted or later-undone reads)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, history: History):
+        self.history = history
+        self._stop = threading.Event()
+        self._c = Consumer({
+            "bootstrap.servers": bootstrap,
+            "client.id": "faults-committed-reader",
+            "group.id": "faults-committed-reader",  # never joined: the partitions are assigned
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "socket.timeout.ms": 10000,
+            "topic.metadata.refresh.interval.ms": 1000,
+            "log_level": 3,
+        })
+        self._c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self._thread = threading.Thread(target=self._run, name="committed-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msgs = self._c.consume(500, 0.5)
+            except KafkaException:
+                time.sleep(0.5)
+                continue
+            for m in msgs:
+                if m.error() is None:
+                    self.history.add("txn_live_reads", (m.partition(), m.offset(), m.value(),
+                                                        time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        try:
+            self._c.close()
+        except (KafkaException, RuntimeError):
+            pass

@@ -1,4 +1,5 @@
-//! `weir cluster status`: the cluster as one node sees it (its HTTP API's `GET /cluster`).
+//! `weir cluster status`: the cluster as one node sees it (its HTTP API's `GET /cluster`);
+//! `weir cluster add-voter|remove-voter`: changes to the controller voters.
 
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
@@ -15,10 +16,33 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make a node that joined as an observer a controller voter (Raft membership).
+    AddVoter {
+        /// The node's id
+        id: i32,
+        #[command(flatten)]
+        api: super::HttpApiArgs,
+    },
+    /// Make a controller voter an observer again, for instance a voter whose machine is gone,
+    /// so that the quorum needs a majority of the voters that remain.
+    RemoveVoter {
+        /// The node's id
+        id: i32,
+        #[command(flatten)]
+        api: super::HttpApiArgs,
+    },
 }
 
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
-    let ClusterCommand::Status { api, json } = cmd;
+    let (api, json) = match cmd {
+        ClusterCommand::Status { api, json } => (api, json),
+        ClusterCommand::AddVoter { id, api } => {
+            return change_voters(reqwest::Method::POST, id, api).await
+        }
+        ClusterCommand::RemoveVoter { id, api } => {
+            return change_voters(reqwest::Method::DELETE, id, api).await
+        }
+    };
     let body = super::http_api(reqwest::Method::GET, &api, "/cluster", None)
         .await
         .with_context(|| format!("{}/cluster", api.url))?;
@@ -30,6 +54,21 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
         "{}",
         render(&body).ok_or_else(|| anyhow!("unexpected answer from {}", api.url))?
     );
+    Ok(())
+}
+
+async fn change_voters(method: reqwest::Method, id: i32, api: super::HttpApiArgs) -> Result<()> {
+    let path = format!("/cluster/voters/{id}");
+    let body = super::http_api(method, &api, &path, None)
+        .await
+        .with_context(|| format!("{}{path}", api.url))?;
+    let voters: Vec<String> = body["voters"]
+        .as_array()
+        .ok_or_else(|| anyhow!("unexpected answer from {}", api.url))?
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    println!("voters: {}", voters.join(", "));
     Ok(())
 }
 

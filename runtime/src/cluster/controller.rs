@@ -136,9 +136,9 @@ impl Cluster {
                 // A controller that hears from no majority of the voters (itself included) is
                 // more likely cut off itself (it can send, not receive) than the others all
                 // gone: it fences nobody rather than every node.
-                let voters = &self.settings.voters;
+                let voters = self.voter_ids();
                 let hearing = 1 + voters
-                    .keys()
+                    .iter()
                     .filter(|id| **id != self.node_id)
                     .filter(|id| {
                         seen.get(id).is_some_and(|(inc, at)| {

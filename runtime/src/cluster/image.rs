@@ -248,6 +248,8 @@ pub enum CommandError {
     InvalidReplicaAssignment(String),
     #[error("no reassignment is under way for {0}")]
     NoReassignmentInProgress(String),
+    #[error("{0}")]
+    InvalidVoterChange(String),
 }
 
 fn info_id(command: &Command) -> NodeId {
@@ -521,7 +523,7 @@ impl ClusterImage {
 
     /// The replication factor a creation asks for (-1: the default, 3 or fewer nodes).
     fn replication_factor(&self, asked: i32) -> Result<usize, CommandError> {
-        let nodes = self.nodes.len();
+        let nodes = self.placeable_nodes().len();
         if asked == -1 {
             return Ok(nodes.clamp(1, 3));
         }
@@ -532,10 +534,21 @@ impl ClusterImage {
         }
         if asked as usize > nodes {
             return Err(CommandError::InvalidReplicationFactor(format!(
-                "replication factor {asked} is larger than the {nodes} registered node(s)"
+                "replication factor {asked} is larger than the {nodes} available (registered, unfenced) node(s)"
             )));
         }
         Ok(asked as usize)
+    }
+
+    /// The nodes new replicas go to: the unfenced ones (a fenced node could neither lead nor
+    /// follow), or every node while all are fenced (a whole-cluster start).
+    fn placeable_nodes(&self) -> Vec<&NodeInfo> {
+        let live: Vec<&NodeInfo> = self.nodes.values().filter(|n| !n.fenced).collect();
+        if live.is_empty() {
+            self.nodes.values().collect()
+        } else {
+            live
+        }
     }
 
     /// Where a new topic's round-robin starts: spreads leaders across topics.
@@ -585,7 +598,7 @@ impl ClusterImage {
 
     fn rack_alternating_nodes(&self) -> Vec<NodeId> {
         let mut by_rack: BTreeMap<Option<&str>, Vec<NodeId>> = BTreeMap::new();
-        for n in self.nodes.values() {
+        for n in self.placeable_nodes() {
             by_rack.entry(n.rack.as_deref()).or_default().push(n.id);
         }
         let mut order = Vec::with_capacity(self.nodes.len());
@@ -886,6 +899,27 @@ mod tests {
             *leaders.entry(p.leader).or_insert(0) += 1;
         }
         assert_eq!(leaders.values().copied().collect::<Vec<_>>(), [2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn new_replicas_go_to_unfenced_nodes_only() {
+        let mut img = ClusterImage::default();
+        for id in 1..=3 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        let incarnation = img.nodes[&2].incarnation;
+        img.apply(&Command::FenceNode { id: 2, incarnation })
+            .unwrap();
+        img.apply(&create("t", 4, 2)).unwrap();
+        for p in &img.topics["t"].partitions {
+            assert!(!p.replicas.contains(&2), "{p:?} placed on the fenced node");
+        }
+        img.apply(&create("all", 1, -1)).unwrap();
+        assert_eq!(img.topics["all"].partitions[0].replicas.len(), 2);
+        assert!(matches!(
+            img.apply(&create("three", 1, 3)),
+            Err(CommandError::InvalidReplicationFactor(_))
+        ));
     }
 
     #[test]

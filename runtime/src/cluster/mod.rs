@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::BasicNode;
+use openraft::{BasicNode, ChangeMembers};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -81,6 +82,22 @@ pub fn parse_voters(text: &str) -> Result<BTreeMap<NodeId, String>> {
     Ok(voters)
 }
 
+/// A change to the set of controller voters (Raft's membership). A voter added must have
+/// joined as an observer first (a Raft learner, with the metadata); a voter removed stays an
+/// observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VoterChange {
+    Add(NodeId),
+    Remove(NodeId),
+}
+
+/// What only the Raft leader can do; any node forwards it there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    Propose(Command),
+    ChangeVoters(VoterChange),
+}
+
 /// Proposes commands to the Raft leader, wherever it is.
 pub struct Proposer {
     raft: Raft,
@@ -89,9 +106,32 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Proposes on this node's Raft; answers NotLeader when another node leads.
-    pub async fn propose_here(&self, command: Command) -> ProposeReply {
-        match self.raft.client_write(command).await {
+    /// Carries the request out on this node's Raft; answers NotLeader when another node leads.
+    pub async fn here(&self, request: LeaderRequest) -> ProposeReply {
+        let written = match request {
+            LeaderRequest::Propose(command) => self.raft.client_write(command).await,
+            LeaderRequest::ChangeVoters(change) => {
+                if let Err(refused) = self.check_voter_change(change) {
+                    return ProposeReply::Applied {
+                        index: 0,
+                        outcome: CommandOutcome(Err(refused)),
+                    };
+                }
+                let change = match change {
+                    VoterChange::Add(id) => ChangeMembers::AddVoterIds([id as u64].into()),
+                    VoterChange::Remove(id) => ChangeMembers::RemoveVoters([id as u64].into()),
+                };
+                // A removed voter stays a learner: it keeps following the metadata.
+                self.raft
+                    .change_membership(change, true)
+                    .await
+                    .map(|mut r| {
+                        r.data = CommandOutcome(Ok(()));
+                        r
+                    })
+            }
+        };
+        match written {
             Ok(r) => ProposeReply::Applied {
                 index: r.log_id.index,
                 outcome: r.data,
@@ -105,18 +145,57 @@ impl Proposer {
         }
     }
 
+    /// Proposes a command on this node's Raft only (never forwarded).
+    pub async fn propose_here(&self, command: Command) -> ProposeReply {
+        self.here(LeaderRequest::Propose(command)).await
+    }
+
+    /// Refuses a voter change that cannot be made, judged on the membership this node knows
+    /// (the leader's is the one that counts; on another node Raft answers ForwardToLeader).
+    fn check_voter_change(&self, change: VoterChange) -> Result<(), CommandError> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let refuse = |why: String| Err(CommandError::InvalidVoterChange(why));
+        match change {
+            VoterChange::Add(id) if voters.contains(&(id as u64)) => {
+                refuse(format!("node {id} is a voter already"))
+            }
+            VoterChange::Add(id) if membership.get_node(&(id as u64)).is_none() => refuse(format!(
+                "node {id} has not joined the cluster (start it with --voters first)"
+            )),
+            VoterChange::Remove(id) if !voters.contains(&(id as u64)) => {
+                refuse(format!("node {id} is not a voter"))
+            }
+            VoterChange::Remove(_) if voters.len() == 1 => {
+                refuse("the last voter cannot be removed".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Proposes through the leader, retrying while there is none, until the timeout. Returns
     /// the log index the command was committed at and its outcome.
     pub async fn propose(&self, command: Command) -> Result<(u64, Result<(), CommandError>)> {
+        self.through_leader(LeaderRequest::Propose(command)).await
+    }
+
+    /// Carries a request out on the Raft leader, wherever it is, retrying while there is
+    /// none, until the timeout.
+    pub async fn through_leader(
+        &self,
+        request: LeaderRequest,
+    ) -> Result<(u64, Result<(), CommandError>)> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut last_error;
         loop {
-            let reply = match self.propose_here(command.clone()).await {
+            let reply = match self.here(request.clone()).await {
                 ProposeReply::NotLeader {
                     leader: Some(leader),
                 } => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match forward_proposal(&self.http, &leader.addr, &command, left).await {
+                    match forward_proposal(&self.http, &leader.addr, &request, left).await {
                         Ok(r) => r,
                         Err(e) => ProposeReply::Failed(format!(
                             "forwarding to the Raft leader at {}: {e}",
@@ -244,8 +323,17 @@ impl Cluster {
                 tracing::debug!(error = %e, "Raft already initialised");
             }
         }
-        if !settings.voters.contains_key(&settings.node_id) {
-            // Not a voter: join the quorum as a learner, which receives the metadata.
+        let known = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&(settings.node_id as u64))
+            .is_some();
+        if !known && !settings.voters.contains_key(&settings.node_id) {
+            // Not a voter: join the quorum as a learner, which receives the metadata. (A node
+            // the membership knows already, as a learner or as a voter added since, does not
+            // need to: it may well be one of the voters the quorum needs.)
             let voters: Vec<String> = settings.voters.values().cloned().collect();
             let request = network::Join {
                 id: settings.node_id,
@@ -351,6 +439,27 @@ impl Cluster {
     /// Tells of every new image.
     pub fn watch_image(&self) -> watch::Receiver<Arc<ClusterImage>> {
         self.image.clone()
+    }
+
+    /// Adds or removes a controller voter (Raft's joint consensus), through the Raft leader.
+    pub async fn change_voters(&self, change: VoterChange) -> Result<(), ClusterError> {
+        let (_, outcome) = self
+            .proposer
+            .through_leader(LeaderRequest::ChangeVoters(change))
+            .await
+            .map_err(ClusterError::Unavailable)?;
+        outcome.map_err(ClusterError::Refused)
+    }
+
+    /// The controller voters, from the Raft membership (which `--voters` only starts).
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .map(|v| v as NodeId)
+            .collect()
     }
 
     /// The voters' cluster addresses, from the Raft membership.

@@ -22,8 +22,8 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::image::Command;
 use super::store::CommandOutcome;
+use super::LeaderRequest;
 use super::{Raft, TypeConfig};
 
 type RaftNodeId = u64;
@@ -133,14 +133,14 @@ fn rpc_error<E: std::error::Error>(e: PostError) -> RPCError<RaftNodeId, BasicNo
     }
 }
 
-/// Forwards a proposal to the node at `addr` (the Raft leader, as far as this node knows).
+/// Forwards a request to the node at `addr` (the Raft leader, as far as this node knows).
 pub async fn forward_proposal(
     http: &reqwest::Client,
     addr: &str,
-    command: &Command,
+    request: &LeaderRequest,
     timeout: Duration,
 ) -> Result<ProposeReply, PostError> {
-    post_json(http, addr, "/cluster/propose", command, timeout).await
+    post_json(http, addr, "/cluster/propose", request, timeout).await
 }
 
 /// Opens connections to the other voters on Raft's behalf.
@@ -272,8 +272,8 @@ pub fn router(
                     "/cluster/propose",
                     post(
                         |State(p): State<Arc<super::Proposer>>, body: Bytes| async move {
-                            match decode::<Command>(&body) {
-                                Ok(command) => json(&p.propose_here(command).await),
+                            match decode::<LeaderRequest>(&body) {
+                                Ok(request) => json(&p.here(request).await),
                                 Err(r) => *r,
                             }
                         },

@@ -3,6 +3,10 @@
 //!   fsynced before an append is acknowledged; a torn tail is dropped at open;
 //! - `vote.json`, `committed.json`, `purged.json`: small state, replaced atomically;
 //! - `snapshot.json`: the last snapshot of the cluster image, which bounds the log.
+//!
+//! A write that fails (a full disk, an I/O error) is retried every second until it succeeds:
+//! the node's metadata stalls meanwhile, as a paused node's would, and the other voters go on
+//! without it; openraft would otherwise stop this node's Raft for good on the first error.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -33,6 +37,28 @@ pub struct CommandOutcome(pub Result<(), CommandError>);
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
+}
+
+/// Runs a write to the Raft storage until it succeeds (see the module's comment).
+async fn until_written<T>(what: &str, mut write: impl FnMut() -> io::Result<T>) -> T {
+    let mut failures = 0u32;
+    loop {
+        match write() {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(what, failures, "the Raft storage can be written again");
+                }
+                return v;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::error!(what, error = %e, "cannot write the Raft storage; trying again every second");
+                }
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
@@ -182,8 +208,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<RaftNodeId>) -> Result<(), StorageError<RaftNodeId>> {
         let mut inner = self.inner.lock().await;
-        write_json(&inner.dir.join("vote.json"), vote)
-            .map_err(|e| StorageIOError::write_vote(&e))?;
+        let path = inner.dir.join("vote.json");
+        until_written("vote", || write_json(&path, vote)).await;
         inner.vote = Some(*vote);
         Ok(())
     }
@@ -197,8 +223,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         committed: Option<LogId<RaftNodeId>>,
     ) -> Result<(), StorageError<RaftNodeId>> {
         let mut inner = self.inner.lock().await;
-        write_json(&inner.dir.join("committed.json"), &committed)
-            .map_err(|e| StorageIOError::write(&e))?;
+        let path = inner.dir.join("committed.json");
+        until_written("committed", || write_json(&path, &committed)).await;
         inner.committed = committed;
         Ok(())
     }
@@ -225,15 +251,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             data.extend_from_slice(&frame(&e).map_err(|e| StorageIOError::write_logs(&e))?);
             added.push(e);
         }
-        let result = inner
-            .file
-            .write_all(&data)
-            .and_then(|_| inner.file.sync_data());
-        if let Err(e) = &result {
-            let err = StorageIOError::write_logs(e);
-            callback.log_io_completed(Err(io_err(e)));
-            return Err(err.into());
-        }
+        let file = &mut inner.file;
+        until_written("log", || {
+            let before = file.metadata()?.len();
+            let written = file.write_all(&data).and_then(|_| file.sync_data());
+            if written.is_err() {
+                // A partial frame would hide every later one at the next open.
+                let _ = file.set_len(before);
+            }
+            written
+        })
+        .await;
         for e in added {
             inner.entries.insert(e.log_id.index, e);
         }
@@ -247,9 +275,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<RaftNodeId>> {
         let mut inner = self.inner.lock().await;
         inner.entries.retain(|&i, _| i < log_id.index);
-        inner
-            .rewrite()
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        until_written("log", || inner.rewrite()).await;
         Ok(())
     }
 
@@ -257,13 +283,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut inner = self.inner.lock().await;
         // The purge point is recorded first: a crash between the two leaves entries that are
         // merely redundant.
-        write_json(&inner.dir.join("purged.json"), &log_id)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let path = inner.dir.join("purged.json");
+        until_written("purged", || write_json(&path, &log_id)).await;
         inner.last_purged = Some(log_id);
         inner.entries.retain(|&i, _| i > log_id.index);
-        inner
-            .rewrite()
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        until_written("log", || inner.rewrite()).await;
         Ok(())
     }
 }
@@ -337,8 +361,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta: meta.clone(),
             image: inner.image.clone(),
         };
-        write_json(&self.dir.join("snapshot.json"), &stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let path = self.dir.join("snapshot.json");
+        until_written("snapshot", || write_json(&path, &stored)).await;
         let data = serde_json::to_vec(&stored.image)
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
         inner.snapshot = Some(stored);
@@ -417,8 +441,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             image: image.clone(),
         };
-        write_json(&self.dir.join("snapshot.json"), &stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let path = self.dir.join("snapshot.json");
+        until_written("snapshot", || write_json(&path, &stored)).await;
         let mut inner = self.inner.lock().await;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();

@@ -515,7 +515,8 @@ fn cluster_error(e: ClusterError) -> TopicError {
         ClusterError::Refused(
             e @ (CommandError::StaleLeader(_)
             | CommandError::StaleNode(_)
-            | CommandError::NoReassignmentInProgress(_)),
+            | CommandError::NoReassignmentInProgress(_)
+            | CommandError::InvalidVoterChange(_)),
         ) => TopicError::Unavailable(e.to_string()),
     }
 }
