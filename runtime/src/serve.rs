@@ -82,7 +82,9 @@ pub async fn run(settings: Settings) -> Result<()> {
                 listeners: endpoints.clone(),
             };
             tracing::info!(node = cs.node_id, cluster = %cs.cluster_addr, voters = ?cs.voters, "joining the cluster");
-            Some(Cluster::start(cs, log.clone(), info, stop_rx.clone()).await?)
+            let cluster = Cluster::start(cs, log.clone(), info, stop_rx.clone()).await?;
+            cluster.host_internal_topics()?;
+            Some(cluster)
         }
         None => None,
     };

@@ -323,13 +323,19 @@ impl Cluster {
                 tracing::debug!(error = %e, "Raft already initialised");
             }
         }
+        // Asked of Raft's core, which has loaded the stored membership (its metrics may not
+        // show it yet right after the start).
+        let this = settings.node_id as u64;
         let known = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&(settings.node_id as u64))
-            .is_some();
+            .with_raft_state(move |st| {
+                st.membership_state
+                    .effective()
+                    .membership()
+                    .get_node(&this)
+                    .is_some()
+            })
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
         if !known && !settings.voters.contains_key(&settings.node_id) {
             // Not a voter: join the quorum as a learner, which receives the metadata. (A node
             // the membership knows already, as a learner or as a voter added since, does not
@@ -427,6 +433,30 @@ impl Cluster {
             })
             .await
             .map_err(|e| anyhow!("cannot create {name}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The coordinators open their internal topics on every node, and lead them only where
+    /// the image says. A node that is none of an internal topic's replicas (in clusters of
+    /// more than three nodes) gets an empty local copy under the cluster's topic id, which
+    /// nothing writes, rather than a topic of its own that clashes with the cluster's.
+    pub fn host_internal_topics(&self) -> Result<()> {
+        let image = self.image();
+        for (name, _) in internal_topics() {
+            let Some(t) = image.topics.get(name) else {
+                continue;
+            };
+            if self.log.topic(name).is_none() {
+                let partitions = t.partitions.len() as i32;
+                match self
+                    .log
+                    .create_topic_with_id(name, t.id, partitions, t.configs.clone())
+                {
+                    Ok(_) | Err(TopicError::AlreadyExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Ok(())
     }
