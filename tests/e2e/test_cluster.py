@@ -927,6 +927,62 @@ batch_records: 50
     assert placed["lines"] == second and set(placed) == {"lines", "copy"}, placed
 
 
+def test_a_pipeline_paused_through_any_node_stays_paused_when_it_moves(weir_factory, tmp_path):
+    """`weir pipeline pause` given a node that does not run the pipeline pauses it where it
+    runs; it stays paused when its node is killed and it moves; resumed through yet another
+    node, it goes on from where it was, every line once."""
+    from test_pipelines import pipeline_state, read_committed
+
+    logs, pipelines = tmp_path / "logs", tmp_path / "pipelines"
+    logs.mkdir()
+    pipelines.mkdir()
+    (pipelines / "lines.yaml").write_text(lines_pipeline(logs))
+    c = start_cluster(weir_factory, 3, extra_args=("--pipelines", str(pipelines)))
+
+    def state_on(node) -> str | None:
+        return (pipeline_state(node, "lines") or {}).get("state")
+
+    def owner() -> int | None:
+        on = [i for i in (1, 2, 3) if c.node(i).running() and state_on(c.node(i)) in
+              ("running", "paused")]
+        return on[0] if len(on) == 1 else None
+
+    first = wait_until(owner, timeout=60, message="the pipeline to run on one node")
+    log = logs / "in.log"
+    log.write_text("".join(f"line {i}\n" for i in range(300)))
+
+    def values():
+        return [v for _, _, _, v, _ in read_committed(c.bootstrap, "lines", timeout=60)]
+
+    wait_until(lambda: len(values()) >= 300, timeout=60, message="the first lines in the topic")
+    other = next(i for i in (1, 2, 3) if i != first)
+    paused = subprocess.run([c.node(other).binary, "pipeline", "pause", "lines",
+                             "--url", c.node(other).http_url],
+                            capture_output=True, text=True, timeout=60)
+    assert paused.returncode == 0, paused.stderr
+    wait_until(lambda: state_on(c.node(first)) == "paused", timeout=30,
+               message="the pipeline to pause on the node that runs it")
+    with open(log, "a") as f:
+        f.write("".join(f"line {i}\n" for i in range(300, 600)))
+    time.sleep(3)
+    assert len(values()) == 300, "a paused pipeline went on reading"
+
+    c.node(first).kill()
+    second = wait_until(lambda: owner() not in (None, first) and owner(), timeout=60,
+                        message="another node to take the pipeline over")
+    wait_until(lambda: state_on(c.node(second)) == "paused", timeout=30,
+               message="the moved pipeline to stay paused")
+    time.sleep(2)
+    assert len(values()) == 300, "the moved pipeline ran although paused"
+
+    third = next(i for i in (1, 2, 3) if i not in (first, second))
+    resumed = requests.post(f"{c.node(third).http_url}/pipelines/lines/resume", timeout=60)
+    assert resumed.status_code == 200, resumed.text
+    wait_until(lambda: len(values()) >= 600, timeout=60, message="every line after the resume")
+    time.sleep(2)
+    assert values() == [f"line {i}".encode() for i in range(600)]
+
+
 def test_a_pipeline_resumes_where_it_was_after_every_node_restarts(weir_factory, tmp_path):
     """Every node killed with -9 at once and started again: the replicas come back without
     their high watermarks, and the pipeline, placed again, must still find its committed

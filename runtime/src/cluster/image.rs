@@ -134,6 +134,9 @@ pub struct ClusterImage {
     /// Where each pipeline runs: one unfenced node among those that offer it.
     #[serde(default)]
     pub pipelines: BTreeMap<String, NodeId>,
+    /// Pipelines paused through the API: they stay paused wherever they are placed.
+    #[serde(default)]
+    pub paused_pipelines: BTreeSet<String>,
 }
 
 /// A change to the image, proposed through Raft.
@@ -218,6 +221,11 @@ pub enum Command {
         node: NodeId,
         names: BTreeSet<String>,
     },
+    /// Pauses or resumes a pipeline on whichever node runs it.
+    PausePipeline {
+        name: String,
+        paused: bool,
+    },
     /// A leader changes its partition's in-sync set (Kafka's AlterPartition); refused unless
     /// it still leads in that epoch.
     AlterPartition {
@@ -288,6 +296,14 @@ impl ClusterImage {
                     _ => return Err(CommandError::StaleNode(*id)),
                 }
                 self.fence(*id);
+                Ok(())
+            }
+            Command::PausePipeline { name, paused } => {
+                if *paused {
+                    self.paused_pipelines.insert(name.clone());
+                } else {
+                    self.paused_pipelines.remove(name);
+                }
                 Ok(())
             }
             Command::OfferPipelines { node, names } => {

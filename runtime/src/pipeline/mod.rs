@@ -185,7 +185,8 @@ pub struct PipelineManager {
     /// Changes through the API (put, delete, restart, pause) go one at a time.
     edits: tokio::sync::Mutex<()>,
     /// Names of paused pipelines: their files are checked but not run. Kept in
-    /// `<data-dir>/meta/paused-pipelines.json` across restarts.
+    /// `<data-dir>/meta/paused-pipelines.json` across restarts; on a cluster, the cluster
+    /// image holds them instead, so that a pipeline stays paused when it moves.
     paused: Mutex<std::collections::BTreeSet<String>>,
 }
 
@@ -228,6 +229,21 @@ impl PipelineManager {
     pub async fn set_paused(&self, name: &str, pause: bool) -> Result<FileStatus, EditError> {
         let _edit = self.edits.lock().await;
         let file = self.existing_file_of(name).await?;
+        if let Some(cluster) = self.cluster() {
+            let command = crate::cluster::image::Command::PausePipeline {
+                name: name.to_string(),
+                paused: pause,
+            };
+            cluster.run(command).await.map_err(|e| {
+                EditError::Io(anyhow!("cannot record the pause in the cluster: {e}"))
+            })?;
+            tracing::info!(
+                pipeline = name,
+                paused = pause,
+                "pipeline paused or resumed on request, on whichever node runs it"
+            );
+            return self.reload(&file, name).await;
+        }
         let names = {
             let mut paused = self.paused.lock();
             let changed = if pause {
@@ -487,7 +503,9 @@ impl PipelineManager {
             // A pipeline fenced by another instance of itself runs again from its committed
             // offsets if the cluster still places it here (or stays idle once it learns where).
             let moved = state.running.as_ref().is_some_and(|r| {
-                r.placed != self.placement(&r.spec.name) || r.status.lock().state == FENCED
+                r.placed != self.placement(&r.spec.name)
+                    || r.status.lock().state == FENCED
+                    || !self.pause_applied(r)
             });
             if state.content_hash == hash
                 && !state.conflict
@@ -509,7 +527,10 @@ impl PipelineManager {
             let placed = self.placement(&spec.name);
             if !plugins_changed
                 && state.running.as_ref().is_some_and(|r| {
-                    r.spec == spec && r.placed == placed && r.status.lock().state != FENCED
+                    r.spec == spec
+                        && r.placed == placed
+                        && r.status.lock().state != FENCED
+                        && self.pause_applied(r)
                 })
             {
                 state.invalid = None;
@@ -553,7 +574,7 @@ impl PipelineManager {
                 state.invalid = None;
                 continue;
             }
-            if self.paused.lock().contains(&spec.name) {
+            if self.is_paused(&spec.name) {
                 if let Some(old) = state.running.take() {
                     self.stop(old).await;
                 }
@@ -596,9 +617,28 @@ impl PipelineManager {
         }
     }
 
+    fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.ctx.cluster.as_ref().and_then(|b| b.cluster.as_ref())
+    }
+
+    /// Whether the pipeline `name` is paused: on a cluster, as the image says.
+    fn is_paused(&self, name: &str) -> bool {
+        match self.cluster() {
+            Some(c) => c.image().paused_pipelines.contains(name),
+            None => self.paused.lock().contains(name),
+        }
+    }
+
+    /// A pipeline run here is paused exactly when it should be (a pause made through another
+    /// node of the cluster reaches this one with a new image).
+    fn pause_applied(&self, r: &Running) -> bool {
+        r.placed != Placed::Here
+            || (r.status.lock().state == "paused") == self.is_paused(&r.spec.name)
+    }
+
     /// Where the cluster runs the pipeline `name`; always here on a single node.
     fn placement(&self, name: &str) -> Placed {
-        let Some(cluster) = self.ctx.cluster.as_ref().and_then(|b| b.cluster.as_ref()) else {
+        let Some(cluster) = self.cluster() else {
             return Placed::Here;
         };
         match cluster.image().pipelines.get(name) {
