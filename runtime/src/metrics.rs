@@ -49,6 +49,9 @@ pub struct Instruments {
     pub plugin_records_out: IntCounterVec,
     pub plugin_faults: IntCounterVec,
     pub plugin_restarts: IntCounterVec,
+    pub plugin_fuel: IntCounterVec,
+    pub pipeline_retries: IntCounterVec,
+    pub pipeline_commit_seconds: HistogramVec,
     pub authentications: IntCounterVec,
     pub authentication_failures: IntCounterVec,
 }
@@ -182,6 +185,21 @@ impl Instruments {
                 "Plugin instances replaced after a fault that left them unusable.",
                 &["pipeline", "plugin"],
             ),
+            plugin_fuel: counter(
+                "weir_plugin_fuel_consumed_total",
+                "Fuel (wasmtime's count of executed instructions, the unit of the CPU budget) a plugin's calls consumed.",
+                &["pipeline", "plugin"],
+            ),
+            pipeline_retries: counter(
+                "weir_pipeline_retries_total",
+                "Transient failures a pipeline's stage waited out and retried, by stage (source, sinks[N]).",
+                &["pipeline", "stage"],
+            ),
+            pipeline_commit_seconds: histogram(
+                "weir_pipeline_commit_duration_seconds",
+                "Time to commit one batch, retries included: the source's transaction (records, dead letters, source offset) or a sink's write and commit, by stage (source, sinks[N]).",
+                &["pipeline", "stage"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.authentications.clone()),
@@ -206,6 +224,9 @@ impl Instruments {
             Box::new(m.plugin_records_out.clone()),
             Box::new(m.plugin_faults.clone()),
             Box::new(m.plugin_restarts.clone()),
+            Box::new(m.plugin_fuel.clone()),
+            Box::new(m.pipeline_retries.clone()),
+            Box::new(m.pipeline_commit_seconds.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -227,6 +248,7 @@ impl Instruments {
             records_in: self.plugin_records_in.with_label_values(&labels),
             records_out: self.plugin_records_out.with_label_values(&labels),
             restarts: self.plugin_restarts.with_label_values(&labels),
+            fuel: self.plugin_fuel.with_label_values(&labels),
             labels: labels.map(str::to_string),
         }
     }
@@ -249,6 +271,7 @@ pub struct PluginSeries {
     pub records_in: IntCounter,
     pub records_out: IntCounter,
     pub restarts: IntCounter,
+    pub fuel: IntCounter,
     labels: [String; 2],
 }
 

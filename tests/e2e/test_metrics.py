@@ -129,6 +129,11 @@ def test_metrics_count_what_clients_do(weir_factory, tmp_path):
     m = scrape(weir)
     assert value(m, "weir_pipeline_records_out_total", pipeline="copy", sink="0") == 40
     assert value(m, "weir_pipeline_state", pipeline="copy", state="running") == 1
+    # Each batch's commit is timed, the source's transaction and the sink's write and commit.
+    assert value(m, "weir_pipeline_commit_duration_seconds_count", pipeline="copy",
+                 stage="source") >= 1
+    assert value(m, "weir_pipeline_commit_duration_seconds_count", pipeline="copy",
+                 stage="sinks[0]") >= 1
     (d / "bad.yaml").write_text("name: bad\n")
     wait_until(lambda: value(scrape(weir), "weir_pipeline_file_invalid", file=str(d / "bad.yaml")) == 1,
                30, message="the refused file to show")

@@ -123,6 +123,8 @@ topic: { name: other }
     assert total(m, "weir_plugin_faults_total", **labels) == 5
     assert value(m, "weir_plugin_faults_total", kind="cpu-budget", **labels) == 1
     assert value(m, "weir_plugin_restarts_total", **labels) >= 3
+    # The endless loop alone used up a call's budget (100M + 10M a record, one record).
+    assert value(m, "weir_plugin_fuel_consumed_total", **labels) >= 110_000_000
 
     # With tolerance none the pipeline stops and shows the reason.
     (d / "strict.yaml").write_text((d / "hostile.yaml").read_text()

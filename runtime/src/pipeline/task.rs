@@ -33,13 +33,18 @@ const SINK_READ_BYTES: u64 = 1 << 20;
 struct Backoff {
     attempt: u32,
     max_retries: u32,
+    /// weir_pipeline_retries_total for the pipeline's stage.
+    retries: prometheus::IntCounter,
 }
 
 impl Backoff {
-    fn new(max_retries: u32) -> Backoff {
+    fn new(max_retries: u32, pipeline: &str, stage: &str) -> Backoff {
         Backoff {
             attempt: 0,
             max_retries,
+            retries: crate::metrics::get()
+                .pipeline_retries
+                .with_label_values(&[pipeline, stage]),
         }
     }
 
@@ -54,6 +59,7 @@ impl Backoff {
         if self.max_retries > 0 && self.attempt > self.max_retries {
             bail!("gave up after {} attempts: {error:#}", self.attempt);
         }
+        self.retries.inc();
         let cap_ms = (100u64 << self.attempt.min(8)).min(30_000);
         let ms = rand_below(cap_ms) + 10;
         tracing::warn!(attempt = self.attempt, retry_in_ms = ms, error = %format!("{error:#}"), "transient failure; retrying");
@@ -215,7 +221,7 @@ pub async fn run_source(
     let writer = TopicWriter::open(&ctx, transactional_id).await?;
     let key = OffsetStore::key(&spec.name, None);
     let resume = ctx.offsets.load(&key).await?;
-    let mut backoff = Backoff::new(spec.errors.max_retries);
+    let mut backoff = Backoff::new(spec.errors.max_retries, &spec.name, "source");
     let mut source = match mounted {
         Some(s) => s,
         None => loop {
@@ -248,6 +254,9 @@ pub async fn run_source(
         writer,
         key: Bytes::from(key),
         backoff,
+        commit_seconds: crate::metrics::get()
+            .pipeline_commit_seconds
+            .with_label_values(&[spec.name.as_str(), "source"]),
         router: Router {
             topic: output,
             partitions,
@@ -595,6 +604,8 @@ struct Committer<'a> {
     /// The source's key in the offsets topic.
     key: Bytes,
     backoff: Backoff,
+    /// weir_pipeline_commit_duration_seconds of the source stage.
+    commit_seconds: prometheus::Histogram,
     router: Router,
     dead_letters: Option<DeadLetters>,
     status: Arc<Mutex<Status>>,
@@ -694,6 +705,7 @@ impl<'a> Committer<'a> {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
         let value = Bytes::from(serde_json::to_vec(offset)?);
+        let committing = std::time::Instant::now();
         loop {
             let result = self
                 .writer
@@ -711,6 +723,8 @@ impl<'a> Committer<'a> {
             }
         }
         self.backoff.reset();
+        self.commit_seconds
+            .observe(committing.elapsed().as_secs_f64());
         Ok(true)
     }
 }
@@ -748,7 +762,10 @@ pub async fn run_sink(
     .await?;
     let group = sink_group(&spec.name, index);
     let stage = format!("sinks[{index}]");
-    let mut backoff = Backoff::new(spec.errors.max_retries);
+    let mut backoff = Backoff::new(spec.errors.max_retries, &spec.name, &stage);
+    let commit_seconds = crate::metrics::get()
+        .pipeline_commit_seconds
+        .with_label_values(&[spec.name.as_str(), stage.as_str()]);
     let mut sink = loop {
         match open_sink(&ctx, &spec, index).await {
             Ok(s) => break s,
@@ -809,6 +826,7 @@ pub async fn run_sink(
             continue;
         }
         let mut dead = 0u64;
+        let committing = std::time::Instant::now();
         while !records.is_empty() {
             match sink.write(&records).await {
                 Ok(()) => break,
@@ -849,6 +867,7 @@ pub async fn run_sink(
         {
             tracing::warn!(pipeline = %spec.name, group, error = %format!("{e:#}"), "cannot commit the sink's group offsets");
         }
+        commit_seconds.observe(committing.elapsed().as_secs_f64());
         let mut s = status.lock();
         if let Some(n) = s.records_out.get_mut(index) {
             *n += written;

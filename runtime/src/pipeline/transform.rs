@@ -69,6 +69,7 @@ impl Transforms {
         let mut rejected = Vec::new();
         for (i, (stage, series)) in self.stages.iter_mut().zip(&self.series).enumerate() {
             let restarts_before = stage.restarts();
+            let fuel_before = stage.fuel_used();
             series.calls.inc();
             series.records_in.inc_by(batch.len() as u64);
             let output = {
@@ -86,6 +87,7 @@ impl Transforms {
             };
             series.records_out.inc_by(output.records.len() as u64);
             series.restarts.inc_by(stage.restarts() - restarts_before);
+            series.fuel.inc_by(stage.fuel_used() - fuel_before);
             for dl in output.dead_letters {
                 series.fault(dl.fault.kind.as_str());
                 if let Some(r) = batch.get(dl.input_index) {

@@ -166,6 +166,7 @@ pub struct Instance {
     live: Live,
     input: Vec<u8>,
     restarts: u64,
+    fuel_used: u64,
 }
 
 impl Instance {
@@ -176,6 +177,7 @@ impl Instance {
             live,
             input: Vec::new(),
             restarts: 0,
+            fuel_used: 0,
         })
     }
 
@@ -187,6 +189,11 @@ impl Instance {
     /// How many times a faulted module was replaced by a fresh instance.
     pub fn restarts(&self) -> u64 {
         self.restarts
+    }
+
+    /// The fuel this instance's calls consumed, all told (faulted calls included).
+    pub fn fuel_used(&self) -> u64 {
+        self.fuel_used
     }
 
     /// Run the plugin over a batch: one call into the module for the whole batch. If that call
@@ -289,6 +296,8 @@ impl Instance {
         live.store.data_mut().begin_call();
         let result = call_module(live, &self.input, len, budget, records.len(), build);
         live.store.data_mut().end_call();
+        let left = live.store.get_fuel().unwrap_or(0);
+        self.fuel_used += budget.saturating_sub(left);
         result
     }
 }
