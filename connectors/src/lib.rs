@@ -96,6 +96,16 @@ pub enum ConnectorError {
 
 pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
 
+/// How far a source is behind its input, in the unit it can count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lag {
+    /// Bytes of input not read yet (files).
+    Bytes(u64),
+    /// Records not read yet (topics).
+    Records(u64),
+}
+
 #[async_trait]
 pub trait Source: Send {
     /// Starts reading just after `resume` (the offset of the last batch that reached the
@@ -130,6 +140,12 @@ pub trait Source: Send {
     /// The default: false.
     fn allows_read_ahead(&self) -> bool {
         false
+    }
+
+    /// How far the source is behind its input now, for sources that can tell cheaply; None
+    /// (the default) when it cannot, or cannot now.
+    fn lag(&self) -> Option<Lag> {
+        None
     }
 
     /// Everything up to `offset` is durable in the topic. Sources that can acknowledge

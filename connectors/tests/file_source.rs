@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use weir_connectors::file::{FileSource, FileSourceConfig, SourceFormat, StartAt, WatchMode};
-use weir_connectors::{now_ms, ConnectorError, Record, Source, SourceBatch};
+use weir_connectors::{now_ms, ConnectorError, Lag, Record, Source, SourceBatch};
 
 /// A polling configuration with short intervals, so that tests run fast and do not depend on
 /// change notifications (one test covers those).
@@ -94,6 +94,20 @@ fn lines(range: std::ops::Range<usize>) -> String {
 
 fn names(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("line-{i:04}")).collect()
+}
+
+#[tokio::test]
+async fn lag_counts_the_bytes_not_handed_out_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, &lines(0..10)); // 10 bytes a line
+    let mut s = started(config(&[&dir.path().join("*.log")]), None).await;
+    assert_eq!(read_values(&mut s, 4).await, names(0..4));
+    assert_eq!(s.lag(), Some(Lag::Bytes(60)));
+    append(&path, &lines(10..15));
+    assert_eq!(s.lag(), Some(Lag::Bytes(110)));
+    assert_eq!(read_values(&mut s, 11).await, names(4..15));
+    assert_eq!(s.lag(), Some(Lag::Bytes(0)));
 }
 
 #[tokio::test]

@@ -582,6 +582,16 @@ async fn pipeline_series(pipelines: &PipelineManager) -> Vec<MetricFamily> {
         "Records a pipeline sent to its dead-letter topic.",
         &["pipeline"],
     );
+    let lag_bytes = gauge(
+        "weir_pipeline_source_lag_bytes",
+        "Input bytes a pipeline's file source has not read yet, as of its last committed batch.",
+        &["pipeline"],
+    );
+    let lag_records = gauge(
+        "weir_pipeline_source_lag_records",
+        "Committed records a pipeline's topic source has not read yet, as of its last committed batch.",
+        &["pipeline"],
+    );
     for f in pipelines.statuses().await {
         invalid
             .with_label_values(&[&f.file.display().to_string()])
@@ -599,6 +609,15 @@ async fn pipeline_series(pipelines: &PipelineManager) -> Vec<MetricFamily> {
         dead_letters
             .with_label_values(&[&s.name])
             .inc_by(s.dead_letters);
+        match s.source_lag {
+            Some(weir_connectors::Lag::Bytes(n)) => {
+                lag_bytes.with_label_values(&[&s.name]).set(n as i64)
+            }
+            Some(weir_connectors::Lag::Records(n)) => {
+                lag_records.with_label_values(&[&s.name]).set(n as i64)
+            }
+            None => {}
+        }
     }
     let mut out = Vec::new();
     for c in [
@@ -607,6 +626,8 @@ async fn pipeline_series(pipelines: &PipelineManager) -> Vec<MetricFamily> {
         &records_in,
         &records_out,
         &dead_letters,
+        &lag_bytes,
+        &lag_records,
     ] {
         out.extend(c.collect());
     }

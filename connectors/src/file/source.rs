@@ -328,6 +328,12 @@ impl Source for FileSource {
     fn take_rejected(&mut self) -> Option<SourceBatch> {
         self.rejected.take()
     }
+
+    /// The bytes of the files it reads not handed out yet; None while a read holds the tailer.
+    fn lag(&self) -> Option<crate::Lag> {
+        let tailer = self.core.as_ref()?.try_lock().ok()?;
+        Some(crate::Lag::Bytes(tailer.bytes_behind()))
+    }
 }
 
 #[cfg(test)]

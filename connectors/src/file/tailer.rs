@@ -378,6 +378,23 @@ impl Tailer {
         self.scan();
     }
 
+    /// Bytes of the open files past the last unit handed out (a partial line included).
+    pub(crate) fn bytes_behind(&self) -> u64 {
+        self.files
+            .iter()
+            .filter_map(|e| {
+                Some(
+                    e.file
+                        .as_ref()?
+                        .metadata()
+                        .ok()?
+                        .len()
+                        .saturating_sub(e.pos),
+                )
+            })
+            .sum()
+    }
+
     /// The source offset: position per fingerprint.
     pub(crate) fn snapshot(&self) -> serde_json::Value {
         let files = self

@@ -428,6 +428,18 @@ impl TopicReader {
         }
     }
 
+    /// Committed records not read yet (on a cluster, as of the leaders' last answers).
+    pub fn records_behind(&self) -> u64 {
+        match self {
+            TopicReader::Local(r) => r
+                .partitions
+                .iter()
+                .map(|(p, at)| (p.last_stable_offset() - at).max(0) as u64)
+                .sum(),
+            TopicReader::Cluster(r) => r.records_behind(),
+        }
+    }
+
     /// Records committed since the last call (at most about `max_bytes` per partition); waits
     /// up to `wait` for some when there are none.
     pub async fn poll(&mut self, max_bytes: u64, wait: Duration) -> Result<Vec<SinkRecord>> {

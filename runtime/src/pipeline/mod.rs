@@ -78,6 +78,10 @@ pub struct Status {
     /// Records written per sink.
     pub records_out: Vec<u64>,
     pub dead_letters: u64,
+    /// How far its source is behind its input, where the source can tell (files in bytes,
+    /// topics in records), as of the last batch it committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_lag: Option<weir_connectors::Lag>,
     /// On a cluster, the node running it (None: no node can now).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<i32>,
@@ -123,6 +127,7 @@ impl Running {
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
             dead_letters: 0,
+            source_lag: None,
             node,
         };
         Running {
@@ -748,6 +753,7 @@ impl PipelineManager {
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
             dead_letters: 0,
+            source_lag: None,
             node: self.this_node(),
         }));
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -561,6 +561,8 @@ pub struct ClusterReader {
     peers: Peers,
     topic: Arc<str>,
     positions: BTreeMap<i32, i64>,
+    /// Each partition's last stable offset, as its leader's last answer gave it.
+    stable: BTreeMap<i32, i64>,
 }
 
 impl ClusterReader {
@@ -588,6 +590,7 @@ impl ClusterReader {
             peers,
             topic,
             positions,
+            stable: BTreeMap::new(),
         })
     }
 
@@ -634,6 +637,7 @@ impl ClusterReader {
             }
         });
         let mut positions = self.positions.clone();
+        let mut stable = self.stable.clone();
         let mut out = Vec::new();
         for resp in futures::future::join_all(calls).await {
             let resp = resp?;
@@ -643,6 +647,9 @@ impl ClusterReader {
                 let Some(next) = positions.get_mut(&p) else {
                     continue;
                 };
+                if pd.error_code == 0 {
+                    stable.insert(p, pd.last_stable_offset);
+                }
                 if pd.error_code == ResponseError::OffsetOutOfRange.code()
                     && pd.log_start_offset > *next
                 {
@@ -688,7 +695,16 @@ impl ClusterReader {
             }
         }
         self.positions = positions;
+        self.stable = stable;
         Ok(out)
+    }
+
+    /// Committed records not read yet, as of the leaders' last answers.
+    pub fn records_behind(&self) -> u64 {
+        self.positions
+            .iter()
+            .filter_map(|(p, at)| Some((self.stable.get(p)? - at).max(0) as u64))
+            .sum()
     }
 }
 

@@ -399,6 +399,7 @@ pub async fn run_source(
             return Ok(());
         }
         acknowledge(source.as_mut(), &batch.offset).await;
+        committer.status.lock().source_lag = source.lag();
     }
 }
 
@@ -449,11 +450,13 @@ async fn settle<'a>(
     committer: &mut Option<Committer<'a>>,
     source: &mut dyn Source,
 ) -> Result<bool> {
+    let status = c.status.clone();
     *committer = Some(c);
     if !written? {
         return Ok(false);
     }
     acknowledge(source, &offset).await;
+    status.lock().source_lag = source.lag();
     Ok(true)
 }
 

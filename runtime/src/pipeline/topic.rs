@@ -71,6 +71,12 @@ fn positions_from(value: Option<&serde_json::Value>) -> BTreeMap<i32, i64> {
 
 #[async_trait]
 impl Source for TopicSource {
+    /// Committed records not handed out yet: those read and pending, and those not read.
+    fn lag(&self) -> Option<weir_connectors::Lag> {
+        let behind = self.reader.as_ref()?.records_behind() + self.pending.len() as u64;
+        Some(weir_connectors::Lag::Records(behind))
+    }
+
     async fn start(&mut self, resume: Option<serde_json::Value>) -> weir_connectors::Result<()> {
         let start = positions_from(resume.as_ref());
         let from_end = self.start_at == StartAt::End;
