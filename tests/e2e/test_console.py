@@ -108,7 +108,8 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
                message="billing's offsets to be reset")
     wait_until(lambda: "201" in text(browser), 30, message="the lag of the whole topic")
     no_console_errors(browser)
-    page("#/pipelines", ["copy", "running", "topic pin", "topic pmid", "topic pout"], "pipelines")
+    page("#/pipelines", ["copy", "running", "topic pin", "topic pmid", "topic pout", "source lag"],
+         "pipelines")
 
     # Pause and resume through the buttons.
     click(browser, By.XPATH, "//tr[@data-pipeline='copy']//button[text()='Pause']")

@@ -151,12 +151,12 @@ const pages = {
     main.replaceChildren(el("h1", {}, "Pipelines"),
       directory ? el("p", { class: "muted" }, `from ${directory}`) :
         el("p", { class: "muted" }, "this node has no pipelines directory (weir serve --pipelines DIR)"),
-      table(["pipeline", "flow", "state", { label: "in", num: 1 }, { label: "out", num: 1 }, { label: "dead letters", num: 1 }, ""],
+      table(["pipeline", "flow", "state", { label: "in", num: 1 }, { label: "out", num: 1 }, { label: "dead letters", num: 1 }, { label: "source lag", num: 1 }, ""],
         pipelines.map(f => {
           const p = f.pipeline;
           if (!p) {
             return el("tr", {}, el("td", {}, f.file), el("td", {}), stateCell("invalid"),
-              el("td", { colspan: 4, class: "error" }, f.invalid));
+              el("td", { colspan: 5, class: "error" }, f.invalid));
           }
           const flow = el("div", { class: "flow" }, ...(p.flow || []).flatMap((step, i) =>
             [i ? el("span", { class: "arrow" }, "→") : null, el("span", { class: "box" }, step)]));
@@ -167,6 +167,8 @@ const pages = {
             el("td", {}, el("span", { class: `state ${p.state}` }, p.state),
               p.error ? el("div", { class: "error" }, p.error) : null),
             num(p.records_in), num(p.records_out.reduce((a, b) => a + b, 0)), num(p.dead_letters),
+            el("td", { class: "num" }, !p.source_lag ? "—"
+              : p.source_lag.bytes !== undefined ? bytes(p.source_lag.bytes) : `${fmt(p.source_lag.records)} records`),
             el("td", {},
               p.state === "paused"
                 ? el("button", { onclick: act(p.name, "resume") }, "Resume")
