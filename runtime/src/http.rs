@@ -315,6 +315,104 @@ async fn list_transactions(State(s): State<AppState>) -> Response {
     Json(crate::inspect::transactions(&s.broker).await).into_response()
 }
 
+/// Marks a request one node forwarded to another, which must not forward it again (while
+/// their images disagree on where a pipeline runs).
+const FORWARDED: &str = "weir-forwarded-from";
+
+/// Hands a post to an HTTP source over to the node of the cluster that runs its pipeline,
+/// and its answer back: clients may post to any node.
+#[allow(clippy::too_many_arguments)]
+async fn forward_ingest(
+    s: &AppState,
+    pipeline: &str,
+    node: i32,
+    limit: usize,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .expect("a plain HTTP client")
+    });
+    let moving = || {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("pipeline '{pipeline}' is moving between nodes; try again"),
+        )
+    };
+    let base = s.broker.cluster.as_ref().and_then(|c| {
+        let image = c.image();
+        image.nodes.get(&node).and_then(|n| n.http_url.clone())
+    });
+    let Some(base) = base else {
+        return moving();
+    };
+    if headers.contains_key(FORWARDED) {
+        return moving();
+    }
+    let target = format!(
+        "{base}{}",
+        uri.path_and_query().map_or(uri.path(), |p| p.as_str())
+    );
+    if base.starts_with("https:") {
+        // This node may not trust the other's certificate: the client is sent there.
+        let mut r = error(
+            StatusCode::TEMPORARY_REDIRECT,
+            format!("pipeline '{pipeline}' runs on node {node}: post to {target}"),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&target) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return r;
+    }
+    let Ok(bytes) = to_bytes(body, limit).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over the {limit}-byte limit of {}", uri.path()),
+        );
+    };
+    let mut req = CLIENT.request(method, &target).body(bytes);
+    for name in [
+        header::CONTENT_TYPE,
+        header::AUTHORIZATION,
+        header::HeaderName::from_static("idempotency-key"),
+    ] {
+        if let Some(v) = headers.get(&name) {
+            req = req.header(name, v);
+        }
+    }
+    let this = s.broker.cluster.as_ref().map_or(0, |c| c.node_id);
+    match req.header(FORWARDED, this.to_string()).send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let kind = answer.headers().get(header::CONTENT_TYPE).cloned();
+            match answer.bytes().await {
+                Ok(body) => {
+                    let mut r = (status, body).into_response();
+                    if let Some(k) = kind {
+                        r.headers_mut().insert(header::CONTENT_TYPE, k);
+                    }
+                    r
+                }
+                Err(e) => error(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "node {node}, which runs pipeline '{pipeline}', broke off its answer: {e}"
+                    ),
+                ),
+            }
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot reach node {node}, which runs pipeline '{pipeline}': {e}"),
+        ),
+    }
+}
+
 fn not_a_cluster() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -583,6 +681,9 @@ async fn ingest(
     let endpoint = s.pipelines.as_ref().and_then(|p| p.endpoint(uri.path()));
     let Some(endpoint) = endpoint else {
         if let Some(p) = &s.pipelines {
+            if let Some((name, node, limit)) = p.served_elsewhere(uri.path()).await {
+                return forward_ingest(&s, &name, node, limit, method, &uri, &headers, body).await;
+            }
             if let Some(name) = p.paused_at(uri.path()).await {
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,

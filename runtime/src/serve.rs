@@ -80,6 +80,11 @@ pub async fn run(settings: Settings) -> Result<()> {
                 incarnation: uuid::Uuid::new_v4(),
                 fenced: false,
                 listeners: endpoints.clone(),
+                http_url: Some(http_url(
+                    http_listener.local_addr()?,
+                    &advertised_host,
+                    settings.http_tls.is_some(),
+                )),
             };
             tracing::info!(node = cs.node_id, cluster = %cs.cluster_addr, voters = ?cs.voters, "joining the cluster");
             let cluster = Cluster::start(cs, log.clone(), info, stop_rx.clone()).await?;
@@ -340,6 +345,17 @@ fn advertised_endpoint(
 }
 
 /// The configured pipelines directory, or ./pipelines when it exists.
+/// Where the other nodes reach this node's HTTP API: its listener's address, with the
+/// advertised host when it listens on every interface.
+fn http_url(local: std::net::SocketAddr, advertised_host: &str, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    if local.ip().is_unspecified() {
+        format!("{scheme}://{advertised_host}:{}", local.port())
+    } else {
+        format!("{scheme}://{local}")
+    }
+}
+
 fn pipelines_dir(settings: &Settings) -> Option<std::path::PathBuf> {
     match &settings.pipelines_dir {
         Some(d) => Some(d.clone()),

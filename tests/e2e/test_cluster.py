@@ -983,6 +983,36 @@ def test_a_pipeline_paused_through_any_node_stays_paused_when_it_moves(weir_fact
     assert values() == [f"line {i}".encode() for i in range(600)]
 
 
+def test_an_http_source_takes_posts_on_every_node(weir_factory, tmp_path):
+    """An HTTP source's pipeline runs on one node; a post to any node reaches it (the others
+    hand it over and pass its answer back), an idempotency key still makes a retry land once,
+    and a refused body is refused the same way through any node."""
+    from test_pipelines import HTTP_PIPELINE, pipeline_state, post, read_committed
+
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "activity.yaml").write_text(HTTP_PIPELINE)
+    c = start_cluster(weir_factory, 3, extra_args=("--pipelines", str(pipelines)))
+    wait_until(lambda: any((pipeline_state(n, "activity") or {}).get("state") == "running"
+                           for n in c.nodes), timeout=60, message="the pipeline to run")
+    wait_until(lambda: all((pipeline_state(n, "activity") or {}).get("state") in
+                           ("running", "elsewhere") for n in c.nodes), timeout=30,
+               message="every node to know where the pipeline runs")
+    for i, n in enumerate(c.nodes):
+        body = b"".join(json.dumps({"user": f"u{i}", "n": k}).encode() + b"\n" for k in range(10))
+        r = post(n, "/ingest/activity", body, key=f"batch-{i}")
+        assert r.status_code == 200 and r.json() == {"accepted": 10}, (n.name, r.text)
+        # The same batch again, through the next node: the key makes it land once.
+        again = post(c.nodes[(i + 1) % 3], "/ingest/activity", body, key=f"batch-{i}")
+        assert again.status_code == 200, again.text
+    bad = post(c.nodes[1], "/ingest/activity", b'{"user": oops}\n')
+    assert bad.status_code == 400 and "line 1" in bad.json()["error"], bad.text
+    assert post(c.nodes[2], "/ingest/nothing-here", b"{}").status_code == 404
+    got = sorted((json.loads(v)["user"], json.loads(v)["n"])
+                 for _, _, _, v, _ in read_committed(c.bootstrap, "activity"))
+    assert got == sorted((f"u{i}", k) for i in range(3) for k in range(10))
+
+
 def test_a_pipeline_resumes_where_it_was_after_every_node_restarts(weir_factory, tmp_path):
     """Every node killed with -9 at once and started again: the replicas come back without
     their high watermarks, and the pipeline, placed again, must still find its committed

@@ -34,6 +34,10 @@ pub struct NodeInfo {
     /// Addresses for clients by listener name; `kafka_host:kafka_port` is the first's.
     #[serde(default)]
     pub listeners: Vec<Endpoint>,
+    /// Its HTTP API (`http://host:port` or `https://...`), where the HTTP sources of the
+    /// pipelines it runs are served.
+    #[serde(default)]
+    pub http_url: Option<String>,
 }
 
 impl NodeInfo {
@@ -781,6 +785,7 @@ mod tests {
             incarnation: Uuid::nil(),
             fenced: false,
             listeners: Vec::new(),
+            http_url: None,
         })
     }
 

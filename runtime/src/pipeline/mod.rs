@@ -307,6 +307,24 @@ impl PipelineManager {
             .ok_or_else(|| EditError::NotFound(name.to_string()))
     }
 
+    /// The pipeline whose HTTP source is at `path` when another node of the cluster runs it:
+    /// its name, that node, and the source's body limit.
+    pub async fn served_elsewhere(&self, path: &str) -> Option<(String, i32, usize)> {
+        let files = self.files.lock().await;
+        files.values().find_map(|f| {
+            let r = f.running.as_ref()?;
+            let SourceSpec::Http(h) = &r.spec.source else {
+                return None;
+            };
+            match r.placed {
+                Placed::On(node) if h.path == path => {
+                    Some((r.spec.name.clone(), node, h.max_body_bytes))
+                }
+                _ => None,
+            }
+        })
+    }
+
     /// The paused pipeline whose HTTP source is at `path`, if any.
     pub async fn paused_at(&self, path: &str) -> Option<String> {
         let files = self.files.lock().await;
