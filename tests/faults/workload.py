@@ -421,6 +421,7 @@ class TxnCopier:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(120)
+        self._p = None  # the producer goes with its last reference
         try:
             self._c.close()
         except (KafkaException, RuntimeError) as e:
