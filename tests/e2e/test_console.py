@@ -95,13 +95,30 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
         no_console_errors(browser)
         return text(browser)
 
+    def drawn(selector: str) -> bool:
+        """A uPlot chart (it draws on a canvas inside its .uplot box) in `selector`."""
+        return bool(browser.find_elements(By.CSS_SELECTOR, f"{selector} .uplot canvas"))
+
+    def points(selector: str) -> int:
+        """How many samples the chart in `selector` was last drawn with."""
+        found = browser.find_elements(By.CSS_SELECTOR, selector)
+        return int(found[0].get_attribute("data-points")) if found else 0
+
     page("#/overview", ["Overview", "topics", "pipelines running", "1 / 1"], "overview")
+    wait_until(lambda: drawn(".chart"), 10, message="the chart of records produced")
+    # A rate needs two readings; the chart grows by one sample at each refresh.
+    create_topic(weir.bootstrap, "ticks", 1)
+    produce(weir.bootstrap, "ticks", 20, 1)
+    wait_until(lambda: points(".chart[data-series='produced']") >= 3, 20,
+               message="the chart of records produced to gather samples")
+    browser.save_screenshot(str(shots / "console-overview.png"))
     page("#/topics", ["orders", "pin", "pout"], "topics")
     # The partitions, and the record browser with the JSON value pretty-printed.
     shown = page("#/topics/orders", ["Topic orders", '"user": "u1"', "source: checkout"], "topic")
     assert "12.5" in shown
     page("#/groups", ["billing", "Empty"], "groups")
-    page("#/groups/billing", ["Offsets and lag", "orders", "Reset offsets"], "group")
+    page("#/groups/billing", ["Lag over time", "Offsets and lag", "orders", "Reset offsets"], "group")
+    wait_until(lambda: drawn(".chart"), 10, message="the chart of the group's lag")
     # The group is empty: its offsets go back to the beginning through the reset button.
     click(browser, By.ID, "reset-offsets")
     wait_until(lambda: committed(weir.bootstrap, "billing", "orders", 2) == {0: 0, 1: 0}, 30,
@@ -110,6 +127,8 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
     no_console_errors(browser)
     page("#/pipelines", ["copy", "running", "topic pin", "topic pmid", "topic pout", "source lag"],
          "pipelines")
+    wait_until(lambda: drawn("tr[data-pipeline='copy'] .sparkline"), 10,
+               message="the pipeline's rate sparkline")
 
     # Pause and resume through the buttons.
     click(browser, By.XPATH, "//tr[@data-pipeline='copy']//button[text()='Pause']")
@@ -125,7 +144,9 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
 
 def test_the_console_is_served_from_the_binary(weir):
     for path, kind in (("/", "text/html"), ("/console/console.js", "text/javascript"),
-                       ("/console/console.css", "text/css")):
+                       ("/console/console.css", "text/css"),
+                       ("/console/uPlot.iife.min.js", "text/javascript"),
+                       ("/console/uPlot.min.css", "text/css")):
         r = requests.get(f"{weir.http_url}{path}", timeout=10)
         assert r.status_code == 200 and r.headers["content-type"].startswith(kind), (path, r.headers)
     assert requests.get(f"{weir.http_url}/console/nope.js", timeout=10).status_code == 404

@@ -1,10 +1,13 @@
 // The weir console: pages drawn from the node's HTTP API (/health, /topics, /groups,
-// /pipelines, /cluster), refreshed every two seconds. No dependencies.
+// /pipelines, /cluster), refreshed every two seconds. Charts are drawn with uPlot (embedded,
+// see vendor/README).
 "use strict";
 
 const REFRESH_MS = 2000;
-const HISTORY = 60; // points kept for the rate charts (two minutes)
-const state = { timer: null, history: [], lastEnd: null, browser: null, reset: {} };
+const HISTORY = 60; // points kept per chart (two minutes)
+// series: recent samples by name ({ t: [seconds], v: [values] }), kept across pages;
+// counters: the last reading of each counter a rate is taken from.
+const state = { timer: null, series: {}, counters: {}, browser: null, reset: {} };
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -42,51 +45,67 @@ function table(headers, rows) {
 function num(v) { return el("td", { class: "num" }, fmt(v)); }
 function stateCell(s) { return el("td", {}, el("span", { class: `state ${s}` }, s)); }
 
-// A line chart of recent values on a canvas.
-function sparkline(canvas, values) {
-  const ctx = canvas.getContext("2d");
-  const w = canvas.width = canvas.clientWidth * devicePixelRatio;
-  const h = canvas.height = canvas.clientHeight * devicePixelRatio;
-  ctx.clearRect(0, 0, w, h);
-  if (values.length < 2) return;
-  const max = Math.max(1, ...values);
-  ctx.strokeStyle = "#1f6feb";
-  ctx.lineWidth = 2 * devicePixelRatio;
-  ctx.beginPath();
-  values.forEach((v, i) => {
-    const x = (i / (HISTORY - 1)) * w;
-    const y = h - (v / max) * (h - 8 * devicePixelRatio) - 4 * devicePixelRatio;
-    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
-  });
-  ctx.stroke();
-  ctx.fillStyle = "#6b7585";
-  ctx.font = `${11 * devicePixelRatio}px system-ui`;
-  ctx.fillText(`max ${fmt(Math.round(max))}/s`, 6 * devicePixelRatio, 14 * devicePixelRatio);
+// Adds a sample to the series `name`, at most one per refresh, keeping HISTORY of them.
+function sample(name, value) {
+  const s = state.series[name] || (state.series[name] = { t: [], v: [] });
+  const now = Date.now() / 1000;
+  if (s.t.length && now - s.t[s.t.length - 1] < REFRESH_MS / 2000) return;
+  s.t.push(now);
+  s.v.push(value);
+  if (s.t.length > HISTORY) { s.t.shift(); s.v.shift(); }
 }
 
-// Records appended per second over every non-internal topic, sampled at each refresh.
-function sampleRate(topics) {
-  const end = topics.filter(t => !t.internal)
-    .reduce((s, t) => s + t.partitions.reduce((a, p) => a + p.log_end_offset, 0), 0);
-  const now = Date.now();
-  if (state.lastEnd) {
-    const rate = Math.max(0, (end - state.lastEnd.end) / ((now - state.lastEnd.at) / 1000));
-    state.history.push(rate);
-    if (state.history.length > HISTORY) state.history.shift();
-  }
-  state.lastEnd = { end, at: now };
+// Samples the per-second rate of a counter into the series `name` (from the second reading
+// on; a counter that went back, as after a restart, starts over).
+function sampleRate(name, counter) {
+  const now = Date.now() / 1000;
+  const last = state.counters[name];
+  state.counters[name] = { counter, at: now };
+  if (!last || now - last.at < REFRESH_MS / 2000) return;
+  sample(name, Math.max(0, (counter - last.counter) / (now - last.at)));
+}
+
+// Tick steps of the value axes: 1, 2, 5, 10, 20, 50, ...
+const WHOLE_STEPS = [...Array(10).keys()].flatMap(e => [1, 2, 5].map(m => m * 10 ** e));
+
+// A uPlot chart of the series `name`: with axes (a time axis and `label`), or a bare
+// sparkline for table cells. Drawn anew at each refresh, as the rest of the page.
+function chart(name, { label, sparkline = false, height = 180 } = {}) {
+  const s = state.series[name] || { t: [], v: [] };
+  const box = el("div", { class: sparkline ? "sparkline" : "chart", "data-series": name,
+    "data-points": s.t.length });
+  const stroke = "#1f6feb";
+  // The last two minutes, whatever the samples cover; whole numbers on the value axis.
+  const now = Date.now() / 1000;
+  const x = { time: !sparkline, range: () => [now - HISTORY * REFRESH_MS / 1000, now] };
+  const y = { range: (u, min, max) => [0, Math.max(1, max) * (sparkline ? 1 : 1.1)] };
+  const opts = sparkline
+    ? { width: 120, height: 28, cursor: { show: false }, legend: { show: false },
+        scales: { x, y }, axes: [{ show: false }, { show: false }],
+        series: [{}, { stroke, width: 1.5 }] }
+    : { width: Math.max(300, document.getElementById("page").clientWidth - 50), height,
+        legend: { show: false }, scales: { x, y },
+        axes: [{}, { size: 70, incrs: WHOLE_STEPS, values: (u, ticks) => ticks.map(fmt) }],
+        series: [{}, { label, stroke, width: 2, fill: "rgba(31,111,235,0.08)" }] };
+  // uPlot needs the box in the document to measure it: drawn once the page is in place.
+  queueMicrotask(() => new uPlot(opts, [s.t.slice(), s.v.slice()], box));
+  return box;
+}
+
+// Records appended to `topics`, all told (their partitions' end offsets).
+function endOffsets(topics) {
+  return topics.reduce((s, t) => s + t.partitions.reduce((a, p) => a + p.log_end_offset, 0), 0);
 }
 
 const pages = {
   async overview(main) {
     const [health, topics, groups, pipelines] = await Promise.all([
       api("/health"), api("/topics"), api("/groups"), api("/pipelines")]);
-    sampleRate(topics.topics);
     const user = topics.topics.filter(t => !t.internal);
+    sampleRate("produced", endOffsets(user));
     const running = pipelines.pipelines.filter(f => f.pipeline && f.pipeline.state === "running").length;
     const card = (value, label) => el("div", { class: "card" },
       el("div", { class: "value" }, value), el("div", { class: "label" }, label));
-    const canvas = el("canvas", { class: "spark", id: "rate" });
     main.replaceChildren(
       el("h1", {}, "Overview"),
       el("div", { class: "cards" },
@@ -97,8 +116,7 @@ const pages = {
         card(fmt(groups.groups.length), "consumer groups"),
         card(`${running} / ${pipelines.pipelines.length}`, "pipelines running")),
       el("h2", {}, "Records produced per second"),
-      canvas);
-    sparkline(canvas, state.history);
+      chart("produced", { label: "records/s" }));
     if (health.cluster) {
       const cluster = await api("/cluster");
       main.append(el("h2", {}, "Nodes"), table(["node", "address", "role", "state"],
@@ -112,7 +130,7 @@ const pages = {
   async topics(main, name) {
     if (name) return topicPage(main, name);
     const { topics } = await api("/topics");
-    sampleRate(topics);
+    sampleRate("produced", endOffsets(topics.filter(t => !t.internal)));
     main.replaceChildren(el("h1", {}, "Topics"), table(
       ["topic", { label: "partitions", num: 1 }, { label: "records (end offsets)", num: 1 }, { label: "size", num: 1 }],
       topics.map(t => el("tr", {},
@@ -125,6 +143,7 @@ const pages = {
 
   async groups(main, id) {
     const { groups } = await api("/groups");
+    for (const g of groups) sample(`lag:${g.group}`, g.lag);
     const shown = id ? groups.filter(g => g.group === id) : groups;
     main.replaceChildren(el("h1", {}, id ? `Consumer group ${id}` : "Consumer groups"), table(
       ["group", "state", { label: "members", num: 1 }, { label: "lag", num: 1 }],
@@ -132,6 +151,7 @@ const pages = {
         el("td", {}, el("a", { href: `#/groups/${encodeURIComponent(g.group)}` }, g.group)),
         stateCell(g.state), num(g.members.length), num(g.lag)))));
     for (const g of id ? shown : []) {
+      main.append(el("h2", {}, "Lag over time"), chart(`lag:${g.group}`, { label: "records behind" }));
       main.append(el("h2", {}, "Offsets and lag"), table(
         ["topic", { label: "partition", num: 1 }, { label: "committed", num: 1 }, { label: "high watermark", num: 1 }, { label: "lag", num: 1 }],
         g.offsets.map(o => el("tr", {}, el("td", {}, o.topic), num(o.partition), num(o.committed), num(o.high_watermark), num(o.lag)))));
@@ -143,6 +163,9 @@ const pages = {
 
   async pipelines(main) {
     const { directory, pipelines } = await api("/pipelines");
+    for (const f of pipelines) {
+      if (f.pipeline) sampleRate(`in:${f.pipeline.name}`, f.pipeline.records_in);
+    }
     const act = (name, what) => async () => {
       try { await api(`/pipelines/${encodeURIComponent(name)}/${what}`, { method: "POST" }); }
       catch (e) { alert(e.message); }
@@ -151,12 +174,12 @@ const pages = {
     main.replaceChildren(el("h1", {}, "Pipelines"),
       directory ? el("p", { class: "muted" }, `from ${directory}`) :
         el("p", { class: "muted" }, "this node has no pipelines directory (weir serve --pipelines DIR)"),
-      table(["pipeline", "flow", "state", { label: "in", num: 1 }, { label: "out", num: 1 }, { label: "dead letters", num: 1 }, { label: "source lag", num: 1 }, ""],
+      table(["pipeline", "flow", "state", { label: "in", num: 1 }, { label: "out", num: 1 }, { label: "dead letters", num: 1 }, { label: "source lag", num: 1 }, "records/s in", ""],
         pipelines.map(f => {
           const p = f.pipeline;
           if (!p) {
             return el("tr", {}, el("td", {}, f.file), el("td", {}), stateCell("invalid"),
-              el("td", { colspan: 5, class: "error" }, f.invalid));
+              el("td", { colspan: 6, class: "error" }, f.invalid));
           }
           const flow = el("div", { class: "flow" }, ...(p.flow || []).flatMap((step, i) =>
             [i ? el("span", { class: "arrow" }, "→") : null, el("span", { class: "box" }, step)]));
@@ -169,6 +192,7 @@ const pages = {
             num(p.records_in), num(p.records_out.reduce((a, b) => a + b, 0)), num(p.dead_letters),
             el("td", { class: "num" }, !p.source_lag ? "—"
               : p.source_lag.bytes !== undefined ? bytes(p.source_lag.bytes) : `${fmt(p.source_lag.records)} records`),
+            el("td", {}, chart(`in:${p.name}`, { sparkline: true })),
             el("td", {},
               p.state === "paused"
                 ? el("button", { onclick: act(p.name, "resume") }, "Resume")
@@ -267,7 +291,7 @@ async function start() {
     document.getElementById("node").textContent =
       `node ${h.node_id} · ${h.cluster ? `cluster of ${h.cluster.nodes}` : "single node"} · ${h.cluster_id}`;
   } catch (e) { /* the page shows the error */ }
-  window.addEventListener("hashchange", () => { state.history = []; state.lastEnd = null; refresh(); });
+  window.addEventListener("hashchange", refresh);
   await refresh();
   state.timer = setInterval(refresh, REFRESH_MS);
 }
