@@ -75,6 +75,7 @@ pub async fn serve(
         .route("/pipelines/{name}/dead-letters", get(dead_letters))
         .route("/pipelines/{name}/pause", post(pause_pipeline))
         .route("/pipelines/{name}/resume", post(resume_pipeline))
+        .route("/plugins", get(list_plugins))
         // Every route above needs a role when authentication is on; /health and the HTTP
         // sources' paths (the fallback) decide for themselves.
         .route_layer(from_fn_with_state(state.clone(), require_role))
@@ -619,6 +620,39 @@ async fn dead_letters(
         .filter_map(|p| crate::inspect::records(&s.broker, &topic, p, None, limit))
         .collect();
     Json(json!({ "pipeline": name, "topic": topic, "partitions": records })).into_response()
+}
+
+/// GET /plugins: the WASM plugins of the pipelines this node runs, with what each has
+/// counted (calls, records, faults by kind, fuel, restarts), and the module caches' figures.
+async fn list_plugins(State(s): State<AppState>) -> Response {
+    let Some(p) = s.pipelines else {
+        return Json(json!({ "host": null, "plugins": [] })).into_response();
+    };
+    let metrics = crate::metrics::get();
+    let plugins: Vec<serde_json::Value> = p
+        .plugins()
+        .await
+        .into_iter()
+        .map(|(pipeline, stage, plugin, path, state)| {
+            let mut entry = metrics.plugin_counts(&pipeline, &plugin);
+            entry["pipeline"] = json!(pipeline);
+            entry["stage"] = json!(format!("transforms[{stage}]"));
+            entry["plugin"] = json!(plugin);
+            entry["path"] = json!(path);
+            entry["state"] = json!(state);
+            entry
+        })
+        .collect();
+    let host = p.plugin_host_stats();
+    Json(json!({
+        "host": {
+            "compiled": host.compiled,
+            "from_disk_cache": host.from_disk,
+            "from_memory_cache": host.from_memory,
+        },
+        "plugins": plugins,
+    }))
+    .into_response()
 }
 
 async fn pause_pipeline(state: State<AppState>, name: Path<String>) -> Response {

@@ -253,6 +253,32 @@ impl Instruments {
         }
     }
 
+    /// What a plugin stage of a pipeline has counted since this process started, for the
+    /// HTTP API: calls, records in and out, faults by kind, fuel and restarts.
+    pub fn plugin_counts(&self, pipeline: &str, plugin: &str) -> serde_json::Value {
+        let labels = [pipeline, plugin];
+        let faults: serde_json::Map<String, serde_json::Value> = weir_wasm::FaultKind::ALL
+            .iter()
+            .map(|k| {
+                let n = self
+                    .plugin_faults
+                    .with_label_values(&[pipeline, plugin, k.as_str()])
+                    .get();
+                (k.as_str().to_string(), n)
+            })
+            .filter(|(_, n)| *n != 0)
+            .map(|(k, n)| (k, n.into()))
+            .collect();
+        serde_json::json!({
+            "calls": self.plugin_calls.with_label_values(&labels).get(),
+            "records_in": self.plugin_records_in.with_label_values(&labels).get(),
+            "records_out": self.plugin_records_out.with_label_values(&labels).get(),
+            "faults": faults,
+            "fuel": self.plugin_fuel.with_label_values(&labels).get(),
+            "restarts": self.plugin_restarts.with_label_values(&labels).get(),
+        })
+    }
+
     /// Counts the error codes of one response.
     pub fn count_errors(&self, api: &str, codes: impl IntoIterator<Item = i16>) {
         for code in codes {

@@ -130,7 +130,10 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
     wait_until(lambda: drawn("tr[data-pipeline='copy'] .sparkline"), 10,
                message="the pipeline's rate sparkline")
 
+    page("#/plugins", ["Plugins", "modules compiled", "none"], "plugins")
+
     # Pause and resume through the buttons.
+    browser.get(f"{base}/#/pipelines")
     click(browser, By.XPATH, "//tr[@data-pipeline='copy']//button[text()='Pause']")
     wait_until(lambda: pipeline_state(weir, "copy")["state"] == "paused", 30,
                message="the pipeline to pause")

@@ -125,6 +125,15 @@ topic: { name: other }
     assert value(m, "weir_plugin_restarts_total", **labels) >= 3
     # The endless loop alone used up a call's budget (100M + 10M a record, one record).
     assert value(m, "weir_plugin_fuel_consumed_total", **labels) >= 110_000_000
+    # The same through the HTTP API, for the console's plugins page.
+    listed = requests.get(f"{weir.http_url}/plugins", timeout=10).json()
+    (mine,) = [p for p in listed["plugins"] if p["pipeline"] == "hostile"]
+    assert mine["plugin"] == "hostile" and mine["stage"] == "transforms[0]", mine
+    assert mine["path"].endswith("hostile.wasm") and mine["state"] == "running", mine
+    assert (mine["records_in"], mine["records_out"]) == (8, 3), mine
+    assert mine["faults"]["cpu-budget"] == 1 and sum(mine["faults"].values()) == 5, mine
+    assert mine["fuel"] >= 110_000_000 and mine["restarts"] >= 3, mine
+    assert listed["host"]["compiled"] + listed["host"]["from_disk_cache"] >= 1, listed
 
     # With tolerance none the pipeline stops and shows the reason.
     (d / "strict.yaml").write_text((d / "hostile.yaml").read_text()

@@ -202,6 +202,25 @@ const pages = {
   },
 };
 
+// The WASM plugins of the pipelines this node runs, and what each has counted.
+pages.plugins = async function (main) {
+  const { host, plugins } = await api("/plugins");
+  const faults = f => Object.keys(f).length
+    ? Object.entries(f).map(([k, n]) => el("div", { class: "error" }, `${k}: ${fmt(n)}`))
+    : el("span", { class: "muted" }, "none");
+  main.replaceChildren(el("h1", {}, "Plugins"),
+    host ? el("p", { class: "muted" },
+      `modules compiled ${fmt(host.compiled)}, loaded from the disk cache ${fmt(host.from_disk_cache)}, ` +
+      `from memory ${fmt(host.from_memory_cache)}`) : null,
+    table(["plugin", "pipeline", "state", { label: "calls", num: 1 }, { label: "records in", num: 1 },
+      { label: "records out", num: 1 }, "faults", { label: "fuel", num: 1 }, { label: "restarts", num: 1 }],
+    plugins.map(p => el("tr", { "data-plugin": p.plugin },
+      el("td", {}, p.plugin, el("div", { class: "muted" }, p.path)),
+      el("td", {}, p.pipeline, el("div", { class: "muted" }, p.stage)),
+      stateCell(p.state), num(p.calls), num(p.records_in), num(p.records_out),
+      el("td", {}, faults(p.faults)), num(p.fuel), num(p.restarts)))));
+};
+
 // A topic's partitions and a record browser that follows the end of a partition.
 async function topicPage(main, name) {
   const t = await api(`/topics/${encodeURIComponent(name)}`);

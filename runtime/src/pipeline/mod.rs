@@ -325,6 +325,34 @@ impl PipelineManager {
         })
     }
 
+    /// The plugins of the pipelines this node runs (paused and failed ones included), stage by
+    /// stage: pipeline, stage index, plugin name (its file's stem, as in the metrics), path,
+    /// and the pipeline's state.
+    pub async fn plugins(&self) -> Vec<(String, usize, String, PathBuf, String)> {
+        let files = self.files.lock().await;
+        let mut out = Vec::new();
+        for (file, f) in files.iter() {
+            let Some(r) = f.running.as_ref().filter(|r| r.placed == Placed::Here) else {
+                continue;
+            };
+            let state = r.status.lock().state.clone();
+            for (i, t) in r.spec.transforms.iter().enumerate() {
+                let path = plugin_path(file, &t.plugin);
+                let name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.display().to_string());
+                out.push((r.spec.name.clone(), i, name, path, state.clone()));
+            }
+        }
+        out
+    }
+
+    /// Modules compiled, and loads answered from the caches, since the start.
+    pub fn plugin_host_stats(&self) -> weir_wasm::HostStats {
+        self.ctx.plugins.stats()
+    }
+
     /// The paused pipeline whose HTTP source is at `path`, if any.
     pub async fn paused_at(&self, path: &str) -> Option<String> {
         let files = self.files.lock().await;

@@ -60,6 +60,16 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::PluginError,
+        FaultKind::Panic,
+        FaultKind::CpuBudget,
+        FaultKind::MemoryLimit,
+        FaultKind::StackOverflow,
+        FaultKind::Trap,
+        FaultKind::BadOutput,
+    ];
+
     /// A stable name, for dead-letter headers and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
