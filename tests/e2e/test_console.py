@@ -72,7 +72,7 @@ def text(browser) -> str:
 
 
 def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path, browser):
-    weir, _ = pipelines_daemon(weir_factory, tmp_path, **{"copy.yaml": COPY_PIPELINE})
+    weir, d = pipelines_daemon(weir_factory, tmp_path, **{"copy.yaml": COPY_PIPELINE})
     create_topic(weir.bootstrap, "orders", 2)
     produce(weir.bootstrap, "orders", 200, 2)
     consume_and_commit(weir.bootstrap, "orders", "billing", 200)
@@ -131,6 +131,14 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
                message="the pipeline's rate sparkline")
 
     page("#/plugins", ["Plugins", "modules compiled", "none"], "plugins")
+
+    # A refused file shows its YAML with the error's line marked.
+    (d / "bad.yaml").write_text("name: bad\nsource:\n  topic:\n    name: pin\ntopic:\n"
+                                "  name: pbad\nbatch_records: many\n")
+    page("#/pipelines", ["bad.yaml", "the refused YAML (line 7, column 16)"], "pipelines-refused")
+    marked = browser.find_element(By.CSS_SELECTOR, ".yaml-line.bad").text
+    assert marked.strip() == "7  batch_records: many", marked
+    (d / "bad.yaml").unlink()
 
     # Pause and resume through the buttons.
     browser.get(f"{base}/#/pipelines")

@@ -179,13 +179,13 @@ const pages = {
           const p = f.pipeline;
           if (!p) {
             return el("tr", {}, el("td", {}, f.file), el("td", {}), stateCell("invalid"),
-              el("td", { colspan: 6, class: "error" }, f.invalid));
+              el("td", { colspan: 6 }, el("div", { class: "error" }, f.invalid), refusedYaml(f.refused)));
           }
           const flow = el("div", { class: "flow" }, ...(p.flow || []).flatMap((step, i) =>
             [i ? el("span", { class: "arrow" }, "→") : null, el("span", { class: "box" }, step)]));
           return el("tr", { "data-pipeline": p.name },
             el("td", {}, p.name, el("div", { class: "muted" }, p.file),
-              f.invalid ? el("div", { class: "error" }, f.invalid) : null),
+              f.invalid ? el("div", { class: "error" }, f.invalid) : null, refusedYaml(f.refused)),
             el("td", {}, flow),
             el("td", {}, el("span", { class: `state ${p.state}` }, p.state),
               p.error ? el("div", { class: "error" }, p.error) : null),
@@ -201,6 +201,25 @@ const pages = {
         })));
   },
 };
+
+// A refused pipeline file's YAML, numbered, with the line the error points at marked and a
+// caret under its column.
+function refusedYaml(refused) {
+  if (!refused) return null;
+  const lines = refused.text.replace(/\n$/, "").split("\n");
+  const width = String(lines.length).length;
+  const rows = lines.flatMap((line, i) => {
+    const n = i + 1;
+    const row = el("div", { class: n === refused.line ? "yaml-line bad" : "yaml-line" },
+      `${String(n).padStart(width)}  ${line}`);
+    const caret = n === refused.line
+      ? el("div", { class: "yaml-line caret" }, `${" ".repeat(width + 2 + refused.column - 1)}^`) : null;
+    return [row, caret];
+  });
+  return el("details", { class: "yaml", open: "" },
+    el("summary", {}, `the refused YAML (line ${refused.line}, column ${refused.column})`),
+    el("pre", {}, rows));
+}
 
 // The WASM plugins of the pipelines this node runs, and what each has counted.
 pages.plugins = async function (main) {

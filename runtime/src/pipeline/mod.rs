@@ -95,6 +95,16 @@ pub struct FileStatus {
     pub pipeline: Option<Status>,
     /// Why the current content of the file is not used.
     pub invalid: Option<String>,
+    /// The refused content, with the line and column the error points at (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refused>,
+}
+
+#[derive(Serialize)]
+pub struct Refused {
+    pub text: String,
+    pub line: usize,
+    pub column: usize,
 }
 
 struct Running {
@@ -147,6 +157,14 @@ impl FileState {
             file: file.to_path_buf(),
             pipeline: self.running.as_ref().map(|r| r.status.lock().clone()),
             invalid: self.invalid.clone(),
+            refused: self
+                .invalid
+                .as_ref()
+                .and(self.invalid_at)
+                .and_then(|(line, column)| {
+                    let text = std::fs::read_to_string(file).ok()?;
+                    Some(Refused { text, line, column })
+                }),
         }
     }
 
@@ -180,6 +198,8 @@ struct FileState {
     /// Refused because another file's pipeline holds its name or HTTP path: checked again on
     /// every scan, so that it starts once the other file changes or goes away.
     conflict: bool,
+    /// Where the error of `invalid` points in the file, when it is the content's fault.
+    invalid_at: Option<(usize, usize)>,
 }
 
 pub struct PipelineManager {
@@ -663,6 +683,7 @@ impl PipelineManager {
                     let message = format!("{}: {e:#}", file.display());
                     tracing::error!(pipeline = %spec.name, error = %message, "pipeline cannot start");
                     state.invalid = Some(message);
+                    state.invalid_at = None;
                 }
             }
         }
@@ -751,6 +772,7 @@ impl PipelineManager {
             tracing::error!(file = %file.display(), error = %e, "invalid pipeline file{keeps}");
         }
         state.invalid = Some(message);
+        state.invalid_at = Some((e.line, e.column));
     }
 
     /// The error when `spec`'s HTTP source path is served by another file's pipeline.
