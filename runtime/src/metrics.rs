@@ -52,6 +52,7 @@ pub struct Instruments {
     pub plugin_fuel: IntCounterVec,
     pub pipeline_retries: IntCounterVec,
     pub pipeline_commit_seconds: HistogramVec,
+    pub pipeline_batch_seconds: HistogramVec,
     pub authentications: IntCounterVec,
     pub authentication_failures: IntCounterVec,
 }
@@ -200,6 +201,11 @@ impl Instruments {
                 "Time to commit one batch, retries included: the source's transaction (records, dead letters, source offset) or a sink's write and commit, by stage (source, sinks[N]).",
                 &["pipeline", "stage"],
             ),
+            pipeline_batch_seconds: histogram(
+                "weir_pipeline_batch_duration_seconds",
+                "Time from a source's batch being read to its commit: transforms, the wait behind the batches before it, and the commit.",
+                &["pipeline"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.authentications.clone()),
@@ -227,6 +233,7 @@ impl Instruments {
             Box::new(m.plugin_fuel.clone()),
             Box::new(m.pipeline_retries.clone()),
             Box::new(m.pipeline_commit_seconds.clone()),
+            Box::new(m.pipeline_batch_seconds.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -131,7 +131,9 @@ def test_metrics_count_what_clients_do(weir_factory, tmp_path):
     assert value(m, "weir_pipeline_state", pipeline="copy", state="running") == 1
     # Its topic source has read everything committed.
     assert value(m, "weir_pipeline_source_lag_records", pipeline="copy") == 0
-    # Each batch's commit is timed, the source's transaction and the sink's write and commit.
+    # Each batch is timed from its read to its commit, and each commit: the source's
+    # transaction, the sink's write and commit.
+    assert value(m, "weir_pipeline_batch_duration_seconds_count", pipeline="copy") >= 1
     assert value(m, "weir_pipeline_commit_duration_seconds_count", pipeline="copy",
                  stage="source") >= 1
     assert value(m, "weir_pipeline_commit_duration_seconds_count", pipeline="copy",

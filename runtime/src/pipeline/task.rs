@@ -257,6 +257,9 @@ pub async fn run_source(
         commit_seconds: crate::metrics::get()
             .pipeline_commit_seconds
             .with_label_values(&[spec.name.as_str(), "source"]),
+        batch_seconds: crate::metrics::get()
+            .pipeline_batch_seconds
+            .with_label_values(&[spec.name.as_str()]),
         router: Router {
             topic: output,
             partitions,
@@ -382,6 +385,7 @@ pub async fn run_source(
             Err(e) => bail!("source: {e}"),
         };
         committer.backoff.reset();
+        let read_at = std::time::Instant::now();
         let t = inline
             .as_mut()
             .expect("batches read ahead are not transformed here");
@@ -399,6 +403,9 @@ pub async fn run_source(
             return Ok(());
         }
         acknowledge(source.as_mut(), &batch.offset).await;
+        committer
+            .batch_seconds
+            .observe(read_at.elapsed().as_secs_f64());
         committer.status.lock().source_lag = source.lag();
     }
 }
@@ -414,8 +421,9 @@ enum Event<'a> {
     Read(weir_connectors::Result<Option<SourceBatch>>),
 }
 
-/// What the plugin thread hands back for a batch, with the source offset after the batch.
-type Done = (Result<Transformed>, serde_json::Value);
+/// What the plugin thread hands back for a batch, with the source offset after the batch and
+/// when the batch was read.
+type Done = (Result<Transformed>, serde_json::Value, std::time::Instant);
 
 /// A commit of a batch read ahead, under way: it holds the committer and hands it back with
 /// whether the batch was written (false: the pipeline is stopping) and the source offset to
@@ -518,6 +526,7 @@ impl ReadAhead {
         self.in_flight.push_back(InFlight {
             reply: rx,
             offset: batch.offset,
+            read_at: std::time::Instant::now(),
         });
     }
 
@@ -533,7 +542,7 @@ impl ReadAhead {
             .and_then(|a| a.in_flight.pop_front())
             .expect("checked above");
         let result = replied.map_err(|_| anyhow!("the plugin thread stopped unexpectedly"))?;
-        Ok((result, f.offset))
+        Ok((result, f.offset, f.read_at))
     }
 }
 
@@ -596,6 +605,7 @@ fn lower_this_threads_priority() {}
 struct InFlight {
     reply: oneshot::Receiver<Result<Transformed>>,
     offset: serde_json::Value,
+    read_at: std::time::Instant,
 }
 
 /// Writes a source task's batches: the records routed to the output topic, dead letters, and
@@ -609,6 +619,8 @@ struct Committer<'a> {
     backoff: Backoff,
     /// weir_pipeline_commit_duration_seconds of the source stage.
     commit_seconds: prometheus::Histogram,
+    /// weir_pipeline_batch_duration_seconds.
+    batch_seconds: prometheus::Histogram,
     router: Router,
     dead_letters: Option<DeadLetters>,
     status: Arc<Mutex<Status>>,
@@ -685,7 +697,7 @@ impl<'a> Committer<'a> {
     /// reading: takes the committer and hands it back when done (see [`Commit`]).
     async fn commit_read_ahead(
         mut self,
-        (result, offset): Done,
+        (result, offset, read_at): Done,
         mut stop: watch::Receiver<bool>,
     ) -> Finished<'a> {
         let written = match result {
@@ -695,6 +707,9 @@ impl<'a> Committer<'a> {
             }
             Err(e) => Err(e),
         };
+        if matches!(written, Ok(true)) {
+            self.batch_seconds.observe(read_at.elapsed().as_secs_f64());
+        }
         (self, written, offset)
     }
 
