@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A fault campaign against a three-node weir cluster: randomized kills, pauses, isolations
-and restarts under a queue workload, an exactly-once pipeline copying the queue and a Kafka
-client's transactional loop copying it too, then checkers over the whole history.
+and restarts under a queue workload, an exactly-once pipeline copying the queue, a Kafka
+client's transactional loop copying it too, and a pipeline from a file through a WASM plugin
+to a file sink, then checkers over the whole history.
 
     python tests/faults/campaign.py --duration 600 --seed 7
 
@@ -11,7 +12,9 @@ violation, 2 when the campaign itself could not run. Unless --no-record is given
 added to the table of runs in docs/reliability.md.
 
 The weir binary comes from --weir-bin, else $WEIR_BIN, else
-$CARGO_TARGET_DIR/debug/weir (default ~/.cache/weir/target/debug/weir).
+$CARGO_TARGET_DIR/debug/weir (default ~/.cache/weir/target/debug/weir). The example plugins
+(passthrough.wasm) come from --plugin-dir, else $WEIR_PLUGIN_DIR (tests/run builds them there
+with `weir plugin build plugins-sdk/examples`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from support import admin, consume_confluent, watermarks  # noqa: E402
 from test_cluster import create_replicated, segment_bytes, start_cluster  # noqa: E402
 from test_pipelines import read_committed  # noqa: E402
 from workload import (ABORTED_PREFIX, CommittedReader, GroupConsumer, History,  # noqa: E402
-                      QueueProducer, TxnCopier)
+                      LineWriter, QueueProducer, TxnCopier)
 
 TOPIC = "queue"
 GROUP = "queue-readers"
@@ -59,6 +62,27 @@ topic:
   name: {COPY}
 batch_records: 200
 """
+LINES = "lines"
+# Reads a file every node sees (the nodes share this machine's disk) through a WASM plugin into
+# a topic, and writes the topic out to a file sink; runs on one node and moves like `copy`.
+FILE_PIPELINE = """\
+name: lines
+source:
+  file:
+    paths: ["{input}"]
+    format: lines
+transforms:
+  - plugin: {plugin}
+topic:
+  name: lines
+  partitions: 1
+sinks:
+  - file:
+      path: {sink}/lines.txt
+      format: lines
+batch_records: 100
+"""
+LINE_RATE = 20.0  # lines a second into the file pipeline's input
 HEAL_BOUND_S = 120.0      # after the final heal: every replica back in sync
 CATCH_UP_BOUND_S = 180.0  # then: the group has read to the end
 IDENTICAL_BOUND_S = 60.0  # then: every replica holds the same bytes
@@ -74,6 +98,7 @@ class Options:
     producers: int = 2
     rate: float = 50.0  # values a second, per producer
     weir_bin: str = ""
+    plugin_dir: str = ""
     workdir: Path | None = None
     kinds: tuple = KINDS
 
@@ -132,6 +157,11 @@ def run(opts: Options) -> Outcome:
     binary = os.path.abspath(opts.weir_bin or default_binary())
     if not os.access(binary, os.X_OK):
         raise SystemExit(f"campaign: no weir binary at {binary} (set WEIR_BIN or --weir-bin)")
+    plugin = Path(opts.plugin_dir or os.environ.get("WEIR_PLUGIN_DIR", "")) / "passthrough.wasm"
+    if not plugin.is_file():
+        raise SystemExit(f"campaign: no passthrough.wasm at {plugin} for the file pipeline (set "
+                         f"WEIR_PLUGIN_DIR or --plugin-dir to where `weir plugin build "
+                         f"plugins-sdk/examples --out DIR` put the example plugins)")
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix=f"weir-faults-seed{opts.seed}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = Log(workdir / "campaign.log")
@@ -155,6 +185,11 @@ def run(opts: Options) -> Outcome:
     producers: list[QueueProducer] = []
     consumer: GroupConsumer | None = None
     txn_clients: list = []
+    line_writer: LineWriter | None = None
+    sink_dir = workdir / "sink"
+    sink_dir.mkdir(exist_ok=True)
+    input_file = workdir / "input" / "lines.log"
+    input_file.parent.mkdir(exist_ok=True)
     nemesis: Nemesis | None = None
     extra: dict[str, list[str]] = {}
     pipelines = workdir / "pipelines"
@@ -167,7 +202,12 @@ def run(opts: Options) -> Outcome:
         for topic in (TOPIC, COPY, TXN_COPY):
             create_replicated(cluster, topic, opts.partitions, rf=min(3, opts.nodes),
                               config={"min.insync.replicas": "2"})
+        create_replicated(cluster, LINES, 1, rf=min(3, opts.nodes),
+                          config={"min.insync.replicas": "2"})
+        input_file.touch()
         (pipelines / "copy.yaml").write_text(PIPELINE)
+        (pipelines / "lines.yaml").write_text(FILE_PIPELINE.format(
+            input=input_file, plugin=plugin.resolve(), sink=sink_dir))
         log(f"cluster up: nodes {[n.kafka_port for n in nodes]} behind proxies "
             f"{[p.port for p in proxies]}; topic {TOPIC} with {opts.partitions} partitions, RF 3")
 
@@ -181,6 +221,8 @@ def run(opts: Options) -> Outcome:
         consumer.start()
         for c in txn_clients:
             c.start()
+        line_writer = LineWriter(input_file, LINE_RATE, history)
+        line_writer.start()
         time.sleep(5)  # the workload before any fault
 
         nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies, disks)
@@ -203,6 +245,7 @@ def run(opts: Options) -> Outcome:
                 extra.setdefault("producer-flush", []).append(
                     f"producer {p.index}: {left} value(s) without a delivery report after 300s")
         producers = []
+        line_writer.stop()
         ends = {p: hw for p, (_, hw) in watermarks(cluster.live()[0].bootstrap, TOPIC,
                                                    range(opts.partitions), timeout=30).items()}
         history.end_offsets = ends
@@ -222,6 +265,8 @@ def run(opts: Options) -> Outcome:
             c.stop()
         txn_clients = []
         log(f"the transactional copier: {_txn_summary(history)}")
+        history.final_file_topic = _wait_copied(bootstrap, LINES, len(history.file_lines), log)
+        history.final_file_sink = _wait_sink(sink_dir, len(history.file_lines), log)
         extra["replicas-identical"] = _wait_identical(cluster, TOPIC, opts.partitions)
         offsets_partitions = len(cluster.metadata().topics["__consumer_offsets"].partitions)
         extra["replicas-identical"] += _wait_identical(cluster, "__consumer_offsets",
@@ -229,6 +274,8 @@ def run(opts: Options) -> Outcome:
         if nemesis.anomalies:
             log("anomalies (not violations): " + "; ".join(nemesis.anomalies))
     finally:
+        if line_writer is not None:
+            line_writer.stop()
         for p in producers:
             try:
                 p.stop(flush_timeout=5)
@@ -279,8 +326,24 @@ def _wait_copied(bootstrap: str, topic: str, want: int, log) -> list:
         return sum(1 for *_, v in copied if not v.startswith(ABORTED_PREFIX)) >= want
 
     _wait(done, CATCH_UP_BOUND_S)
-    log(f"{topic} holds {len(copied)} records, read_committed; the queue holds {want}")
+    log(f"{topic} holds {len(copied)} records, read_committed, of {want} expected")
     return copied
+
+
+def _wait_sink(sink_dir: Path, want: int, log) -> list:
+    """The lines of the file pipeline's sink files once they hold `want` (or after
+    CATCH_UP_BOUND_S, for the checker to say what is missing)."""
+    lines: list = []
+
+    def done() -> bool:
+        nonlocal lines
+        lines = [line for p in sorted(sink_dir.glob("lines*.txt"))
+                 for line in p.read_bytes().splitlines()]
+        return len(lines) >= want
+
+    _wait(done, CATCH_UP_BOUND_S)
+    log(f"the file sink holds {len(lines)} lines; {want} were written to the input file")
+    return lines
 
 
 def _txn_summary(h: History) -> str:
@@ -376,6 +439,13 @@ def _save_history(workdir: Path, h: History, nemesis: Nemesis | None) -> None:
         for p, o, v, t in h.txn_live_reads:
             f.write(json.dumps({"t": t, "type": "txn-read", "value": b(v), "partition": p,
                                 "offset": o}) + "\n")
+        for v in h.file_lines:
+            f.write(json.dumps({"type": "file-line", "value": b(v)}) + "\n")
+        for p, o, v in h.final_file_topic or []:
+            f.write(json.dumps({"type": "file-topic", "value": b(v), "partition": p,
+                                "offset": o}) + "\n")
+        for v in h.final_file_sink or []:
+            f.write(json.dumps({"type": "file-sink", "value": b(v)}) + "\n")
         for p, o, v in h.final_txn_copy or []:
             f.write(json.dumps({"type": "txn-copy", "value": b(v), "partition": p,
                                 "offset": o}) + "\n")
@@ -404,6 +474,8 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", default=",".join(KINDS),
                     help=f"the kinds of fault to draw from (default: all of {','.join(KINDS)})")
     ap.add_argument("--weir-bin", default="")
+    ap.add_argument("--plugin-dir", default="",
+                    help="where passthrough.wasm is (default: $WEIR_PLUGIN_DIR)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-record", action="store_true", help=f"do not add a row to {RESULTS.name}")
     args = ap.parse_args(argv)
@@ -415,6 +487,7 @@ def main(argv=None) -> int:
     try:
         outcome = run(Options(seed=seed, duration=args.duration, nodes=args.nodes,
                               partitions=args.partitions, rate=args.rate, weir_bin=args.weir_bin,
+                              plugin_dir=args.plugin_dir,
                               workdir=args.workdir, kinds=kinds))
     except Exception as e:
         print(f"campaign: could not run: {e!r}", file=sys.stderr)

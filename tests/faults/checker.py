@@ -199,6 +199,31 @@ def aborted_reads(h: History) -> list[str]:
     return out
 
 
+def file_pipeline_once(h: History) -> list[str]:
+    """The pipeline from a file through a WASM plugin into a topic and out to a file sink put
+    every line of the file into the topic once, in order, and into the sink's file once."""
+    if h.final_file_topic is None:
+        return []
+    want = list(h.file_lines)
+    out = []
+    topic = [v for _, _, v in sorted(h.final_file_topic)]
+    if topic != want:
+        c_topic, c_want = Counter(topic), Counter(want)
+        out += [f"{v.decode()} written to the file but not in the topic" for v in sorted(c_want - c_topic)]
+        out += [f"{v.decode()} in the topic {n} time(s) more than written"
+                for v, n in sorted((c_topic - c_want).items())]
+        if not out:
+            first = next(i for i, (a, b) in enumerate(zip(topic, want)) if a != b)
+            out.append(f"the topic holds the lines out of order from offset {first}: "
+                       f"{topic[first].decode()} where {want[first].decode()} was written")
+    sink, c_want = Counter(h.final_file_sink or []), Counter(want)
+    out += [f"{v.decode()} written to the file but not in the sink's file"
+            for v in sorted(c_want - sink)]
+    out += [f"{v.decode()} in the sink's file {n} time(s) more than written"
+            for v, n in sorted((sink - c_want).items())]
+    return out
+
+
 CHECKERS = {
     "lost": lost_values,
     "duplicated": duplicated_values,
@@ -212,6 +237,7 @@ CHECKERS = {
     "txn-exactly-once": txn_copied_once,
     "txn-order": txn_copy_order,
     "aborted-reads": aborted_reads,
+    "file-pipeline-exactly-once": file_pipeline_once,
 }
 
 

@@ -29,10 +29,19 @@ def weir_bin() -> str:
     return os.path.abspath(path)
 
 
+@pytest.fixture(scope="session")
+def plugin_dir() -> str:
+    path = os.environ.get("WEIR_PLUGIN_DIR", "")
+    if not os.path.isfile(os.path.join(path, "passthrough.wasm")):
+        pytest.fail(f"WEIR_PLUGIN_DIR={path!r} does not hold the example plugins (tests/run "
+                    f"builds them with `weir plugin build plugins-sdk/examples`)", pytrace=False)
+    return path
+
+
 @pytest.mark.parametrize("seed", SEEDS)
-def test_no_acknowledged_value_is_lost_under_faults(seed, weir_bin, tmp_path):
+def test_no_acknowledged_value_is_lost_under_faults(seed, weir_bin, plugin_dir, tmp_path):
     outcome = campaign.run(campaign.Options(seed=seed, duration=DURATION_S, weir_bin=weir_bin,
-                                            workdir=tmp_path))
+                                            plugin_dir=plugin_dir, workdir=tmp_path))
     if not outcome.verdict.ok:
         logs = "\n".join(f"--- {p.name} (last 40 lines) ---\n" +
                          "\n".join(p.read_text(errors="replace").splitlines()[-40:])

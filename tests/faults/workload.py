@@ -62,6 +62,12 @@ class History:
     # after healing: the copier's topic read_committed, (partition, offset, value); None when
     # the campaign ran no copier
     final_txn_copy: list | None = None
+    # the lines appended to the file pipeline's input file, in order
+    file_lines: list = field(default_factory=list)
+    # after healing: the file pipeline's topic read_committed, and its file sink's lines;
+    # None when the campaign ran no file pipeline
+    final_file_topic: list | None = None
+    final_file_sink: list | None = None
 
     def __post_init__(self):
         self.lock = threading.Lock()
@@ -470,3 +476,29 @@ class CommittedReader:
             self._c.close()
         except (KafkaException, RuntimeError):
             pass
+
+
+class LineWriter:
+    """Appends lines `line-<seq>` to a file, `rate` a second, for a pipeline's file source."""
+
+    def __init__(self, path, rate: float, history: History):
+        self.path, self.rate, self.history = path, rate, history
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="line-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        seq = 0
+        with open(self.path, "a") as f:
+            while not self._stop.wait(1.0 / self.rate):
+                line = f"line-{seq:08d}"
+                f.write(line + "\n")
+                f.flush()
+                self.history.add("file_lines", line.encode())
+                seq += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
