@@ -128,3 +128,21 @@ def test_the_copy_keeps_each_producers_order():
     h.final_txn_copy = [(0, 0, make_value(0, 2)), (0, 1, make_value(0, 0))] + \
         [r for r in copied(h) if r[0] == 1] + [(0, 2, make_value(0, 4))]
     assert list(check(h).violations) == ["txn-order"]
+
+
+def test_the_file_pipeline_must_carry_every_line_once_in_order():
+    h = clean_history()
+    h.file_lines = [f"line-{i:08d}".encode() for i in range(4)]
+    h.final_file_topic = [(0, i, v) for i, v in enumerate(h.file_lines)]
+    h.final_file_sink = list(reversed(h.file_lines))  # the sink's order is not checked
+    assert check(h).ok
+    h.final_file_topic = [(0, 0, h.file_lines[1]), (0, 1, h.file_lines[0])] + \
+        [(0, i, v) for i, v in enumerate(h.file_lines) if i >= 2]
+    found = check(h).violations["file-pipeline-exactly-once"]
+    assert len(found) == 1 and "out of order from offset 0" in found[0], found
+    h.final_file_topic = [(0, i, v) for i, v in enumerate(h.file_lines)]
+    h.final_file_sink = h.file_lines[:3] + [h.file_lines[0]]
+    found = check(h).violations["file-pipeline-exactly-once"]
+    assert len(found) == 2, found
+    assert "line-00000003 written to the file but not in the sink" in found[0]
+    assert "line-00000000 in the sink's file 1 time(s) more" in found[1]
