@@ -514,9 +514,8 @@ def leader_of_via(cluster: Cluster, via: WeirDaemon, topic: str) -> int:
     return cluster.metadata(via).topics[topic].partitions[0].leader
 
 
-def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
-    from kafka import TopicPartition as KTP
-    from kafka.admin import KafkaAdminClient
+def add_fourth_node(cluster: Cluster, weir_factory) -> WeirDaemon:
+    """Starts node 4 with the cluster's voter list (an observer) and waits for it to show."""
     voters = cluster.nodes[0].extra_args[cluster.nodes[0].extra_args.index("--voters") + 1]
     (raft_port,) = _pick_free_ports(1)
     fourth = weir_factory("node4", start=False, config_yaml=CLUSTER_YAML,
@@ -525,6 +524,13 @@ def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
     fourth.start(60)
     cluster.nodes.append(fourth)
     wait_until(lambda: len(cluster.metadata().brokers) == 4, 30, message="four brokers")
+    return fourth
+
+
+def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
+    from kafka import TopicPartition as KTP
+    from kafka.admin import KafkaAdminClient
+    fourth = add_fourth_node(cluster, weir_factory)
     status = json.loads(subprocess.run(
         [fourth.binary, "cluster", "status", "--json", "--url", fourth.http_url],
         capture_output=True, check=True, timeout=30).stdout)
@@ -576,14 +582,7 @@ def test_voters_change_so_the_quorum_outlives_its_first_voters(cluster, weir_fac
     """A node that joined as an observer is made a voter, and a dead voter is removed: the
     metadata quorum then lives on with two of the three original voters gone, and the new
     voter restarts as a voter although `--voters` does not list it."""
-    voters = cluster.nodes[0].extra_args[cluster.nodes[0].extra_args.index("--voters") + 1]
-    (raft_port,) = _pick_free_ports(1)
-    fourth = weir_factory("node4", start=False, config_yaml=CLUSTER_YAML,
-                          extra_args=("--node-id", "4", "--voters", voters,
-                                      "--cluster-addr", f"127.0.0.1:{raft_port}"))
-    fourth.start(60)
-    cluster.nodes.append(fourth)
-    wait_until(lambda: len(cluster.metadata().brokers) == 4, 30, message="four brokers")
+    fourth = add_fourth_node(cluster, weir_factory)
     assert _voters(fourth) == [1, 2, 3]
 
     added = _weir_cluster(cluster.node(2), "add-voter", "4")

@@ -78,18 +78,25 @@ def acked_offsets(h: History) -> list[str]:
     return out
 
 
-def produce_order(h: History) -> list[str]:
-    """Per partition, each producer's values are in the order it produced them, and its
-    acknowledged offsets grow with its sequence numbers."""
+def _out_of_order(log: list, where: str) -> list[str]:
+    """Per partition of `log` ((partition, offset, value)), the places where a producer's
+    sequence numbers do not grow."""
     out = []
     last = {}
-    for p, o, v in sorted(h.final_log):
+    for p, o, v in sorted(log):
         prod, seq = parse_value(v)
         prev = last.get((p, prod))
         if prev is not None and seq <= prev[0]:
-            out.append(f"partition {p}: p{prod} seq {seq} at offset {o} after seq {prev[0]} "
+            out.append(f"{where} {p}: p{prod} seq {seq} at offset {o} after seq {prev[0]} "
                        f"at offset {prev[1]}")
         last[(p, prod)] = (seq, o)
+    return out
+
+
+def produce_order(h: History) -> list[str]:
+    """Per partition, each producer's values are in the order it produced them, and its
+    acknowledged offsets grow with its sequence numbers."""
+    out = _out_of_order(h.final_log, "partition")
     acks = defaultdict(list)
     for prod, seq, _, p, o, _ in h.acked:
         acks[(p, prod)].append((seq, o))
@@ -168,18 +175,8 @@ def txn_copied_once(h: History) -> list[str]:
 def txn_copy_order(h: History) -> list[str]:
     """The copy keeps each producer's order within a partition (a batch is copied to the
     partition it came from, in order; an aborted batch is copied again in the same order)."""
-    out = []
-    last = {}
-    for p, o, v in sorted(h.final_txn_copy or []):
-        if v.startswith(ABORTED_PREFIX):
-            continue
-        prod, seq = parse_value(v)
-        prev = last.get((p, prod))
-        if prev is not None and seq <= prev[0]:
-            out.append(f"copy partition {p}: p{prod} seq {seq} at offset {o} after seq {prev[0]} "
-                       f"at offset {prev[1]}")
-        last[(p, prod)] = (seq, o)
-    return out
+    copy = [r for r in h.final_txn_copy or [] if not r[2].startswith(ABORTED_PREFIX)]
+    return _out_of_order(copy, "copy partition")
 
 
 def aborted_reads(h: History) -> list[str]:
