@@ -72,6 +72,7 @@ pub async fn serve(
             get(get_pipeline).put(put_pipeline).delete(delete_pipeline),
         )
         .route("/pipelines/{name}/restart", post(restart_pipeline))
+        .route("/pipelines/{name}/status", get(pipeline_status))
         .route("/pipelines/{name}/dead-letters", get(dead_letters))
         .route("/pipelines/{name}/pause", post(pause_pipeline))
         .route("/pipelines/{name}/resume", post(resume_pipeline))
@@ -465,6 +466,23 @@ async fn list_pipelines(State(s): State<AppState>) -> Response {
         "pipelines": p.statuses().await,
     }))
     .into_response()
+}
+
+/// GET /pipelines/{name}/status: the pipeline's status alone (state, each task's state,
+/// counts, source lag, last error with its time, the node running it on a cluster).
+async fn pipeline_status(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let found = match &s.pipelines {
+        Some(p) => p
+            .statuses()
+            .await
+            .into_iter()
+            .find_map(|f| f.pipeline.filter(|p| p.name == name)),
+        None => None,
+    };
+    match found {
+        Some(status) => Json(status).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'")),
+    }
 }
 
 async fn get_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Response {

@@ -146,6 +146,9 @@ topic: { name: other }
     state = wait_until(lambda: (pipeline_state(weir, "strict") or {}).get("state") == "failed"
                        and pipeline_state(weir, "strict"), message="the strict pipeline to stop")
     assert "panic" in state["error"]
+    # Its one task, the source, failed; GET .../status has the pipeline's status alone.
+    status = requests.get(f"{weir.http_url}/pipelines/strict/status", timeout=10).json()
+    assert status["state"] == "failed" and status["tasks"] == {"source": "failed"}, status
 
 
 def test_stages_over_a_topic_see_each_record_origin_in_small_batches(weir_factory, tmp_path,

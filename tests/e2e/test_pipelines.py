@@ -107,6 +107,10 @@ def test_http_source_writes_records_keyed_and_answers_after_commit(weir_factory,
     assert all(len(ps) == 1 for ps in by_user.values())
     status = pipeline_state(weir, "activity")
     assert status["state"] == "running" and status["records_in"] == 100
+    alone = requests.get(f"{weir.http_url}/pipelines/activity/status", timeout=10)
+    assert alone.status_code == 200 and alone.json()["tasks"] == {"source": "running"}, alone.text
+    missing = requests.get(f"{weir.http_url}/pipelines/nope/status", timeout=10)
+    assert missing.status_code == 404 and "no pipeline named 'nope'" in missing.json()["error"]
 
 
 def test_http_source_rejects_bad_input_with_clear_answers(weir_factory, tmp_path):

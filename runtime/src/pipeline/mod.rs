@@ -77,6 +77,10 @@ pub struct Status {
     pub records_in: u64,
     /// Records written per sink.
     pub records_out: Vec<u64>,
+    /// Each task's state by stage (`source`, `sinks[N]`): running, finished (its source
+    /// ended), stopped, failed or fenced.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<String, String>,
     pub dead_letters: u64,
     /// How far its source is behind its input, where the source can tell (files in bytes,
     /// topics in records), as of the last batch it committed.
@@ -136,6 +140,7 @@ impl Running {
             error_at_ms: None,
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
+            tasks: BTreeMap::new(),
             dead_letters: 0,
             source_lag: None,
             node,
@@ -820,6 +825,7 @@ impl PipelineManager {
             error_at_ms: None,
             records_in: 0,
             records_out: vec![0; spec.sinks.len()],
+            tasks: BTreeMap::new(),
             dead_letters: 0,
             source_lag: None,
             node: self.this_node(),
@@ -950,6 +956,7 @@ fn spawn_stage(
     run: impl std::future::Future<Output = Result<()>> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let (status, stop_all) = (status.clone(), stop_all.clone());
+    status.lock().tasks.insert(stage.clone(), "running".into());
     tokio::spawn(async move {
         let r = run.await;
         finish(&status, &stop_all, &stage, r);
@@ -960,6 +967,13 @@ fn spawn_stage(
 const FENCED: &str = "fenced";
 
 fn finish(status: &Mutex<Status>, stop_all: &watch::Sender<bool>, stage: &str, r: Result<()>) {
+    let ended = match &r {
+        Ok(()) if *stop_all.borrow() => "stopped",
+        Ok(()) => "finished",
+        Err(e) if remote::is_fenced(e) => FENCED,
+        Err(_) => "failed",
+    };
+    status.lock().tasks.insert(stage.to_string(), ended.into());
     if let Err(e) = r {
         let message = format!("{e:#}");
         let mut s = status.lock();
