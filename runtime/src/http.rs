@@ -468,24 +468,8 @@ async fn list_pipelines(State(s): State<AppState>) -> Response {
     .into_response()
 }
 
-/// GET /pipelines/{name}/status: the pipeline's status alone (state, each task's state,
-/// counts, source lag, last error with its time, the node running it on a cluster).
-async fn pipeline_status(State(s): State<AppState>, Path(name): Path<String>) -> Response {
-    let found = match &s.pipelines {
-        Some(p) => p
-            .statuses()
-            .await
-            .into_iter()
-            .find_map(|f| f.pipeline.filter(|p| p.name == name)),
-        None => None,
-    };
-    match found {
-        Some(status) => Json(status).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'")),
-    }
-}
-
-async fn get_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+/// The file status of the pipeline `name`, or 404.
+async fn file_status_of(s: &AppState, name: &str) -> Result<crate::pipeline::FileStatus, Response> {
     let found = match &s.pipelines {
         Some(p) => p
             .statuses()
@@ -494,9 +478,22 @@ async fn get_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Re
             .find(|f| f.pipeline.as_ref().is_some_and(|p| p.name == name)),
         None => None,
     };
-    match found {
-        Some(f) => Json(f).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'")),
+    found.ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no pipeline named '{name}'")))
+}
+
+/// GET /pipelines/{name}/status: the pipeline's status alone (state, each task's state,
+/// counts, source lag, last error with its time, the node running it on a cluster).
+async fn pipeline_status(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    match file_status_of(&s, &name).await {
+        Ok(f) => Json(f.pipeline).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn get_pipeline(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    match file_status_of(&s, &name).await {
+        Ok(f) => Json(f).into_response(),
+        Err(r) => r,
     }
 }
 
