@@ -58,6 +58,11 @@ pub struct Settings {
     /// Allowed range of consumers' session.timeout.ms.
     pub group_min_session_timeout_ms: i32,
     pub group_max_session_timeout_ms: i32,
+    /// Consumer-protocol groups (KIP-848): how long a member may go without a heartbeat
+    /// (Kafka's group.consumer.session.timeout.ms) and how often members heartbeat
+    /// (group.consumer.heartbeat.interval.ms).
+    pub group_consumer_session_timeout_ms: u64,
+    pub group_consumer_heartbeat_interval_ms: u64,
     /// How often segments past retention.ms / retention.bytes are deleted
     /// (log.retention.check.interval.ms).
     pub log_retention_check_interval_ms: u64,
@@ -121,6 +126,8 @@ impl Default for Settings {
             group_initial_rebalance_delay_ms: 3000,
             group_min_session_timeout_ms: 6000,
             group_max_session_timeout_ms: 1_800_000,
+            group_consumer_session_timeout_ms: 45_000,
+            group_consumer_heartbeat_interval_ms: 5_000,
             log_retention_check_interval_ms: 300_000,
             log_cleaner_interval_ms: 15_000,
             log_cleaner_dedupe_buffer_bytes: 128 << 20,
@@ -166,6 +173,14 @@ impl Settings {
             ),
             min_session_timeout_ms: self.group_min_session_timeout_ms,
             max_session_timeout_ms: self.group_max_session_timeout_ms,
+            consumer: crate::group::consumer::ConsumerSettings {
+                session_timeout: std::time::Duration::from_millis(
+                    self.group_consumer_session_timeout_ms,
+                ),
+                heartbeat_interval: std::time::Duration::from_millis(
+                    self.group_consumer_heartbeat_interval_ms,
+                ),
+            },
         }
     }
 

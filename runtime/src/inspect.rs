@@ -131,8 +131,8 @@ fn group_json(broker: &Broker, id: &str, protocol_type: &str, state: &str) -> Va
     let members = broker
         .groups
         .with_group(id, |g| {
-            g.members
-                .values()
+            g.member_views()
+                .into_iter()
                 .map(|m| {
                     json!({
                         "member_id": m.member_id,
@@ -145,8 +145,13 @@ fn group_json(broker: &Broker, id: &str, protocol_type: &str, state: &str) -> Va
         })
         .unwrap_or_default();
     let lag = broker.group_lag(id);
+    let kind = broker
+        .groups
+        .with_group(id, |g| g.group_type())
+        .unwrap_or("classic");
     json!({
         "group": id,
+        "group_protocol": kind,
         "protocol_type": protocol_type,
         "state": state,
         "members": members,

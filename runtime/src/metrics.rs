@@ -502,7 +502,7 @@ fn state_gauges(broker: &Broker, options: ScrapeOptions) -> Vec<MetricFamily> {
         for (id, _, s) in broker.groups.list() {
             let count = broker
                 .groups
-                .with_group(&id, |g| g.members.len())
+                .with_group(&id, |g| g.member_views().len())
                 .unwrap_or(0);
             members.with_label_values(&[&id]).set(count as i64);
             state.with_label_values(&[&id, s.name()]).set(1);

@@ -1,11 +1,14 @@
-//! The consumer group coordinator (Kafka's classic protocol): membership, rebalances,
-//! assignments handed from the group leader to members, and committed offsets.
+//! The consumer group coordinator: membership, rebalances and committed offsets, for groups of
+//! Kafka's classic protocol (assignments computed by the group leader, a client) and of its
+//! consumer protocol (KIP-848: the coordinator assigns, see [`consumer`]). A group speaks one
+//! protocol at a time; an empty group may switch.
 //!
 //! State per group follows Kafka's state machine: Empty → PreparingRebalance (members join) →
 //! CompletingRebalance (the leader computes assignments) → Stable; Dead once deleted. Offsets and
 //! group metadata are written to the compacted internal topic `__consumer_offsets` and replayed
 //! at start-up (see [`store`]).
 
+pub mod consumer;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +32,7 @@ pub struct GroupSettings {
     pub initial_rebalance_delay: Duration,
     pub min_session_timeout_ms: i32,
     pub max_session_timeout_ms: i32,
+    pub consumer: consumer::ConsumerSettings,
 }
 
 impl Default for GroupSettings {
@@ -37,6 +41,7 @@ impl Default for GroupSettings {
             initial_rebalance_delay: Duration::from_millis(3000),
             min_session_timeout_ms: 6000,
             max_session_timeout_ms: 1_800_000,
+            consumer: consumer::ConsumerSettings::default(),
         }
     }
 }
@@ -47,6 +52,8 @@ pub enum GroupState {
     PreparingRebalance,
     CompletingRebalance,
     Stable,
+    /// A consumer-protocol group whose members have not all reached their target assignment.
+    Reconciling,
     Dead,
 }
 
@@ -57,6 +64,7 @@ impl GroupState {
             GroupState::PreparingRebalance => "PreparingRebalance",
             GroupState::CompletingRebalance => "CompletingRebalance",
             GroupState::Stable => "Stable",
+            GroupState::Reconciling => "Reconciling",
             GroupState::Dead => "Dead",
         }
     }
@@ -165,6 +173,20 @@ pub struct Group {
     pub offsets: BTreeMap<(String, i32), CommittedOffset>,
     rebalance_deadline: Option<Instant>,
     initial_delay_until: Option<Instant>,
+    /// Set while the group speaks the consumer protocol (KIP-848).
+    pub consumer: Option<consumer::ConsumerGroup>,
+}
+
+/// A member as the classic protocol's APIs describe it, whichever protocol the group speaks.
+pub struct MemberView {
+    pub member_id: String,
+    pub group_instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    /// The subscription (ConsumerProtocolSubscription bytes for consumers).
+    pub metadata: Bytes,
+    /// The assignment (ConsumerProtocolAssignment bytes for consumers).
+    pub assignment: Bytes,
 }
 
 impl Group {
@@ -182,6 +204,64 @@ impl Group {
             offsets: BTreeMap::new(),
             rebalance_deadline: None,
             initial_delay_until: None,
+            consumer: None,
+        }
+    }
+
+    /// KIP-848's group type: "consumer" (assigned by the coordinator) or "classic".
+    pub fn group_type(&self) -> &'static str {
+        if self.consumer.is_some() {
+            "consumer"
+        } else {
+            "classic"
+        }
+    }
+
+    /// Whether the group has no members, in either protocol.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.consumer.as_ref().is_none_or(|c| c.members.is_empty())
+    }
+
+    /// Every member, described as the classic protocol does.
+    pub fn member_views(&self) -> Vec<MemberView> {
+        if let Some(c) = &self.consumer {
+            return c
+                .members
+                .values()
+                .map(|m| MemberView {
+                    member_id: m.member_id.clone(),
+                    group_instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    metadata: consumer::encode_subscription(&m.resolved),
+                    assignment: consumer::encode_assignment(&m.assigned),
+                })
+                .collect();
+        }
+        let protocol = self.protocol_name.clone().unwrap_or_default();
+        self.members
+            .values()
+            .map(|m| MemberView {
+                member_id: m.member_id.clone(),
+                group_instance_id: m.group_instance_id.clone(),
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                metadata: m.metadata_for(&protocol),
+                assignment: m.assignment.clone(),
+            })
+            .collect()
+    }
+
+    /// Follows a consumer-protocol group's state after a change.
+    fn consumer_changed(&mut self) {
+        if let Some(c) = &self.consumer {
+            self.state = match c.state_name() {
+                "Empty" => GroupState::Empty,
+                "Stable" => GroupState::Stable,
+                _ => GroupState::Reconciling,
+            };
+            self.generation = c.epoch;
+            self.protocol_name = Some(c.assignor.clone());
         }
     }
 
@@ -583,7 +663,8 @@ impl GroupCoordinator {
                 }
             }
             GroupState::PreparingRebalance => self.maybe_complete_join(g, now),
-            GroupState::Empty | GroupState::Dead => {}
+            // Reconciling is a consumer-protocol state; classic members are not in such groups.
+            GroupState::Empty | GroupState::Dead | GroupState::Reconciling => {}
         }
     }
 
@@ -622,6 +703,17 @@ impl GroupCoordinator {
                 ResponseError::CoordinatorNotAvailable,
                 &req.member_id,
             ));
+        }
+        if let Some(c) = &g.consumer {
+            if !c.members.is_empty() {
+                return reply(JoinOutcome::error(
+                    ResponseError::InconsistentGroupProtocol,
+                    &req.member_id,
+                ));
+            }
+            g.consumer = None;
+            g.state = GroupState::Empty;
+            g.protocol_name = None;
         }
         let protocol_mismatch = !g.members.is_empty()
             && (g.protocol_type.as_deref() != Some(req.protocol_type.as_str())
@@ -912,7 +1004,7 @@ impl GroupCoordinator {
                     tracing::info!(group = %g.id, generation = g.generation, "rebalance: group is stable");
                 }
             }
-            GroupState::Empty | GroupState::Dead => {
+            GroupState::Empty | GroupState::Dead | GroupState::Reconciling => {
                 let _ = tx.send(SyncOutcome::error(ResponseError::UnknownMemberId));
             }
         }
@@ -943,6 +1035,61 @@ impl GroupCoordinator {
             GroupState::Empty | GroupState::Dead => Some(ResponseError::UnknownMemberId),
             _ => None,
         }
+    }
+
+    /// Handles a ConsumerGroupHeartbeat (KIP-848). `topics` holds every topic a subscription
+    /// may name, with its partition count. An empty classic group becomes a consumer-protocol
+    /// group; one with classic members refuses.
+    pub fn consumer_heartbeat(
+        &self,
+        group_id: &str,
+        hb: consumer::Heartbeat,
+        topics: &BTreeMap<String, i32>,
+    ) -> Result<consumer::HeartbeatReply, consumer::Refusal> {
+        let refusal = |error: ResponseError, message: String| consumer::Refusal { error, message };
+        if let Err(e) = self.check_active() {
+            return Err(refusal(e, "this node does not coordinate groups".into()));
+        }
+        if group_id.is_empty() {
+            return Err(refusal(
+                ResponseError::InvalidRequest,
+                "the group id must not be empty".into(),
+            ));
+        }
+        let mut groups = self.groups.lock();
+        if hb.member_epoch != 0 && groups.get(group_id).is_none_or(|g| g.consumer.is_none()) {
+            // Unknown here (never joined, or this coordinator took over since): join again.
+            return Err(refusal(
+                ResponseError::UnknownMemberId,
+                format!("member {} is not in group {group_id}", hb.member_id),
+            ));
+        }
+        let g = groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id));
+        if g.consumer.is_none() {
+            if !g.members.is_empty() {
+                return Err(refusal(
+                    ResponseError::GroupIdNotFound,
+                    format!("group {group_id} has members of the classic protocol; it is not a consumer group"),
+                ));
+            }
+            g.consumer = Some(consumer::ConsumerGroup::new(g.generation));
+            g.protocol_type = Some("consumer".into());
+            g.leader = None;
+        }
+        let c = g.consumer.as_mut().expect("consumer group");
+        let epoch = c.epoch;
+        let reply = c.heartbeat(hb, topics, &self.settings.consumer, Instant::now());
+        if c.epoch != epoch {
+            tracing::info!(group = group_id, epoch = c.epoch, members = c.members.len(), assignor = %c.assignor, "new group epoch and target assignment");
+        }
+        g.consumer_changed();
+        reply
+    }
+
+    pub fn consumer_settings(&self) -> consumer::ConsumerSettings {
+        self.settings.consumer
     }
 
     /// Removes members; returns a per-member error (None = left).
@@ -1013,8 +1160,10 @@ impl GroupCoordinator {
                 .or_insert_with(|| Group::new(group_id)),
             None => return Err(ResponseError::UnknownMemberId),
         };
-        let simple = generation < 0 && g.members.is_empty();
-        if !simple {
+        let simple = generation < 0 && g.is_empty();
+        if let Some(c) = g.consumer.as_mut().filter(|_| !simple) {
+            c.check_commit(member_id, generation, false)?;
+        } else if !simple {
             Self::check_member(g, member_id, instance, generation)?;
             if g.state == GroupState::CompletingRebalance {
                 return Err(ResponseError::RebalanceInProgress);
@@ -1059,7 +1208,11 @@ impl GroupCoordinator {
         {
             let groups = self.groups.lock();
             if let Some(g) = groups.get(group_id) {
-                if generation >= 0 && !g.members.is_empty() {
+                if let Some(c) = g.consumer.as_ref().filter(|c| !c.members.is_empty()) {
+                    if generation >= 0 {
+                        c.check_commit(member_id, generation, true)?;
+                    }
+                } else if generation >= 0 && !g.members.is_empty() {
                     Self::check_member(g, member_id, instance, generation)?;
                 }
             }
@@ -1172,7 +1325,7 @@ impl GroupCoordinator {
         let Some(g) = groups.get_mut(group_id) else {
             return Some(ResponseError::GroupIdNotFound);
         };
-        if !g.members.is_empty() {
+        if !g.is_empty() {
             return Some(ResponseError::NonEmptyGroup);
         }
         let tps: Vec<(String, i32)> = g.offsets.keys().cloned().collect();
@@ -1205,7 +1358,9 @@ impl GroupCoordinator {
         let mut results = Vec::new();
         let mut doomed = Vec::new();
         for tp in tps {
-            if !g.members.is_empty() && subscribed(g, &tp.0) {
+            let consuming =
+                subscribed(g, &tp.0) || g.consumer.as_ref().is_some_and(|c| c.subscribes(&tp.0));
+            if !g.is_empty() && consuming {
                 results.push((tp, Some(ResponseError::GroupSubscribedToTopic)));
             } else {
                 doomed.push(tp.clone());
@@ -1229,6 +1384,13 @@ impl GroupCoordinator {
         let now = Instant::now();
         let mut groups = self.groups.lock();
         for g in groups.values_mut() {
+            if let Some(c) = g.consumer.as_mut() {
+                for id in c.expire(now) {
+                    tracing::info!(group = %g.id, member = %id, "member fenced: session or rebalance timeout");
+                }
+                g.consumer_changed();
+                continue;
+            }
             g.pending_members.retain(|_, deadline| *deadline > now);
             let expired: Vec<String> = g
                 .members

@@ -13,8 +13,8 @@ use kafka_protocol::messages::{
 use crate::log::partition::FileSlice;
 
 use super::{
-    acls, admin, epochs, fetch, groups, metadata, produce, reassign, txn, txn_cluster, users,
-    Broker,
+    acls, admin, consumer_groups, epochs, fetch, groups, metadata, produce, reassign, txn,
+    txn_cluster, users, Broker,
 };
 
 /// (API, lowest, highest version) that weir implements. Only these are advertised.
@@ -38,9 +38,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::LeaveGroup, 0, 5),
     (ApiKey::OffsetCommit, 2, 9),
     (ApiKey::OffsetFetch, 1, 9),
-    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::ListGroups, 0, 5),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::ConsumerGroupHeartbeat, 0, 1),
+    (ApiKey::ConsumerGroupDescribe, 0, 1),
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::AddPartitionsToTxn, 0, 3),
@@ -186,6 +188,12 @@ pub async fn dispatch(
         RequestKind::DescribeGroups(r) => {
             ResponseKind::DescribeGroups(groups::describe_groups(broker, ctx, r))
         }
+        RequestKind::ConsumerGroupHeartbeat(r) => ResponseKind::ConsumerGroupHeartbeat(
+            consumer_groups::consumer_group_heartbeat(broker, ctx, r),
+        ),
+        RequestKind::ConsumerGroupDescribe(r) => ResponseKind::ConsumerGroupDescribe(
+            consumer_groups::consumer_group_describe(broker, ctx, r),
+        ),
         RequestKind::DeleteGroups(r) => {
             ResponseKind::DeleteGroups(groups::delete_groups(broker, ctx, r))
         }
@@ -291,6 +299,10 @@ impl Reply {
             ResponseKind::JoinGroup(r) => vec![r.error_code],
             ResponseKind::SyncGroup(r) => vec![r.error_code],
             ResponseKind::Heartbeat(r) => vec![r.error_code],
+            ResponseKind::ConsumerGroupHeartbeat(r) => vec![r.error_code],
+            ResponseKind::ConsumerGroupDescribe(r) => {
+                r.groups.iter().map(|g| g.error_code).collect()
+            }
             ResponseKind::LeaveGroup(r) => vec![r.error_code],
             ResponseKind::OffsetCommit(r) => r
                 .topics

@@ -588,11 +588,28 @@ pub fn list_groups(
                     .any(|s| s.eq_ignore_ascii_case(state.name()))
         })
         .map(|(id, protocol_type, state)| {
+            let kind = broker
+                .groups
+                .with_group(&id, |g| g.group_type())
+                .unwrap_or("classic");
+            (id, protocol_type, state, kind)
+        })
+        .filter(|(_, _, _, kind)| {
+            req.types_filter.is_empty()
+                || req
+                    .types_filter
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(kind))
+        })
+        .map(|(id, protocol_type, state, kind)| {
             let mut g = ListedGroup::default()
                 .with_group_id(GroupId(str_bytes(id)))
                 .with_protocol_type(str_bytes(protocol_type));
             if ctx.version >= 4 {
                 g.group_state = str_bytes(state.name());
+            }
+            if ctx.version >= 5 {
+                g.group_type = str_bytes(kind);
             }
             g
         })
@@ -615,24 +632,20 @@ pub fn describe_groups(
                     .with_error_code(e.code());
             }
             let described = broker.groups.with_group(&id.0, |g| {
+                // Consumer-protocol groups too, in the classic shape (Kafka answers
+                // GROUP_ID_NOT_FOUND; clients that only know DescribeGroups see them this way).
                 let members = g
-                    .members
-                    .values()
+                    .member_views()
+                    .into_iter()
                     .map(|m| {
                         let mut d = DescribedGroupMember::default()
-                            .with_member_id(str_bytes(m.member_id.clone()))
-                            .with_client_id(str_bytes(m.client_id.clone()))
-                            .with_client_host(str_bytes(m.client_host.clone()))
-                            .with_member_metadata(
-                                m.protocols
-                                    .iter()
-                                    .find(|(n, _)| Some(n) == g.protocol_name.as_ref())
-                                    .map(|(_, b)| b.clone())
-                                    .unwrap_or_default(),
-                            )
-                            .with_member_assignment(m.assignment.clone());
+                            .with_member_id(str_bytes(m.member_id))
+                            .with_client_id(str_bytes(m.client_id))
+                            .with_client_host(str_bytes(m.client_host))
+                            .with_member_metadata(m.metadata)
+                            .with_member_assignment(m.assignment);
                         if ctx.version >= 4 {
-                            d.group_instance_id = m.group_instance_id.clone().map(str_bytes);
+                            d.group_instance_id = m.group_instance_id.map(str_bytes);
                         }
                         d
                     })

@@ -21,6 +21,7 @@ macro_rules! require_on_cluster {
 mod acls;
 mod admin;
 pub mod apis;
+mod consumer_groups;
 mod epochs;
 mod fetch;
 pub mod fetch_encode;
@@ -328,6 +329,28 @@ impl Broker {
         match &self.cluster {
             Some(c) => c.image().topics.get(name).map(|t| t.id),
             None => self.log.topic(name).map(|t| t.id),
+        }
+    }
+
+    /// Every topic a consumer may subscribe to (internal ones left out): its id and partition
+    /// count, from the cluster image when there is one.
+    pub fn topic_catalog(&self) -> BTreeMap<String, (Uuid, i32)> {
+        let internal = |name: &str| name.starts_with("__");
+        match &self.cluster {
+            Some(c) => c
+                .image()
+                .topics
+                .iter()
+                .filter(|(name, _)| !internal(name))
+                .map(|(name, t)| (name.clone(), (t.id, t.partitions.len() as i32)))
+                .collect(),
+            None => self
+                .log
+                .topics()
+                .iter()
+                .filter(|t| !internal(&t.name))
+                .map(|t| (t.name.to_string(), (t.id, t.partitions.len() as i32)))
+                .collect(),
         }
     }
 
