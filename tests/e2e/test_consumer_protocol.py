@@ -59,15 +59,20 @@ class CpMember:
         self.c = Consumer(cp_conf(bootstrap, group, **conf))
         self.owned: set[tuple[str, int]] = set()
         self.records: list[tuple[str, int, int, bytes]] = []
+        self.lost = 0
         self.closed = False
         self.c.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                         on_lost=self._on_revoke)
+                         on_lost=self._on_lost)
 
     def _on_assign(self, consumer, parts):
         self.owned |= {(tp.topic, tp.partition) for tp in parts}
 
     def _on_revoke(self, consumer, parts):
         self.owned -= {(tp.topic, tp.partition) for tp in parts}
+
+    def _on_lost(self, consumer, parts):
+        self.lost += 1
+        self._on_revoke(consumer, parts)
 
     def poll(self) -> None:
         """Consumes what is there and commits it before the next poll, so that a partition
@@ -248,6 +253,37 @@ def test_a_killed_member_is_fenced_after_its_session(cweir):
             child.kill()
         if a:
             a.close()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+def test_members_keep_their_partitions_across_a_coordinator_restart(cweir, how):
+    """The group's epochs and assignments are stored in __consumer_offsets: after the daemon
+    restarts, members heartbeat on with their epochs, nothing is lost or reassigned."""
+    bs = cweir.bootstrap
+    topic, group = f"cp-restart-{how}", f"cp-restart-{how}-g"
+    create_topic(bs, topic, partitions=4)
+    a = CpMember(bs, group, [topic], "a")
+    b = CpMember(bs, group, [topic], "b")
+    try:
+        pump([a, b], lambda: len(a.owned) == 2 and len(b.owned) == 2, "a stable split")
+        before = describe(bs, group)
+        epochs = {m.member_id: m for m in before.members}
+        assert len(epochs) == 2
+        if how == "kill9":
+            cweir.kill()
+            cweir.start()
+        else:
+            cweir.restart()
+        sent = produce_values(bs, topic, 4, 10, "after")
+        pump([a, b], lambda: len(a.records) + len(b.records) >= len(sent),
+             "the records produced after the restart")
+        after = describe(bs, group)
+        assert {m.member_id for m in after.members} == set(epochs)
+        assert a.lost == 0 and b.lost == 0, "a member lost its partitions"
+        assert len(a.owned) == 2 and len(b.owned) == 2 and a.owned.isdisjoint(b.owned)
+    finally:
+        a.close()
+        b.close()
 
 
 def test_group_views_show_consumer_protocol_members(cweir):

@@ -20,6 +20,7 @@ use kafka_protocol::messages::{
     TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
+use serde::{Deserialize, Serialize};
 
 /// (topic, partition).
 pub type TopicPartition = (String, i32);
@@ -97,6 +98,8 @@ pub struct HeartbeatReply {
     pub member_epoch: i32,
     /// The member's partitions, sent when they changed or the member said what it owns.
     pub assignment: Option<Partitions>,
+    /// Whether the group's stored state changed (epochs, members, assignments).
+    pub changed: bool,
 }
 
 /// A refused heartbeat: the error code and a message for the client's log.
@@ -111,6 +114,36 @@ fn refuse(error: ResponseError, message: impl Into<String>) -> Refusal {
         error,
         message: message.into(),
     }
+}
+
+/// A consumer-protocol group as `__consumer_offsets` stores it (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerGroupRecord {
+    pub epoch: i32,
+    pub assignment_epoch: i32,
+    pub assignor: String,
+    pub subscribed_topics: BTreeMap<String, i32>,
+    pub target: BTreeMap<String, Vec<TopicPartition>>,
+    pub members: Vec<ConsumerMemberRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerMemberRecord {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub rack_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub rebalance_timeout_ms: u64,
+    pub subscribed_names: Vec<String>,
+    pub subscribed_regex: Option<String>,
+    pub server_assignor: Option<String>,
+    pub epoch: i32,
+    pub previous_epoch: i32,
+    pub state: String,
+    pub assigned: Vec<TopicPartition>,
+    pub pending_revocation: Vec<TopicPartition>,
+    pub resolved: Vec<String>,
 }
 
 /// Timers of the consumer protocol (Kafka's group.consumer.* settings).
@@ -309,16 +342,21 @@ impl ConsumerGroup {
             self.subscribed_topics = counts;
             self.bump();
         }
+        let group_epoch_before = self.epoch;
+        let progress_before = self.progress(&hb.member_id);
         self.reconcile(&hb.member_id, hb.owned.as_ref(), now);
+        let progress_after = self.progress(&hb.member_id);
         let m = &self.members[&hb.member_id];
-        let send = hb.owned.is_some()
-            || hb.member_epoch == 0
-            || m.epoch != epoch_before
-            || m.assigned != assigned_before;
+        let moved = m.epoch != epoch_before || m.assigned != assigned_before;
+        let send = hb.owned.is_some() || hb.member_epoch == 0 || moved;
         Ok(HeartbeatReply {
             member_id: m.member_id.clone(),
             member_epoch: m.epoch,
             assignment: send.then(|| m.assigned.clone()),
+            changed: changed
+                || moved
+                || self.epoch != group_epoch_before
+                || progress_before != progress_after,
         })
     }
 
@@ -342,7 +380,102 @@ impl ConsumerGroup {
             member_id: id,
             member_epoch: hb.member_epoch,
             assignment: None,
+            changed: true,
         })
+    }
+
+    /// Where a member stands in its reconciliation.
+    fn progress(&self, member_id: &str) -> Option<(MemberState, usize)> {
+        self.members
+            .get(member_id)
+            .map(|m| (m.state, m.pending_revocation.len()))
+    }
+
+    /// The state to store in `__consumer_offsets`.
+    pub fn record(&self) -> ConsumerGroupRecord {
+        ConsumerGroupRecord {
+            epoch: self.epoch,
+            assignment_epoch: self.assignment_epoch,
+            assignor: self.assignor.clone(),
+            subscribed_topics: self.subscribed_topics.clone(),
+            target: self
+                .target
+                .iter()
+                .map(|(m, ps)| (m.clone(), ps.iter().cloned().collect()))
+                .collect(),
+            members: self
+                .members
+                .values()
+                .map(|m| ConsumerMemberRecord {
+                    member_id: m.member_id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    rack_id: m.rack_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    rebalance_timeout_ms: m.rebalance_timeout.as_millis() as u64,
+                    subscribed_names: m.subscribed_names.clone(),
+                    subscribed_regex: m.subscribed_regex.clone(),
+                    server_assignor: m.server_assignor.clone(),
+                    epoch: m.epoch,
+                    previous_epoch: m.previous_epoch,
+                    state: m.state.name().to_string(),
+                    assigned: m.assigned.iter().cloned().collect(),
+                    pending_revocation: m.pending_revocation.iter().cloned().collect(),
+                    resolved: m.resolved.iter().cloned().collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The group as stored; every member gets a full session (and rebalance timeout) from
+    /// `now` to heartbeat the new coordinator.
+    pub fn from_record(r: ConsumerGroupRecord, settings: &ConsumerSettings, now: Instant) -> Self {
+        let members = r
+            .members
+            .into_iter()
+            .map(|m| {
+                let rebalance_timeout = Duration::from_millis(m.rebalance_timeout_ms);
+                let state = match m.state.as_str() {
+                    "UnrevokedPartitions" => MemberState::UnrevokedPartitions,
+                    "UnreleasedPartitions" => MemberState::UnreleasedPartitions,
+                    _ => MemberState::Stable,
+                };
+                let member = ConsumerMember {
+                    regex: m.subscribed_regex.as_deref().and_then(|r| compile(r).ok()),
+                    member_id: m.member_id.clone(),
+                    instance_id: m.instance_id,
+                    rack_id: m.rack_id,
+                    client_id: m.client_id,
+                    client_host: m.client_host,
+                    rebalance_timeout,
+                    subscribed_names: m.subscribed_names,
+                    subscribed_regex: m.subscribed_regex,
+                    server_assignor: m.server_assignor,
+                    epoch: m.epoch,
+                    previous_epoch: m.previous_epoch,
+                    state,
+                    assigned: m.assigned.into_iter().collect(),
+                    pending_revocation: m.pending_revocation.into_iter().collect(),
+                    resolved: m.resolved.into_iter().collect(),
+                    session_deadline: now + settings.session_timeout,
+                    revocation_deadline: (state == MemberState::UnrevokedPartitions)
+                        .then(|| now + rebalance_timeout),
+                };
+                (m.member_id, member)
+            })
+            .collect();
+        ConsumerGroup {
+            epoch: r.epoch,
+            assignment_epoch: r.assignment_epoch,
+            assignor: r.assignor,
+            target: r
+                .target
+                .into_iter()
+                .map(|(m, ps)| (m, ps.into_iter().collect()))
+                .collect(),
+            members,
+            subscribed_topics: r.subscribed_topics,
+        }
     }
 
     /// Removes members (left, or fenced by a timer) and reassigns what they held.

@@ -328,6 +328,7 @@ impl Group {
                     assignment: m.assignment.to_vec(),
                 })
                 .collect(),
+            consumer: self.consumer.as_ref().map(|c| c.record()),
         }
     }
 }
@@ -377,7 +378,7 @@ impl GroupCoordinator {
     /// Opens the coordinator, replaying `__consumer_offsets`.
     pub fn open(log: Arc<LogManager>, settings: GroupSettings) -> anyhow::Result<GroupCoordinator> {
         let store = OffsetStore::open(log)?;
-        let (groups, pending_txn) = Self::load(&store)?;
+        let (groups, pending_txn) = Self::load(&store, &settings.consumer)?;
         Ok(GroupCoordinator {
             groups: Mutex::new(groups),
             pending_txn: Mutex::new(pending_txn),
@@ -391,6 +392,7 @@ impl GroupCoordinator {
     #[allow(clippy::type_complexity)]
     fn load(
         store: &OffsetStore,
+        consumer_settings: &consumer::ConsumerSettings,
     ) -> anyhow::Result<(HashMap<String, Group>, HashMap<i64, Vec<PendingOffset>>)> {
         let mut groups: HashMap<String, Group> = HashMap::new();
         let mut pending_txn: HashMap<i64, Vec<PendingOffset>> = HashMap::new();
@@ -468,6 +470,10 @@ impl GroupCoordinator {
                     } else {
                         GroupState::Stable
                     };
+                    g.consumer = rec
+                        .consumer
+                        .map(|c| consumer::ConsumerGroup::from_record(c, consumer_settings, now));
+                    g.consumer_changed();
                 }
                 None => {
                     // A deleted group: its offsets were tombstoned too.
@@ -486,7 +492,7 @@ impl GroupCoordinator {
             return Ok(());
         }
         if active {
-            let (groups, pending) = Self::load(&self.store)?;
+            let (groups, pending) = Self::load(&self.store, &self.settings.consumer)?;
             *self.groups.lock() = groups;
             *self.pending_txn.lock() = pending;
         } else {
@@ -1085,6 +1091,9 @@ impl GroupCoordinator {
             tracing::info!(group = group_id, epoch = c.epoch, members = c.members.len(), assignor = %c.assignor, "new group epoch and target assignment");
         }
         g.consumer_changed();
+        if reply.as_ref().is_ok_and(|r| r.changed) {
+            self.persist_group(g);
+        }
         reply
     }
 
@@ -1385,10 +1394,14 @@ impl GroupCoordinator {
         let mut groups = self.groups.lock();
         for g in groups.values_mut() {
             if let Some(c) = g.consumer.as_mut() {
-                for id in c.expire(now) {
+                let fenced = c.expire(now);
+                for id in &fenced {
                     tracing::info!(group = %g.id, member = %id, "member fenced: session or rebalance timeout");
                 }
-                g.consumer_changed();
+                if !fenced.is_empty() {
+                    g.consumer_changed();
+                    self.persist_group(g);
+                }
                 continue;
             }
             g.pending_members.retain(|_, deadline| *deadline > now);

@@ -61,6 +61,9 @@ pub struct GroupRecord {
     pub protocol: Option<String>,
     pub leader: Option<String>,
     pub members: Vec<MemberRecord>,
+    /// A consumer-protocol group's state (KIP-848); absent for classic groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<super::consumer::ConsumerGroupRecord>,
 }
 
 /// One decoded entry, in log order. Offsets committed in a transaction appear when its commit

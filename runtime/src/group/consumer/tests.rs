@@ -397,3 +397,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_stored_group_carries_on_where_it_stopped() {
+    let t = topics(&[("t", 4)]);
+    let now = Instant::now();
+    let mut g = ConsumerGroup::new(0);
+    let r = g
+        .heartbeat(join("a", &["t"]), &t, &settings(), now)
+        .unwrap();
+    let mut a = Client {
+        id: "a".into(),
+        epoch: r.member_epoch,
+        owned: r.assignment.unwrap(),
+    };
+    let r = g
+        .heartbeat(join("b", &["t"]), &t, &settings(), now)
+        .unwrap();
+    let mut b = Client {
+        id: "b".into(),
+        epoch: r.member_epoch,
+        owned: r.assignment.unwrap(),
+    };
+    // a has been told to revoke, b waits: a mid-reconciliation state survives too.
+    a.step(&mut g, &t, now);
+    assert_eq!(g.members["a"].state, MemberState::UnrevokedPartitions);
+    let stored = g.record();
+    let json = serde_json::to_string(&stored).unwrap();
+    let mut loaded =
+        ConsumerGroup::from_record(serde_json::from_str(&json).unwrap(), &settings(), now);
+    assert_eq!(loaded.record(), stored);
+    for _ in 0..3 {
+        a.step(&mut loaded, &t, now);
+        b.step(&mut loaded, &t, now);
+    }
+    assert_eq!((a.owned.len(), b.owned.len()), (2, 2));
+    assert!(loaded.is_stable());
+    assert_single_owner(&loaded);
+}
