@@ -413,19 +413,26 @@ def test_leaders_fail_over_under_an_idempotent_producer(cluster, how):
     wait_replicas_identical(cluster, "events", partitions)
 
 
-def test_a_group_keeps_consuming_when_its_coordinator_node_dies(cluster):
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_a_group_keeps_consuming_when_its_coordinator_node_dies(cluster, protocol):
+    """Both group protocols; a consumer-protocol member keeps its partitions throughout (the
+    group's state is replicated with its offsets)."""
     from confluent_kafka import Consumer, TopicPartition
     partitions = 3
     create_replicated(cluster, "clicks", partitions)
     produce_confluent(cluster.bootstrap, "clicks",
                       [Outgoing(value=f"c{i:05d}".encode(), partition=i % partitions)
                        for i in range(3000)])
+    lost: list[object] = []
 
     def consumer():
-        c = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "readers",
-                      "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                      "session.timeout.ms": 10000, "socket.timeout.ms": 10000})
-        c.subscribe(["clicks"])
+        conf = {"bootstrap.servers": cluster.bootstrap, "group.id": "readers",
+                "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                "socket.timeout.ms": 10000, "group.protocol": protocol}
+        if protocol == "classic":
+            conf["session.timeout.ms"] = 10000
+        c = Consumer(conf)
+        c.subscribe(["clicks"], on_lost=lambda _c, ps: lost.append(ps))
         return c
 
     seen: list[bytes] = []
@@ -450,6 +457,8 @@ def test_a_group_keeps_consuming_when_its_coordinator_node_dies(cluster):
     read(c, 3000)
     c.close()
     assert set(seen) == {f"c{i:05d}".encode() for i in range(3000)}
+    if protocol == "consumer":
+        assert not lost, f"the member lost its partitions: {lost}"
 
     # The committed offsets survived the coordinator: a new member starts at the end.
     survivor = next(n for n in cluster.nodes if n.running())
