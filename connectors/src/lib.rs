@@ -102,7 +102,7 @@ pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
 pub enum Lag {
     /// Bytes of input not read yet (files).
     Bytes(u64),
-    /// Records not read yet (topics).
+    /// Records not read yet (topics; rows for SQL sources).
     Records(u64),
 }
 

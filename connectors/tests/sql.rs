@@ -884,6 +884,59 @@ async fn incrementing_resumes_after_its_offset(backend: Backend) {
     db.drop_table(&table).await;
 }
 
+/// A source reading full pages counts the rows still ahead of it; a short page means it has
+/// caught up.
+async fn source_tells_how_many_rows_it_is_behind(backend: Backend) {
+    use weir_connectors::Lag;
+    let db = Db::open(backend).await;
+    let table = unique("lag");
+    let id_type = if backend == Backend::Sqlite {
+        "INTEGER"
+    } else {
+        "BIGINT"
+    };
+    db.exec(&format!("CREATE TABLE {table} (id {id_type} PRIMARY KEY)"))
+        .await;
+    for id in 1..=25 {
+        db.exec(&format!("INSERT INTO {table} VALUES ({id})")).await;
+    }
+    let mut src = source(
+        &db,
+        json!({ "table": table, "mode": "incrementing", "incrementing_column": "id",
+                "batch_size": 10 }),
+    )
+    .await;
+    src.start(None).await.expect("start");
+    assert_eq!(src.lag(), None, "nothing known before the first poll");
+    let (rows, _) = next(&mut src, 4).await;
+    assert_eq!(rows.len(), 4);
+    // Ten rows read, four handed out: six waiting, fifteen still in the table.
+    assert_eq!(src.lag(), Some(Lag::Records(21)));
+    next(&mut src, 100).await;
+    assert_eq!(src.lag(), Some(Lag::Records(15)));
+    next(&mut src, 100).await;
+    assert_eq!(src.lag(), Some(Lag::Records(5)));
+    let (rows, _) = next(&mut src, 100).await;
+    assert_eq!(rows.len(), 5);
+    assert_eq!(src.lag(), Some(Lag::Records(0)));
+    db.drop_table(&table).await;
+}
+
+#[tokio::test]
+async fn postgres_source_tells_how_many_rows_it_is_behind() {
+    source_tells_how_many_rows_it_is_behind(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn mysql_source_tells_how_many_rows_it_is_behind() {
+    source_tells_how_many_rows_it_is_behind(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn sqlite_source_tells_how_many_rows_it_is_behind() {
+    source_tells_how_many_rows_it_is_behind(Backend::Sqlite).await;
+}
+
 #[tokio::test]
 async fn postgres_incrementing_resumes_after_its_offset() {
     incrementing_resumes_after_its_offset(Backend::Postgres).await;

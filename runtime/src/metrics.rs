@@ -622,7 +622,7 @@ async fn pipeline_series(pipelines: &PipelineManager) -> Vec<MetricFamily> {
     );
     let lag_records = gauge(
         "weir_pipeline_source_lag_records",
-        "Committed records a pipeline's topic source has not read yet, as of its last committed batch.",
+        "Records a pipeline's topic source (committed records) or SQL source (rows) has not read yet, as of its last committed batch.",
         &["pipeline"],
     );
     for f in pipelines.statuses().await {

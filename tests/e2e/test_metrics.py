@@ -131,6 +131,9 @@ def test_metrics_count_what_clients_do(weir_factory, tmp_path):
     assert value(m, "weir_pipeline_state", pipeline="copy", state="running") == 1
     # Its topic source has read everything committed.
     assert value(m, "weir_pipeline_source_lag_records", pipeline="copy") == 0
+    # Where it would resume: past the 40 records, as stored with its output.
+    status = requests.get(f"{weir.http_url}/pipelines/copy/status", timeout=10).json()
+    assert status["source_offset"] == {"partitions": {"0": 40}}, status
     # Each batch is timed from its read to its commit, and each commit: the source's
     # transaction, the sink's write and commit.
     assert value(m, "weir_pipeline_batch_duration_seconds_count", pipeline="copy") >= 1

@@ -138,7 +138,15 @@ pub struct SqlSource {
     pending: VecDeque<(Record, Option<Value>)>,
     next_poll: Option<Instant>,
     started: bool,
+    /// Rows in the table after the query position, as last counted and then estimated; None
+    /// before the first poll.
+    rows_behind: Option<u64>,
+    counted_at: Option<Instant>,
 }
+
+/// How often a source reading full pages counts the rows still ahead of it (a COUNT query);
+/// in between, the count is lowered by the rows it reads.
+const LAG_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 impl SqlSource {
     /// Checks the configuration and connects. Errors: Fatal for a bad configuration or URL,
@@ -172,6 +180,8 @@ impl SqlSource {
             pending: VecDeque::new(),
             next_poll: None,
             started: false,
+            rows_behind: None,
+            counted_at: None,
         })
     }
 
@@ -325,6 +335,45 @@ impl SqlSource {
 
     /// The query for rows after `position`.
     fn next_rows_query(&self, position: &Position, limit: usize) -> Result<Stmt> {
+        let (conditions, params) = self.after(position)?;
+        let order: Vec<&str> = [&self.timestamp, &self.incrementing]
+            .into_iter()
+            .flatten()
+            .map(|c| c.quoted.as_str())
+            .collect();
+        Ok(Stmt::new(
+            format!(
+                "SELECT * FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
+                self.from,
+                conditions.join(" AND "),
+                order.join(", ")
+            ),
+            params,
+        ))
+    }
+
+    /// How many rows come after `position` (the source's lag).
+    async fn count_after(&self, position: &Position) -> Result<u64> {
+        let (conditions, params) = self.after(position)?;
+        let stmt = Stmt::new(
+            format!(
+                "SELECT COUNT(*) AS n FROM {} WHERE {}",
+                self.from,
+                conditions.join(" AND ")
+            ),
+            params,
+        );
+        let rows = self.fetch(&stmt).await?;
+        let n = rows.first().and_then(|r| r.get("n")).and_then(|n| match n {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        });
+        n.ok_or_else(|| self.fatal(format!("counting rows: unexpected answer {rows:?}")))
+    }
+
+    /// The conditions (and their parameters) that select the rows after `position`.
+    fn after(&self, position: &Position) -> Result<(Vec<String>, Vec<Param>)> {
         let mut conditions = Vec::new();
         let mut params = Vec::new();
         let mut n = 0;
@@ -381,20 +430,7 @@ impl SqlSource {
         if let Some(ts) = &self.timestamp {
             conditions.extend(self.delay_condition(ts));
         }
-        let order: Vec<&str> = [&self.timestamp, &self.incrementing]
-            .into_iter()
-            .flatten()
-            .map(|c| c.quoted.as_str())
-            .collect();
-        Ok(Stmt::new(
-            format!(
-                "SELECT * FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
-                self.from,
-                conditions.join(" AND "),
-                order.join(", ")
-            ),
-            params,
-        ))
+        Ok((conditions, params))
     }
 
     async fn fetch(&self, stmt: &Stmt) -> Result<Vec<Map<String, Value>>> {
@@ -491,6 +527,26 @@ impl SqlSource {
         Ok(returned)
     }
 
+    /// After a poll: a page that was not full means the source has caught up; after a full
+    /// one, the rows ahead are counted (at most every [`LAG_COUNT_INTERVAL`]).
+    async fn update_rows_behind(&mut self, returned: usize, limit: usize) -> Result<()> {
+        if returned < limit {
+            self.rows_behind = Some(0);
+            return Ok(());
+        }
+        let due = self
+            .counted_at
+            .is_none_or(|t| t.elapsed() >= LAG_COUNT_INTERVAL);
+        if due {
+            let n = self.count_after(&self.query_position).await?;
+            self.rows_behind = Some(n);
+            self.counted_at = Some(Instant::now());
+        } else {
+            self.rows_behind = self.rows_behind.map(|b| b.saturating_sub(returned as u64));
+        }
+        Ok(())
+    }
+
     fn take(&mut self, max_records: usize) -> SourceBatch {
         let n = max_records.max(1).min(self.pending.len());
         let mut records = Vec::with_capacity(n);
@@ -550,8 +606,17 @@ impl Source for SqlSource {
         self.query_position = position;
         self.pending.clear();
         self.next_poll = None;
+        self.rows_behind = None;
+        self.counted_at = None;
         self.started = true;
         Ok(())
+    }
+
+    /// Rows not handed out yet: read and waiting, and still in the table after the query
+    /// position (counted every few seconds while the source reads full pages).
+    fn lag(&self) -> Option<crate::Lag> {
+        self.rows_behind
+            .map(|b| crate::Lag::Records(b + self.pending.len() as u64))
     }
 
     async fn next_batch(&mut self, max_records: usize) -> Result<Option<SourceBatch>> {
@@ -572,6 +637,7 @@ impl Source for SqlSource {
             } else {
                 Some(Instant::now() + Duration::from_millis(self.config.poll_interval_ms))
             };
+            self.update_rows_behind(returned, limit).await?;
         }
     }
 }

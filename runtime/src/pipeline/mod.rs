@@ -86,6 +86,9 @@ pub struct Status {
     /// topics in records), as of the last batch it committed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_lag: Option<weir_connectors::Lag>,
+    /// The source offset stored with the last batch it committed (where it resumes after a
+    /// restart), in the source's own terms; None before its first commit.
+    pub source_offset: Option<serde_json::Value>,
     /// On a cluster, the node running it (None: no node can now).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<i32>,
@@ -143,6 +146,7 @@ impl Running {
             tasks: BTreeMap::new(),
             dead_letters: 0,
             source_lag: None,
+            source_offset: None,
             node,
         };
         Running {
@@ -828,6 +832,7 @@ impl PipelineManager {
             tasks: BTreeMap::new(),
             dead_letters: 0,
             source_lag: None,
+            source_offset: None,
             node: self.this_node(),
         }));
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -269,6 +269,7 @@ pub async fn run_source(
         dead_letters: None,
         status,
     };
+    committer.status.lock().source_offset = resume;
     // A source that allows it is read ahead: the task reads the next batches while it commits
     // the one before, and its transforms run on a plugin thread of their own meanwhile. With
     // two cores, the plugins take one, reading and writing the log the other, and a commit's
@@ -379,7 +380,11 @@ pub async fn run_source(
                     return Ok(());
                 }
                 acknowledge(source.as_mut(), &rejected.offset).await;
-                committer.status.lock().dead_letters += n;
+                {
+                    let mut status = committer.status.lock();
+                    status.dead_letters += n;
+                    status.source_offset = Some(rejected.offset);
+                }
                 continue;
             }
             Err(e) => bail!("source: {e}"),
@@ -406,7 +411,9 @@ pub async fn run_source(
         committer
             .batch_seconds
             .observe(read_at.elapsed().as_secs_f64());
-        committer.status.lock().source_lag = source.lag();
+        let mut status = committer.status.lock();
+        status.source_lag = source.lag();
+        status.source_offset = Some(batch.offset);
     }
 }
 
@@ -464,7 +471,9 @@ async fn settle<'a>(
         return Ok(false);
     }
     acknowledge(source, &offset).await;
-    status.lock().source_lag = source.lag();
+    let mut status = status.lock();
+    status.source_lag = source.lag();
+    status.source_offset = Some(offset);
     Ok(true)
 }
 
