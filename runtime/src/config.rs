@@ -82,6 +82,10 @@ pub struct Settings {
     /// The controller voters of a cluster, `1@host:port,2@host:port,...` (their cluster
     /// addresses). Unset: a single node.
     pub voters: Option<String>,
+    /// Addresses this node dials in place of those other nodes registered (cluster and Kafka
+    /// addresses, `host:port` → `host:port`): for a node that reaches the others through NAT,
+    /// or through a proxy on the link between two nodes.
+    pub peer_routes: BTreeMap<String, String>,
     /// This node's Raft and cluster listener (in a cluster).
     pub cluster_addr: Option<String>,
     /// This node's rack: replicas of a partition are spread over racks.
@@ -136,6 +140,7 @@ impl Default for Settings {
             transaction_max_timeout_ms: TxnSettings::default().max_timeout_ms,
             transactional_id_expiration_ms: TxnSettings::default().id_expiration_ms,
             voters: None,
+            peer_routes: BTreeMap::new(),
             cluster_addr: None,
             rack: None,
             raft_heartbeat_ms: 250,
@@ -222,6 +227,7 @@ impl Settings {
             preferred_leader_check: std::time::Duration::from_millis(
                 self.preferred_leader_check_ms.max(100),
             ),
+            routes: crate::cluster::network::Routes::new(self.peer_routes.clone()),
         }))
     }
 

@@ -57,11 +57,15 @@ class Cluster:
 
 
 def start_cluster(weir_factory, size: int, proxies: list | None = None,
-                  extra_args: tuple[str, ...] = (), raft_proxies: list | None = None) -> Cluster:
+                  extra_args: tuple[str, ...] = (), raft_proxies: list | None = None,
+                  links: dict | None = None) -> Cluster:
     """`proxies`: one FaultProxy a node, whose port the node advertises to clients and to
     the other nodes' followers. `raft_proxies`: one (kafka=False) a node in front of its
     cluster listener, whose port the voter list gives, so the other nodes' Raft and cluster
-    traffic to it goes through the proxy. `extra_args` are given to every node."""
+    traffic to it goes through the proxy. `links` (with both of those): a (Kafka, cluster)
+    pair of proxies for each ordered pair of node ids (a, b); node a dials b through them
+    (its `peer_routes`), so that every link between two nodes, in each direction, can fail
+    on its own. `extra_args` are given to every node."""
     raft_ports = _pick_free_ports(size)
     if raft_proxies:
         for proxy, port in zip(raft_proxies, raft_ports):
@@ -73,6 +77,13 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None,
         yaml = CLUSTER_YAML
         if proxies:
             yaml += f"advertised_port: {proxies[i].port}\n"
+        if links:
+            yaml += "peer_routes:\n"
+            for (a, b), (kafka_link, raft_link) in sorted(links.items()):
+                if a == i + 1:
+                    yaml += (f'  "127.0.0.1:{proxies[b - 1].port}": "127.0.0.1:{kafka_link.port}"\n'
+                             f'  "127.0.0.1:{raft_proxies[b - 1].port}": '
+                             f'"127.0.0.1:{raft_link.port}"\n')
         own = ("--cluster-addr", f"127.0.0.1:{raft_ports[i]}") if raft_proxies else ()
         d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
                          extra_args=("--node-id", str(i + 1), "--voters", voters) + own + extra_args)
@@ -80,6 +91,9 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None,
         if proxies:
             proxies[i].upstream_port = d.kafka_port
         nodes.append(d)
+    for (a, b), (kafka_link, raft_link) in (links or {}).items():
+        kafka_link.upstream_port = nodes[b - 1].kafka_port
+        raft_link.upstream_port = raft_ports[b - 1]
     c = Cluster(nodes)
     c.start()
     return c

@@ -170,6 +170,11 @@ def run(opts: Options) -> Outcome:
 
     proxies = [FaultProxy(seed=opts.seed * 100 + i, fault_rate=0.0) for i in range(opts.nodes)]
     raft_proxies = [FaultProxy(seed=0, fault_rate=0.0, kafka=False) for _ in range(opts.nodes)]
+    # A proxy on every link between two nodes, each way: Kafka (replication, transaction
+    # markers, pipelines' writes) and cluster (Raft, forwarded proposals).
+    links = {(a, b): (FaultProxy(seed=0, fault_rate=0.0),
+                      FaultProxy(seed=0, fault_rate=0.0, kafka=False))
+             for a in range(1, opts.nodes + 1) for b in range(1, opts.nodes + 1) if a != b}
     shim = DiskControl.build_shim(workdir / "diskfault.so")
     disks = [DiskControl(workdir / f"node{i + 1}.disk") for i in range(opts.nodes)]
     nodes: list[WeirDaemon] = []
@@ -197,7 +202,7 @@ def run(opts: Options) -> Outcome:
     try:
         cluster = start_cluster(factory, opts.nodes, proxies,
                                 extra_args=("--pipelines", str(pipelines)),
-                                raft_proxies=raft_proxies)
+                                raft_proxies=raft_proxies, links=links)
         bootstrap = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
         for topic in (TOPIC, COPY, TXN_COPY):
             create_replicated(cluster, topic, opts.partitions, rf=min(3, opts.nodes),
@@ -225,7 +230,7 @@ def run(opts: Options) -> Outcome:
         line_writer.start()
         time.sleep(5)  # the workload before any fault
 
-        nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies, disks)
+        nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies, disks, links)
         faults = schedule(opts.seed, opts.nodes, opts.partitions, opts.kinds)
         end = time.monotonic() + opts.duration
         while time.monotonic() < end:
@@ -297,7 +302,7 @@ def run(opts: Options) -> Outcome:
                     n.stop(timeout=30, expect_clean=False)
                 except AssertionError:
                     pass
-        for p in proxies + raft_proxies:
+        for p in proxies + raft_proxies + [p for pair in links.values() for p in pair]:
             p.close()
 
     verdict = check(history)

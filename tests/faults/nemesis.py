@@ -18,18 +18,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart", "slow", "full", "slow-disk")
+KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart", "slow", "full", "slow-disk",
+         "partition", "bridge", "one-way")
+# The kinds that need a proxy on every link between two nodes (the campaign has them).
+LINK_KINDS = ("partition", "bridge", "one-way")
 
 DESCRIBE = {
     "kill": "kill -9, then restart",
     "pause": "SIGSTOP, then SIGCONT",
-    "isolate": "hold the node's proxies (Kafka and cluster links), then reset and release them",
+    "isolate": "hold the node's client proxy and every link to and from it, then reset and "
+               "release them",
     "term": "SIGTERM, then restart",
     "lossy": "lose produce responses at the node's proxy",
     "restart": "kill -9 every node at once, then start them all again",
-    "slow": "delay every frame to and from the node (Kafka and cluster links) at its proxies",
+    "slow": "delay every frame to and from the node (clients and the links to the other nodes)",
     "full": "the node's disk is full: every write to a file fails with ENOSPC",
     "slow-disk": "every fsync of the node waits before it starts",
+    "partition": "cut the node off from the other nodes, both ways (clients still reach every "
+                 "node): a minority and a majority",
+    "bridge": "the other nodes cannot reach one another, both ways; each still reaches the node",
+    "one-way": "nothing the node sends to the other nodes arrives (the links from it hold); "
+               "what they send it does",
 }
 
 
@@ -69,7 +78,8 @@ def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
                 target = ("node", rng.randrange(nodes) + 1)
             hold = {"kill": (1, 8), "pause": (2, 10), "isolate": (3, 12), "term": (1, 6),
                     "lossy": (5, 15), "restart": (1, 5), "slow": (5, 15), "full": (3, 10),
-                    "slow-disk": (5, 15)}[kind]
+                    "slow-disk": (5, 15), "partition": (3, 12), "bridge": (3, 12),
+                    "one-way": (3, 12)}[kind]
             fault = Fault(kind, target, round(rng.uniform(*hold), 1), round(rng.uniform(4, 12), 1))
             # Drawn for these kinds only, so that the other kinds' schedules stay as they were.
             if kind == "slow":
@@ -82,9 +92,12 @@ def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
 class Nemesis:
     """Applies faults to a Cluster whose nodes sit behind FaultProxies."""
 
-    def __init__(self, cluster, proxies, topic: str, log, raft_proxies=None, disks=None):
+    def __init__(self, cluster, proxies, topic: str, log, raft_proxies=None, disks=None,
+                 links=None):
         self.cluster, self.proxies, self.topic, self.log = cluster, proxies, topic, log
         self.raft_proxies = raft_proxies or []
+        # (a, b) -> the (Kafka, cluster) proxies node a dials node b through.
+        self.links = links or {}
         self.disks = disks or []  # one DiskControl a node, for full and slow-disk
         self.paused: set[int] = set()
         self.injected: list[tuple[float, Fault, int]] = []
@@ -135,19 +148,30 @@ class Nemesis:
             os.kill(node.pid, signal.SIGCONT)
             self.paused.discard(node_id)
         elif fault.kind == "isolate":
-            held = [proxy] + self.raft_proxies[node_id - 1:node_id]
-            for p in held:
-                p.hold()
-            time.sleep(fault.hold_s)
-            for p in held:
-                p.reset()
-                p.release()
+            others = self._others(node_id)
+            self._cut([proxy] + self.raft_proxies[node_id - 1:node_id]
+                      + self._links([node_id], others, both=True), fault.hold_s)
+        elif fault.kind == "partition":
+            others = self._others(node_id)
+            # A minority of one (of three) or two (of five) against the rest.
+            minority = [node_id] + others[:(len(self.cluster.nodes) - 1) // 2 - 1]
+            majority = [n for n in others if n not in minority]
+            self.log(f"nemesis: nodes {minority} | {majority}")
+            self._cut(self._links(minority, majority, both=True), fault.hold_s)
+        elif fault.kind == "bridge":
+            others = self._others(node_id)
+            left, right = others[0::2], others[1::2]
+            self.log(f"nemesis: nodes {left} | {right}, both still reach node {node_id}")
+            self._cut(self._links(left, right, both=True), fault.hold_s)
+        elif fault.kind == "one-way":
+            self._cut(self._links([node_id], self._others(node_id), both=False), fault.hold_s)
         elif fault.kind == "lossy":
             proxy.fault_rate = 0.1
             time.sleep(fault.hold_s)
             proxy.fault_rate = 0.0
         elif fault.kind == "slow":
-            slowed = [proxy] + self.raft_proxies[node_id - 1:node_id]
+            slowed = ([proxy] + self.raft_proxies[node_id - 1:node_id]
+                      + self._links([node_id], self._others(node_id), both=True))
             for p in slowed:
                 p.delay_s = fault.delay_s
             time.sleep(fault.hold_s)
@@ -183,6 +207,26 @@ class Nemesis:
             raise ValueError(fault.kind)
         self.log(f"nemesis: {fault.kind} {who} undone")
 
+    def _others(self, node_id: int) -> list[int]:
+        return [n for n in range(1, len(self.cluster.nodes) + 1) if n != node_id]
+
+    def _links(self, side_a, side_b, both: bool) -> list:
+        """The proxies of the links from side_a to side_b (and back, with `both`)."""
+        pairs = [(a, b) for a in side_a for b in side_b]
+        if both:
+            pairs += [(b, a) for a, b in pairs]
+        return [p for pair in pairs for p in self.links.get(pair, ())]
+
+    @staticmethod
+    def _cut(proxies: list, hold_s: float) -> None:
+        """Holds the proxies for hold_s, then cuts what they held and relays again."""
+        for p in proxies:
+            p.hold()
+        time.sleep(hold_s)
+        for p in proxies:
+            p.reset()
+            p.release()
+
     def _start(self, node) -> None:
         for attempt in range(3):
             try:
@@ -203,7 +247,7 @@ class Nemesis:
             self.paused.discard(node_id)
         for p in self.proxies:
             p.fault_rate = 0.0
-        for p in self.proxies + self.raft_proxies:
+        for p in self.proxies + self.raft_proxies + [p for pair in self.links.values() for p in pair]:
             p.delay_s = 0.0
             p.release()
         for d in self.disks:

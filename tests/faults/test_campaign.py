@@ -12,11 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import campaign  # noqa: E402
+from nemesis import KINDS, LINK_KINDS  # noqa: E402
 
-# Fixed seeds; four to six faults each in a minute, and between them every kind of fault
-# (seed 1: restart, slow, full, lossy; 3: pause, restart, slow, kill, slow-disk, lossy;
-# 5: isolate the controller, term, pause, kill, slow-disk, full).
-SEEDS = [1, 3, 5]
+# Fixed seeds and the kinds each draws from; four to six faults each in a minute, and between
+# them every kind of fault (seed 1: restart, slow, full, lossy; 3: pause, restart, slow, kill,
+# slow-disk, lossy; 5: isolate the controller, term, pause, kill, slow-disk, full; 7: the
+# partitions of links between nodes: one-way, partition, bridge, isolate).
+NODE_KINDS = tuple(k for k in KINDS if k not in LINK_KINDS)
+SEEDS = [(1, NODE_KINDS), (3, NODE_KINDS), (5, NODE_KINDS), (7, LINK_KINDS + ("isolate",))]
 DURATION_S = float(os.environ.get("WEIR_FAULTS_SHORT_S", "60"))
 
 
@@ -38,10 +41,11 @@ def plugin_dir() -> str:
     return path
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_no_acknowledged_value_is_lost_under_faults(seed, weir_bin, plugin_dir, tmp_path):
+@pytest.mark.parametrize("seed,kinds", SEEDS, ids=[str(s) for s, _ in SEEDS])
+def test_no_acknowledged_value_is_lost_under_faults(seed, kinds, weir_bin, plugin_dir, tmp_path):
     outcome = campaign.run(campaign.Options(seed=seed, duration=DURATION_S, weir_bin=weir_bin,
-                                            plugin_dir=plugin_dir, workdir=tmp_path))
+                                            plugin_dir=plugin_dir, workdir=tmp_path,
+                                            kinds=kinds))
     if not outcome.verdict.ok:
         logs = "\n".join(f"--- {p.name} (last 40 lines) ---\n" +
                          "\n".join(p.read_text(errors="replace").splitlines()[-40:])

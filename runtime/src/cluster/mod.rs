@@ -55,6 +55,8 @@ pub struct ClusterSettings {
     pub session_timeout: Duration,
     /// How often the controller hands partitions back to their preferred leaders.
     pub preferred_leader_check: Duration,
+    /// Addresses dialled in place of those other nodes registered.
+    pub routes: network::Routes,
 }
 
 /// Parses `1@host:port,2@host:port`.
@@ -103,6 +105,7 @@ pub struct Proposer {
     raft: Raft,
     http: reqwest::Client,
     timeout: Duration,
+    routes: network::Routes,
 }
 
 impl Proposer {
@@ -195,7 +198,8 @@ impl Proposer {
                     leader: Some(leader),
                 } => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match forward_proposal(&self.http, &leader.addr, &request, left).await {
+                    let addr = self.routes.to(&leader.addr);
+                    match forward_proposal(&self.http, &addr, &request, left).await {
                         Ok(r) => r,
                         Err(e) => ProposeReply::Failed(format!(
                             "forwarding to the Raft leader at {}: {e}",
@@ -283,7 +287,10 @@ impl Cluster {
         let raft = Raft::new(
             settings.node_id as u64,
             Arc::new(config),
-            network::Network { http: http.clone() },
+            network::Network {
+                http: http.clone(),
+                routes: settings.routes.clone(),
+            },
             log_store,
             machine,
         )
@@ -293,6 +300,7 @@ impl Cluster {
             raft: raft.clone(),
             http: http.clone(),
             timeout: settings.propose_timeout,
+            routes: settings.routes.clone(),
         });
         let liveness = Arc::new(controller::Liveness::default());
         let listener = tokio::net::TcpListener::bind(&settings.cluster_addr)
@@ -340,7 +348,11 @@ impl Cluster {
             // Not a voter: join the quorum as a learner, which receives the metadata. (A node
             // the membership knows already, as a learner or as a voter added since, does not
             // need to: it may well be one of the voters the quorum needs.)
-            let voters: Vec<String> = settings.voters.values().cloned().collect();
+            let voters: Vec<String> = settings
+                .voters
+                .values()
+                .map(|a| settings.routes.to(a))
+                .collect();
             let request = network::Join {
                 id: settings.node_id,
                 addr: settings.cluster_addr.clone(),
@@ -361,6 +373,7 @@ impl Cluster {
             log.clone(),
             proposer.clone(),
             settings.replica_lag_time_max,
+            settings.routes.clone(),
         );
         tokio::spawn(replicas.clone().run_isr_checks(stop.clone()));
         let (reconciled, _) = watch::channel(0);

@@ -1,6 +1,7 @@
 //! The cluster listener (`--cluster-addr`): Raft's RPCs between the controller voters and the
 //! forwarding of metadata proposals to the Raft leader, as JSON over HTTP.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,10 +144,31 @@ pub async fn forward_proposal(
     post_json(http, addr, "/cluster/propose", request, timeout).await
 }
 
+/// Addresses this node dials instead of those other nodes registered (the `peer_routes`
+/// setting): for a node that reaches the others through NAT, or through a proxy on the link
+/// between two nodes. Applies to cluster and Kafka addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(Arc<BTreeMap<String, String>>);
+
+impl Routes {
+    pub fn new(routes: BTreeMap<String, String>) -> Routes {
+        Routes(Arc::new(routes))
+    }
+
+    /// Where to dial to reach `addr`.
+    pub fn to(&self, addr: &str) -> String {
+        self.0
+            .get(addr)
+            .cloned()
+            .unwrap_or_else(|| addr.to_string())
+    }
+}
+
 /// Opens connections to the other voters on Raft's behalf.
 #[derive(Clone)]
 pub struct Network {
     pub http: reqwest::Client,
+    pub routes: Routes,
 }
 
 pub struct Connection {
@@ -162,7 +184,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             http: self.http.clone(),
             target,
-            addr: node.addr.clone(),
+            addr: self.routes.to(&node.addr),
         }
     }
 }

@@ -83,6 +83,7 @@ pub struct Replicas {
     roles: Mutex<HashMap<Key, Role>>,
     /// Kafka listener of each node, for follower fetchers.
     addrs: Mutex<BTreeMap<NodeId, String>>,
+    routes: super::network::Routes,
     proposer: Arc<Proposer>,
     pub replica_lag_time_max: Duration,
 }
@@ -93,6 +94,7 @@ impl Replicas {
         log: Arc<LogManager>,
         proposer: Arc<Proposer>,
         replica_lag_time_max: Duration,
+        routes: super::network::Routes,
     ) -> Arc<Replicas> {
         Arc::new(Replicas {
             node,
@@ -101,6 +103,7 @@ impl Replicas {
             addrs: Mutex::new(BTreeMap::new()),
             proposer,
             replica_lag_time_max,
+            routes,
         })
     }
 
@@ -109,7 +112,10 @@ impl Replicas {
         *self.addrs.lock() = image
             .nodes
             .values()
-            .map(|n| (n.id, format!("{}:{}", n.kafka_host, n.kafka_port)))
+            .map(|n| {
+                let addr = format!("{}:{}", n.kafka_host, n.kafka_port);
+                (n.id, self.routes.to(&addr))
+            })
             .collect();
         let mut roles = self.roles.lock();
         let mut seen = Vec::new();

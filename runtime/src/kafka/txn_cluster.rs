@@ -69,7 +69,10 @@ impl Peers {
                 .nodes
                 .get(&node)
                 .ok_or_else(|| anyhow!("node {node} is not registered"))?;
-            format!("{}:{}", n.kafka_host, n.kafka_port)
+            cluster
+                .settings
+                .routes
+                .to(&format!("{}:{}", n.kafka_host, n.kafka_port))
         };
         let slot = self.conns.lock().entry(node).or_default().clone();
         let mut slot = slot.lock().await;
