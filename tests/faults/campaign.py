@@ -391,7 +391,10 @@ def _wait_identical(cluster, topic: str, partitions: int) -> list[str]:
     def diffs():
         out = []
         for p in range(partitions):
-            copies = {n.name: segment_bytes(n, topic, p) for n in cluster.nodes}
+            # The nodes that hold a replica (all of them on three nodes).
+            replicas = cluster.metadata().topics[topic].partitions[p].replicas
+            copies = {cluster.node(r).name: segment_bytes(cluster.node(r), topic, p)
+                      for r in replicas}
             if len(set(copies.values())) != 1:
                 out.append(f"{topic}-{p}: " + ", ".join(f"{k} {len(v)} bytes"
                                                         for k, v in copies.items()))
@@ -473,7 +476,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=600, help="seconds of faults (default 600)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault schedule (default: random)")
-    ap.add_argument("--nodes", type=int, default=3, choices=[3])
+    ap.add_argument("--nodes", type=int, default=3, choices=[3, 5])
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--rate", type=float, default=50.0, help="values a second per producer")
     ap.add_argument("--faults", default=",".join(KINDS),

@@ -16,19 +16,33 @@ use super::{str_bytes, Broker};
 use crate::group::consumer::{Heartbeat, Partitions};
 use crate::security::acl::{Operation, ResourceType};
 
-/// The topics the principal may see, by name (id, partitions) and by id.
+/// Topics by name (id, partitions) and by id.
 struct Catalog {
     by_name: BTreeMap<String, (Uuid, i32)>,
     by_id: HashMap<Uuid, String>,
 }
 
 impl Catalog {
-    fn new(broker: &Broker, ctx: &RequestContext) -> Catalog {
-        let by_name: BTreeMap<String, (Uuid, i32)> = broker
-            .topic_catalog()
-            .into_iter()
-            .filter(|(t, _)| broker.allowed(ctx, Operation::Describe, ResourceType::Topic, t))
-            .collect();
+    /// Every topic. Subscriptions are resolved against all of them, whoever heartbeats:
+    /// resolving each member's against what its own principal may see would change the other
+    /// members' subscriptions, and the group epoch, at every heartbeat of members whose
+    /// principals differ. Named topics are checked against the member's ACLs instead.
+    fn all(broker: &Broker) -> Catalog {
+        Catalog::of(broker.topic_catalog())
+    }
+
+    /// The topics the principal may describe.
+    fn visible(broker: &Broker, ctx: &RequestContext) -> Catalog {
+        Catalog::of(
+            broker
+                .topic_catalog()
+                .into_iter()
+                .filter(|(t, _)| broker.allowed(ctx, Operation::Describe, ResourceType::Topic, t))
+                .collect(),
+        )
+    }
+
+    fn of(by_name: BTreeMap<String, (Uuid, i32)>) -> Catalog {
         let by_id = by_name
             .iter()
             .map(|(t, (id, _))| (*id, t.clone()))
@@ -36,11 +50,8 @@ impl Catalog {
         Catalog { by_name, by_id }
     }
 
-    fn id(&self, topic: &str) -> Uuid {
-        self.by_name.get(topic).map_or(Uuid::nil(), |(id, _)| *id)
-    }
-
-    /// Partitions grouped by topic, in the shape each response's type takes.
+    /// Partitions grouped by topic, in the shape each response's type takes; topics not in
+    /// the catalog (deleted, or hidden from the principal) are left out.
     fn by_topic<T>(
         &self,
         partitions: &Partitions,
@@ -52,7 +63,7 @@ impl Catalog {
         }
         grouped
             .into_iter()
-            .map(|(t, ps)| make(t, self.id(t), ps))
+            .filter_map(|(t, ps)| self.by_name.get(t).map(|(id, _)| make(t, *id, ps)))
             .collect()
     }
 }
@@ -72,7 +83,7 @@ pub fn consumer_group_heartbeat(
     if let Some(e) = broker.refusal(ctx, Operation::Read, ResourceType::Group, &group_id) {
         return refused(e, format!("not allowed to read group {group_id}"));
     }
-    let catalog = Catalog::new(broker, ctx);
+    let catalog = Catalog::all(broker);
     let names: Option<Vec<String>> = req
         .subscribed_topic_names
         .map(|ts| ts.into_iter().map(|t| t.0.to_string()).collect());
@@ -141,7 +152,7 @@ pub fn consumer_group_describe(
     ctx: &RequestContext,
     req: ConsumerGroupDescribeRequest,
 ) -> ConsumerGroupDescribeResponse {
-    let catalog = Catalog::new(broker, ctx);
+    let catalog = Catalog::visible(broker, ctx);
     let assignment = |ps: &Partitions| {
         describe::Assignment::default().with_topic_partitions(catalog.by_topic(ps, |t, id, ps| {
             describe::TopicPartitions::default()
