@@ -75,12 +75,19 @@ impl Peers {
                 .to(&format!("{}:{}", n.kafka_host, n.kafka_port))
         };
         let slot = self.conns.lock().entry(node).or_default().clone();
-        let mut slot = slot.lock().await;
         let timeout = self.timeout;
+        // The wait for the connection counts too: calls queued behind calls to a node that
+        // does not answer must not wait one timeout each, one after the other.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut slot = tokio::time::timeout_at(deadline, slot.lock())
+            .await
+            .map_err(|_| {
+                anyhow!("node {node} busy: no answer to earlier calls within {timeout:?}")
+            })?;
         // The connection is out of its slot while in use and goes back only after a whole
         // answer: a call dropped half-way (or failed) leaves a fresh connection to the next.
         let mut conn = slot.take();
-        let result = tokio::time::timeout(timeout, async {
+        let result = tokio::time::timeout_at(deadline, async {
             let c = match &mut conn {
                 Some(c) => c,
                 None => conn.insert(Connection::connect(&addr).await?),
