@@ -39,9 +39,7 @@ struct Client {
 
 impl Client {
     fn step(&mut self, g: &mut ConsumerGroup, t: &BTreeMap<String, i32>, now: Instant) {
-        let r = g
-            .heartbeat(beat(&self.id, self.epoch, &self.owned), t, &settings(), now)
-            .unwrap();
+        let r = ok(g, beat(&self.id, self.epoch, &self.owned), t, now);
         self.epoch = r.member_epoch;
         if let Some(a) = r.assignment {
             self.owned = a;
@@ -51,6 +49,24 @@ impl Client {
 
 fn settings() -> ConsumerSettings {
     ConsumerSettings::default()
+}
+
+fn ok(
+    g: &mut ConsumerGroup,
+    hb: Heartbeat,
+    t: &BTreeMap<String, i32>,
+    now: Instant,
+) -> HeartbeatReply {
+    g.heartbeat(hb, t, &settings(), now).unwrap()
+}
+
+fn refused(
+    g: &mut ConsumerGroup,
+    hb: Heartbeat,
+    t: &BTreeMap<String, i32>,
+    now: Instant,
+) -> Refusal {
+    g.heartbeat(hb, t, &settings(), now).unwrap_err()
 }
 
 /// No partition is held by two members (assigned or not yet revoked).
@@ -111,17 +127,13 @@ fn a_second_member_gets_partitions_only_after_the_first_revokes_them() {
     let t = topics(&[("t", 4)]);
     let now = Instant::now();
     let mut g = ConsumerGroup::new(0);
-    let a = g
-        .heartbeat(join("a", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let a = ok(&mut g, join("a", &["t"]), &t, now);
     assert_eq!(a.member_epoch, 1);
     assert_eq!(g.assignor, "uniform", "the default assignor");
     let a_owned = a.assignment.unwrap();
     assert_eq!(a_owned.len(), 4);
 
-    let b = g
-        .heartbeat(join("b", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let b = ok(&mut g, join("b", &["t"]), &t, now);
     assert_eq!(g.epoch, 2);
     assert_eq!(b.member_epoch, 2);
     assert!(b.assignment.unwrap().is_empty(), "a still holds them all");
@@ -130,9 +142,7 @@ fn a_second_member_gets_partitions_only_after_the_first_revokes_them() {
     assert_single_owner(&g);
 
     // a learns it must give up two partitions; its epoch stays until it does.
-    let a2 = g
-        .heartbeat(beat("a", 1, &a_owned), &t, &settings(), now)
-        .unwrap();
+    let a2 = ok(&mut g, beat("a", 1, &a_owned), &t, now);
     assert_eq!(a2.member_epoch, 1);
     let a_kept = a2.assignment.unwrap();
     assert_eq!(a_kept.len(), 2);
@@ -140,19 +150,13 @@ fn a_second_member_gets_partitions_only_after_the_first_revokes_them() {
     assert_single_owner(&g);
 
     // b asks again: nothing released yet.
-    let b2 = g
-        .heartbeat(beat("b", 2, &Partitions::new()), &t, &settings(), now)
-        .unwrap();
+    let b2 = ok(&mut g, beat("b", 2, &Partitions::new()), &t, now);
     assert_eq!(b2.assignment.unwrap_or_default(), Partitions::new());
 
     // a confirms: it moves to epoch 2, and b gets the two partitions.
-    let a3 = g
-        .heartbeat(beat("a", 1, &a_kept), &t, &settings(), now)
-        .unwrap();
+    let a3 = ok(&mut g, beat("a", 1, &a_kept), &t, now);
     assert_eq!(a3.member_epoch, 2);
-    let b3 = g
-        .heartbeat(beat("b", 2, &Partitions::new()), &t, &settings(), now)
-        .unwrap();
+    let b3 = ok(&mut g, beat("b", 2, &Partitions::new()), &t, now);
     let b_owned = b3.assignment.unwrap();
     assert_eq!(b_owned.len(), 2);
     assert!(b_owned.is_disjoint(&a_kept));
@@ -165,33 +169,20 @@ fn wrong_epochs_are_fenced_but_a_lost_reply_is_forgiven() {
     let t = topics(&[("t", 2)]);
     let now = Instant::now();
     let mut g = ConsumerGroup::new(0);
-    let a = g
-        .heartbeat(join("a", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let a = ok(&mut g, join("a", &["t"]), &t, now);
     let owned = a.assignment.unwrap();
-    let err = g
-        .heartbeat(beat("a", 7, &owned), &t, &settings(), now)
-        .unwrap_err();
+    let err = refused(&mut g, beat("a", 7, &owned), &t, now);
     assert_eq!(err.error, ResponseError::FencedMemberEpoch);
     // A second member moves the group to epoch 2; a gives up a partition and follows.
-    g.heartbeat(join("b", &["t"]), &t, &settings(), now)
-        .unwrap();
-    let a2 = g
-        .heartbeat(beat("a", 1, &owned), &t, &settings(), now)
-        .unwrap();
+    ok(&mut g, join("b", &["t"]), &t, now);
+    let a2 = ok(&mut g, beat("a", 1, &owned), &t, now);
     let kept = a2.assignment.unwrap();
-    let a3 = g
-        .heartbeat(beat("a", 1, &kept), &t, &settings(), now)
-        .unwrap();
+    let a3 = ok(&mut g, beat("a", 1, &kept), &t, now);
     assert_eq!(a3.member_epoch, 2);
     // Its reply lost, the member sends epoch 1 again with what it owns: accepted.
-    let again = g
-        .heartbeat(beat("a", 1, &kept), &t, &settings(), now)
-        .unwrap();
+    let again = ok(&mut g, beat("a", 1, &kept), &t, now);
     assert_eq!(again.member_epoch, 2);
-    let err = g
-        .heartbeat(beat("nobody", 3, &kept), &t, &settings(), now)
-        .unwrap_err();
+    let err = refused(&mut g, beat("nobody", 3, &kept), &t, now);
     assert_eq!(err.error, ResponseError::UnknownMemberId);
 }
 
@@ -205,14 +196,10 @@ fn a_member_that_leaves_or_expires_hands_its_partitions_over() {
         epoch: 0,
         owned: Partitions::new(),
     };
-    let r = g
-        .heartbeat(join("a", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let r = ok(&mut g, join("a", &["t"]), &t, now);
     a.epoch = r.member_epoch;
     a.owned = r.assignment.unwrap();
-    let r = g
-        .heartbeat(join("b", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let r = ok(&mut g, join("b", &["t"]), &t, now);
     let mut b = Client {
         id: "b".into(),
         epoch: r.member_epoch,
@@ -223,26 +210,18 @@ fn a_member_that_leaves_or_expires_hands_its_partitions_over() {
         b.step(&mut g, &t, now);
     }
     assert_eq!((a.owned.len(), b.owned.len()), (1, 1));
-    let left = g
-        .heartbeat(
-            Heartbeat {
-                member_id: "b".into(),
-                member_epoch: -1,
-                ..Default::default()
-            },
-            &t,
-            &settings(),
-            now,
-        )
-        .unwrap();
+    let leave = Heartbeat {
+        member_id: "b".into(),
+        member_epoch: -1,
+        ..Default::default()
+    };
+    let left = ok(&mut g, leave, &t, now);
     assert_eq!(left.member_epoch, -1);
     a.step(&mut g, &t, now);
     assert_eq!(a.owned.len(), 2);
 
     // c joins, then a stops heartbeating: after the session timeout c holds everything.
-    let r = g
-        .heartbeat(join("c", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let r = ok(&mut g, join("c", &["t"]), &t, now);
     let mut c = Client {
         id: "c".into(),
         epoch: r.member_epoch,
@@ -264,24 +243,22 @@ fn a_regex_subscription_follows_new_topics() {
     hb.subscribed_names = None;
     hb.subscribed_regex = Some("orders-.*".into());
     let t1 = topics(&[("orders-eu", 1), ("users", 1)]);
-    let r = g.heartbeat(hb, &t1, &settings(), now).unwrap();
+    let r = ok(&mut g, hb, &t1, now);
     assert_eq!(r.assignment.unwrap(), parts(&[("orders-eu", 0)]));
     let epoch = g.epoch;
     let t2 = topics(&[("orders-eu", 1), ("orders-us", 2), ("users", 1)]);
-    let r = g
-        .heartbeat(
-            beat("a", r.member_epoch, &parts(&[("orders-eu", 0)])),
-            &t2,
-            &settings(),
-            now,
-        )
-        .unwrap();
+    let r = ok(
+        &mut g,
+        beat("a", r.member_epoch, &parts(&[("orders-eu", 0)])),
+        &t2,
+        now,
+    );
     assert!(g.epoch > epoch);
     assert_eq!(r.assignment.unwrap().len(), 3);
 
     let mut bad = join("b", &[]);
     bad.subscribed_regex = Some("(".into());
-    let err = g.heartbeat(bad, &t2, &settings(), now).unwrap_err();
+    let err = refused(&mut g, bad, &t2, now);
     assert_eq!(err.error, ResponseError::InvalidRegularExpression);
 }
 
@@ -293,12 +270,12 @@ fn unknown_assignors_and_commits_are_refused() {
     let mut hb = join("a", &["t"]);
     hb.server_assignor = Some("sticky".into());
     assert_eq!(
-        g.heartbeat(hb, &t, &settings(), now).unwrap_err().error,
+        refused(&mut g, hb, &t, now).error,
         ResponseError::UnsupportedAssignor
     );
     let mut hb = join("a", &["t"]);
     hb.server_assignor = Some("range".into());
-    let r = g.heartbeat(hb, &t, &settings(), now).unwrap();
+    let r = ok(&mut g, hb, &t, now);
     assert_eq!(g.assignor, "range");
     assert_eq!(g.check_commit("a", r.member_epoch, false), Ok(()));
     assert_eq!(
@@ -358,13 +335,13 @@ proptest! {
                     if range {
                         hb.server_assignor = Some("range".into());
                     }
-                    let r = g.heartbeat(hb, &t, &settings(), now).unwrap();
+                    let r = ok(&mut g, hb, &t, now);
                     clients.insert(i, Client { id, epoch: r.member_epoch, owned: r.assignment.unwrap() });
                 }
                 Step::Leave(i) => {
                     if let Some(c) = clients.remove(&i) {
                         let hb = Heartbeat { member_id: c.id, member_epoch: -1, ..Default::default() };
-                        g.heartbeat(hb, &t, &settings(), now).unwrap();
+                        ok(&mut g, hb, &t, now);
                     }
                 }
                 Step::Beat(i) => {
@@ -403,17 +380,13 @@ fn a_stored_group_carries_on_where_it_stopped() {
     let t = topics(&[("t", 4)]);
     let now = Instant::now();
     let mut g = ConsumerGroup::new(0);
-    let r = g
-        .heartbeat(join("a", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let r = ok(&mut g, join("a", &["t"]), &t, now);
     let mut a = Client {
         id: "a".into(),
         epoch: r.member_epoch,
         owned: r.assignment.unwrap(),
     };
-    let r = g
-        .heartbeat(join("b", &["t"]), &t, &settings(), now)
-        .unwrap();
+    let r = ok(&mut g, join("b", &["t"]), &t, now);
     let mut b = Client {
         id: "b".into(),
         epoch: r.member_epoch,
