@@ -778,6 +778,18 @@ mod tests {
                     ApiKey::DeleteGroups => RequestKind::DeleteGroups(
                         DeleteGroupsRequest::default().with_groups_names(vec![GroupId(sb("missing")), GroupId(sb("g1"))]),
                     ),
+                    ApiKey::ConsumerGroupHeartbeat => RequestKind::ConsumerGroupHeartbeat(
+                        ConsumerGroupHeartbeatRequest::default()
+                            .with_group_id(GroupId(sb("kip848")))
+                            .with_member_id(sb("m1"))
+                            .with_rebalance_timeout_ms(30_000)
+                            .with_subscribed_topic_names(Some(vec![name("t1")]))
+                            .with_topic_partitions(Some(vec![])),
+                    ),
+                    ApiKey::ConsumerGroupDescribe => RequestKind::ConsumerGroupDescribe(
+                        ConsumerGroupDescribeRequest::default()
+                            .with_group_ids(vec![GroupId(sb("kip848")), GroupId(sb("g1")), GroupId(sb("missing"))]),
+                    ),
                     ApiKey::OffsetDelete => RequestKind::OffsetDelete(
                         OffsetDeleteRequest::default().with_group_id(GroupId(sb("c1"))).with_topics(vec![
                             offset_delete_request::OffsetDeleteRequestTopic::default()
