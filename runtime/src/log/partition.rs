@@ -448,14 +448,19 @@ impl Partition {
                 count += view.record_count().max(0) as i64;
                 expected = view.next_offset();
             }
-            let info = log.write_batches(&self.dir, records, &batches, expected, count)?;
-            let now = now_ms();
+            // New epochs are recorded before the data, as on the leader: nothing that can
+            // fail comes between writing the batches and tracking their producers.
             for &(s, e) in &ranges {
                 let view = BatchView::new(&records[s..e]);
                 let epoch = view.leader_epoch();
                 if epoch >= 0 && log.epochs.latest_epoch().is_none_or(|l| l < epoch) {
                     log.epochs.assign(epoch, view.base_offset())?;
                 }
+            }
+            let info = log.write_batches(&self.dir, records, &batches, expected, count)?;
+            let now = now_ms();
+            for &(s, e) in &ranges {
+                let view = BatchView::new(&records[s..e]);
                 if view.producer_id() >= 0 {
                     track_batch(
                         &mut log.producers,
@@ -1065,7 +1070,9 @@ impl PartitionLog {
             records += view.record_count() as i64;
             next = view.next_offset();
         }
-        let info = self.write_batches(dir, chunk, &batches, next, records)?;
+        // The epoch is recorded before the data: a failure after the data is written would
+        // leave batches in the log that the producer state does not know, and a producer's
+        // retry of them would be appended again.
         if self
             .epochs
             .latest_epoch()
@@ -1073,7 +1080,7 @@ impl PartitionLog {
         {
             self.epochs.assign(self.leader_epoch, base_offset)?;
         }
-        Ok(info)
+        self.write_batches(dir, chunk, &batches, next, records)
     }
 
     /// Writes stamped batches (described by `batches`, ending at `next`) at the log end.
