@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::error::ResponseError;
+
+use super::GroupState;
 use kafka_protocol::messages::{
     consumer_protocol_assignment, ConsumerProtocolAssignment, ConsumerProtocolSubscription,
     TopicName,
@@ -109,7 +111,7 @@ pub struct Refusal {
     pub message: String,
 }
 
-fn refuse(error: ResponseError, message: impl Into<String>) -> Refusal {
+pub fn refuse(error: ResponseError, message: impl Into<String>) -> Refusal {
     Refusal {
         error,
         message: message.into(),
@@ -172,6 +174,8 @@ pub struct ConsumerGroup {
     pub members: BTreeMap<String, ConsumerMember>,
     /// Partition counts of the subscribed topics, as of the group epoch.
     subscribed_topics: BTreeMap<String, i32>,
+    /// The topic names members' subscriptions were last resolved against.
+    resolved_against: BTreeSet<String>,
 }
 
 impl ConsumerGroup {
@@ -188,13 +192,13 @@ impl ConsumerGroup {
 
     /// Kafka's group states: Empty, Reconciling while a member has not reached its target,
     /// else Stable (assignments are computed at once, so there is no Assigning).
-    pub fn state_name(&self) -> &'static str {
+    pub fn state(&self) -> GroupState {
         if self.members.is_empty() {
-            "Empty"
+            GroupState::Empty
         } else if self.is_stable() {
-            "Stable"
+            GroupState::Stable
         } else {
-            "Reconciling"
+            GroupState::Reconciling
         }
     }
 
@@ -336,7 +340,10 @@ impl ConsumerGroup {
             changed |= m.server_assignor != hb.server_assignor;
             m.server_assignor = hb.server_assignor.clone();
         }
-        self.resolve(topics);
+        // Subscriptions are matched again only when they or the set of topics changed.
+        if changed || !topics.keys().eq(self.resolved_against.iter()) {
+            self.resolve(topics);
+        }
         let counts = self.subscribed_counts(topics);
         if changed || counts != self.subscribed_topics {
             self.subscribed_topics = counts;
@@ -475,6 +482,7 @@ impl ConsumerGroup {
                 .collect(),
             members,
             subscribed_topics: r.subscribed_topics,
+            resolved_against: BTreeSet::new(),
         }
     }
 
@@ -514,6 +522,7 @@ impl ConsumerGroup {
 
     /// Re-reads every member's subscription against the topics that exist now.
     fn resolve(&mut self, topics: &BTreeMap<String, i32>) {
+        self.resolved_against = topics.keys().cloned().collect();
         for m in self.members.values_mut() {
             m.resolved = topics
                 .keys()

@@ -255,11 +255,7 @@ impl Group {
     /// Follows a consumer-protocol group's state after a change.
     fn consumer_changed(&mut self) {
         if let Some(c) = &self.consumer {
-            self.state = match c.state_name() {
-                "Empty" => GroupState::Empty,
-                "Stable" => GroupState::Stable,
-                _ => GroupState::Reconciling,
-            };
+            self.state = c.state();
             self.generation = c.epoch;
             self.protocol_name = Some(c.assignor.clone());
         }
@@ -1052,20 +1048,19 @@ impl GroupCoordinator {
         hb: consumer::Heartbeat,
         topics: &BTreeMap<String, i32>,
     ) -> Result<consumer::HeartbeatReply, consumer::Refusal> {
-        let refusal = |error: ResponseError, message: String| consumer::Refusal { error, message };
         if let Err(e) = self.check_active() {
-            return Err(refusal(e, "this node does not coordinate groups".into()));
+            return Err(consumer::refuse(e, "this node does not coordinate groups"));
         }
         if group_id.is_empty() {
-            return Err(refusal(
+            return Err(consumer::refuse(
                 ResponseError::InvalidRequest,
-                "the group id must not be empty".into(),
+                "the group id must not be empty",
             ));
         }
         let mut groups = self.groups.lock();
         if hb.member_epoch != 0 && groups.get(group_id).is_none_or(|g| g.consumer.is_none()) {
             // Unknown here (never joined, or this coordinator took over since): join again.
-            return Err(refusal(
+            return Err(consumer::refuse(
                 ResponseError::UnknownMemberId,
                 format!("member {} is not in group {group_id}", hb.member_id),
             ));
@@ -1075,7 +1070,7 @@ impl GroupCoordinator {
             .or_insert_with(|| Group::new(group_id));
         if g.consumer.is_none() {
             if !g.members.is_empty() {
-                return Err(refusal(
+                return Err(consumer::refuse(
                     ResponseError::GroupIdNotFound,
                     format!("group {group_id} has members of the classic protocol; it is not a consumer group"),
                 ));

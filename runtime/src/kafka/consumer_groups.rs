@@ -209,7 +209,7 @@ pub fn consumer_group_describe(
                 Some(
                     DescribedGroup::default()
                         .with_group_id(id.clone())
-                        .with_group_state(str_bytes(c.state_name()))
+                        .with_group_state(str_bytes(c.state().name()))
                         .with_group_epoch(c.epoch)
                         .with_assignment_epoch(c.assignment_epoch)
                         .with_assignor_name(str_bytes(c.assignor.clone()))

@@ -138,7 +138,7 @@ fn a_second_member_gets_partitions_only_after_the_first_revokes_them() {
     assert_eq!(b.member_epoch, 2);
     assert!(b.assignment.unwrap().is_empty(), "a still holds them all");
     assert_eq!(g.members["b"].state, MemberState::UnreleasedPartitions);
-    assert_eq!(g.state_name(), "Reconciling");
+    assert_eq!(g.state(), GroupState::Reconciling);
     assert_single_owner(&g);
 
     // a learns it must give up two partitions; its epoch stays until it does.
@@ -160,7 +160,7 @@ fn a_second_member_gets_partitions_only_after_the_first_revokes_them() {
     let b_owned = b3.assignment.unwrap();
     assert_eq!(b_owned.len(), 2);
     assert!(b_owned.is_disjoint(&a_kept));
-    assert_eq!(g.state_name(), "Stable");
+    assert_eq!(g.state(), GroupState::Stable);
     assert_single_owner(&g);
 }
 
@@ -232,7 +232,7 @@ fn a_member_that_leaves_or_expires_hands_its_partitions_over() {
     assert_eq!(g.expire(later), vec!["a".to_string()]);
     c.step(&mut g, &t, later);
     assert_eq!(c.owned.len(), 2);
-    assert_eq!(g.state_name(), "Stable");
+    assert_eq!(g.state(), GroupState::Stable);
 }
 
 #[test]
@@ -368,7 +368,7 @@ proptest! {
             }
         }
         if !clients.is_empty() {
-            prop_assert!(g.is_stable(), "state {}", g.state_name());
+            prop_assert!(g.is_stable(), "state {:?}", g.state());
             let held: usize = g.members.values().map(|m| m.assigned.len()).sum();
             prop_assert_eq!(held as i32, t["t"] + t["u"]);
         }
