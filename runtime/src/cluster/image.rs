@@ -41,6 +41,11 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
+    /// `host:port` of the Kafka listener other nodes use (replication, markers, pipelines).
+    pub fn kafka_addr(&self) -> String {
+        format!("{}:{}", self.kafka_host, self.kafka_port)
+    }
+
     /// The node's address for clients of `listener`, or its first listener's.
     pub fn endpoint(&self, listener: &str) -> (String, i32) {
         match self.listeners.iter().find(|e| e.listener == listener) {

@@ -561,7 +561,7 @@ impl Cluster {
                     .count();
                 serde_json::json!({
                     "id": n.id,
-                    "kafka": format!("{}:{}", n.kafka_host, n.kafka_port),
+                    "kafka": n.kafka_addr(),
                     "cluster": n.cluster_addr,
                     "rack": n.rack,
                     "voter": voters.contains(&(n.id as u64)),

@@ -112,10 +112,7 @@ impl Replicas {
         *self.addrs.lock() = image
             .nodes
             .values()
-            .map(|n| {
-                let addr = format!("{}:{}", n.kafka_host, n.kafka_port);
-                (n.id, self.routes.to(&addr))
-            })
+            .map(|n| (n.id, self.routes.to(&n.kafka_addr())))
             .collect();
         let mut roles = self.roles.lock();
         let mut seen = Vec::new();

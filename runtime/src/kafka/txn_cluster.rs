@@ -69,10 +69,7 @@ impl Peers {
                 .nodes
                 .get(&node)
                 .ok_or_else(|| anyhow!("node {node} is not registered"))?;
-            cluster
-                .settings
-                .routes
-                .to(&format!("{}:{}", n.kafka_host, n.kafka_port))
+            cluster.settings.routes.to(&n.kafka_addr())
         };
         let slot = self.conns.lock().entry(node).or_default().clone();
         let timeout = self.timeout;
