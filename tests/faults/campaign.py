@@ -40,7 +40,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: E402
 from checker import Verdict, check, report  # noqa: E402
 from conftest import WeirDaemon  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
-from nemesis import KINDS, DiskControl, Nemesis, schedule  # noqa: E402
+from nemesis import KINDS, DiskControl, Nemesis, overlapping, schedule  # noqa: E402
 from support import admin, consume_confluent, watermarks  # noqa: E402
 from test_cluster import create_replicated, segment_bytes, start_cluster  # noqa: E402
 from test_pipelines import read_committed  # noqa: E402
@@ -101,6 +101,7 @@ class Options:
     plugin_dir: str = ""
     workdir: Path | None = None
     kinds: tuple = KINDS
+    at_once: int = 1  # faults that hold at the same time (1 or 2)
 
 
 @dataclass
@@ -165,7 +166,8 @@ def run(opts: Options) -> Outcome:
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix=f"weir-faults-seed{opts.seed}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = Log(workdir / "campaign.log")
-    log(f"campaign: seed {opts.seed}, {opts.duration:.0f}s of faults ({','.join(opts.kinds)}), {opts.nodes} nodes, "
+    at_once = " two at once" if opts.at_once == 2 else ""
+    log(f"campaign: seed {opts.seed}, {opts.duration:.0f}s of faults ({','.join(opts.kinds)}){at_once}, {opts.nodes} nodes, "
         f"binary {binary}, work directory {workdir}")
 
     proxies = [FaultProxy(seed=opts.seed * 100 + i, fault_rate=0.0) for i in range(opts.nodes)]
@@ -231,12 +233,20 @@ def run(opts: Options) -> Outcome:
         time.sleep(5)  # the workload before any fault
 
         nemesis = Nemesis(cluster, proxies, TOPIC, log, raft_proxies, disks, links)
-        faults = schedule(opts.seed, opts.nodes, opts.partitions, opts.kinds)
+        if opts.at_once == 2:
+            steps = overlapping(opts.seed, opts.nodes, opts.partitions, opts.kinds)
+        else:
+            steps = ((f, None, 0.0) for f in schedule(opts.seed, opts.nodes, opts.partitions,
+                                                      opts.kinds))
         end = time.monotonic() + opts.duration
         while time.monotonic() < end:
-            fault = next(faults)
-            nemesis.run(fault)
-            time.sleep(min(fault.heal_s, max(0.0, end - time.monotonic())))
+            fault, second, offset_s = next(steps)
+            if second is None:
+                nemesis.run(fault)
+            else:
+                nemesis.run_together(fault, second, offset_s)
+            heal_s = max(fault.heal_s, second.heal_s if second else 0.0)
+            time.sleep(min(heal_s, max(0.0, end - time.monotonic())))
             log(f"progress: {len(history.acked)} acknowledged, {len(history.failed)} failed, "
                 f"{len(history.reads)} read")
 
@@ -462,7 +472,9 @@ def _save_history(workdir: Path, h: History, nemesis: Nemesis | None) -> None:
 def record_row(outcome: Outcome, path: Path = RESULTS) -> None:
     v = outcome.verdict
     failed = ", ".join(sorted(v.violations)) if not v.ok else ""
-    row = (f"| {datetime.date.today().isoformat()} | {outcome.fault_count} ({outcome.faults}) "
+    shape = "".join([", two at once" if outcome.options.at_once == 2 else "",
+                     f", {outcome.options.nodes} nodes" if outcome.options.nodes != 3 else ""])
+    row = (f"| {datetime.date.today().isoformat()} | {outcome.fault_count} ({outcome.faults}){shape} "
            f"| {outcome.options.duration:.0f}s | {outcome.options.seed} | {v.acknowledged} "
            f"| {len(v.lost)} | {len(v.duplicated)} "
            f"| {'pass' if v.ok else 'FAIL: ' + failed} |\n")
@@ -481,6 +493,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=50.0, help="values a second per producer")
     ap.add_argument("--faults", default=",".join(KINDS),
                     help=f"the kinds of fault to draw from (default: all of {','.join(KINDS)})")
+    ap.add_argument("--at-once", type=int, default=1, choices=[1, 2],
+                    help="faults holding at the same time: 2 overlaps pairs of faults on two "
+                         "nodes (default 1)")
     ap.add_argument("--weir-bin", default="")
     ap.add_argument("--plugin-dir", default="",
                     help="where passthrough.wasm is (default: $WEIR_PLUGIN_DIR)")
@@ -495,8 +510,8 @@ def main(argv=None) -> int:
     try:
         outcome = run(Options(seed=seed, duration=args.duration, nodes=args.nodes,
                               partitions=args.partitions, rate=args.rate, weir_bin=args.weir_bin,
-                              plugin_dir=args.plugin_dir,
-                              workdir=args.workdir, kinds=kinds))
+                              plugin_dir=args.plugin_dir, workdir=args.workdir,
+                              kinds=kinds, at_once=args.at_once))
     except Exception as e:
         print(f"campaign: could not run: {e!r}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
-"""Faults, one at a time, in an order drawn from a seeded RNG.
+"""Faults, one at a time or two at once, in an order drawn from a seeded RNG.
 
 The schedule depends on the seed alone: which fault, which target (the leader of a given
 partition, the controller, or a given node), how long it lasts and how long the cluster
-heals before the next one. Which node is "the leader of partition 2" is resolved when the
-fault starts, from the cluster's metadata.
+heals before the next one; with two at once, also which two overlap and when the second
+starts. Which node is "the leader of partition 2" is resolved when the fault starts, from the
+cluster's metadata.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ KINDS = ("kill", "pause", "isolate", "term", "lossy", "restart", "slow", "full",
          "partition", "bridge", "one-way")
 # The kinds that need a proxy on every link between two nodes (the campaign has them).
 LINK_KINDS = ("partition", "bridge", "one-way")
+# The kinds that hold, slow or cut links between nodes: two of them at once would undo each
+# other's proxies, so an overlapping pair has at most one.
+NETWORK_KINDS = ("isolate", "slow") + LINK_KINDS
 
 DESCRIBE = {
     "kill": "kill -9, then restart",
@@ -89,6 +94,38 @@ def schedule(seed: int, nodes: int, partitions: int, kinds=KINDS):
             yield fault
 
 
+def compatible(first: Fault, second: Fault) -> bool:
+    """Whether two faults can hold at once: not a restart of every node, not two faults on the
+    links between nodes."""
+    if "restart" in (first.kind, second.kind):
+        return False
+    return not (first.kind in NETWORK_KINDS and second.kind in NETWORK_KINDS)
+
+
+def overlapping(seed: int, nodes: int, partitions: int, kinds=KINDS):
+    """Endless steps of two faults at once, drawn from `schedule(seed)`: each step is (first,
+    second, offset_s), the second starting offset_s after the first, while the first still
+    holds, on another node. A fault that cannot go with the one before it (see `compatible`)
+    waits for the next step; a restart of every node is a step alone (second None), and so is
+    every step when the kinds cannot overlap at all."""
+    faults = schedule(seed, nodes, partitions, kinds)
+    if all(k == "restart" or k in NETWORK_KINDS for k in kinds):
+        yield from ((f, None, 0.0) for f in faults)
+        return
+    rng = random.Random(seed * 7919 + 1)
+    waiting: list[Fault] = []
+    while True:
+        first = waiting.pop(0) if waiting else next(faults)
+        if first.kind == "restart":
+            yield first, None, 0.0
+            continue
+        second = next(faults)
+        while not compatible(first, second):
+            waiting.append(second)
+            second = next(faults)
+        yield first, second, round(rng.uniform(0.0, first.hold_s * 0.8), 1)
+
+
 class Nemesis:
     """Applies faults to a Cluster whose nodes sit behind FaultProxies."""
 
@@ -104,6 +141,13 @@ class Nemesis:
         self.anomalies: list[str] = []
 
     # -- targets ---------------------------------------------------------------
+    def _elsewhere(self, node: int, avoid: frozenset) -> int:
+        """`node`, or the next one up that is not in `avoid` (nodes a fault already holds)."""
+        count = len(self.cluster.nodes)
+        while node in avoid and len(avoid) < count:
+            node = node % count + 1
+        return node
+
     def resolve(self, fault: Fault) -> int:
         kind = fault.target[0]
         if kind == "node":
@@ -120,8 +164,37 @@ class Nemesis:
         return (fault.target[1] if kind == "leader" else 0) % len(self.cluster.nodes) + 1
 
     # -- faults ----------------------------------------------------------------
-    def run(self, fault: Fault) -> None:
-        node_id = self.resolve(fault)
+    def run_together(self, first: Fault, second: Fault, offset_s: float) -> None:
+        """Two faults at once on two nodes: the second starts offset_s after the first, and
+        this returns when both are undone."""
+        node_a = self.resolve(first)
+        failure: list[BaseException] = []
+
+        def hold_first():
+            try:
+                self.run(first, node_a)
+            except BaseException as e:  # raised again below, in the campaign's thread
+                failure.append(e)
+
+        thread = threading.Thread(target=hold_first, name="nemesis-first")
+        thread.start()
+        try:
+            time.sleep(offset_s)
+            self.log(f"nemesis: a second fault {offset_s:.1f}s into the first")
+            planned = self.resolve(second)
+            node_b = self._elsewhere(planned, frozenset({node_a}))
+            if node_b != planned:
+                self.log(f"nemesis: node {node_a} has the first fault; the second goes to node "
+                         f"{node_b}")
+            self.run(second, node_b)
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]
+
+    def run(self, fault: Fault, node_id: int | None = None) -> None:
+        if node_id is None:
+            node_id = self.resolve(fault)
         node = self.cluster.node(node_id)
         proxy = self.proxies[node_id - 1]
         self.injected.append((time.monotonic(), fault, node_id))

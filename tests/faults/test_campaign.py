@@ -14,12 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import campaign  # noqa: E402
 from nemesis import KINDS, LINK_KINDS  # noqa: E402
 
-# Fixed seeds and the kinds each draws from; four to six faults each in a minute, and between
-# them every kind of fault (seed 1: restart, slow, full, lossy; 3: pause, restart, slow, kill,
-# slow-disk, lossy; 5: isolate the controller, term, pause, kill, slow-disk, full; 7: the
-# partitions of links between nodes: one-way, partition, bridge, isolate).
+# Fixed seeds, the kinds each draws from and how many faults hold at once; four to six faults
+# each in a minute, and between them every kind of fault (seed 1: restart, slow, full, lossy;
+# 3: pause, restart, slow, kill, slow-disk, lossy; 5: isolate the controller, term, pause, kill,
+# slow-disk, full; 7: the partitions of links between nodes: one-way, partition, bridge,
+# isolate; 9: pairs on two nodes: slow-disk with slow, term with one-way, kill with bridge).
 NODE_KINDS = tuple(k for k in KINDS if k not in LINK_KINDS)
-SEEDS = [(1, NODE_KINDS), (3, NODE_KINDS), (5, NODE_KINDS), (7, LINK_KINDS + ("isolate",))]
+SEEDS = [(1, NODE_KINDS, 1), (3, NODE_KINDS, 1), (5, NODE_KINDS, 1),
+         (7, LINK_KINDS + ("isolate",), 1), (9, KINDS, 2)]
 DURATION_S = float(os.environ.get("WEIR_FAULTS_SHORT_S", "60"))
 
 
@@ -41,11 +43,13 @@ def plugin_dir() -> str:
     return path
 
 
-@pytest.mark.parametrize("seed,kinds", SEEDS, ids=[str(s) for s, _ in SEEDS])
-def test_no_acknowledged_value_is_lost_under_faults(seed, kinds, weir_bin, plugin_dir, tmp_path):
+@pytest.mark.parametrize("seed,kinds,at_once", SEEDS,
+                         ids=[f"{s}" if n == 1 else f"{s}-{n}-at-once" for s, _, n in SEEDS])
+def test_no_acknowledged_value_is_lost_under_faults(seed, kinds, at_once, weir_bin, plugin_dir,
+                                                    tmp_path):
     outcome = campaign.run(campaign.Options(seed=seed, duration=DURATION_S, weir_bin=weir_bin,
                                             plugin_dir=plugin_dir, workdir=tmp_path,
-                                            kinds=kinds))
+                                            kinds=kinds, at_once=at_once))
     if not outcome.verdict.ok:
         logs = "\n".join(f"--- {p.name} (last 40 lines) ---\n" +
                          "\n".join(p.read_text(errors="replace").splitlines()[-40:])
