@@ -44,6 +44,7 @@ pub struct Instruments {
     pub offset_commits: IntCounterVec,
     pub transactions: IntCounterVec,
     pub transaction_timeouts: IntCounter,
+    pub hanging_transactions_aborted: IntCounter,
     pub plugin_calls: IntCounterVec,
     pub plugin_records_in: IntCounterVec,
     pub plugin_records_out: IntCounterVec,
@@ -161,6 +162,11 @@ impl Instruments {
                 "Transactions the coordinator aborted for exceeding their timeout (also counted as aborted).",
             )
             .expect("valid metric"),
+            hanging_transactions_aborted: IntCounter::new(
+                "weir_hanging_transactions_aborted_total",
+                "Transactions found open in a partition that their coordinator did not hold open there, and aborted.",
+            )
+            .expect("valid metric"),
             plugin_calls: counter(
                 "weir_plugin_calls_total",
                 "Batches a pipeline's WASM plugin was called with, by pipeline and plugin.",
@@ -225,6 +231,7 @@ impl Instruments {
             Box::new(m.offset_commits.clone()),
             Box::new(m.transactions.clone()),
             Box::new(m.transaction_timeouts.clone()),
+            Box::new(m.hanging_transactions_aborted.clone()),
             Box::new(m.plugin_calls.clone()),
             Box::new(m.plugin_records_in.clone()),
             Box::new(m.plugin_records_out.clone()),

@@ -5,6 +5,7 @@ partitions, acks=all with min.insync.replicas, in-sync set shrink and growth, an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from conftest import WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
                      consume_kcat,
                      produce_confluent, wait_until)
+from test_pipelines import read_committed
 
 # Short timings so failures show within seconds on a busy 2-core machine.
 CLUSTER_YAML = """\
@@ -58,14 +60,14 @@ class Cluster:
 
 def start_cluster(weir_factory, size: int, proxies: list | None = None,
                   extra_args: tuple[str, ...] = (), raft_proxies: list | None = None,
-                  links: dict | None = None) -> Cluster:
+                  links: dict | None = None, config_yaml: str = "") -> Cluster:
     """`proxies`: one FaultProxy a node, whose port the node advertises to clients and to
     the other nodes' followers. `raft_proxies`: one (kafka=False) a node in front of its
     cluster listener, whose port the voter list gives, so the other nodes' Raft and cluster
     traffic to it goes through the proxy. `links` (with both of those): a (Kafka, cluster)
     pair of proxies for each ordered pair of node ids (a, b); node a dials b through them
     (its `peer_routes`), so that every link between two nodes, in each direction, can fail
-    on its own. `extra_args` are given to every node."""
+    on its own. `extra_args` and the settings in `config_yaml` are given to every node."""
     raft_ports = _pick_free_ports(size)
     if raft_proxies:
         for proxy, port in zip(raft_proxies, raft_ports):
@@ -74,7 +76,7 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None,
     voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(voter_ports))
     nodes = []
     for i in range(size):
-        yaml = CLUSTER_YAML
+        yaml = CLUSTER_YAML + config_yaml
         if proxies:
             yaml += f"advertised_port: {proxies[i].port}\n"
         if links:
@@ -733,6 +735,51 @@ def test_a_transactional_loop_survives_its_coordinator_node_dying(cluster):
     assert sorted(out) == [f"out-{i:05d}".encode() for i in range(n)], \
         f"{n - len(set(out))} input value(s) missing from the output"
     wait_replicas_identical(cluster, "txn-out", partitions)
+
+
+def test_a_hanging_transaction_is_aborted(weir_factory):
+    """A transaction open in a partition that its coordinator does not know (here every copy
+    of `__transaction_state` is lost while the cluster is down) would hold the partition's
+    last stable offset, and every read_committed consumer, for good. The coordinator finds it
+    through the leaders' DescribeProducers and aborts it once its producer has been silent
+    for the longest transaction timeout."""
+    from test_exactly_once import txn_producer
+    cluster = start_cluster(weir_factory, 3, config_yaml="transaction_max_timeout_ms: 4000\n")
+    create_replicated(cluster, "ledger", 1, config={"min.insync.replicas": "2"})
+    producer = txn_producer(cluster.bootstrap, "ledger-app", **{"transaction.timeout.ms": 4000})
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce("ledger", value=f"open-{i}".encode(), partition=0)
+    producer.flush(30)
+    # Down before the transaction times out: only the partition remembers it.
+    for n in cluster.nodes:
+        n.kill()
+    del producer
+    for n in cluster.nodes:
+        state = n.data_dir / "__transaction_state-0"
+        assert state.is_dir(), f"{n.name} has no {state.name}"
+        shutil.rmtree(state)
+    cluster.start()
+    later = produce_confluent(cluster.bootstrap, "ledger",
+                              [Outgoing(value=f"plain-{i}".encode(), partition=0)
+                               for i in range(5)])
+    assert [r.offset for r in later] == [3, 4, 5, 6, 7]
+    # Held back at offset 0 until the coordinator aborts the transaction, then readable;
+    # the transaction's records never are.
+    wait_until(lambda: [v for _, _, _, v, _ in read_committed(cluster.bootstrap, "ledger")] ==
+               [f"plain-{i}".encode() for i in range(5)], 90,
+               message="read_committed to reach past the hanging transaction")
+    aborted = sum(metric(n, "weir_hanging_transactions_aborted_total") for n in cluster.nodes)
+    assert aborted == 1, f"{aborted} hanging transactions aborted"
+    wait_replicas_identical(cluster, "ledger", 1)
+
+
+def metric(node: WeirDaemon, name: str) -> float:
+    """A counter without labels from the node's /metrics."""
+    for line in requests.get(f"{node.http_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{node.name} has no {name}")
 
 
 def test_kafka_python_and_kcat_follow_a_leader_change(cluster, kcat_bin):

@@ -229,3 +229,36 @@ def test_transactional_message_copier(kweir, tmp_path):
     consumed = sum(json.loads(line)["count"] for line in got.splitlines()
                    if '"records_consumed"' in line)
     assert consumed == 500
+
+
+def test_transactions_command_finds_and_aborts_an_open_transaction(kweir):
+    """TransactionsCommand (KIP-664): describe-producers shows where an open transaction
+    starts, find-hanging does not report one its coordinator holds, and abort ends it with a
+    marker (WriteTxnMarkers), after which read_committed consumers get past it."""
+    from test_exactly_once import txn_producer
+    from test_pipelines import read_committed
+    from support import Outgoing, produce_confluent
+    bs = kweir.bootstrap
+    txns = "org.apache.kafka.tools.TransactionsCommand"
+    create_topic(bs, "kt-txn", partitions=1)
+    producer = txn_producer(bs, "kt-app")
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce("kt-txn", value=f"open-{i}".encode(), partition=0)
+    producer.flush(30)
+
+    out = tool(txns, "--bootstrap-server", bs, "describe-producers", "--topic", "kt-txn",
+               "--partition", "0")
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    assert lines[0][-1] == "CurrentTransactionStartOffset", out
+    assert [row[-1] for row in lines[1:]] == ["0"], out
+
+    out = tool(txns, "--bootstrap-server", bs, "find-hanging", "--topic", "kt-txn",
+               "--max-transaction-timeout", "0")
+    assert "kt-txn" not in out, f"a transaction its coordinator holds reported as hanging:\n{out}"
+
+    tool(txns, "--bootstrap-server", bs, "abort", "--topic", "kt-txn", "--partition", "0",
+         "--start-offset", "0")
+    produce_confluent(bs, "kt-txn", [Outgoing(value=b"plain", partition=0)])
+    assert [v for _, _, _, v, _ in read_committed(bs, "kt-txn")] == [b"plain"]
+    del producer

@@ -836,6 +836,13 @@ mod tests {
                     ApiKey::ListTransactions => RequestKind::ListTransactions(
                         ListTransactionsRequest::default().with_state_filters(vec![sb("Empty"), sb("Bogus")]),
                     ),
+                    ApiKey::DescribeProducers => RequestKind::DescribeProducers(
+                        DescribeProducersRequest::default().with_topics(vec![
+                            describe_producers_request::TopicRequest::default()
+                                .with_name(name(&t))
+                                .with_partition_indexes(vec![0, 99]),
+                        ]),
+                    ),
                     ApiKey::OffsetForLeaderEpoch => RequestKind::OffsetForLeaderEpoch(
                         OffsetForLeaderEpochRequest::default().with_topics(vec![
                             offset_for_leader_epoch_request::OffsetForLeaderTopic::default()

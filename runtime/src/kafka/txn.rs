@@ -1,9 +1,13 @@
 //! Producer ids and transactions: InitProducerId, AddPartitionsToTxn, AddOffsetsToTxn,
-//! TxnOffsetCommit, EndTxn, and DescribeTransactions / ListTransactions for operators.
+//! TxnOffsetCommit, EndTxn, and DescribeTransactions / ListTransactions / DescribeProducers for
+//! operators.
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::describe_producers_response::{
+    PartitionResponse, ProducerState, TopicResponse,
 };
 use kafka_protocol::messages::describe_transactions_response::{TopicData, TransactionState};
 use kafka_protocol::messages::list_transactions_response::TransactionState as ListedTxn;
@@ -12,16 +16,18 @@ use kafka_protocol::messages::txn_offset_commit_response::{
 };
 use kafka_protocol::messages::{
     AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest,
-    AddPartitionsToTxnResponse, DescribeTransactionsRequest, DescribeTransactionsResponse,
-    EndTxnRequest, EndTxnResponse, InitProducerIdRequest, InitProducerIdResponse,
-    ListTransactionsRequest, ListTransactionsResponse, ProducerId, TopicName, TransactionalId,
-    TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    AddPartitionsToTxnResponse, DescribeProducersRequest, DescribeProducersResponse,
+    DescribeTransactionsRequest, DescribeTransactionsResponse, EndTxnRequest, EndTxnResponse,
+    InitProducerIdRequest, InitProducerIdResponse, ListTransactionsRequest,
+    ListTransactionsResponse, ProducerId, TopicName, TransactionalId, TxnOffsetCommitRequest,
+    TxnOffsetCommitResponse,
 };
 
 use super::apis::RequestContext;
 use super::groups::{partition_code, requested_offset};
 use super::{str_bytes, Broker};
 use crate::group::{self, CommittedOffset};
+use crate::log::producer_state::ActiveProducer;
 use crate::now_ms;
 use crate::security::acl::{Operation, ResourceType};
 use crate::txn::ProducerRef;
@@ -419,4 +425,80 @@ pub async fn list_transactions(
     ListTransactionsResponse::default()
         .with_unknown_state_filters(unknown)
         .with_transaction_states(listed)
+}
+
+/// DescribeProducers (KIP-664): the producers each partition this node leads remembers, and the
+/// first offset of any transaction they hold open there; what `kafka-transactions.sh
+/// describe-producers` and `find-hanging` read. The last timestamp is when this node last
+/// appended for the producer (Kafka gives its last batch's timestamp); coordinator epochs are
+/// not kept (-1).
+pub fn describe_producers(
+    broker: &Broker,
+    ctx: &RequestContext,
+    req: DescribeProducersRequest,
+) -> DescribeProducersResponse {
+    let topics = req
+        .topics
+        .into_iter()
+        .map(|t| {
+            let refused = broker.refusal(ctx, Operation::Read, ResourceType::Topic, &t.name.0);
+            let partitions = t
+                .partition_indexes
+                .iter()
+                .map(|&index| {
+                    let answer = PartitionResponse::default().with_partition_index(index);
+                    let found = match refused {
+                        Some(e) => Err(e),
+                        None => broker.producers_here(&t.name.0, index),
+                    };
+                    match found {
+                        Ok(producers) => answer
+                            .with_active_producers(producers.iter().map(producer_state).collect()),
+                        Err(e) => answer.with_error_code(e.code()),
+                    }
+                })
+                .collect();
+            TopicResponse::default()
+                .with_name(t.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    DescribeProducersResponse::default().with_topics(topics)
+}
+
+fn producer_state(p: &ActiveProducer) -> ProducerState {
+    ProducerState::default()
+        .with_producer_id(ProducerId(p.producer_id))
+        .with_producer_epoch(p.producer_epoch as i32)
+        .with_last_sequence(p.last_sequence)
+        .with_last_timestamp(p.last_write_ms)
+        .with_coordinator_epoch(-1)
+        .with_current_txn_start_offset(p.txn_first_offset.unwrap_or(-1))
+}
+
+/// The inverse of [`producer_state`], for a DescribeProducers answer from another node.
+pub fn active_producer(p: &ProducerState) -> ActiveProducer {
+    ActiveProducer {
+        producer_id: p.producer_id.0,
+        producer_epoch: p.producer_epoch as i16,
+        last_sequence: p.last_sequence,
+        last_write_ms: p.last_timestamp,
+        txn_first_offset: (p.current_txn_start_offset >= 0).then_some(p.current_txn_start_offset),
+    }
+}
+
+impl Broker {
+    /// The producers of a partition this node leads (NOT_LEADER_OR_FOLLOWER elsewhere).
+    pub fn producers_here(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Vec<ActiveProducer>, ResponseError> {
+        let p = self
+            .log
+            .partition(topic, partition)
+            .ok_or(ResponseError::UnknownTopicOrPartition)?;
+        self.leadership(topic, partition)?;
+        Ok(p.active_producers())
+    }
 }

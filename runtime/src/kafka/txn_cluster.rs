@@ -1,14 +1,16 @@
 //! Transactions across the nodes of a cluster. The coordinator (the leader of
 //! `__transaction_state`) has each partition's leader write its markers with WriteTxnMarkers,
-//! as Kafka's coordinator does; a partition leader checks a transactional batch against a
-//! coordinator on another node with DescribeTransactions (KIP-890's verification).
+//! as Kafka's coordinator does, and asks the leaders for their open transactions with
+//! DescribeProducers (to find hanging ones); a partition leader checks a transactional batch
+//! against a coordinator on another node with DescribeTransactions (KIP-890's verification).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::anyhow;
 use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::describe_producers_request::TopicRequest;
 use kafka_protocol::messages::write_txn_markers_request::{
     WritableTxnMarker, WritableTxnMarkerTopic,
 };
@@ -16,8 +18,8 @@ use kafka_protocol::messages::write_txn_markers_response::{
     WritableTxnMarkerPartitionResult, WritableTxnMarkerResult, WritableTxnMarkerTopicResult,
 };
 use kafka_protocol::messages::{
-    DescribeTransactionsRequest, ProducerId, TopicName, TransactionalId, WriteTxnMarkersRequest,
-    WriteTxnMarkersResponse,
+    DescribeProducersRequest, DescribeTransactionsRequest, ProducerId, TopicName, TransactionalId,
+    WriteTxnMarkersRequest, WriteTxnMarkersResponse,
 };
 use kafka_protocol::protocol::Request;
 use parking_lot::Mutex;
@@ -27,6 +29,7 @@ use super::{str_bytes, Broker};
 use crate::client::Connection;
 use crate::cluster::image::{Command, NodeId};
 use crate::cluster::Cluster;
+use crate::log::producer_state::ActiveProducer;
 use crate::security::acl::{Operation, ResourceType, CLUSTER_NAME};
 use crate::txn::{ClusterLink, Marker, ProducerRef};
 
@@ -312,6 +315,68 @@ impl ClusterLink for ClusterTxnLink {
 
     async fn state_replicated(&self) -> Result<(), ResponseError> {
         self.broker()?.internal_replicated(crate::txn::TOPIC).await
+    }
+
+    async fn open_transactions(&self) -> Vec<(String, i32, ActiveProducer)> {
+        let Ok(broker) = self.broker() else {
+            return Vec::new();
+        };
+        let mut by_leader: BTreeMap<NodeId, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
+        for (name, t) in &self.cluster.image().topics {
+            for (i, p) in t
+                .partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.leader >= 0)
+            {
+                let topics = by_leader.entry(p.leader).or_default();
+                topics.entry(name.clone()).or_default().push(i as i32);
+            }
+        }
+        let mut open = Vec::new();
+        for (node, topics) in by_leader {
+            if node == broker.node_id {
+                for (topic, partition) in topics
+                    .iter()
+                    .flat_map(|(t, ps)| ps.iter().map(move |p| (t, *p)))
+                {
+                    for producer in broker.producers_here(topic, partition).unwrap_or_default() {
+                        open.push((topic.clone(), partition, producer));
+                    }
+                }
+                continue;
+            }
+            let req = DescribeProducersRequest::default().with_topics(
+                topics
+                    .into_iter()
+                    .map(|(name, partitions)| {
+                        TopicRequest::default()
+                            .with_name(TopicName(str_bytes(name)))
+                            .with_partition_indexes(partitions)
+                    })
+                    .collect(),
+            );
+            let resp = match broker.peers.call(&self.cluster, node, &req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "DescribeProducers failed");
+                    continue;
+                }
+            };
+            for t in resp.topics {
+                for p in t.partitions.iter().filter(|p| p.error_code == 0) {
+                    for producer in &p.active_producers {
+                        open.push((
+                            t.name.0.to_string(),
+                            p.partition_index,
+                            super::txn::active_producer(producer),
+                        ));
+                    }
+                }
+            }
+        }
+        open.retain(|(_, _, p)| p.txn_first_offset.is_some());
+        open
     }
 }
 

@@ -22,7 +22,8 @@ use super::batch::{self, BatchError, BatchView};
 use super::config::LogConfig;
 use super::epoch::EpochCache;
 use super::producer_state::{
-    self, AbortedTxn, Admission, Origin, ProducerError, ProducerState, MARKER_COMMIT,
+    self, AbortedTxn, ActiveProducer, Admission, Origin, ProducerError, ProducerState,
+    MARKER_COMMIT,
 };
 use super::segment::{AppendedBatch, Segment};
 use super::write_atomically;
@@ -360,16 +361,52 @@ impl Partition {
         self.append_checked(&mut chunk, &ranges, Origin::Coordinator)
     }
 
+    /// Aborts the transaction `seen` open here if it still is, its producer silent since
+    /// before `idle_before_ms`: checked under the lock the marker is written under, so a write
+    /// that arrives meanwhile keeps the transaction open. None when it no longer hangs.
+    pub fn abort_if_hanging(
+        &self,
+        seen: &ActiveProducer,
+        idle_before_ms: i64,
+    ) -> Result<Option<AppendInfo>, AppendError> {
+        let mut chunk =
+            batch::marker_batch(seen.producer_id, seen.producer_epoch, false, -1, now_ms());
+        let ranges = [(0, chunk.len())];
+        self.append_checked_if(&mut chunk, &ranges, Origin::Coordinator, |producers| {
+            producers.still_hanging(seen, idle_before_ms)
+        })
+    }
+
+    /// Every producer this partition remembers (DescribeProducers).
+    pub fn active_producers(&self) -> Vec<ActiveProducer> {
+        self.log.lock().producers.active_producers()
+    }
+
     fn append_checked(
         &self,
         chunk: &mut [u8],
         ranges: &[(usize, usize)],
         origin: Origin,
     ) -> Result<AppendInfo, AppendError> {
+        self.append_checked_if(chunk, ranges, origin, |_| true)
+            .map(|info| info.expect("appended unconditionally"))
+    }
+
+    /// Appends if `condition` holds for the producer state, under the append's lock.
+    fn append_checked_if(
+        &self,
+        chunk: &mut [u8],
+        ranges: &[(usize, usize)],
+        origin: Origin,
+        condition: impl FnOnce(&ProducerState) -> bool,
+    ) -> Result<Option<AppendInfo>, AppendError> {
         let info = {
             let mut log = self.log.lock();
             if log.follower {
                 return Err(AppendError::NotLeader);
+            }
+            if !condition(&log.producers) {
+                return Ok(None);
             }
             if let [(s, e)] = *ranges {
                 let view = BatchView::new(&chunk[s..e]);
@@ -378,13 +415,13 @@ impl Partition {
                     last_offset,
                 } = log.producers.check(&view, origin)?
                 {
-                    return Ok(AppendInfo {
+                    return Ok(Some(AppendInfo {
                         base_offset: first_offset,
                         last_offset,
                         log_start_offset: *log.segments.keys().next().unwrap(),
                         needs_fsync: log.config.fsync_before_ack(),
                         duplicate: true,
-                    });
+                    }));
                 }
             }
             let info = log.append_validated(&self.dir, chunk, ranges)?;
@@ -407,7 +444,7 @@ impl Partition {
         self.log_start_offset
             .store(info.log_start_offset, Ordering::Release);
         self.wake_waiters();
-        Ok(info)
+        Ok(Some(info))
     }
 
     /// Appends batches copied verbatim from the leader (follower side of replication): their

@@ -42,6 +42,19 @@ struct ProducerEntry {
     last_write_ms: i64,
 }
 
+/// One producer as DescribeProducers shows it (KIP-664).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveProducer {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// The sequence of its last record here; -1 when its batches carried none.
+    pub last_sequence: i32,
+    /// Wall-clock time of its last write here.
+    pub last_write_ms: i64,
+    /// First offset of its transaction open here.
+    pub txn_first_offset: Option<i64>,
+}
+
 /// A transaction that was aborted: its records from `first_offset` up to the marker at
 /// `last_offset` must be skipped by read_committed consumers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +281,34 @@ impl ProducerState {
             .collect()
     }
 
+    /// Every producer remembered here, by producer id.
+    pub fn active_producers(&self) -> Vec<ActiveProducer> {
+        let mut out: Vec<ActiveProducer> = self
+            .producers
+            .iter()
+            .map(|(&producer_id, e)| ActiveProducer {
+                producer_id,
+                producer_epoch: e.epoch,
+                last_sequence: e.batches.back().map_or(-1, |b| b.last_seq),
+                last_write_ms: e.last_write_ms,
+                txn_first_offset: e.txn_first_offset,
+            })
+            .collect();
+        out.sort_by_key(|p| p.producer_id);
+        out
+    }
+
+    /// Whether the transaction `seen` open is still open as it was, with no write from its
+    /// producer here since before `idle_before_ms`.
+    pub fn still_hanging(&self, seen: &ActiveProducer, idle_before_ms: i64) -> bool {
+        seen.txn_first_offset.is_some()
+            && self.producers.get(&seen.producer_id).is_some_and(|e| {
+                e.epoch == seen.producer_epoch
+                    && e.txn_first_offset == seen.txn_first_offset
+                    && e.last_write_ms < idle_before_ms
+            })
+    }
+
     /// Aborted transactions that overlap [from, to).
     pub fn aborted_between(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
         self.aborted
@@ -416,6 +457,51 @@ mod tests {
             append(&mut s, &batch(2, 0, 0, 1, false, 2)),
             Ok(Admission::Append)
         );
+    }
+
+    #[test]
+    fn a_transaction_hangs_only_while_it_stays_as_it_was_seen() {
+        let mut s = ProducerState::default();
+        let at = |s: &mut ProducerState, bytes: &[u8], now: i64| {
+            let v = BatchView::new(bytes);
+            s.check(&v, Origin::Client).unwrap();
+            s.record_batch(&v, now);
+        };
+        at(&mut s, &batch(1, 0, 0, 2, true, 10), 1_000);
+        at(&mut s, &batch(2, 0, 0, 1, false, 12), 1_000);
+        let seen = s.active_producers();
+        assert_eq!(
+            seen,
+            vec![
+                ActiveProducer {
+                    producer_id: 1,
+                    producer_epoch: 0,
+                    last_sequence: 1,
+                    last_write_ms: 1_000,
+                    txn_first_offset: Some(10),
+                },
+                ActiveProducer {
+                    producer_id: 2,
+                    producer_epoch: 0,
+                    last_sequence: 0,
+                    last_write_ms: 1_000,
+                    txn_first_offset: None,
+                },
+            ]
+        );
+        let txn = seen[0];
+        assert!(s.still_hanging(&txn, 2_000));
+        // Written to too recently, or not in a transaction at all: not hanging.
+        assert!(!s.still_hanging(&txn, 1_000));
+        assert!(!s.still_hanging(&seen[1], 2_000));
+        // A write after it was seen keeps it open.
+        at(&mut s, &batch(1, 0, 2, 1, true, 13), 5_000);
+        assert!(!s.still_hanging(&txn, 2_000));
+        // Ended and opened again: another transaction, not the one seen.
+        s.record_marker(1, 0, false, 14, 5_000);
+        at(&mut s, &batch(1, 0, 3, 1, true, 15), 5_000);
+        assert!(!s.still_hanging(&txn, 9_000));
+        assert!(s.still_hanging(&s.active_producers()[0], 9_000));
     }
 
     #[test]

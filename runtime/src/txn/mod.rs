@@ -28,7 +28,8 @@ use crate::group::{self, GroupCoordinator};
 use crate::log::batch::ProducerFields;
 use crate::log::internal::{InternalTopic, KeyValue};
 use crate::log::manager::LogManager;
-use crate::log::partition::{AppendError, Partition};
+use crate::log::partition::{AppendError, AppendInfo, Partition};
+use crate::log::producer_state::ActiveProducer;
 use crate::now_ms;
 
 pub const TOPIC: &str = "__transaction_state";
@@ -142,6 +143,9 @@ pub trait ClusterLink: Send + Sync {
     ) -> Result<(), ResponseError>;
     /// Waits until the in-sync replicas of `__transaction_state` hold what this node wrote.
     async fn state_replicated(&self) -> Result<(), ResponseError>;
+    /// The producers holding a transaction open in each partition, asked of the partitions'
+    /// leaders; partitions whose leader does not answer are left out.
+    async fn open_transactions(&self) -> Vec<(String, i32, ActiveProducer)>;
 }
 
 pub struct TxnCoordinator {
@@ -544,13 +548,101 @@ impl TxnCoordinator {
     /// Aborts transactions open longer than their timeout (fencing their producer) and forgets
     /// transactional ids idle past the expiration, every second until `shutdown`.
     pub async fn run_timers(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        // A quarter of the longest transaction timeout, between a second and a minute.
+        let scan_every = Duration::from_millis((self.settings.max_timeout_ms / 4) as u64)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut last_scan = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
             self.tick(now_ms()).await;
+            if last_scan.elapsed() >= scan_every && self.is_active() {
+                self.abort_hanging_transactions(now_ms()).await;
+                last_scan = tokio::time::Instant::now();
+            }
         }
+    }
+
+    /// Hanging transactions (KIP-664's name): open in a partition, but not held open there by
+    /// this coordinator, because its record was lost or a write reached the partition after the
+    /// transaction's abort marker. One would hold back the partition's last stable offset, and
+    /// every read_committed consumer, for good. Once its producer has been silent there for
+    /// longer than the longest transaction timeout (every transaction the coordinator holds
+    /// ends within it, or is being ended), it is aborted, as `kafka-transactions.sh abort`
+    /// would. Runs under the coordinator's lock, so no transaction takes the partition
+    /// meanwhile. Returns how many were aborted.
+    pub async fn abort_hanging_transactions(&self, now: i64) -> usize {
+        let idle_before = now - self.settings.max_timeout_ms as i64;
+        let open = match self.cluster.get() {
+            Some(c) => c.open_transactions().await,
+            None => self
+                .log
+                .topics()
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .flat_map(|p| {
+                    p.active_producers()
+                        .into_iter()
+                        .map(|producer| (p.topic.to_string(), p.id, producer))
+                })
+                .collect(),
+        };
+        let suspects: Vec<_> = open
+            .into_iter()
+            .filter(|(_, _, p)| p.txn_first_offset.is_some() && p.last_write_ms < idle_before)
+            .collect();
+        if suspects.is_empty() {
+            return 0;
+        }
+        let inner = self.inner.lock().await;
+        if !self.is_active() {
+            return 0;
+        }
+        let mut aborted = 0;
+        for (topic, partition, seen) in suspects {
+            let key = (topic.clone(), partition);
+            let held = inner.txns.values().any(|m| {
+                m.producer_id == seen.producer_id
+                    && matches!(
+                        m.state,
+                        TxnState::Ongoing | TxnState::PrepareCommit | TxnState::PrepareAbort
+                    )
+                    && m.partitions.contains(&key)
+            });
+            if held {
+                continue;
+            }
+            tracing::warn!(%topic, partition, producer_id = seen.producer_id, producer_epoch = seen.producer_epoch, first_offset = seen.txn_first_offset, idle_ms = now - seen.last_write_ms, "aborting a hanging transaction");
+            let result = match self.cluster.get() {
+                Some(c) => {
+                    let marker = Marker {
+                        producer_id: seen.producer_id,
+                        producer_epoch: seen.producer_epoch,
+                        commit: false,
+                    };
+                    c.write_marker(&topic, partition, marker)
+                        .await
+                        .map(|_| true)
+                }
+                None => match self.log.partition(&topic, partition) {
+                    Some(p) => self.abort_hanging(&p, &seen, idle_before).await,
+                    None => Ok(false),
+                },
+            };
+            match result {
+                Ok(true) => {
+                    crate::metrics::get().hanging_transactions_aborted.inc();
+                    aborted += 1;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%topic, partition, producer_id = seen.producer_id, error = ?e, "cannot abort a hanging transaction yet")
+                }
+            }
+        }
+        aborted
     }
 
     async fn tick(&self, now: i64) {
@@ -719,6 +811,40 @@ impl TxnCoordinator {
                 coordinator_epoch,
             )
             .map_err(|e| crate::kafka::append_error_code(&e))?;
+        self.marker_written(partition, marker, info).await
+    }
+
+    /// Aborts a transaction found open in `partition` that no coordinator knows of, if it is
+    /// still open as it was seen (see [`Partition::abort_if_hanging`]). Whether it was aborted.
+    pub async fn abort_hanging(
+        &self,
+        partition: &Partition,
+        seen: &ActiveProducer,
+        idle_before_ms: i64,
+    ) -> Result<bool, ResponseError> {
+        let Some(info) = partition
+            .abort_if_hanging(seen, idle_before_ms)
+            .map_err(|e| crate::kafka::append_error_code(&e))?
+        else {
+            return Ok(false);
+        };
+        let marker = Marker {
+            producer_id: seen.producer_id,
+            producer_epoch: seen.producer_epoch,
+            commit: false,
+        };
+        self.marker_written(partition, marker, info).await?;
+        Ok(true)
+    }
+
+    /// What follows a marker's append: its fsync where the partition wants one, and the
+    /// group coordinator told of transactional offset commits ending.
+    async fn marker_written(
+        &self,
+        partition: &Partition,
+        marker: Marker,
+        info: AppendInfo,
+    ) -> Result<(), ResponseError> {
         if info.needs_fsync {
             partition
                 .flush_to(info.last_offset + 1)

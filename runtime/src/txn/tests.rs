@@ -335,6 +335,18 @@ impl ClusterLink for OneLogCluster {
     async fn state_replicated(&self) -> Result<(), ResponseError> {
         Ok(())
     }
+
+    async fn open_transactions(&self) -> Vec<(String, i32, ActiveProducer)> {
+        let mut open = Vec::new();
+        for t in self.log.topics() {
+            for p in &t.partitions {
+                for producer in p.active_producers() {
+                    open.push((t.name.to_string(), p.id, producer));
+                }
+            }
+        }
+        open
+    }
 }
 
 async fn state_of(txns: &TxnCoordinator, id: &str) -> TxnState {
@@ -407,4 +419,63 @@ async fn in_a_cluster_a_decided_transaction_ends_once_its_markers_land() {
     );
     node.txns.set_active(true).await.unwrap();
     assert_eq!(state_of(&node.txns, "app").await, TxnState::CompleteCommit);
+}
+
+#[tokio::test]
+async fn hanging_transactions_are_aborted_and_held_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("t", 1, -1, Default::default())
+        .unwrap();
+    node.log
+        .create_topic("u", 1, -1, Default::default())
+        .unwrap();
+    let part = node.log.partition("t", 0).unwrap();
+    let held = node
+        .txns
+        .init_producer_id(Some("held"), 60_000, None)
+        .await
+        .unwrap();
+    node.txns
+        .add_partitions("held", held, tp("t"))
+        .await
+        .unwrap();
+    write(&node.log, "t", held, 0, &["a"]);
+    // A write no coordinator knows of (its record lost): it holds the stable offset.
+    let lost = ProducerRef { id: 77, epoch: 3 };
+    write(&node.log, "t", lost, 0, &["b", "c"]);
+    write(&node.log, "u", lost, 0, &["d"]);
+    assert_eq!(part.last_stable_offset(), 0);
+
+    // Not silent for the longest transaction timeout yet: left alone.
+    assert_eq!(node.txns.abort_hanging_transactions(now_ms()).await, 0);
+    // Later: the two writes of the lost transaction are aborted, the held one is not.
+    let later = now_ms() + TxnSettings::default().max_timeout_ms as i64 + 1;
+    assert_eq!(node.txns.abort_hanging_transactions(later).await, 2);
+    assert_eq!(part.open_transactions(), vec![(held.id, held.epoch, 0)]);
+    assert!(part.is_aborted(lost.id, 1));
+    assert!(node
+        .log
+        .partition("u", 0)
+        .unwrap()
+        .open_transactions()
+        .is_empty());
+    // The held transaction commits as usual.
+    node.txns.end_txn("held", held, true).await.unwrap();
+    assert_eq!(part.last_stable_offset(), part.high_watermark());
+    assert!(!part.is_aborted(held.id, 0));
+
+    // The same on a cluster, where the leaders are asked for their open transactions.
+    let lost = ProducerRef { id: 78, epoch: 0 };
+    write(&node.log, "t", lost, 0, &["e"]);
+    let link = Arc::new(OneLogCluster {
+        log: node.log.clone(),
+        reachable: AtomicBool::new(true),
+    });
+    node.txns.join_cluster(link);
+    node.txns.set_active(true).await.unwrap();
+    let later = now_ms() + TxnSettings::default().max_timeout_ms as i64 + 1;
+    assert_eq!(node.txns.abort_hanging_transactions(later).await, 1);
+    assert!(part.open_transactions().is_empty());
 }
