@@ -112,6 +112,7 @@ class Outcome:
     fault_count: int
     workdir: Path
     elapsed: float
+    copier_restarts: int = 0  # the transactional copier killed in a hung call, started again
 
     def summary(self) -> str:
         v = self.verdict
@@ -198,6 +199,7 @@ def run(opts: Options) -> Outcome:
     input_file = workdir / "input" / "lines.log"
     input_file.parent.mkdir(exist_ok=True)
     nemesis: Nemesis | None = None
+    copier_restarts = 0
     extra: dict[str, list[str]] = {}
     pipelines = workdir / "pipelines"
     pipelines.mkdir(exist_ok=True)
@@ -276,10 +278,12 @@ def run(opts: Options) -> Outcome:
         log(f"final read: {len(history.final_log)} records; group offsets {history.final_commits}")
         history.final_copy = _wait_copied(bootstrap, COPY, len(history.final_log), log)
         history.final_txn_copy = _wait_copied(bootstrap, TXN_COPY, len(history.final_log), log)
+        copier_restarts = txn_clients[0].restarts
         for c in txn_clients:
             c.stop()
         txn_clients = []
-        log(f"the transactional copier: {_txn_summary(history)}")
+        log(f"the transactional copier: {_txn_summary(history)}; restarted {copier_restarts} time(s) "
+            f"after a call hung")
         history.final_file_topic = _wait_copied(bootstrap, LINES, len(history.file_lines), log)
         history.final_file_sink = _wait_sink(sink_dir, len(history.file_lines), log)
         extra["replicas-identical"] = _wait_identical(cluster, TOPIC, opts.partitions)
@@ -321,7 +325,7 @@ def run(opts: Options) -> Outcome:
             verdict.violations[name] = found
     _save_history(workdir, history, nemesis)
     outcome = Outcome(opts, verdict, nemesis.summary(), len(nemesis.injected), workdir,
-                      time.monotonic() - started)
+                      time.monotonic() - started, copier_restarts)
     text = report(verdict)
     if text:
         log(text)

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import campaign  # noqa: E402
+import workload  # noqa: E402
 from nemesis import KINDS, LINK_KINDS  # noqa: E402
 
 # Fixed seeds, the kinds each draws from and how many faults hold at once; four to six faults
@@ -56,3 +57,19 @@ def test_no_acknowledged_value_is_lost_under_faults(seed, kinds, at_once, weir_b
                          for p in sorted(tmp_path.glob("node*.log")))
         pytest.fail(f"{outcome.summary()}\n{campaign.report(outcome.verdict)}\n"
                     f"work directory: {tmp_path}\n{logs}", pytrace=False)
+
+
+def test_a_transactional_client_killed_mid_call_keeps_exactly_once(weir_bin, plugin_dir, tmp_path,
+                                                                  monkeypatch):
+    """Client crashes: the transactional copier's process is killed with -9 whenever a call
+    of its takes longer than a second (inside init_transactions, send_offsets_to_transaction,
+    commit_transaction, ...) and started again, while links are slowed; each new instance
+    fences the last, and the copy still holds every value once."""
+    monkeypatch.setattr(workload.TxnCopier, "HUNG_AFTER_S", 1.0)
+    outcome = campaign.run(campaign.Options(seed=11, duration=30, weir_bin=weir_bin,
+                                            plugin_dir=plugin_dir, workdir=tmp_path,
+                                            kinds=("slow",)))
+    assert outcome.copier_restarts > 0, "no call of the copier took over a second: nothing killed"
+    if not outcome.verdict.ok:
+        pytest.fail(f"{outcome.summary()}\n{campaign.report(outcome.verdict)}\n"
+                    f"work directory: {tmp_path}", pytrace=False)

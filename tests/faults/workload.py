@@ -9,9 +9,14 @@ partition n % partitions, so every (producer, partition) pair has its own produc
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer,
                              TopicPartition)
@@ -283,15 +288,105 @@ class TxnCopier:
     `abort_every`-th transaction is aborted on purpose, with a marker value `aborted-<n>` in
     it, and the batch is copied again from the committed offsets. A failed transaction is
     aborted too (a fatal error replaces the producer, which fences the old one), so the
-    copy holds each value once, read_committed, and never a marker."""
+    copy holds each value once, read_committed, and never a marker.
+
+    The loop runs in a child process (`python workload.py txn-copier ...`, see `CopierLoop`),
+    which reports what it is told as JSON lines and says when each blocking call starts and
+    ends. A call still running HUNG_AFTER_S after it began (librdkafka's calls can outlive
+    their timeout: its issues #5456 and #5511) gets the child killed and a new one started,
+    whose producer fences the old one's and aborts what it left open, as an application
+    restarted by its supervisor would be."""
 
     TXN_ID = "faults-txn-copier"
+    # The longest call is given 30 s; a minute more is a hang.
+    HUNG_AFTER_S = 90.0
 
     def __init__(self, bootstrap: str, source: str, target: str, group: str, history: History,
                  abort_every: int = 7):
-        self.bootstrap, self.source, self.target = bootstrap, source, target
-        self.history, self.abort_every = history, abort_every
+        self.args = [bootstrap, source, target, group, str(abort_every)]
+        self.history = history
         self.transactions = 0
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._child: subprocess.Popen | None = None
+        self._call: tuple[str, float] | None = None  # the child's blocking call, and its start
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._supervise, name="txn-copier", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _spawn(self) -> subprocess.Popen:
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "txn-copier", *self.args,
+             str(self.transactions)],
+            stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, args=(child,), name="txn-copier-reader",
+                         daemon=True).start()
+        return child
+
+    def _read(self, child: subprocess.Popen) -> None:
+        for line in child.stdout:
+            event = json.loads(line)
+            with self._lock:
+                if "call" in event:
+                    if child is self._child:  # not a killed child's last words
+                        self._call = (event["call"], event["t"]) if event["call"] else None
+                    continue
+                if event["k"] == "txns":
+                    self.transactions = max(self.transactions, event["v"][1])
+            self.history.add(event["k"], tuple(event["v"]))
+
+    def _supervise(self) -> None:
+        with self._lock:
+            self._child = self._spawn()
+        while not self._stop.wait(1.0):
+            with self._lock:
+                child, call = self._child, self._call
+            if call is not None and time.monotonic() - call[1] > self.HUNG_AFTER_S:
+                child.kill()
+                child.wait()
+                self.restarts += 1
+                self.history.add("client_errors", (
+                    time.monotonic(), "txn-copier",
+                    f"{call[0]} still running after {time.monotonic() - call[1]:.0f}s: "
+                    f"killed and started again"))
+                with self._lock:
+                    self._call = None
+                    self._child = self._spawn()
+            elif child.poll() is not None:
+                self.history.add("client_errors", (time.monotonic(), "txn-copier",
+                                                   f"exited with {child.returncode}; started again"))
+                with self._lock:
+                    self._child = self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        with self._lock:
+            child = self._child
+        if child is None:
+            return
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(120)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            self.history.add("client_errors", (time.monotonic(), "txn-copier",
+                                               "did not stop within 120s: killed"))
+
+
+class CopierLoop:
+    """The transactional copier's loop, in the child process: events go to stdout as JSON lines
+    ({"k": history list, "v": item}, and {"call": name or null, "t": start} around each
+    blocking call)."""
+
+    def __init__(self, bootstrap: str, source: str, target: str, group: str, abort_every: int,
+                 first: int):
+        self.source, self.target, self.abort_every = source, target, abort_every
+        self.bootstrap = bootstrap
+        self.transactions = first
         self._stop = threading.Event()
         self._c = Consumer({
             "bootstrap.servers": bootstrap,
@@ -307,10 +402,24 @@ class TxnCopier:
             "log_level": 3,
         })
         self._p: Producer | None = None
-        self._thread = threading.Thread(target=self._run, name="txn-copier", daemon=True)
 
-    def _note(self, outcome: str, records: int) -> None:
-        self.history.add("txns", (time.monotonic(), self.transactions, outcome, records))
+    @staticmethod
+    def _emit(event: dict) -> None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    def _note(self, kind: str, item: tuple) -> None:
+        self._emit({"k": kind, "v": list(item)})
+
+    def _error(self, what: str) -> None:
+        self._note("client_errors", (time.monotonic(), "txn-copier", what))
+
+    def _blocking(self, name: str, op):
+        self._emit({"call": name, "t": time.monotonic()})
+        try:
+            return op()
+        finally:
+            self._emit({"call": None, "t": time.monotonic()})
 
     def _producer(self) -> Producer:
         """A transactional producer with its id initialised; retried until it is (or stop)."""
@@ -318,7 +427,7 @@ class TxnCopier:
             p = Producer({
                 "bootstrap.servers": self.bootstrap,
                 "client.id": "faults-txn-copier",
-                "transactional.id": self.TXN_ID,
+                "transactional.id": TxnCopier.TXN_ID,
                 "linger.ms": 5,
                 "transaction.timeout.ms": 60000,
                 "message.timeout.ms": 55000,
@@ -327,19 +436,16 @@ class TxnCopier:
                 "log_level": 3,
             })
             try:
-                p.init_transactions(30)
+                self._blocking("init_transactions", lambda: p.init_transactions(30))
                 return p
             except KafkaException as e:
-                self.history.add("client_errors", (time.monotonic(), "txn-copier",
-                                                   f"init_transactions: {e}"))
+                self._error(f"init_transactions: {e}")
                 time.sleep(1)
         raise InterruptedError
 
-    def start(self) -> None:
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         self._c.subscribe([self.source])
-        self._thread.start()
-
-    def _run(self) -> None:
         try:
             self._p = self._producer()
             while not self._stop.is_set():
@@ -348,6 +454,11 @@ class TxnCopier:
                     self._copy(msgs)
         except InterruptedError:
             pass
+        self._p = None  # the producer goes with its last reference
+        try:
+            self._c.close()
+        except (KafkaException, RuntimeError) as e:
+            self._error(f"close: {e}")
 
     def _copy(self, msgs) -> None:
         self.transactions += 1
@@ -355,25 +466,29 @@ class TxnCopier:
         offsets: dict[int, int] = {}
         for m in msgs:
             offsets[m.partition()] = m.offset() + 1
+
+        def outcome(what: str) -> None:
+            self._note("txns", (time.monotonic(), self.transactions, what, len(msgs)))
+
         try:
             self._p.begin_transaction()
             for m in msgs:
                 self._produce(m.value(), m.partition())
             if on_purpose:
                 self._produce(ABORTED_PREFIX + str(self.transactions).encode(), msgs[0].partition())
-                self._p.flush(30)  # the marker reaches the log before the abort
-                self._retry(lambda: self._p.abort_transaction(30))
-                self._note("aborted", len(msgs))
+                self._blocking("flush", lambda: self._p.flush(30))  # the marker, before the abort
+                self._retry("abort_transaction", lambda: self._p.abort_transaction(30))
+                outcome("aborted")
                 self._rewind()
                 return
-            self._retry(lambda: self._p.send_offsets_to_transaction(
+            self._retry("send_offsets_to_transaction", lambda: self._p.send_offsets_to_transaction(
                 [TopicPartition(self.source, p, o) for p, o in sorted(offsets.items())],
                 self._c.consumer_group_metadata(), 30))
-            self._retry(lambda: self._p.commit_transaction(30))
-            self._note("committed", len(msgs))
+            self._retry("commit_transaction", lambda: self._p.commit_transaction(30))
+            outcome("committed")
         except KafkaException as e:
             err = e.args[0]
-            self._note(f"failed: {err}", len(msgs))
+            outcome(f"failed: {err}")
             if err.fatal() or not self._abort():
                 # A new producer with the same transactional id fences this one and aborts
                 # whatever it left open.
@@ -388,12 +503,12 @@ class TxnCopier:
             except BufferError:
                 self._p.poll(0.1)
 
-    def _retry(self, op, budget_s: float = 60.0) -> None:
+    def _retry(self, name: str, op, budget_s: float = 60.0) -> None:
         """Run a transactional call again while it fails with a retriable error."""
         deadline = time.monotonic() + budget_s
         while True:
             try:
-                return op()
+                return self._blocking(name, op)
             except KafkaException as e:
                 if not e.args[0].retriable() or time.monotonic() > deadline:
                     raise
@@ -401,11 +516,10 @@ class TxnCopier:
 
     def _abort(self) -> bool:
         try:
-            self._retry(lambda: self._p.abort_transaction(30))
+            self._retry("abort_transaction", lambda: self._p.abort_transaction(30))
             return True
         except KafkaException as e:
-            self.history.add("client_errors", (time.monotonic(), "txn-copier",
-                                               f"abort_transaction: {e}"))
+            self._error(f"abort_transaction: {e}")
             return False
 
     def _rewind(self) -> None:
@@ -414,24 +528,16 @@ class TxnCopier:
         while not self._stop.is_set():
             try:
                 assigned = self._c.assignment()
-                for tp in self._c.committed(assigned, timeout=30):
+                committed = self._blocking("committed",
+                                           lambda: self._c.committed(assigned, timeout=30))
+                for tp in committed:
                     if tp.offset < 0:
                         tp.offset = OFFSET_BEGINNING
                     self._c.seek(tp)
                 return
             except KafkaException as e:
-                self.history.add("client_errors", (time.monotonic(), "txn-copier",
-                                                   f"rewind: {e}"))
+                self._error(f"rewind: {e}")
                 time.sleep(1)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(120)
-        self._p = None  # the producer goes with its last reference
-        try:
-            self._c.close()
-        except (KafkaException, RuntimeError) as e:
-            self.history.add("client_errors", (time.monotonic(), "txn-copier", f"close: {e}"))
 
 
 class CommittedReader:
@@ -502,3 +608,11 @@ class LineWriter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+if __name__ == "__main__":
+    # python workload.py txn-copier BOOTSTRAP SOURCE TARGET GROUP ABORT_EVERY FIRST
+    if len(sys.argv) != 8 or sys.argv[1] != "txn-copier":
+        sys.exit("usage: workload.py txn-copier BOOTSTRAP SOURCE TARGET GROUP ABORT_EVERY FIRST")
+    bootstrap, source, target, group, abort_every, first = sys.argv[2:]
+    CopierLoop(bootstrap, source, target, group, int(abort_every), int(first)).run()
