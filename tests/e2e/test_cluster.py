@@ -19,7 +19,7 @@ from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 from conftest import WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
                      consume_kcat,
-                     produce_confluent, wait_until)
+                     produce_confluent, producer_conf, wait_until)
 from test_pipelines import read_committed
 
 # Short timings so failures show within seconds on a busy 2-core machine.
@@ -772,6 +772,67 @@ def test_a_hanging_transaction_is_aborted(weir_factory):
     aborted = sum(metric(n, "weir_hanging_transactions_aborted_total") for n in cluster.nodes)
     assert aborted == 1, f"{aborted} hanging transactions aborted"
     wait_replicas_identical(cluster, "ledger", 1)
+
+
+def test_a_leader_whose_disk_is_full_hands_over(weir_factory, tmp_path):
+    """A leader whose disk fills up (every write fails with ENOSPC, through an LD_PRELOAD shim)
+    hands its partition to another in-sync replica, so an idempotent acks=all producer goes
+    on with retries only; once the disk has room again the node catches up, rejoins the
+    in-sync set and leads its partition again as its preferred leader."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+    from nemesis import DiskControl
+    shim = DiskControl.build_shim(tmp_path / "diskfault.so")
+    disks = {i: DiskControl(tmp_path / f"node{i}.disk") for i in (1, 2, 3)}
+
+    def factory(name, **kw):
+        d = weir_factory(name, **kw)
+        d.env.update(disks[int(name.removeprefix("node"))].env(shim))
+        return d
+
+    cluster = start_cluster(factory, 3)
+    # Led by a node that is not the Raft leader, whose own log writes would stall the quorum.
+    controller = cluster.metadata().controller_id
+    full = next(n for n in (1, 2, 3) if n != controller)
+    replicas = [full] + [n for n in (1, 2, 3) if n != full]
+    a = admin(cluster.bootstrap)
+    a.create_topics([NewTopic("spill", num_partitions=1, replica_assignment=[replicas],
+                              config={"min.insync.replicas": "2"})])["spill"].result(30)
+    wait_until(lambda: all(cluster.metadata(n).topics.get("spill") is not None and
+                           cluster.metadata(n).topics["spill"].partitions[0].leader == full
+                           for n in cluster.nodes), 30, message="every node to know spill")
+    # One idempotent producer throughout, as an application's would be (a new producer's
+    # first request may go to the full node, which cannot hand out producer ids meanwhile).
+    producer = Producer(producer_conf(cluster.bootstrap, **{"enable.idempotence": True,
+                                                           "message.timeout.ms": 60000}))
+    delivered: list = []
+    errors: list = []
+
+    def send(prefix: str, n: int) -> None:
+        def report(err, msg):
+            (errors if err else delivered).append(err or (msg.offset(), msg.value()))
+        for i in range(n):
+            producer.produce("spill", value=f"{prefix}-{i}".encode(), partition=0,
+                             on_delivery=report)
+        assert producer.flush(90) == 0, "records still undelivered"
+        assert not errors, errors[:3]
+
+    send("a", 100)
+    disks[full].set(full=True)
+    send("b", 300)
+    # As the other nodes see it (the full node's own metadata stalls with its Raft storage).
+    witness = cluster.node(controller)
+    p = cluster.metadata(witness).topics["spill"].partitions[0]
+    assert p.leader != full and full not in p.isrs, (p.leader, p.isrs)
+
+    disks[full].set()
+    wait_until(lambda: cluster.metadata(witness).topics["spill"].partitions[0].leader == full,
+               60, message=f"node {full} to catch up and lead spill again")
+    send("c", 100)
+    assert [o for o, _ in delivered] == list(range(500))
+    got = consume_confluent(cluster.bootstrap, "spill", [0])
+    assert [(r.offset, r.value) for r in got] == delivered
+    wait_replicas_identical(cluster, "spill", 1)
 
 
 def metric(node: WeirDaemon, name: str) -> float:

@@ -235,6 +235,16 @@ pub enum Command {
         name: String,
         paused: bool,
     },
+    /// A leader that cannot write its partition's log (a full or failing disk) hands the
+    /// partition to another in-sync replica and leaves the in-sync set, as Kafka moves leaders
+    /// off a failed log directory; refused unless it still leads in that epoch and another
+    /// in-sync replica is up.
+    ResignLeader {
+        topic: String,
+        partition: i32,
+        leader: NodeId,
+        leader_epoch: i32,
+    },
     /// A leader changes its partition's in-sync set (Kafka's AlterPartition); refused unless
     /// it still leads in that epoch.
     AlterPartition {
@@ -513,6 +523,35 @@ impl ClusterImage {
                     .get_mut(name)
                     .ok_or_else(|| CommandError::UnknownTopic(name.clone()))?;
                 t.configs = configs.clone();
+                Ok(())
+            }
+            Command::ResignLeader {
+                topic,
+                partition,
+                leader,
+                leader_epoch,
+            } => {
+                let fenced = self.fenced_nodes();
+                let p = self.partition_mut(topic, *partition)?;
+                if p.leader != *leader || p.leader_epoch != *leader_epoch {
+                    return Err(CommandError::StaleLeader(format!(
+                        "{topic}-{partition} is led by {} in epoch {}, not by {leader} in epoch {leader_epoch}",
+                        p.leader, p.leader_epoch
+                    )));
+                }
+                let Some(next) = p
+                    .isr
+                    .iter()
+                    .copied()
+                    .find(|r| r != leader && !fenced.contains(r))
+                else {
+                    return Err(CommandError::StaleLeader(format!(
+                        "no other in-sync replica of {topic}-{partition} can lead it"
+                    )));
+                };
+                p.leader = next;
+                p.leader_epoch += 1;
+                p.isr.retain(|r| r != leader);
                 Ok(())
             }
             Command::AlterPartition {
@@ -1091,6 +1130,43 @@ mod tests {
                 isr: vec![3],
             })
             .is_err());
+    }
+
+    #[test]
+    fn a_leader_that_cannot_write_hands_over_to_an_in_sync_replica() {
+        let mut img = ClusterImage::default();
+        for id in 1..=3 {
+            img.apply(&node(id, None)).unwrap();
+        }
+        img.apply(&create("t", 1, 3)).unwrap();
+        let p = img.topics["t"].partitions[0].clone();
+        let resign = |leader, leader_epoch| Command::ResignLeader {
+            topic: "t".into(),
+            partition: 0,
+            leader,
+            leader_epoch,
+        };
+        // Only the leader, in its epoch.
+        let other = p.isr.iter().copied().find(|r| *r != p.leader).unwrap();
+        assert!(img.apply(&resign(other, p.leader_epoch)).is_err());
+        assert!(img.apply(&resign(p.leader, p.leader_epoch - 1)).is_err());
+        img.apply(&resign(p.leader, p.leader_epoch)).unwrap();
+        let q = img.topics["t"].partitions[0].clone();
+        assert_ne!(q.leader, p.leader);
+        assert_eq!(q.leader_epoch, p.leader_epoch + 1);
+        assert!(!q.isr.contains(&p.leader) && q.isr.contains(&q.leader));
+        assert_eq!(q.isr.len(), 2);
+        // The last in-sync replica has nobody to hand over to.
+        img.apply(&Command::AlterPartition {
+            topic: "t".into(),
+            partition: 0,
+            leader: q.leader,
+            leader_epoch: q.leader_epoch,
+            isr: vec![q.leader],
+        })
+        .unwrap();
+        assert!(img.apply(&resign(q.leader, q.leader_epoch)).is_err());
+        assert_eq!(img.topics["t"].partitions[0].leader, q.leader);
     }
 
     #[test]

@@ -148,6 +148,16 @@ impl Proposer {
         }
     }
 
+    /// The Raft leader this node last heard from, when it is another node. Proposals go to it
+    /// straight away, without this node's Raft: a node whose Raft storage cannot be written
+    /// (a full disk) stalls its Raft, and must still be able to hand its partitions over.
+    fn remote_leader(&self) -> Option<BasicNode> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader.filter(|l| *l != m.id)?;
+        m.membership_config.membership().get_node(&leader).cloned()
+    }
+
     /// Proposes a command on this node's Raft only (never forwarded).
     pub async fn propose_here(&self, command: Command) -> ProposeReply {
         self.here(LeaderRequest::Propose(command)).await
@@ -193,13 +203,12 @@ impl Proposer {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut last_error;
         loop {
-            let reply = match self.here(request.clone()).await {
-                ProposeReply::NotLeader {
-                    leader: Some(leader),
-                } => {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    let addr = self.routes.to(&leader.addr);
-                    match forward_proposal(&self.http, &addr, &request, left).await {
+            let forward = |leader: BasicNode| {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let addr = self.routes.to(&leader.addr);
+                let request = &request;
+                async move {
+                    match forward_proposal(&self.http, &addr, request, left).await {
                         Ok(r) => r,
                         Err(e) => ProposeReply::Failed(format!(
                             "forwarding to the Raft leader at {}: {e}",
@@ -207,7 +216,15 @@ impl Proposer {
                         )),
                     }
                 }
-                other => other,
+            };
+            let reply = match self.remote_leader() {
+                Some(leader) => forward(leader).await,
+                None => match self.here(request.clone()).await {
+                    ProposeReply::NotLeader {
+                        leader: Some(leader),
+                    } => forward(leader).await,
+                    other => other,
+                },
             };
             match reply {
                 ProposeReply::Applied { index, outcome } => return Ok((index, outcome.0)),

@@ -63,8 +63,11 @@ pub struct LeaderState {
     replicas: Vec<NodeId>,
     isr: Vec<NodeId>,
     followers: Mutex<HashMap<NodeId, FollowerProgress>>,
-    /// An in-sync change was proposed and not yet seen in the image.
+    /// A change (in-sync set, resignation) was proposed and not yet seen in the image.
     isr_change_pending: Mutex<bool>,
+    /// The leadership was handed to this node (see `Replicas::resign`); the image has not
+    /// caught up yet.
+    handed_over: Mutex<Option<NodeId>>,
 }
 
 enum Role {
@@ -172,6 +175,7 @@ impl Replicas {
                         isr: p.isr.clone(),
                         followers: Mutex::new(followers),
                         isr_change_pending: Mutex::new(false),
+                        handed_over: Mutex::new(None),
                     });
                     self.update_high_watermark(&partition, &state);
                     roles.insert(key, Role::Leader(state));
@@ -224,7 +228,7 @@ impl Replicas {
     /// The leader state if this node leads the partition.
     pub fn leader(&self, topic: &str, partition: i32) -> Option<Arc<LeaderState>> {
         match self.roles.lock().get(&(Arc::from(topic), partition)) {
-            Some(Role::Leader(l)) => Some(l.clone()),
+            Some(Role::Leader(l)) if l.handed_over.lock().is_none() => Some(l.clone()),
             _ => None,
         }
     }
@@ -337,13 +341,6 @@ impl Replicas {
     }
 
     fn propose_isr(&self, partition: &Arc<Partition>, state: &Arc<LeaderState>, isr: Vec<NodeId>) {
-        {
-            let mut pending = state.isr_change_pending.lock();
-            if *pending {
-                return;
-            }
-            *pending = true;
-        }
         let command = Command::AlterPartition {
             topic: partition.topic.to_string(),
             partition: partition.id,
@@ -351,17 +348,72 @@ impl Replicas {
             leader_epoch: state.epoch,
             isr,
         };
+        self.propose_change(state, command, || {});
+    }
+
+    /// This node could not write the partition's log (its disk is full or failing): another
+    /// in-sync replica takes the leadership and this one leaves the in-sync set, so writes go
+    /// on there. Once its disk takes writes again it catches up as a follower, rejoins the
+    /// in-sync set, and the preferred leader comes back as after any failure.
+    pub fn resign(&self, partition: &Arc<Partition>, state: &Arc<LeaderState>) {
+        if state.isr.len() < 2 {
+            return;
+        }
+        let command = Command::ResignLeader {
+            topic: partition.topic.to_string(),
+            partition: partition.id,
+            leader: self.node,
+            leader_epoch: state.epoch,
+        };
+        // The successor the command picks (the first other in-sync replica; a fenced one is
+        // skipped, which only the image can tell).
+        let successor = state.isr.iter().copied().find(|r| *r != self.node);
+        let handed = state.clone();
+        let proposed = self.propose_change(state, command, move || {
+            *handed.handed_over.lock() = successor;
+        });
+        if proposed {
+            tracing::warn!(topic = %partition.topic, partition = partition.id, epoch = state.epoch, "cannot write the partition's log: handing its leadership to another in-sync replica");
+        }
+    }
+
+    /// The leader and epoch a partition this node handed over has now, while this node's own
+    /// metadata has not caught up (its Raft storage may be on the disk that failed): Metadata
+    /// answers with them, so that clients asking this node go to the new leader.
+    pub fn handed_over(&self, topic: &str, partition: i32) -> Option<(NodeId, i32)> {
+        match self.roles.lock().get(&(Arc::from(topic), partition)) {
+            Some(Role::Leader(l)) => l.handed_over.lock().map(|n| (n, l.epoch + 1)),
+            _ => None,
+        }
+    }
+
+    /// Proposes a change to a partition this node leads, one at a time per leadership; false
+    /// when one is under way already. `committed` runs once the change is in the metadata.
+    fn propose_change(
+        &self,
+        state: &Arc<LeaderState>,
+        command: Command,
+        committed: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        {
+            let mut pending = state.isr_change_pending.lock();
+            if *pending {
+                return false;
+            }
+            *pending = true;
+        }
         let proposer = self.proposer.clone();
         let state = state.clone();
         tokio::spawn(async move {
             match proposer.propose(command).await {
-                Ok((_, Ok(()))) => {}
-                Ok((_, Err(e))) => tracing::debug!(error = %e, "in-sync change refused"),
-                Err(e) => tracing::warn!(error = %e, "in-sync change not committed"),
+                Ok((_, Ok(()))) => committed(),
+                Ok((_, Err(e))) => tracing::debug!(error = %e, "partition change refused"),
+                Err(e) => tracing::warn!(error = %e, "partition change not committed"),
             }
             // The image brings a new LeaderState when the change took; else try again later.
             *state.isr_change_pending.lock() = false;
         });
+        true
     }
 
     /// A follower's loop: truncate a divergent suffix, then fetch and append until stopped.

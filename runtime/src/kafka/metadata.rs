@@ -160,17 +160,26 @@ fn topic_metadata(broker: &Broker, name: &str) -> Result<MetadataResponseTopic, 
                     let ids = |v: &[i32]| v.iter().map(|n| BrokerId(*n)).collect::<Vec<_>>();
                     let offline: Vec<i32> =
                         p.replicas.iter().copied().filter(|n| !live(n)).collect();
+                    // Handed over by this node, whose metadata has not caught up yet.
+                    let (leader, leader_epoch, isr) = match c.replicas.handed_over(name, i as i32) {
+                        Some((next, epoch)) => {
+                            let isr: Vec<i32> =
+                                p.isr.iter().copied().filter(|r| *r != c.node_id).collect();
+                            (next, epoch, isr)
+                        }
+                        None => (p.leader, p.leader_epoch, p.isr.clone()),
+                    };
                     MetadataResponsePartition::default()
                         .with_partition_index(i as i32)
-                        .with_error_code(if p.leader < 0 {
+                        .with_error_code(if leader < 0 {
                             ResponseError::LeaderNotAvailable.code()
                         } else {
                             0
                         })
-                        .with_leader_id(BrokerId(p.leader))
-                        .with_leader_epoch(p.leader_epoch)
+                        .with_leader_id(BrokerId(leader))
+                        .with_leader_epoch(leader_epoch)
                         .with_replica_nodes(ids(&p.replicas))
-                        .with_isr_nodes(ids(&p.isr))
+                        .with_isr_nodes(ids(&isr))
                         .with_offline_replicas(ids(&offline))
                 })
                 .collect(),

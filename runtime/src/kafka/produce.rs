@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::cluster::replication::LeaderState;
 use crate::log::batch::{BatchView, HEADER_LEN};
-use crate::log::partition::Partition;
+use crate::log::partition::{AppendError, Partition};
 use crate::security::acl::{Operation, ResourceType};
 use crate::txn::ProducerRef;
 
@@ -183,6 +183,11 @@ pub async fn append(broker: &Broker, ctx: &RequestContext, req: ProduceRequest) 
                                 }
                                 Err(e) => {
                                     tracing::debug!(topic = %name, partition = pd.index, error = %e, "produce rejected");
+                                    if let (AppendError::Io(_), Some(c), Some(state)) =
+                                        (&e, &broker.cluster, &leader)
+                                    {
+                                        c.replicas.resign(p, state);
+                                    }
                                     Err((append_error_code(&e), e.to_string()))
                                 }
                             },
