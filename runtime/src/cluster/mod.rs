@@ -100,6 +100,10 @@ pub enum LeaderRequest {
     ChangeVoters(VoterChange),
 }
 
+/// How long one Raft leader is given to commit a partition's change (see
+/// `Proposer::propose_partition_change`).
+const PARTITION_CHANGE_ATTEMPT: Duration = Duration::from_secs(3);
+
 /// Proposes commands to the Raft leader, wherever it is.
 pub struct Proposer {
     raft: Raft,
@@ -194,17 +198,40 @@ impl Proposer {
         self.through_leader(LeaderRequest::Propose(command)).await
     }
 
+    /// Proposes a change that is refused when made twice (it names the leader epoch it
+    /// changes), giving each Raft leader at most `PARTITION_CHANGE_ATTEMPT` to commit it: a
+    /// leader that stalls (its disk full) is soon replaced, and the change must not wait for
+    /// it, or acks=all writes wait on an in-sync set that cannot shrink.
+    pub async fn propose_partition_change(
+        &self,
+        command: Command,
+    ) -> Result<(u64, Result<(), CommandError>)> {
+        self.through_leader_within(LeaderRequest::Propose(command), PARTITION_CHANGE_ATTEMPT)
+            .await
+    }
+
     /// Carries a request out on the Raft leader, wherever it is, retrying while there is
     /// none, until the timeout.
     pub async fn through_leader(
         &self,
         request: LeaderRequest,
     ) -> Result<(u64, Result<(), CommandError>)> {
+        self.through_leader_within(request, self.timeout).await
+    }
+
+    /// `through_leader`, with each forwarded attempt given at most `attempt`.
+    async fn through_leader_within(
+        &self,
+        request: LeaderRequest,
+        attempt: Duration,
+    ) -> Result<(u64, Result<(), CommandError>)> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut last_error;
         loop {
             let forward = |leader: BasicNode| {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let left = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(attempt);
                 let addr = self.routes.to(&leader.addr);
                 let request = &request;
                 async move {

@@ -405,7 +405,7 @@ impl Replicas {
         let proposer = self.proposer.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            match proposer.propose(command).await {
+            match proposer.propose_partition_change(command).await {
                 Ok((_, Ok(()))) => committed(),
                 Ok((_, Err(e))) => tracing::debug!(error = %e, "partition change refused"),
                 Err(e) => tracing::warn!(error = %e, "partition change not committed"),
