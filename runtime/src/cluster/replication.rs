@@ -8,6 +8,7 @@
 //! `replica_lag_time_max` from the in-sync set, and to add it back once it has.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +57,14 @@ impl LeaderState {
     pub fn isr_len(&self) -> usize {
         self.isr.len()
     }
+
+    fn handed_over(&self) -> NodeId {
+        self.handed_over.load(Ordering::Acquire)
+    }
 }
+
+/// No node: a leadership not handed over.
+const NO_NODE: NodeId = -1;
 
 pub struct LeaderState {
     pub epoch: i32,
@@ -65,9 +73,9 @@ pub struct LeaderState {
     followers: Mutex<HashMap<NodeId, FollowerProgress>>,
     /// A change (in-sync set, resignation) was proposed and not yet seen in the image.
     isr_change_pending: Mutex<bool>,
-    /// The leadership was handed to this node (see `Replicas::resign`); the image has not
-    /// caught up yet.
-    handed_over: Mutex<Option<NodeId>>,
+    /// The node the leadership was handed to (see `Replicas::resign`) while the image has not
+    /// caught up; NO_NODE until then. Read on every produce and fetch, so an atomic.
+    handed_over: AtomicI32,
 }
 
 enum Role {
@@ -175,7 +183,7 @@ impl Replicas {
                         isr: p.isr.clone(),
                         followers: Mutex::new(followers),
                         isr_change_pending: Mutex::new(false),
-                        handed_over: Mutex::new(None),
+                        handed_over: AtomicI32::new(NO_NODE),
                     });
                     self.update_high_watermark(&partition, &state);
                     roles.insert(key, Role::Leader(state));
@@ -228,7 +236,7 @@ impl Replicas {
     /// The leader state if this node leads the partition.
     pub fn leader(&self, topic: &str, partition: i32) -> Option<Arc<LeaderState>> {
         match self.roles.lock().get(&(Arc::from(topic), partition)) {
-            Some(Role::Leader(l)) if l.handed_over.lock().is_none() => Some(l.clone()),
+            Some(Role::Leader(l)) if l.handed_over() == NO_NODE => Some(l.clone()),
             _ => None,
         }
     }
@@ -367,10 +375,12 @@ impl Replicas {
         };
         // The successor the command picks (the first other in-sync replica; a fenced one is
         // skipped, which only the image can tell).
-        let successor = state.isr.iter().copied().find(|r| *r != self.node);
+        let Some(successor) = state.isr.iter().copied().find(|r| *r != self.node) else {
+            return;
+        };
         let handed = state.clone();
         let proposed = self.propose_change(state, command, move || {
-            *handed.handed_over.lock() = successor;
+            handed.handed_over.store(successor, Ordering::Release);
         });
         if proposed {
             tracing::warn!(topic = %partition.topic, partition = partition.id, epoch = state.epoch, "cannot write the partition's log: handing its leadership to another in-sync replica");
@@ -382,7 +392,9 @@ impl Replicas {
     /// answers with them, so that clients asking this node go to the new leader.
     pub fn handed_over(&self, topic: &str, partition: i32) -> Option<(NodeId, i32)> {
         match self.roles.lock().get(&(Arc::from(topic), partition)) {
-            Some(Role::Leader(l)) => l.handed_over.lock().map(|n| (n, l.epoch + 1)),
+            Some(Role::Leader(l)) if l.handed_over() != NO_NODE => {
+                Some((l.handed_over(), l.epoch + 1))
+            }
             _ => None,
         }
     }

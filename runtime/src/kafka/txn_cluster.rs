@@ -317,7 +317,7 @@ impl ClusterLink for ClusterTxnLink {
         self.broker()?.internal_replicated(crate::txn::TOPIC).await
     }
 
-    async fn open_transactions(&self) -> Vec<(String, i32, ActiveProducer)> {
+    async fn partition_producers(&self) -> Vec<(String, i32, ActiveProducer)> {
         let Ok(broker) = self.broker() else {
             return Vec::new();
         };
@@ -333,7 +333,7 @@ impl ClusterLink for ClusterTxnLink {
                 topics.entry(name.clone()).or_default().push(i as i32);
             }
         }
-        let mut open = Vec::new();
+        let mut producers = Vec::new();
         for (node, topics) in by_leader {
             if node == broker.node_id {
                 for (topic, partition) in topics
@@ -341,7 +341,7 @@ impl ClusterLink for ClusterTxnLink {
                     .flat_map(|(t, ps)| ps.iter().map(move |p| (t, *p)))
                 {
                     for producer in broker.producers_here(topic, partition).unwrap_or_default() {
-                        open.push((topic.clone(), partition, producer));
+                        producers.push((topic.clone(), partition, producer));
                     }
                 }
                 continue;
@@ -366,7 +366,7 @@ impl ClusterLink for ClusterTxnLink {
             for t in resp.topics {
                 for p in t.partitions.iter().filter(|p| p.error_code == 0) {
                     for producer in &p.active_producers {
-                        open.push((
+                        producers.push((
                             t.name.0.to_string(),
                             p.partition_index,
                             super::txn::active_producer(producer),
@@ -375,8 +375,7 @@ impl ClusterLink for ClusterTxnLink {
                 }
             }
         }
-        open.retain(|(_, _, p)| p.txn_first_offset.is_some());
-        open
+        producers
     }
 }
 

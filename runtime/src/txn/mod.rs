@@ -143,9 +143,9 @@ pub trait ClusterLink: Send + Sync {
     ) -> Result<(), ResponseError>;
     /// Waits until the in-sync replicas of `__transaction_state` hold what this node wrote.
     async fn state_replicated(&self) -> Result<(), ResponseError>;
-    /// The producers holding a transaction open in each partition, asked of the partitions'
-    /// leaders; partitions whose leader does not answer are left out.
-    async fn open_transactions(&self) -> Vec<(String, i32, ActiveProducer)>;
+    /// The producers each partition's leader remembers (DescribeProducers); partitions whose
+    /// leader does not answer are left out.
+    async fn partition_producers(&self) -> Vec<(String, i32, ActiveProducer)>;
 }
 
 pub struct TxnCoordinator {
@@ -573,10 +573,10 @@ impl TxnCoordinator {
     /// ends within it, or is being ended), it is aborted, as `kafka-transactions.sh abort`
     /// would. Runs under the coordinator's lock, so no transaction takes the partition
     /// meanwhile. Returns how many were aborted.
-    pub async fn abort_hanging_transactions(&self, now: i64) -> usize {
+    async fn abort_hanging_transactions(&self, now: i64) -> usize {
         let idle_before = now - self.settings.max_timeout_ms as i64;
         let open = match self.cluster.get() {
-            Some(c) => c.open_transactions().await,
+            Some(c) => c.partition_producers().await,
             None => self
                 .log
                 .topics()
@@ -816,7 +816,7 @@ impl TxnCoordinator {
 
     /// Aborts a transaction found open in `partition` that no coordinator knows of, if it is
     /// still open as it was seen (see [`Partition::abort_if_hanging`]). Whether it was aborted.
-    pub async fn abort_hanging(
+    async fn abort_hanging(
         &self,
         partition: &Partition,
         seen: &ActiveProducer,

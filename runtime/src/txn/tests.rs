@@ -336,7 +336,7 @@ impl ClusterLink for OneLogCluster {
         Ok(())
     }
 
-    async fn open_transactions(&self) -> Vec<(String, i32, ActiveProducer)> {
+    async fn partition_producers(&self) -> Vec<(String, i32, ActiveProducer)> {
         let mut open = Vec::new();
         for t in self.log.topics() {
             for p in &t.partitions {
