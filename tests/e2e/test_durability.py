@@ -309,3 +309,61 @@ def test_pipelined_requests_behind_fsync_produces_are_answered_in_order(weir):
     sock.close()
     assert watermarks(weir.bootstrap, "synced", [0]) == {0: (0, 30)}
     assert watermarks(weir.bootstrap, "plain", [0]) == {0: (0, 15)}
+
+
+def test_a_full_disk_leaves_an_idempotent_producer_in_its_epoch(weir_factory, tmp_path):
+    """While the disk is full (every write fails with ENOSPC, through the fault campaign's
+    LD_PRELOAD shim) a batch fails with KAFKA_STORAGE_ERROR, and the producer's batches
+    already in flight behind it are answered the same way, as Kafka's offline log directory
+    answers them, rather than OUT_OF_ORDER_SEQUENCE_NUMBER. That sequence error would make
+    librdkafka start a new producer epoch and re-number what it has in flight to every
+    partition, re-sending under new sequence numbers batches that may already be written:
+    duplicates no broker can recognise. Here the producer keeps its epoch, and every record
+    is written once."""
+    import logging
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+    from nemesis import DiskControl
+    disk = DiskControl(tmp_path / "node.disk")
+    weir = weir_factory("full", start=False)
+    weir.env.update(disk.env(DiskControl.build_shim(tmp_path / "diskfault.so")))
+    weir.env["WEIR_LOG"] = "info,weir::kafka::produce=debug"  # each refused batch
+    weir.start()
+    create_topic(weir.bootstrap, "spill", 2)
+
+    client_log = tmp_path / "producer.log"
+    logger = logging.getLogger("e2e.full-disk-producer")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(logging.FileHandler(client_log))
+    producer = Producer(producer_conf(weir.bootstrap, **{
+        "enable.idempotence": True, "linger.ms": 0, "message.timeout.ms": 60000,
+        "retry.backoff.ms": 50, "debug": "eos", "logger": logger}))
+    delivered: list = []
+    errors: list = []
+
+    def report(err, msg):
+        (errors if err else delivered).append(err or msg.value())
+
+    def send(prefix: str, seconds: float) -> None:
+        # Small requests one after another, so several are in flight when a write fails.
+        end, i = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            producer.produce("spill", value=f"{prefix}-{i}".encode(), partition=i % 2,
+                             on_delivery=report)
+            producer.poll(0.001)
+            i += 1
+
+    send("before", 1.0)
+    disk.set(full=True)
+    send("full", 2.0)
+    disk.set()
+    send("after", 1.0)
+    assert producer.flush(60) == 0, "records still undelivered"
+    assert not errors, errors[:3]
+    assert "No space left on device" in weir.log_tail(100000), \
+        "no write failed while the disk was full"
+    lines = client_log.read_text().splitlines()
+    bumps = [line for line in lines if "epoch bump" in line]
+    assert not bumps, bumps[:3]
+    got = [r.value for r in consume_confluent(weir.bootstrap, "spill", [0, 1])]
+    assert len(got) == len(set(got)) and sorted(got) == sorted(delivered)

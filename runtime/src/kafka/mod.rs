@@ -561,7 +561,9 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
         AppendError::Producer(ProducerError::InvalidTxnState(_)) => ResponseError::InvalidTxnState,
         AppendError::OutOfOrderReplica { .. } => ResponseError::UnknownServerError,
         AppendError::NotLeader => ResponseError::NotLeaderOrFollower,
-        AppendError::Io(_) => ResponseError::KafkaStorageError,
+        AppendError::Io(_) | AppendError::AfterStorageFailure { .. } => {
+            ResponseError::KafkaStorageError
+        }
     }
 }
 

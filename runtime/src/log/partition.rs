@@ -49,6 +49,12 @@ pub enum AppendError {
     OutOfOrderReplica { expected: i64, got: i64 },
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
+    /// A producer's batch skips sequence numbers because its earlier batch failed to be
+    /// written here (a storage error): a storage error too, so that the producer retries the
+    /// lost batch and this one in order, as Kafka's offline log directory answers, rather than
+    /// start a new epoch (which re-numbers and re-sends whatever it had in flight elsewhere).
+    #[error("an earlier batch of producer {producer_id} was not written here: storage error")]
+    AfterStorageFailure { producer_id: i64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +163,8 @@ pub(super) struct PartitionLog {
     /// The end of the last producer batch the state has seen (a bound: it may be larger): a
     /// truncation below it rebuilds the state.
     producers_end: i64,
+    /// Wall-clock time of the last write that failed with a storage error (0: none).
+    storage_failed_ms: i64,
 }
 
 impl Partition {
@@ -246,6 +254,7 @@ impl Partition {
             producers: ProducerState::default(),
             producers_dirty: false,
             producers_end: 0,
+            storage_failed_ms: 0,
         };
         log.rebuild_producer_state(dir)?;
         let partition = Partition {
@@ -410,10 +419,18 @@ impl Partition {
             }
             if let [(s, e)] = *ranges {
                 let view = BatchView::new(&chunk[s..e]);
+                let admission = match log.producers.check(&view, origin) {
+                    Err(ProducerError::OutOfOrder { producer_id, .. })
+                        if log.gap_from_storage_failure(producer_id) =>
+                    {
+                        return Err(AppendError::AfterStorageFailure { producer_id });
+                    }
+                    other => other?,
+                };
                 if let Admission::Duplicate {
                     first_offset,
                     last_offset,
-                } = log.producers.check(&view, origin)?
+                } = admission
                 {
                     return Ok(Some(AppendInfo {
                         base_offset: first_offset,
@@ -424,7 +441,13 @@ impl Partition {
                     }));
                 }
             }
-            let info = log.append_validated(&self.dir, chunk, ranges)?;
+            let info = match log.append_validated(&self.dir, chunk, ranges) {
+                Err(AppendError::Io(e)) => {
+                    log.storage_failed_ms = now_ms();
+                    return Err(AppendError::Io(e));
+                }
+                other => other?,
+            };
             let now = now_ms();
             for &(s, e) in ranges {
                 let view = BatchView::new(&chunk[s..e]);
@@ -1084,7 +1107,23 @@ fn track_batch(
     Ok(())
 }
 
+/// How long after a storage failure a producer's sequence gap is put down to it.
+const STORAGE_GAP_WINDOW_MS: i64 = 60_000;
+
 impl PartitionLog {
+    /// Whether a sequence gap of `producer_id` comes from a write that failed here: a storage
+    /// failure recently, and no write of the producer's since. (A gap with another cause
+    /// still gets OUT_OF_ORDER_SEQUENCE_NUMBER once the window has passed.)
+    fn gap_from_storage_failure(&self, producer_id: i64) -> bool {
+        let failed = self.storage_failed_ms;
+        failed > 0
+            && now_ms() - failed < STORAGE_GAP_WINDOW_MS
+            && self
+                .producers
+                .last_write_ms(producer_id)
+                .is_none_or(|written| written <= failed)
+    }
+
     fn append_validated(
         &mut self,
         dir: &Path,

@@ -190,6 +190,11 @@ impl ProducerState {
         Ok(Admission::Append)
     }
 
+    /// Wall-clock time of the producer's last write here.
+    pub fn last_write_ms(&self, producer_id: i64) -> Option<i64> {
+        self.producers.get(&producer_id).map(|e| e.last_write_ms)
+    }
+
     /// Whether the producer has a transaction open in this partition at this epoch.
     pub fn has_open_txn(&self, producer_id: i64, epoch: i16) -> bool {
         self.producers
