@@ -220,7 +220,8 @@ def run(opts: Options) -> Outcome:
         log(f"cluster up: nodes {[n.kafka_port for n in nodes]} behind proxies "
             f"{[p.port for p in proxies]}; topic {TOPIC} with {opts.partitions} partitions, RF 3")
 
-        producers = [QueueProducer(i, bootstrap, TOPIC, opts.partitions, opts.rate, history)
+        producers = [QueueProducer(i, bootstrap, TOPIC, opts.partitions, opts.rate, history,
+                                   client_log=workdir / f"producer-{i}.log")
                      for i in range(opts.producers)]
         consumer = GroupConsumer(bootstrap, TOPIC, GROUP, history)
         txn_clients = [TxnCopier(bootstrap, TOPIC, TXN_COPY, TXN_GROUP, history),

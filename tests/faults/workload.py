@@ -10,6 +10,7 @@ partition n % partitions, so every (producer, partition) pair has its own produc
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -82,12 +83,26 @@ class History:
             getattr(self, name).append(item)
 
 
+def _client_logger(name: str, path: Path | None):
+    """A logger writing a client's librdkafka log lines to `path`, or None."""
+    if path is None:
+        return None
+    logger = logging.getLogger(f"faults.{name}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
 class QueueProducer:
     """One idempotent acks=all producer thread sending `rate` values a second."""
 
     def __init__(self, index: int, bootstrap: str, topic: str, partitions: int, rate: float,
-                 history: History):
+                 history: History, client_log: Path | None = None):
         self.index, self.bootstrap, self.topic = index, bootstrap, topic
+        self.client_log = _client_logger(f"producer-{index}", client_log)
         self.partitions, self.rate, self.history = partitions, rate, history
         self.sent = 0
         self.instances = 0
@@ -98,7 +113,7 @@ class QueueProducer:
 
     def _new_producer(self) -> Producer:
         self.instances += 1
-        return Producer({
+        conf = {
             "bootstrap.servers": self.bootstrap,
             "client.id": f"faults-producer-{self.index}",
             "acks": "all",
@@ -110,7 +125,12 @@ class QueueProducer:
             "topic.metadata.refresh.interval.ms": 1000,
             "error_cb": self._on_error,
             "log_level": 3,  # errors only: disconnections are what the faults are for
-        })
+        }
+        if self.client_log is not None:
+            # The idempotence state machine's own account (epoch bumps and their reasons,
+            # sequence errors): what tells a broker's duplicate from the client's re-send.
+            conf.update({"debug": "eos", "log_level": 7, "logger": self.client_log})
+        return Producer(conf)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
