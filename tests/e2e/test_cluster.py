@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import (Consumer, KafkaError, KafkaException, Producer,
+                             TopicPartition)
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
-from conftest import WeirDaemon, _pick_free_ports
+from conftest import DaemonError, WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
-                     consume_kcat,
+                     consume_kcat, consumer_conf, create_topic,
                      produce_confluent, producer_conf, wait_until)
 from test_pipelines import read_committed
 
@@ -591,6 +592,99 @@ def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
     # The node the partition moved away from drops its copy.
     wait_until(lambda: segment_bytes(cluster.node(leader), "moving", 0) == b"", 30,
                message="the old replica's data to be dropped")
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
+    c = Consumer(consumer_conf(bootstrap, **{"group.id": group}))
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
+        return [tp.offset for tp in got]
+    finally:
+        c.close()
+
+
+def test_a_single_node_becomes_the_first_node_of_a_cluster(weir_factory):
+    """A node that ran alone restarts as the one voter of a new cluster with its data in
+    place: its records and committed offsets are kept. Two nodes join, become voters, and
+    take replicas of every partition by reassignment; the first node can then die without
+    losing anything."""
+    from kafka import TopicPartition as KTP
+    from kafka.admin import KafkaAdminClient
+    raft_ports = _pick_free_ports(3)
+    first = weir_factory("node1", config_yaml=CLUSTER_YAML)
+    create_topic(first.bootstrap, "kept", partitions=2, config={"retention.ms": "-1"})
+    values = [f"k{i}".encode() for i in range(300)]
+    produce_confluent(first.bootstrap, "kept",
+                      [Outgoing(value=v, partition=i % 2) for i, v in enumerate(values)])
+    c = Consumer(consumer_conf(first.bootstrap, **{"group.id": "readers"}))
+    c.commit(offsets=[TopicPartition("kept", 0, 100), TopicPartition("kept", 1, 40)],
+             asynchronous=False)
+    c.close()
+    first.stop()
+
+    voters = f"1@127.0.0.1:{raft_ports[0]}"
+    first.extra_args += ["--node-id", "1", "--voters", voters]
+    first.start(60)
+    assert "a local topic joins the cluster on this node" in first.log_tail(400)
+    t = admin(first.bootstrap).list_topics("kept", timeout=10).topics["kept"]
+    assert [(p.leader, p.replicas) for p in t.partitions.values()] == [(1, [1]), (1, [1])]
+    got = consume_confluent(first.bootstrap, "kept", [0, 1])
+    assert sorted(r.value for r in got) == sorted(values)
+    assert _committed(first.bootstrap, "readers", "kept", 2) == [100, 40]
+
+    others = [weir_factory(f"node{i}", start=False, config_yaml=CLUSTER_YAML,
+                           extra_args=("--node-id", str(i), "--voters", voters,
+                                       "--cluster-addr", f"127.0.0.1:{raft_ports[i - 1]}"))
+              for i in (2, 3)]
+    cluster = Cluster([first, *others])
+    cluster.start(others)
+    wait_until(lambda: len(cluster.metadata().brokers) == 3, 30, message="three brokers")
+    for i in (2, 3):
+        added = _weir_cluster(first, "add-voter", str(i))
+        assert added.returncode == 0, added.stderr
+    assert _voters(first) == [1, 2, 3]
+
+    a = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=30000)
+    try:
+        moves = {KTP(name, p): [1, 2, 3] for name, n in
+                 (("kept", 2), ("__consumer_offsets", 1), ("__transaction_state", 1),
+                  ("__pipeline_offsets", 1))
+                 for p in range(n)}
+        assert a.alter_partition_reassignments(moves) == {tp: None for tp in moves}
+        wait_until(lambda: not a.list_partition_reassignments(), 90,
+                   message="the reassignments to complete")
+    finally:
+        a.close()
+    for name in ("kept", "__consumer_offsets"):
+        for p in cluster.metadata(topic=name).topics[name].partitions.values():
+            assert sorted(p.isrs) == [1, 2, 3], (name, p)
+    wait_replicas_identical(cluster, "kept", 2)
+
+    first.kill()
+    rest = ",".join(n.bootstrap for n in others)
+    wait_until(lambda: all(p.leader in (2, 3) for p in admin(rest).list_topics(
+        "kept", timeout=10).topics["kept"].partitions.values()), 60,
+        message="nodes 2 and 3 to lead every partition of kept")
+    got = consume_confluent(rest, "kept", [0, 1])
+    assert sorted(r.value for r in got) == sorted(values)
+    wait_until(lambda: _committed(rest, "readers", "kept", 2) == [100, 40], 60,
+               message="the committed offsets to be served by a new coordinator")
+
+
+def test_a_cluster_of_several_voters_refuses_a_single_nodes_data(weir_factory):
+    """Two nodes' topics cannot both start a cluster: a data directory with topics in it
+    joins a new quorum only as its one voter."""
+    raft_ports = _pick_free_ports(2)
+    node = weir_factory("node1", config_yaml=CLUSTER_YAML)
+    create_topic(node.bootstrap, "mine", partitions=1)
+    node.stop()
+    node.extra_args += ["--node-id", "1", "--voters",
+                        ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(raft_ports))]
+    with pytest.raises(DaemonError):
+        node.start(30)
+    tail = node.log_tail(50)
+    assert "holds topics of a node that is not part of this cluster (mine)" in tail, tail
+    assert f"--voters 1@127.0.0.1:{raft_ports[0]}" in tail, tail
 
 
 def _weir_cluster(node: WeirDaemon, *args: str) -> subprocess.CompletedProcess:

@@ -361,9 +361,12 @@ impl Cluster {
                 })
                 .await;
         });
-        if settings.voters.contains_key(&settings.node_id)
-            && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))?
-        {
+        let new_quorum = settings.voters.contains_key(&settings.node_id)
+            && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))?;
+        if new_quorum && settings.voters.len() > 1 {
+            refuse_local_topics(&log, &settings)?;
+        }
+        if new_quorum {
             let members: BTreeMap<u64, BasicNode> = settings
                 .voters
                 .iter()
@@ -438,6 +441,7 @@ impl Cluster {
         cluster.register(this_node).await?;
         tokio::spawn(cluster.clone().run_heartbeats(incarnation, stop.clone()));
         tokio::spawn(cluster.clone().run_controller(stop.clone()));
+        cluster.adopt_local_topics().await?;
         cluster.ensure_internal_topics().await?;
         Ok(cluster)
     }
@@ -459,6 +463,48 @@ impl Cluster {
                 Err(e) => tracing::warn!(error = %e, "waiting for a metadata quorum"),
             }
         }
+    }
+
+    /// A single node restarted as the one voter of a new cluster brings its topics along:
+    /// each local topic the image neither holds nor deleted is registered under its own id,
+    /// with this node as its only replica, so its records, committed offsets and transactions
+    /// stay where they are (more replicas come by reassignment once other nodes join). A
+    /// sole voter does this at each start until it is done, so a crash in between loses
+    /// nothing.
+    async fn adopt_local_topics(&self) -> Result<()> {
+        let image = self.image();
+        let strays: Vec<_> = self
+            .log
+            .topics()
+            .into_iter()
+            .filter(|l| {
+                !image.topics.contains_key(&*l.name) && !image.deleted_topics.contains(&l.id)
+            })
+            .collect();
+        if strays.is_empty() {
+            return Ok(());
+        }
+        if self.voter_ids() != BTreeSet::from([self.node_id]) {
+            let names: Vec<&str> = strays.iter().map(|t| &*t.name).collect();
+            tracing::warn!(topics = ?names, "local topics the cluster does not know stay unserved; {}", sole_voter_hint(&self.settings));
+            return Ok(());
+        }
+        for t in strays {
+            let partitions = t.partitions.len() as i32;
+            self.run(Command::CreateTopic {
+                name: t.name.to_string(),
+                id: t.id,
+                partitions,
+                replication_factor: 1,
+                configs: t.overrides.clone(),
+                if_missing: true,
+                assignments: Some(vec![vec![self.node_id]; partitions as usize]),
+            })
+            .await
+            .map_err(|e| anyhow!("cannot bring topic {} into the cluster: {e}", t.name))?;
+            tracing::info!(topic = %t.name, partitions, "a local topic joins the cluster on this node");
+        }
+        Ok(())
     }
 
     /// Creates the coordinators' internal topics once every voter has registered, so their
@@ -698,6 +744,37 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A new quorum of several voters starts from no topics: a data directory that already holds
+/// some (a single node's) would clash with the other voters' topics, so it is refused. Empty
+/// internal topics (a single node creates them at its first start) hold nothing to keep: they
+/// are deleted, so that the cluster's own take their place.
+fn refuse_local_topics(log: &LogManager, settings: &ClusterSettings) -> Result<()> {
+    let mut names = Vec::new();
+    for t in log.topics() {
+        if t.is_internal() && t.partitions.iter().all(|p| p.size_bytes() == 0) {
+            log.delete_topic(&t.name)?;
+        } else {
+            names.push(t.name.to_string());
+        }
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{} holds topics of a node that is not part of this cluster ({}); {}",
+        log.data_dir().display(),
+        names.join(", "),
+        sole_voter_hint(settings)
+    )
+}
+
+fn sole_voter_hint(settings: &ClusterSettings) -> String {
+    format!(
+        "start this node as the only voter (--voters {}@{}) to bring them into a cluster, then add nodes",
+        settings.node_id, settings.cluster_addr
+    )
 }
 
 /// A metadata change that did not happen.
