@@ -52,7 +52,7 @@ use crate::log::batch::BatchError;
 use crate::log::config::validate_topic_name;
 use crate::log::config::LogConfig;
 use crate::log::manager::{LogManager, Topic, TopicError, MAX_PARTITIONS};
-use crate::log::partition::{AppendError, ReadError};
+use crate::log::partition::{AppendError, ReadError, Refusal};
 use crate::log::producer_state::ProducerError;
 use crate::security::acl::{Acls, Authorizer};
 use crate::security::local::LocalFile;
@@ -561,9 +561,15 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
         AppendError::Producer(ProducerError::InvalidTxnState(_)) => ResponseError::InvalidTxnState,
         AppendError::OutOfOrderReplica { .. } => ResponseError::UnknownServerError,
         AppendError::NotLeader => ResponseError::NotLeaderOrFollower,
-        AppendError::Io(_) | AppendError::AfterStorageFailure { .. } => {
-            ResponseError::KafkaStorageError
-        }
+        AppendError::Io(_)
+        | AppendError::AfterRefusal {
+            refusal: Refusal::Storage,
+            ..
+        } => ResponseError::KafkaStorageError,
+        AppendError::AfterRefusal {
+            refusal: Refusal::NotEnoughReplicas,
+            ..
+        } => ResponseError::NotEnoughReplicas,
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::cluster::replication::LeaderState;
 use crate::log::batch::{BatchView, HEADER_LEN};
-use crate::log::partition::{AppendError, Partition};
+use crate::log::partition::{AppendError, Partition, Refusal};
 use crate::security::acl::{Operation, ResourceType};
 use crate::txn::ProducerRef;
 
@@ -235,6 +235,7 @@ fn check_leader(
     if let Some(state) = &leader {
         let min = p.config().min_insync_replicas;
         if acks == -1 && (state.isr_len() as i32) < min {
+            p.note_refused(Refusal::NotEnoughReplicas);
             return Err((
                 ResponseError::NotEnoughReplicas,
                 format!(

@@ -49,12 +49,21 @@ pub enum AppendError {
     OutOfOrderReplica { expected: i64, got: i64 },
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
-    /// A producer's batch skips sequence numbers because its earlier batch failed to be
-    /// written here (a storage error): a storage error too, so that the producer retries the
-    /// lost batch and this one in order, as Kafka's offline log directory answers, rather than
-    /// start a new epoch (which re-numbers and re-sends whatever it had in flight elsewhere).
-    #[error("an earlier batch of producer {producer_id} was not written here: storage error")]
-    AfterStorageFailure { producer_id: i64 },
+    /// A producer's batch skips sequence numbers because its earlier batch was refused here
+    /// without being written: refused the same way, so that the producer retries the refused
+    /// batch and this one in order (as Kafka's offline log directory answers after a storage
+    /// error), rather than start a new epoch, which re-numbers and re-sends whatever it had
+    /// in flight to every partition, written or not.
+    #[error("an earlier batch of producer {producer_id} was refused here: {refusal:?}")]
+    AfterRefusal { producer_id: i64, refusal: Refusal },
+}
+
+/// Why a write was refused with nothing written; a sequence gap right after one is put down
+/// to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Storage,
+    NotEnoughReplicas,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,8 +172,8 @@ pub(super) struct PartitionLog {
     /// The end of the last producer batch the state has seen (a bound: it may be larger): a
     /// truncation below it rebuilds the state.
     producers_end: i64,
-    /// Wall-clock time of the last write that failed with a storage error (0: none).
-    storage_failed_ms: i64,
+    /// The last write refused with nothing written, and its wall-clock time.
+    refused: Option<(i64, Refusal)>,
 }
 
 impl Partition {
@@ -254,7 +263,7 @@ impl Partition {
             producers: ProducerState::default(),
             producers_dirty: false,
             producers_end: 0,
-            storage_failed_ms: 0,
+            refused: None,
         };
         log.rebuild_producer_state(dir)?;
         let partition = Partition {
@@ -419,14 +428,16 @@ impl Partition {
             }
             if let [(s, e)] = *ranges {
                 let view = BatchView::new(&chunk[s..e]);
-                let admission = match log.producers.check(&view, origin) {
-                    Err(ProducerError::OutOfOrder { producer_id, .. })
-                        if log.gap_from_storage_failure(producer_id) =>
-                    {
-                        return Err(AppendError::AfterStorageFailure { producer_id });
+                let checked = log.producers.check(&view, origin);
+                if let Err(ProducerError::OutOfOrder { producer_id, .. }) = &checked {
+                    if let Some(refusal) = log.refusal_before_gap(*producer_id) {
+                        return Err(AppendError::AfterRefusal {
+                            producer_id: *producer_id,
+                            refusal,
+                        });
                     }
-                    other => other?,
-                };
+                }
+                let admission = checked?;
                 if let Admission::Duplicate {
                     first_offset,
                     last_offset,
@@ -443,7 +454,7 @@ impl Partition {
             }
             let info = match log.append_validated(&self.dir, chunk, ranges) {
                 Err(AppendError::Io(e)) => {
-                    log.storage_failed_ms = now_ms();
+                    log.refused = Some((now_ms(), Refusal::Storage));
                     return Err(AppendError::Io(e));
                 }
                 other => other?,
@@ -597,6 +608,11 @@ impl Partition {
             self.wake_waiters();
         }
         hw
+    }
+
+    /// A client's write was refused before reaching the log (too few in-sync replicas).
+    pub fn note_refused(&self, refusal: Refusal) {
+        self.log.lock().refused = Some((now_ms(), refusal));
     }
 
     /// Becomes the partition's leader in `epoch`: new batches are stamped with it, and the
@@ -1107,21 +1123,21 @@ fn track_batch(
     Ok(())
 }
 
-/// How long after a storage failure a producer's sequence gap is put down to it.
-const STORAGE_GAP_WINDOW_MS: i64 = 60_000;
+/// How long after a refused write a producer's sequence gap is put down to it.
+const REFUSAL_GAP_WINDOW_MS: i64 = 60_000;
 
 impl PartitionLog {
-    /// Whether a sequence gap of `producer_id` comes from a write that failed here: a storage
-    /// failure recently, and no write of the producer's since. (A gap with another cause
-    /// still gets OUT_OF_ORDER_SEQUENCE_NUMBER once the window has passed.)
-    fn gap_from_storage_failure(&self, producer_id: i64) -> bool {
-        let failed = self.storage_failed_ms;
-        failed > 0
-            && now_ms() - failed < STORAGE_GAP_WINDOW_MS
-            && self
-                .producers
-                .last_write_ms(producer_id)
-                .is_none_or(|written| written <= failed)
+    /// The refusal a sequence gap of `producer_id` comes from: a write refused here recently,
+    /// and no write of the producer's since. (A gap with another cause still gets
+    /// OUT_OF_ORDER_SEQUENCE_NUMBER once the window has passed.)
+    fn refusal_before_gap(&self, producer_id: i64) -> Option<Refusal> {
+        let (at, refusal) = self.refused?;
+        let recent = now_ms() - at < REFUSAL_GAP_WINDOW_MS;
+        let silent_since = self
+            .producers
+            .last_write_ms(producer_id)
+            .is_none_or(|written| written < at);
+        (recent && silent_since).then_some(refusal)
     }
 
     fn append_validated(
@@ -1736,6 +1752,49 @@ mod tests {
             assert_eq!(epochs(&follower), epochs(&leader));
             assert!(follower.is_aborted(8, 8));
         }
+    }
+
+    #[test]
+    fn a_sequence_gap_right_after_a_refused_write_is_refused_the_same_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        p.append(&idempotent(7, 0, &[b"a"], false)).unwrap();
+        // Times are in milliseconds: the refusal comes after the write.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // Seq 1 was refused before the log (too few in-sync replicas): seq 2, in flight
+        // behind it, gets the same refusal, not a sequence error.
+        p.note_refused(Refusal::NotEnoughReplicas);
+        assert!(matches!(
+            p.append(&idempotent(7, 2, &[b"c"], false)),
+            Err(AppendError::AfterRefusal {
+                producer_id: 7,
+                refusal: Refusal::NotEnoughReplicas
+            })
+        ));
+        // The retries in order are written; a later gap is a sequence error again.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        p.append(&idempotent(7, 1, &[b"b"], false)).unwrap();
+        p.append(&idempotent(7, 2, &[b"c"], false)).unwrap();
+        assert!(matches!(
+            p.append(&idempotent(7, 9, &[b"x"], false)),
+            Err(AppendError::Producer(ProducerError::OutOfOrder { .. }))
+        ));
+        // A producer that wrote nothing since a storage failure gets a storage error.
+        p.append(&idempotent(8, 0, &[b"q"], false)).unwrap();
+        p.log.lock().refused = Some((now_ms() + 1, Refusal::Storage));
+        assert!(matches!(
+            p.append(&idempotent(8, 5, &[b"r"], false)),
+            Err(AppendError::AfterRefusal {
+                producer_id: 8,
+                refusal: Refusal::Storage
+            })
+        ));
+        // Long after the refusal, a gap is a sequence error.
+        p.log.lock().refused = Some((now_ms() - REFUSAL_GAP_WINDOW_MS - 1, Refusal::Storage));
+        assert!(matches!(
+            p.append(&idempotent(8, 5, &[b"r"], false)),
+            Err(AppendError::Producer(ProducerError::OutOfOrder { .. }))
+        ));
     }
 
     #[test]
