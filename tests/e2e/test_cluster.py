@@ -99,6 +99,12 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None,
         raft_link.upstream_port = raft_ports[b - 1]
     c = Cluster(nodes)
     c.start()
+    # A node whose Kafka port was taken meanwhile started again on another one.
+    for i, d in enumerate(nodes):
+        if proxies:
+            proxies[i].upstream_port = d.kafka_port
+    for (a, b), (kafka_link, _) in (links or {}).items():
+        kafka_link.upstream_port = nodes[b - 1].kafka_port
     return c
 
 
