@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 import kafka_wire as kw
 from support import (Outgoing, Rec, assert_contiguous, assert_same_records, consume_confluent,
-                     create_topic, now_ms, produce_confluent, producer_conf, wait_until,
-                     watermarks)
+                     consumer_conf, create_topic, now_ms, produce_confluent, producer_conf,
+                     wait_until, watermarks)
 
 
 def test_clean_restart_keeps_every_record(weir):
@@ -311,6 +311,20 @@ def test_pipelined_requests_behind_fsync_produces_are_answered_in_order(weir):
     assert watermarks(weir.bootstrap, "plain", [0]) == {0: (0, 15)}
 
 
+def _node_on_a_disk_that_fills(weir_factory, tmp_path: Path, name: str):
+    """A single node whose writes fail with ENOSPC while the returned control says the disk
+    is full (the fault campaign's LD_PRELOAD shim)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+    from nemesis import DiskControl
+    disk = DiskControl(tmp_path / "node.disk")
+    weir = weir_factory(name, start=False)
+    weir.env.update(disk.env(DiskControl.build_shim(tmp_path / "diskfault.so")))
+    weir.env["WEIR_LOG"] = "info,weir::kafka::produce=debug"  # each refused batch
+    weir.start()
+    return disk, weir
+
+
 def test_a_full_disk_leaves_an_idempotent_producer_in_its_epoch(weir_factory, tmp_path):
     """While the disk is full (every write fails with ENOSPC, through the fault campaign's
     LD_PRELOAD shim) a batch fails with KAFKA_STORAGE_ERROR, and the producer's batches
@@ -321,14 +335,7 @@ def test_a_full_disk_leaves_an_idempotent_producer_in_its_epoch(weir_factory, tm
     duplicates no broker can recognise. Here the producer keeps its epoch, and every record
     is written once."""
     import logging
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-    from nemesis import DiskControl
-    disk = DiskControl(tmp_path / "node.disk")
-    weir = weir_factory("full", start=False)
-    weir.env.update(disk.env(DiskControl.build_shim(tmp_path / "diskfault.so")))
-    weir.env["WEIR_LOG"] = "info,weir::kafka::produce=debug"  # each refused batch
-    weir.start()
+    disk, weir = _node_on_a_disk_that_fills(weir_factory, tmp_path, "full")
     create_topic(weir.bootstrap, "spill", 2)
 
     client_log = tmp_path / "producer.log"
@@ -367,3 +374,34 @@ def test_a_full_disk_leaves_an_idempotent_producer_in_its_epoch(weir_factory, tm
     assert not bumps, bumps[:3]
     got = [r.value for r in consume_confluent(weir.bootstrap, "spill", [0, 1])]
     assert len(got) == len(set(got)) and sorted(got) == sorted(delivered)
+
+
+def test_a_full_disk_delays_a_transaction_instead_of_aborting_it(weir_factory, tmp_path):
+    """While the disk is full the transaction coordinator cannot record AddOffsetsToTxn. It
+    answers as Kafka's coordinator does, NOT_COORDINATOR, which librdkafka retries; the
+    transaction then commits once the disk has room. KAFKA_STORAGE_ERROR there made the
+    transaction abortable, and when the partitions had not been registered either, the
+    abort's EndTxn found no open transaction and the producer died with INVALID_TXN_STATE."""
+    from test_exactly_once import READ_COMMITTED, read_all, txn_producer, values
+    disk, weir = _node_on_a_disk_that_fills(weir_factory, tmp_path, "full-txn")
+    create_topic(weir.bootstrap, "txn-in", 1)
+    create_topic(weir.bootstrap, "txn-out", 1)
+    producer = txn_producer(weir.bootstrap, "full-disk-copier", **{"transaction.timeout.ms": 60000})
+    group = Consumer(consumer_conf(weir.bootstrap, **{"group.id": "full-disk-copier"}))
+    producer.begin_transaction()
+    for i in range(10):
+        producer.produce("txn-out", value=f"copy-{i}".encode(), partition=0)
+    assert producer.flush(30) == 0
+
+    disk.set(full=True)
+    threading.Timer(2.0, disk.set).start()
+    producer.send_offsets_to_transaction([TopicPartition("txn-in", 0, 10)],
+                                         group.consumer_group_metadata(), 30)
+    producer.commit_transaction(30)
+    assert "cannot write __transaction_state" in weir.log_tail(100000), \
+        "the coordinator's write did not meet the full disk"
+
+    out = values(read_all(weir.bootstrap, "txn-out", 1, READ_COMMITTED))
+    assert out == [f"copy-{i}".encode() for i in range(10)]
+    assert group.committed([TopicPartition("txn-in", 0)], timeout=10)[0].offset == 10
+    group.close()

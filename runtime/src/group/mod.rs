@@ -1178,7 +1178,8 @@ impl GroupCoordinator {
         let (results, accepted) = screen_offsets(offsets, topic_exists);
         if let Err(e) = self.store.write_offsets(group_id, &accepted) {
             tracing::error!(group = group_id, error = %e, "cannot persist offsets");
-            return Err(ResponseError::KafkaStorageError);
+            // As Kafka answers: the client looks the coordinator up again and retries.
+            return Err(ResponseError::NotCoordinator);
         }
         crate::metrics::get()
             .offset_commits
@@ -1227,7 +1228,9 @@ impl GroupCoordinator {
                 .write_txn_offsets(group_id, producer_id, producer_epoch, &accepted)
         {
             tracing::debug!(group = group_id, error = %e, "transactional offset commit refused");
-            return Err(crate::kafka::append_error_code(&e));
+            return Err(crate::kafka::coordinator_error(
+                crate::kafka::append_error_code(&e),
+            ));
         }
         let mut pending = self.pending_txn.lock();
         let entry = pending.entry(producer_id).or_default();

@@ -388,11 +388,7 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         produce::wait_replicated(&p, target, epoch, deadline)
             .await
-            .map_err(|e| match e {
-                // The coordinator moved with its partition's leadership.
-                ResponseError::NotLeaderOrFollower => ResponseError::NotCoordinator,
-                other => other,
-            })
+            .map_err(coordinator_error)
     }
 
     /// In a cluster: this node's leadership of the partition, or NOT_LEADER_OR_FOLLOWER.
@@ -570,6 +566,24 @@ pub fn append_error_code(e: &AppendError) -> ResponseError {
             refusal: Refusal::NotEnoughReplicas,
             ..
         } => ResponseError::NotEnoughReplicas,
+    }
+}
+
+/// How a group or transaction coordinator answers when a write of its own state fails, as
+/// Kafka's coordinators answer: with errors clients retry after looking the coordinator up
+/// again. KAFKA_STORAGE_ERROR or NOT_ENOUGH_REPLICAS there would end the client's attempt
+/// instead (librdkafka makes the transaction abortable), though the coordinator may take the
+/// same write a moment later.
+pub fn coordinator_error(e: ResponseError) -> ResponseError {
+    match e {
+        ResponseError::UnknownTopicOrPartition
+        | ResponseError::NotEnoughReplicas
+        | ResponseError::NotEnoughReplicasAfterAppend
+        | ResponseError::RequestTimedOut => ResponseError::CoordinatorNotAvailable,
+        ResponseError::NotLeaderOrFollower | ResponseError::KafkaStorageError => {
+            ResponseError::NotCoordinator
+        }
+        other => other,
     }
 }
 

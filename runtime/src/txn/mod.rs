@@ -903,17 +903,20 @@ impl TxnCoordinator {
 
     /// Appends to `__transaction_state`; in a cluster, also waits for its in-sync replicas.
     async fn write(&self, records: Vec<KeyValue>) -> Result<(), ResponseError> {
-        match self.topic.append(&records, ProducerFields::NONE).await {
-            Ok(_) => {}
+        if let Err(e) = self.topic.append(&records, ProducerFields::NONE).await {
             // Leadership moved: the client finds the new coordinator.
-            Err(AppendError::NotLeader) => return Err(ResponseError::NotCoordinator),
-            Err(e) => {
+            if !matches!(e, AppendError::NotLeader) {
                 tracing::error!(error = %e, "cannot write __transaction_state");
-                return Err(ResponseError::KafkaStorageError);
             }
+            return Err(crate::kafka::coordinator_error(
+                crate::kafka::append_error_code(&e),
+            ));
         }
         match self.cluster.get() {
-            Some(c) => c.state_replicated().await,
+            Some(c) => c
+                .state_replicated()
+                .await
+                .map_err(crate::kafka::coordinator_error),
             None => Ok(()),
         }
     }

@@ -301,10 +301,12 @@ async fn timed_out_transactions_are_aborted_and_their_producer_fenced() {
     );
 }
 
-/// A cluster as the coordinator sees it, on one log: markers land only while `reachable`.
+/// A cluster as the coordinator sees it, on one log: markers land only while `reachable`,
+/// and the coordinator's state reaches its in-sync replicas only while `replicating`.
 struct OneLogCluster {
     log: Arc<LogManager>,
     reachable: AtomicBool,
+    replicating: AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -333,6 +335,9 @@ impl ClusterLink for OneLogCluster {
     }
 
     async fn state_replicated(&self) -> Result<(), ResponseError> {
+        if !self.replicating.load(Ordering::Acquire) {
+            return Err(ResponseError::NotEnoughReplicas);
+        }
         Ok(())
     }
 
@@ -364,6 +369,7 @@ async fn in_a_cluster_a_decided_transaction_ends_once_its_markers_land() {
     let link = Arc::new(OneLogCluster {
         log: node.log.clone(),
         reachable: AtomicBool::new(true),
+        replicating: AtomicBool::new(true),
     });
     node.txns.join_cluster(link.clone());
 
@@ -472,10 +478,47 @@ async fn hanging_transactions_are_aborted_and_held_ones_kept() {
     let link = Arc::new(OneLogCluster {
         log: node.log.clone(),
         reachable: AtomicBool::new(true),
+        replicating: AtomicBool::new(true),
     });
     node.txns.join_cluster(link);
     node.txns.set_active(true).await.unwrap();
     let later = now_ms() + TxnSettings::default().max_timeout_ms as i64 + 1;
     assert_eq!(node.txns.abort_hanging_transactions(later).await, 1);
     assert!(part.open_transactions().is_empty());
+}
+
+#[tokio::test]
+async fn a_state_write_that_fails_is_answered_with_an_error_clients_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.log
+        .create_topic("t", 1, -1, Default::default())
+        .unwrap();
+    let link = Arc::new(OneLogCluster {
+        log: node.log.clone(),
+        reachable: AtomicBool::new(true),
+        replicating: AtomicBool::new(true),
+    });
+    node.txns.join_cluster(link.clone());
+    node.txns.set_active(true).await.unwrap();
+    let p = node
+        .txns
+        .init_producer_id(Some("app"), 60_000, None)
+        .await
+        .unwrap();
+
+    // While __transaction_state cannot reach its in-sync replicas, the client is told to find
+    // the coordinator and retry (as Kafka tells it), not NOT_ENOUGH_REPLICAS, which librdkafka
+    // takes as the end of the transaction; and nothing changes meanwhile.
+    link.replicating.store(false, Ordering::Release);
+    assert_eq!(
+        node.txns.add_offsets("app", p, "g").await,
+        Err(ResponseError::CoordinatorNotAvailable)
+    );
+    assert_eq!(state_of(&node.txns, "app").await, TxnState::Empty);
+    link.replicating.store(true, Ordering::Release);
+    node.txns.add_offsets("app", p, "g").await.unwrap();
+    assert_eq!(state_of(&node.txns, "app").await, TxnState::Ongoing);
+    node.txns.end_txn("app", p, false).await.unwrap();
+    assert_eq!(state_of(&node.txns, "app").await, TxnState::CompleteAbort);
 }
