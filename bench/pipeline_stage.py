@@ -9,7 +9,7 @@ counter reaches N. With --rounds R each pipeline runs R times, alternating which
 the medians are reported.
 
 Usage: bench/pipeline_stage.py --weir target/release/weir --plugin passthrough.wasm [-n N]
-           [--batch-records B] [--rounds R]
+           [--batch-records B] [--rounds R] [--json FILE]
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--batch-records", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of each pipeline, alternating which goes first (default 1)")
+    ap.add_argument("--json", help="write the figures of every run here")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="weir-pipeline-stage-"))
@@ -146,6 +147,13 @@ def main() -> None:
                   f"map {statistics.median(rates['map']):,.0f} records/s; map/plain per round "
                   + ", ".join(f"{x:.2f}" for x in ratios))
         print(f"plugin stage: {ratio:.2f}x the plain pipeline's rate ({1 - ratio:.0%} of its throughput)")
+        if a.json:
+            Path(a.json).write_text(json.dumps({
+                "plugin": Path(a.plugin).name, "records": a.n, "record_bytes": 100,
+                "batch_records": a.batch_records, "rounds": a.rounds,
+                "plain_records_per_s": rates["plain"], "map_records_per_s": rates["map"],
+                "map_over_plain": ratios, "map_over_plain_median": ratio,
+            }, indent=2) + "\n")
     finally:
         server.terminate()
         server.wait(30)
