@@ -309,6 +309,19 @@ struct OneLogCluster {
     replicating: AtomicBool,
 }
 
+impl OneLogCluster {
+    /// Makes the node's coordinator part of a cluster (inactive until `set_active`).
+    fn join(node: &Node) -> Arc<Self> {
+        let link = Arc::new(OneLogCluster {
+            log: node.log.clone(),
+            reachable: AtomicBool::new(true),
+            replicating: AtomicBool::new(true),
+        });
+        node.txns.join_cluster(link.clone());
+        link
+    }
+}
+
 #[async_trait::async_trait]
 impl ClusterLink for OneLogCluster {
     async fn reserve_producer_ids(&self, size: i64) -> Result<(i64, i64), ResponseError> {
@@ -366,12 +379,7 @@ async fn in_a_cluster_a_decided_transaction_ends_once_its_markers_land() {
         .create_topic("t", 1, -1, Default::default())
         .unwrap();
     let part = node.log.partition("t", 0).unwrap();
-    let link = Arc::new(OneLogCluster {
-        log: node.log.clone(),
-        reachable: AtomicBool::new(true),
-        replicating: AtomicBool::new(true),
-    });
-    node.txns.join_cluster(link.clone());
+    let link = OneLogCluster::join(&node);
 
     // Until this node leads __transaction_state it coordinates nothing, but any node hands
     // out idempotent producer ids, from the cluster's blocks.
@@ -475,12 +483,7 @@ async fn hanging_transactions_are_aborted_and_held_ones_kept() {
     // The same on a cluster, where the leaders are asked for their open transactions.
     let lost = ProducerRef { id: 78, epoch: 0 };
     write(&node.log, "t", lost, 0, &["e"]);
-    let link = Arc::new(OneLogCluster {
-        log: node.log.clone(),
-        reachable: AtomicBool::new(true),
-        replicating: AtomicBool::new(true),
-    });
-    node.txns.join_cluster(link);
+    OneLogCluster::join(&node);
     node.txns.set_active(true).await.unwrap();
     let later = now_ms() + TxnSettings::default().max_timeout_ms as i64 + 1;
     assert_eq!(node.txns.abort_hanging_transactions(later).await, 1);
@@ -491,15 +494,7 @@ async fn hanging_transactions_are_aborted_and_held_ones_kept() {
 async fn a_state_write_that_fails_is_answered_with_an_error_clients_retry() {
     let dir = tempfile::tempdir().unwrap();
     let node = open(dir.path()).await;
-    node.log
-        .create_topic("t", 1, -1, Default::default())
-        .unwrap();
-    let link = Arc::new(OneLogCluster {
-        log: node.log.clone(),
-        reachable: AtomicBool::new(true),
-        replicating: AtomicBool::new(true),
-    });
-    node.txns.join_cluster(link.clone());
+    let link = OneLogCluster::join(&node);
     node.txns.set_active(true).await.unwrap();
     let p = node
         .txns
