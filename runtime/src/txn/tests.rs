@@ -43,6 +43,14 @@ fn write(
         .unwrap()
 }
 
+/// The producer of transactional id "app" (60 s timeout), new or with its epoch bumped.
+async fn app_producer(node: &Node) -> ProducerRef {
+    node.txns
+        .init_producer_id(Some("app"), 60_000, None)
+        .await
+        .unwrap()
+}
+
 fn tp(topic: &str) -> Vec<(String, i32)> {
     vec![(topic.to_string(), 0)]
 }
@@ -69,11 +77,7 @@ async fn commit_and_abort_move_the_stable_offset_and_list_aborts() {
         .create_topic("t", 1, -1, Default::default())
         .unwrap();
     let part = node.log.partition("t", 0).unwrap();
-    let p = node
-        .txns
-        .init_producer_id(Some("app"), 60_000, None)
-        .await
-        .unwrap();
+    let p = app_producer(&node).await;
 
     // Writing before AddPartitionsToTxn is refused by the check the produce path makes.
     assert_eq!(
@@ -123,19 +127,11 @@ async fn a_new_instance_fences_the_old_one_and_aborts_its_transaction() {
     node.log
         .create_topic("t", 1, -1, Default::default())
         .unwrap();
-    let old = node
-        .txns
-        .init_producer_id(Some("app"), 60_000, None)
-        .await
-        .unwrap();
+    let old = app_producer(&node).await;
     node.txns.add_partitions("app", old, tp("t")).await.unwrap();
     write(&node.log, "t", old, 0, &["zombie"]);
 
-    let new = node
-        .txns
-        .init_producer_id(Some("app"), 60_000, None)
-        .await
-        .unwrap();
+    let new = app_producer(&node).await;
     assert_eq!(new.id, old.id);
     assert!(new.epoch > old.epoch);
     let part = node.log.partition("t", 0).unwrap();
@@ -394,11 +390,7 @@ async fn in_a_cluster_a_decided_transaction_ends_once_its_markers_land() {
     assert_eq!(idempotent.id, 5000);
     node.txns.set_active(true).await.unwrap();
 
-    let p = node
-        .txns
-        .init_producer_id(Some("app"), 60_000, None)
-        .await
-        .unwrap();
+    let p = app_producer(&node).await;
     node.txns.add_partitions("app", p, tp("t")).await.unwrap();
     write(&node.log, "t", p, 0, &["a", "b"]);
     link.reachable.store(false, Ordering::Release);
@@ -496,11 +488,7 @@ async fn a_state_write_that_fails_is_answered_with_an_error_clients_retry() {
     let node = open(dir.path()).await;
     let link = OneLogCluster::join(&node);
     node.txns.set_active(true).await.unwrap();
-    let p = node
-        .txns
-        .init_producer_id(Some("app"), 60_000, None)
-        .await
-        .unwrap();
+    let p = app_producer(&node).await;
 
     // While __transaction_state cannot reach its in-sync replicas, the client is told to find
     // the coordinator and retry (as Kafka tells it), not NOT_ENOUGH_REPLICAS, which librdkafka
