@@ -191,6 +191,19 @@ def consumer_conf(bootstrap: str, **extra) -> dict:
     return conf
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dict[int, int]:
+    """OffsetFetch from outside the group (a consumer that never joins); -1001 = none."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                  "socket.timeout.ms": 10000})
+    try:
+        res = c.committed([TopicPartition(topic, p) for p in partitions], timeout=15)
+        for tp in res:
+            assert tp.error is None, f"committed(): {tp.error}"
+        return {tp.partition: tp.offset for tp in res}
+    finally:
+        c.close()
+
+
 def watermarks(bootstrap: str, topic: str, partitions: Iterable[int],
                timeout: float = 10.0) -> dict[int, tuple[int, int]]:
     c = Consumer(consumer_conf(bootstrap))

@@ -19,7 +19,7 @@ from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
 from conftest import DaemonError, WeirDaemon, _pick_free_ports
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
-                     consume_kcat, consumer_conf, create_topic,
+                     committed_offsets, consume_kcat, consumer_conf, create_topic,
                      produce_confluent, producer_conf, wait_until)
 from test_pipelines import read_committed
 
@@ -600,15 +600,6 @@ def test_a_new_node_joins_and_a_partition_moves_to_it(cluster, weir_factory):
                message="the old replica's data to be dropped")
 
 
-def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
-    c = Consumer(consumer_conf(bootstrap, **{"group.id": group}))
-    try:
-        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
-        return [tp.offset for tp in got]
-    finally:
-        c.close()
-
-
 def test_a_single_node_becomes_the_first_node_of_a_cluster(weir_factory):
     """A node that ran alone restarts as the one voter of a new cluster with its data in
     place: its records and committed offsets are kept. Two nodes join, become voters, and
@@ -636,7 +627,7 @@ def test_a_single_node_becomes_the_first_node_of_a_cluster(weir_factory):
     assert [(p.leader, p.replicas) for p in t.partitions.values()] == [(1, [1]), (1, [1])]
     got = consume_confluent(first.bootstrap, "kept", [0, 1])
     assert sorted(r.value for r in got) == sorted(values)
-    assert _committed(first.bootstrap, "readers", "kept", 2) == [100, 40]
+    assert committed_offsets(first.bootstrap, "readers", "kept", range(2)) == {0: 100, 1: 40}
 
     others = [weir_factory(f"node{i}", start=False, config_yaml=CLUSTER_YAML,
                            extra_args=("--node-id", str(i), "--voters", voters,
@@ -673,7 +664,7 @@ def test_a_single_node_becomes_the_first_node_of_a_cluster(weir_factory):
         message="nodes 2 and 3 to lead every partition of kept")
     got = consume_confluent(rest, "kept", [0, 1])
     assert sorted(r.value for r in got) == sorted(values)
-    wait_until(lambda: _committed(rest, "readers", "kept", 2) == [100, 40], 60,
+    wait_until(lambda: committed_offsets(rest, "readers", "kept", range(2)) == {0: 100, 1: 40}, 60,
                message="the committed offsets to be served by a new coordinator")
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
-from support import create_topic, wait_until
+from support import committed_offsets, create_topic, wait_until
 from test_metrics import COPY_PIPELINE, consume_and_commit, produce
 from test_pipelines import pipeline_state, pipelines_daemon
 
@@ -39,15 +39,6 @@ def browser():
         yield b
     finally:
         b.quit()
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        return {tp.partition: tp.offset
-                for tp in c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)}
-    finally:
-        c.close()
 
 
 def click(browser, by: str, value: str) -> None:
@@ -121,7 +112,7 @@ def test_every_page_shows_the_state_and_the_buttons_work(weir_factory, tmp_path,
     wait_until(lambda: drawn(".chart"), 10, message="the chart of the group's lag")
     # The group is empty: its offsets go back to the beginning through the reset button.
     click(browser, By.ID, "reset-offsets")
-    wait_until(lambda: committed(weir.bootstrap, "billing", "orders", 2) == {0: 0, 1: 0}, 30,
+    wait_until(lambda: committed_offsets(weir.bootstrap, "billing", "orders", range(2)) == {0: 0, 1: 0}, 30,
                message="billing's offsets to be reset")
     wait_until(lambda: "201" in text(browser), 30, message="the lag of the whole topic")
     no_console_errors(browser)

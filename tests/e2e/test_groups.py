@@ -31,8 +31,8 @@ from confluent_kafka import (Consumer, ConsumerGroupState, ConsumerGroupTopicPar
                              KafkaException, Producer, TopicPartition)
 
 import kafka_wire as kw
-from support import (Outgoing, Rec, admin, create_topic, kafka_error_code, kp_consumer,
-                     produce_confluent, producer_conf, wait_until, watermarks)
+from support import (Outgoing, Rec, admin, committed_offsets, create_topic, kafka_error_code,
+                     kp_consumer, produce_confluent, producer_conf, wait_until, watermarks)
 
 # Short delays so that tests are quick: the first rebalance of an empty group waits 200 ms
 # (Kafka's default is 3 s), and session timeouts down to 1 s are allowed.
@@ -175,19 +175,6 @@ def pump_for(ms: list[Member], seconds: float) -> None:
     while time.monotonic() < end:
         for m in ms:
             m.poll(0.05)
-
-
-def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dict[int, int]:
-    """OffsetFetch from outside the group (a consumer that never joins); -1001 = none."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "socket.timeout.ms": 10000})
-    try:
-        res = c.committed([TopicPartition(topic, p) for p in partitions], timeout=15)
-        for tp in res:
-            assert tp.error is None, f"committed(): {tp.error}"
-        return {tp.partition: tp.offset for tp in res}
-    finally:
-        c.close()
 
 
 def end_offsets(bootstrap: str, topic: str, partitions) -> dict[int, int]:
