@@ -69,7 +69,9 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None,
     pair of proxies for each ordered pair of node ids (a, b); node a dials b through them
     (its `peer_routes`), so that every link between two nodes, in each direction, can fail
     on its own. `extra_args` and the settings in `config_yaml` are given to every node."""
-    raft_ports = _pick_free_ports(size)
+    # One pick for every node's ports, so that no node's Kafka port is another's cluster port.
+    ports = _pick_free_ports(3 * size)
+    raft_ports = ports[:size]
     if raft_proxies:
         for proxy, port in zip(raft_proxies, raft_ports):
             proxy.upstream_port = port
@@ -90,7 +92,7 @@ def start_cluster(weir_factory, size: int, proxies: list | None = None,
         own = ("--cluster-addr", f"127.0.0.1:{raft_ports[i]}") if raft_proxies else ()
         d = weir_factory(f"node{i + 1}", start=False, config_yaml=yaml,
                          extra_args=("--node-id", str(i + 1), "--voters", voters) + own + extra_args)
-        d.kafka_port, d.http_port = _pick_free_ports(2)
+        d.kafka_port, d.http_port = ports[size + 2 * i:size + 2 * i + 2]
         if proxies:
             proxies[i].upstream_port = d.kafka_port
         nodes.append(d)
