@@ -18,6 +18,7 @@ from confluent_kafka import (Consumer, KafkaError, KafkaException, Producer,
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
 from conftest import DaemonError, WeirDaemon, _pick_free_ports
+from kafka_wire import init_producer_id
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
                      committed_offsets, consume_kcat, consumer_conf, create_topic,
                      produce_confluent, producer_conf, wait_until)
@@ -894,8 +895,7 @@ def test_a_leader_whose_disk_is_full_hands_over(weir_factory, tmp_path):
     wait_until(lambda: all(cluster.metadata(n).topics.get("spill") is not None and
                            cluster.metadata(n).topics["spill"].partitions[0].leader == full
                            for n in cluster.nodes), 30, message="every node to know spill")
-    # One idempotent producer throughout, as an application's would be (a new producer's
-    # first request may go to the full node, which cannot hand out producer ids meanwhile).
+    # One idempotent producer throughout, as an application's would be.
     producer = Producer(producer_conf(cluster.bootstrap, **{"enable.idempotence": True,
                                                            "message.timeout.ms": 60000}))
     delivered: list = []
@@ -913,6 +913,10 @@ def test_a_leader_whose_disk_is_full_hands_over(weir_factory, tmp_path):
     send("a", 100)
     disks[full].set(full=True)
     send("b", 300)
+    # A new producer whose InitProducerId reaches the full node gets an id from the block the
+    # node reserved ahead: its metadata is stalled with its Raft storage.
+    pid, epoch = init_producer_id(cluster.node(full).bootstrap)
+    assert pid >= 0 and epoch == 0, (pid, epoch)
     # As the other nodes see it (the full node's own metadata stalls with its Raft storage).
     witness = cluster.node(controller)
     p = cluster.metadata(witness).topics["spill"].partitions[0]

@@ -161,6 +161,49 @@ pub struct TxnCoordinator {
     active: AtomicBool,
     /// Open transactions when last counted (see `ongoing`).
     last_ongoing: std::sync::atomic::AtomicUsize,
+    /// In a cluster, the next block of producer ids, reserved before it is needed.
+    spare_ids: Arc<SpareIdBlock>,
+}
+
+/// The next block of producer ids, reserved ahead as Kafka's ProducerIdManager does: a node
+/// whose metadata stalls (its disk is full, the quorum is away) still hands out ids, and
+/// InitProducerId does not wait on the quorum under the coordinator's lock.
+#[derive(Default)]
+struct SpareIdBlock {
+    /// The lock also serialises this node's reservations: each reads back the node's latest
+    /// block from the metadata.
+    block: tokio::sync::Mutex<Option<(i64, i64)>>,
+}
+
+impl SpareIdBlock {
+    /// The spare block, or a new one reserved now.
+    async fn take(&self, link: &dyn ClusterLink) -> Result<(i64, i64), ResponseError> {
+        let mut spare = self.block.lock().await;
+        match spare.take() {
+            Some(block) => Ok(block),
+            None => link.reserve_producer_ids(ID_BLOCK).await,
+        }
+    }
+
+    /// Reserves the next block in the background unless one is held or on its way.
+    fn refill(self: &Arc<Self>, link: &Arc<dyn ClusterLink>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (spare, link) = (self.clone(), link.clone());
+        runtime.spawn(async move {
+            let Ok(mut block) = spare.block.try_lock() else {
+                return;
+            };
+            if block.is_none() {
+                match link.reserve_producer_ids(ID_BLOCK).await {
+                    Ok(next) => *block = Some(next),
+                    // The next allocation reserves one itself.
+                    Err(e) => tracing::debug!(error = ?e, "cannot reserve producer ids ahead"),
+                }
+            }
+        });
+    }
 }
 
 /// What a producer sent: its id and epoch, checked against the coordinator's.
@@ -194,6 +237,7 @@ impl TxnCoordinator {
             cluster: std::sync::OnceLock::new(),
             active: AtomicBool::new(true),
             last_ongoing: Default::default(),
+            spare_ids: Default::default(),
         })
     }
 
@@ -241,6 +285,7 @@ impl TxnCoordinator {
     /// Makes this coordinator one node's of a cluster: producer ids, partitions and markers
     /// go through `link`, and it serves only once [`set_active`] says it leads.
     pub fn join_cluster(&self, link: Arc<dyn ClusterLink>) {
+        self.spare_ids.refill(&link);
         let _ = self.cluster.set(link);
         self.active.store(false, Ordering::Release);
     }
@@ -616,6 +661,10 @@ impl TxnCoordinator {
             }
             tracing::warn!(%topic, partition, producer_id = seen.producer_id, producer_epoch = seen.producer_epoch, first_offset = seen.txn_first_offset, idle_ms = now - seen.last_write_ms, "aborting a hanging transaction");
             let result = match self.cluster.get() {
+                // The leader elsewhere cannot re-check the partition as it was seen, and needs
+                // not: under this lock no transaction of this producer can take the partition,
+                // so a write since the snapshot is the hanging transaction's own (a later batch
+                // of a transaction skips the coordinator's check), and it is aborted with it.
                 Some(c) => {
                     let marker = Marker {
                         producer_id: seen.producer_id,
@@ -883,10 +932,11 @@ impl TxnCoordinator {
     async fn allocate_producer_id(&self, inner: &mut Inner) -> Result<i64, ResponseError> {
         if let Some(c) = self.cluster.get() {
             if !inner.block_from_source || inner.next_producer_id >= inner.block_end {
-                let (start, end) = c.reserve_producer_ids(ID_BLOCK).await?;
+                let (start, end) = self.spare_ids.take(c.as_ref()).await?;
                 inner.next_producer_id = start;
                 inner.block_end = end;
                 inner.block_from_source = true;
+                self.spare_ids.refill(c);
             }
         } else if inner.next_producer_id >= inner.block_end {
             let end = inner.block_end + ID_BLOCK;

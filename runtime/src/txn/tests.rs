@@ -298,11 +298,14 @@ async fn timed_out_transactions_are_aborted_and_their_producer_fenced() {
 }
 
 /// A cluster as the coordinator sees it, on one log: markers land only while `reachable`,
-/// and the coordinator's state reaches its in-sync replicas only while `replicating`.
+/// the coordinator's state reaches its in-sync replicas only while `replicating`, and
+/// producer ids are reserved only while the `metadata` quorum answers.
 struct OneLogCluster {
     log: Arc<LogManager>,
     reachable: AtomicBool,
     replicating: AtomicBool,
+    metadata: AtomicBool,
+    next_producer_id: std::sync::atomic::AtomicI64,
 }
 
 impl OneLogCluster {
@@ -312,6 +315,8 @@ impl OneLogCluster {
             log: node.log.clone(),
             reachable: AtomicBool::new(true),
             replicating: AtomicBool::new(true),
+            metadata: AtomicBool::new(true),
+            next_producer_id: 5000.into(),
         });
         node.txns.join_cluster(link.clone());
         link
@@ -321,7 +326,11 @@ impl OneLogCluster {
 #[async_trait::async_trait]
 impl ClusterLink for OneLogCluster {
     async fn reserve_producer_ids(&self, size: i64) -> Result<(i64, i64), ResponseError> {
-        Ok((5000, 5000 + size))
+        if !self.metadata.load(Ordering::Acquire) {
+            return Err(ResponseError::RequestTimedOut);
+        }
+        let start = self.next_producer_id.fetch_add(size, Ordering::AcqRel);
+        Ok((start, start + size))
     }
 
     fn partition_exists(&self, topic: &str, partition: i32) -> bool {
@@ -504,4 +513,36 @@ async fn a_state_write_that_fails_is_answered_with_an_error_clients_retry() {
     assert_eq!(state_of(&node.txns, "app").await, TxnState::Ongoing);
     node.txns.end_txn("app", p, false).await.unwrap();
     assert_eq!(state_of(&node.txns, "app").await, TxnState::CompleteAbort);
+}
+
+#[tokio::test]
+async fn a_node_whose_metadata_stalls_hands_out_ids_from_its_spare_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    let link = OneLogCluster::join(&node);
+    let idempotent = || async { node.txns.init_producer_id(None, 0, None).await };
+    let mut handed_out = BTreeSet::from([idempotent().await.unwrap().id]);
+    // The block after the one in use is reserved in the background.
+    let reserved = || link.next_producer_id.load(Ordering::Acquire);
+    for _ in 0..100 {
+        if reserved() == 5000 + 2 * ID_BLOCK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reserved(), 5000 + 2 * ID_BLOCK);
+
+    // The quorum stops answering: both blocks are still handed out, each id once.
+    link.metadata.store(false, Ordering::Release);
+    for _ in 1..2 * ID_BLOCK {
+        assert!(handed_out.insert(idempotent().await.unwrap().id));
+    }
+    assert_eq!(handed_out, (5000..5000 + 2 * ID_BLOCK).collect());
+    assert_eq!(
+        idempotent().await.err(),
+        Some(ResponseError::RequestTimedOut)
+    );
+    link.metadata.store(true, Ordering::Release);
+    let next = idempotent().await.unwrap().id;
+    assert!(next >= 5000 + 2 * ID_BLOCK && !handed_out.contains(&next));
 }
