@@ -5,8 +5,11 @@
  *       creates a topic (replication factor 1) with the admin API
  *   rdkafka_perf produce BROKERS TOPIC RECORDS SIZE ACKS
  *       as fast as the client goes; ack latency from each delivery report
- *   rdkafka_perf consume BROKERS TOPIC RECORDS
- *       every partition from the beginning (assigned, no group), until RECORDS are read
+ *   rdkafka_perf consume BROKERS TOPIC RECORDS [batch]
+ *       every partition from the beginning (assigned, no group), until RECORDS are read: one
+ *       record per rd_kafka_consumer_poll, or with `batch` up to 10,000 per
+ *       rd_kafka_consume_batch_queue (at many partitions the one-at-a-time application thread,
+ *       not the broker, sets the rate)
  *   rdkafka_perf e2e BROKERS TOPIC RATE SECONDS SIZE ACKS
  *       a producer at RATE records/s and a consumer of the same topic in one process;
  *       latency from the send time written into each value to its arrival at the consumer
@@ -219,28 +222,35 @@ static void assign_all(rd_kafka_t *rk, const char *topic, int64_t offset) {
     rd_kafka_topic_partition_list_destroy(list);
 }
 
-static int consume(const char *brokers, const char *topic, long records) {
+static int consume(const char *brokers, const char *topic, long records, int batched) {
     rd_kafka_t *rk = new_consumer(brokers);
     int64_t start = now_ns();
     assign_all(rk, topic, RD_KAFKA_OFFSET_BEGINNING);
     long read = 0;
     size_t bytes = 0;
     int64_t idle_since = now_ns();
+    rd_kafka_queue_t *queue = batched ? rd_kafka_queue_get_consumer(rk) : NULL;
+    static rd_kafka_message_t *got[10000];
     while (read < records) {
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
-        if (!m) {
+        ssize_t n = queue ? rd_kafka_consume_batch_queue(queue, 100, got, 10000)
+                          : (got[0] = rd_kafka_consumer_poll(rk, 100)) != NULL;
+        if (n <= 0) {
             if (now_ns() - idle_since > 30 * 1000000000LL) break;
             continue;
         }
         idle_since = now_ns();
-        if (m->err) {
-            fprintf(stderr, "rdkafka_perf: consume: %s\n", rd_kafka_message_errstr(m));
-        } else {
-            read++;
-            bytes += m->len;
+        for (ssize_t i = 0; i < n; i++) {
+            rd_kafka_message_t *m = got[i];
+            if (m->err) {
+                fprintf(stderr, "rdkafka_perf: consume: %s\n", rd_kafka_message_errstr(m));
+            } else {
+                read++;
+                bytes += m->len;
+            }
+            rd_kafka_message_destroy(m);
         }
-        rd_kafka_message_destroy(m);
     }
+    if (queue) rd_kafka_queue_destroy(queue);
     double secs = (now_ns() - start) / 1e9;
     printf("{\"records\": %ld, \"bytes\": %zu, \"seconds\": %.6f}\n", read, bytes, secs);
     rd_kafka_consumer_close(rk);
@@ -330,7 +340,7 @@ int main(int argc, char **argv) {
     if (argc >= 7 && !strcmp(argv[1], "produce"))
         return produce(argv[2], argv[3], atol(argv[4]), (size_t)atol(argv[5]), argv[6]);
     if (argc >= 5 && !strcmp(argv[1], "consume"))
-        return consume(argv[2], argv[3], atol(argv[4]));
+        return consume(argv[2], argv[3], atol(argv[4]), argc >= 6 && !strcmp(argv[5], "batch"));
     if (argc >= 8 && !strcmp(argv[1], "e2e"))
         return e2e(argv[2], argv[3], atol(argv[4]), atof(argv[5]), (size_t)atol(argv[6]), argv[7]);
     fprintf(stderr,

@@ -18,7 +18,8 @@ Per workload (partitions, record size, acks=1, page-cache durability on both):
                   partition per record, so that every partition holds as many records
   java consume    ConsumerPerformance of that topic in a group (fetch-phase rate, so the
                   group join does not count), fetch.max.wait.ms=100 like rdkafka_perf's consumer
-  rdkafka consume the same topic, every partition assigned from the beginning
+  rdkafka consume the same topic, every partition assigned from the beginning, one record
+                  per poll; then again in batches of up to 10,000 (rd_kafka_consume_batch_queue)
   e2e             librdkafka producer at 10k records/s for S seconds, consumer in the same
                   process: p50/p99/p99.9 from send to receipt
   server          CPU seconds per MB moved (produce and consume phases), peak RSS
@@ -297,8 +298,8 @@ def measure(server: Server, clients: Clients, w: Workload, e2e_secs: float, rate
         return {"records_per_s": w.records / r["seconds"], "ack_p50_ms": r["ack_p50_ms"],
                 "ack_p99_ms": r["ack_p99_ms"]}
 
-    def rd_consume() -> dict:
-        r = clients.rdkafka_perf("consume", b, "rdkafka", str(w.records))
+    def rd_consume(*mode: str) -> dict:
+        r = clients.rdkafka_perf("consume", b, "rdkafka", str(w.records), *mode)
         return {"records_per_s": r["records"] / r["seconds"]}
 
     phase("rdkafka_produce", rd_produce)
@@ -309,6 +310,7 @@ def measure(server: Server, clients: Clients, w: Workload, e2e_secs: float, rate
     if java:
         phase("java_consume", lambda: clients.java_consume(b, "rdkafka", w.records))
     phase("rdkafka_consume", rd_consume)
+    phase("rdkafka_batch_consume", lambda: rd_consume("batch"))
     if w.sessions:
         out["peak_rss_mb"] = peak_rss_mb(server.pid)
         return out
@@ -330,6 +332,7 @@ FIGURES = [
     ("rdkafka_produce_records_per_s", "produce, librdkafka (records/s)", True),
     ("rdkafka_produce_ack_p99_ms", "produce ack p99, librdkafka (ms)", False),
     ("rdkafka_consume_records_per_s", "consume, librdkafka (records/s)", True),
+    ("rdkafka_batch_consume_records_per_s", "consume, librdkafka in batches (records/s)", True),
     ("e2e_p50_ms", "end to end p50 at {rate}/s, librdkafka (ms)", False),
     ("e2e_p99_ms", "end to end p99 at {rate}/s, librdkafka (ms)", False),
     ("e2e_p999_ms", "end to end p99.9 at {rate}/s, librdkafka (ms)", False),
@@ -337,10 +340,12 @@ FIGURES = [
     ("java_consume_server_cpu_ms_per_mb", "server CPU per MB consumed, Java client (ms)", False),
     ("rdkafka_produce_server_cpu_ms_per_mb", "server CPU per MB produced, librdkafka (ms)", False),
     ("rdkafka_consume_server_cpu_ms_per_mb", "server CPU per MB consumed, librdkafka (ms)", False),
+    ("rdkafka_batch_consume_server_cpu_ms_per_mb", "server CPU per MB consumed, librdkafka in batches (ms)", False),
     ("java_produce_client_cpu_ms_per_mb", "client CPU per MB produced, Java client (ms)", False),
     ("java_consume_client_cpu_ms_per_mb", "client CPU per MB consumed, Java client (ms)", False),
     ("rdkafka_produce_client_cpu_ms_per_mb", "client CPU per MB produced, librdkafka (ms)", False),
     ("rdkafka_consume_client_cpu_ms_per_mb", "client CPU per MB consumed, librdkafka (ms)", False),
+    ("rdkafka_batch_consume_client_cpu_ms_per_mb", "client CPU per MB consumed, librdkafka in batches (ms)", False),
     ("peak_rss_mb", "server peak RSS (MB)", False),
 ]
 
