@@ -80,10 +80,15 @@ def run(a, http: str, pipelines: Path, brokers: list, kind: str, round_no: int, 
     # this run, and cost whichever run comes second: flush them first.
     os.sync()
     (pipelines / f"{name}.yaml").write_text(text)
+    written, written_cpu = time.monotonic(), cpu_seconds(pid)
     # Timed from the first committed batch, so loading the plugin is not counted.
     first = wait(lambda: records_in(http, name) > 0 and records_in(http, name), 120,
                  f"pipeline {name} to start")
     started, cpu = time.monotonic(), cpu_seconds(pid)
+    if first >= a.n:
+        # A small input (--smoke) passed whole before the first look: timed from the
+        # pipeline's creation instead, plugin loading included.
+        first, started, cpu = 0, written, written_cpu
     wait(lambda: records_in(http, name) >= a.n, 600, f"pipeline {name}")
     secs = time.monotonic() - started
     cores = (cpu_seconds(pid) - cpu) / secs
