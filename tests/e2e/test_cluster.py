@@ -18,7 +18,7 @@ from confluent_kafka import (Consumer, KafkaError, KafkaException, Producer,
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
 from conftest import DaemonError, WeirDaemon, _pick_free_ports
-from kafka_wire import init_producer_id
+import kafka_wire as kw
 from support import (Outgoing, admin, assert_contiguous, consume_confluent, consume_kafka_python,
                      committed_offsets, consume_kcat, consumer_conf, create_topic,
                      produce_confluent, producer_conf, wait_until)
@@ -498,7 +498,6 @@ def test_a_group_keeps_consuming_when_its_coordinator_node_dies(cluster, protoco
 def test_a_paused_leader_truncates_what_it_alone_wrote(weir_factory):
     import signal
     from fault_proxy import FaultProxy
-    import kafka_wire as kw
     proxies = [FaultProxy(seed=0, fault_rate=0.0) for _ in range(3)]
     try:
         cluster = start_cluster(weir_factory, 3, proxies)
@@ -914,8 +913,8 @@ def test_a_leader_whose_disk_is_full_hands_over(weir_factory, tmp_path):
     disks[full].set(full=True)
     send("b", 300)
     # A new producer whose InitProducerId reaches the full node gets an id from the block the
-    # node reserved ahead: its metadata is stalled with its Raft storage.
-    pid, epoch = init_producer_id(cluster.node(full).bootstrap)
+    # node reserved ahead.
+    pid, epoch = kw.init_producer_id(cluster.node(full).bootstrap)
     assert pid >= 0 and epoch == 0, (pid, epoch)
     # As the other nodes see it (the full node's own metadata stalls with its Raft storage).
     witness = cluster.node(controller)
