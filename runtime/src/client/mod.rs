@@ -99,9 +99,7 @@ impl Receiver {
         if !(4..=1 << 30).contains(&len) {
             bail!("broker sent a frame of {len} bytes");
         }
-        let mut buf = BytesMut::zeroed(len as usize);
-        self.reader.read_exact(&mut buf).await?;
-        Ok(buf.freeze())
+        Ok(crate::kafka::read_body(&mut self.reader, len as usize).await?)
     }
 
     /// Reads and decodes the next response as `R::Response` at `version`.

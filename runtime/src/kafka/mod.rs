@@ -597,3 +597,49 @@ pub fn read_error_code(e: &ReadError) -> ResponseError {
 pub fn str_bytes(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
 }
+
+/// Reads exactly `len` bytes of a frame body. The buffer is filled straight from the reader,
+/// without first zeroing it: a produce request or fetch response is written only once.
+pub async fn read_body<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> std::io::Result<bytes::Bytes> {
+    use bytes::BufMut;
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = len - buf.len();
+        if r.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_frame_body_arriving_in_pieces_is_read_whole_and_no_further() {
+        let (mut tx, mut rx) = tokio::io::duplex(7);
+        let sent: Vec<u8> = (0..100u8).collect();
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(13) {
+                tx.write_all(piece).await.unwrap();
+            }
+            tx
+        });
+        assert_eq!(
+            super::read_body(&mut rx, 60).await.unwrap(),
+            (0..60u8).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            super::read_body(&mut rx, 40).await.unwrap(),
+            (60..100u8).collect::<Vec<_>>()
+        );
+        drop(writer.await.unwrap());
+        let eof = super::read_body(&mut rx, 1).await.unwrap_err();
+        assert_eq!(eof.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+}

@@ -389,11 +389,10 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
             "request size {len} outside the allowed range {min}..={max}"
         )));
     }
-    let mut buf = BytesMut::zeroed(len as usize);
-    r.read_exact(&mut buf)
+    let body = super::read_body(r, len as usize)
         .await
         .map_err(|e| protocol(format!("truncated request of {len} bytes: {e}")))?;
-    Ok(Some(buf.freeze()))
+    Ok(Some(body))
 }
 
 /// Decodes, handles and encodes one request into the pieces of its response frame.
