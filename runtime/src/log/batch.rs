@@ -207,6 +207,70 @@ pub fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
     batch[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&leader_epoch.to_be_bytes());
 }
 
+/// Batches to append, borrowed as they arrived, with a copy of each one's header to stamp.
+/// Only the header changes on append, so the records are written from the request's own
+/// buffer (a vectored write of header, records, header, records...) instead of being copied
+/// first.
+pub struct StampedBatches<'a> {
+    bytes: &'a [u8],
+    ranges: &'a [(usize, usize)],
+    headers: Vec<[u8; HEADER_LEN]>,
+}
+
+impl<'a> StampedBatches<'a> {
+    /// `ranges` split `bytes` into whole batches, as [`split_batches`] returns them.
+    pub fn new(bytes: &'a [u8], ranges: &'a [(usize, usize)]) -> Self {
+        let headers = ranges
+            .iter()
+            .map(|&(s, _)| bytes[s..s + HEADER_LEN].try_into().unwrap())
+            .collect();
+        StampedBatches {
+            bytes,
+            ranges,
+            headers,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// The `i`th batch's (stamped) header: every header field, none of the records.
+    pub fn header(&self, i: usize) -> BatchView<'_> {
+        BatchView::new(&self.headers[i])
+    }
+
+    /// Where the `i`th batch starts, relative to the first.
+    pub fn position(&self, i: usize) -> usize {
+        self.ranges[i].0
+    }
+
+    pub fn stamp(&mut self, i: usize, base_offset: i64, leader_epoch: i32) {
+        stamp(&mut self.headers[i], base_offset, leader_epoch);
+    }
+
+    /// The `i`th batch whole, as it is written.
+    pub fn to_vec(&self, i: usize) -> Vec<u8> {
+        let (s, e) = self.ranges[i];
+        let mut whole = Vec::with_capacity(e - s);
+        whole.extend_from_slice(&self.headers[i]);
+        whole.extend_from_slice(&self.bytes[s + HEADER_LEN..e]);
+        whole
+    }
+
+    /// The pieces to write, in order.
+    pub fn io_slices(&self) -> Vec<std::io::IoSlice<'_>> {
+        let mut parts = Vec::with_capacity(2 * self.ranges.len());
+        for (header, &(s, e)) in self.headers.iter().zip(self.ranges) {
+            parts.push(std::io::IoSlice::new(header));
+            if e > s + HEADER_LEN {
+                parts.push(std::io::IoSlice::new(&self.bytes[s + HEADER_LEN..e]));
+            }
+        }
+        parts
+    }
+}
+
 fn decompress_then<R>(
     codec: Compression,
     body: &[u8],
@@ -749,6 +813,41 @@ pub mod test_support {
 mod tests {
     use super::test_support::batch;
     use super::*;
+
+    #[test]
+    fn stamped_batches_change_only_their_header_copies_and_write_what_a_stamped_copy_holds() {
+        let mut all = batch(&[b"a", b"b"], Compression::None, 10);
+        all.extend(batch(&[b"c"], Compression::Gzip, 20));
+        all.extend(batch(&[b"d", b"e", b"f"], Compression::None, 30));
+        let original = all.clone();
+        let ranges = split_batches(&all).unwrap();
+        let mut stamped = StampedBatches::new(&all, &ranges);
+        let mut expected = all.clone();
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            stamped.stamp(i, 100 + 10 * i as i64, 7);
+            stamp(&mut expected[s..e], 100 + 10 * i as i64, 7);
+        }
+        assert_eq!(stamped.count(), 3);
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            assert_eq!(stamped.position(i), s);
+            assert_eq!(stamped.to_vec(i), &expected[s..e]);
+            let header = stamped.header(i);
+            assert_eq!(header.base_offset(), 100 + 10 * i as i64);
+            assert_eq!(header.leader_epoch(), 7);
+            assert_eq!(
+                header.next_offset(),
+                BatchView::new(&expected[s..e]).next_offset()
+            );
+        }
+        let written: Vec<u8> = stamped
+            .io_slices()
+            .iter()
+            .flat_map(|p| p.to_vec())
+            .collect();
+        assert_eq!(written, expected);
+        // The stamps never reach the borrowed bytes.
+        assert_eq!(all, original);
+    }
 
     #[test]
     fn validates_every_codec() {

@@ -6,7 +6,7 @@
 //! maintenance task by count and age, and on clean shutdown.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::batch::{self, BatchError, BatchView};
+use super::batch::{self, BatchError, BatchView, StampedBatches};
 use super::config::LogConfig;
 use super::epoch::EpochCache;
 use super::producer_state::{
@@ -322,7 +322,7 @@ impl Partition {
     /// and the CRC check that a client's bytes get are skipped (they cost as much as building
     /// the batch). A compacted topic, which needs every record keyed, and an oversized batch
     /// still go through [`append`] and its errors.
-    pub fn append_built(&self, mut batch: Vec<u8>) -> Result<AppendInfo, AppendError> {
+    pub fn append_built(&self, batch: Vec<u8>) -> Result<AppendInfo, AppendError> {
         let (max, require_keys) = {
             let log = self.log.lock();
             (log.config.max_message_bytes, log.config.compacts())
@@ -335,7 +335,7 @@ impl Partition {
             "BatchBuilder made an invalid batch"
         );
         let ranges = [(0, batch.len())];
-        self.append_checked(&mut batch, &ranges, Origin::Client)
+        self.append_checked(StampedBatches::new(&batch, &ranges), Origin::Client)
     }
 
     /// As [`append`]; `Origin::Coordinator` appends (transactional offset commits) carry no
@@ -356,8 +356,7 @@ impl Partition {
                 check_client_producer_fields(&view, ranges.len())?;
             }
         }
-        let mut chunk = records.to_vec();
-        self.append_checked(&mut chunk, &ranges, origin)
+        self.append_checked(StampedBatches::new(records, &ranges), origin)
     }
 
     /// Writes a transaction marker (commit or abort) for a producer.
@@ -368,7 +367,7 @@ impl Partition {
         commit: bool,
         coordinator_epoch: i32,
     ) -> Result<AppendInfo, AppendError> {
-        let mut chunk = batch::marker_batch(
+        let chunk = batch::marker_batch(
             producer_id,
             producer_epoch,
             commit,
@@ -376,7 +375,7 @@ impl Partition {
             now_ms(),
         );
         let ranges = [(0, chunk.len())];
-        self.append_checked(&mut chunk, &ranges, Origin::Coordinator)
+        self.append_checked(StampedBatches::new(&chunk, &ranges), Origin::Coordinator)
     }
 
     /// Aborts the transaction `seen` open here if it still is, its producer silent since
@@ -387,10 +386,10 @@ impl Partition {
         seen: &ActiveProducer,
         idle_before_ms: i64,
     ) -> Result<Option<AppendInfo>, AppendError> {
-        let mut chunk =
-            batch::marker_batch(seen.producer_id, seen.producer_epoch, false, -1, now_ms());
+        let chunk = batch::marker_batch(seen.producer_id, seen.producer_epoch, false, -1, now_ms());
         let ranges = [(0, chunk.len())];
-        self.append_checked_if(&mut chunk, &ranges, Origin::Coordinator, |producers| {
+        let stamped = StampedBatches::new(&chunk, &ranges);
+        self.append_checked_if(stamped, Origin::Coordinator, |producers| {
             producers.still_hanging(seen, idle_before_ms)
         })
     }
@@ -402,19 +401,17 @@ impl Partition {
 
     fn append_checked(
         &self,
-        chunk: &mut [u8],
-        ranges: &[(usize, usize)],
+        chunk: StampedBatches<'_>,
         origin: Origin,
     ) -> Result<AppendInfo, AppendError> {
-        self.append_checked_if(chunk, ranges, origin, |_| true)
+        self.append_checked_if(chunk, origin, |_| true)
             .map(|info| info.expect("appended unconditionally"))
     }
 
     /// Appends if `condition` holds for the producer state, under the append's lock.
     fn append_checked_if(
         &self,
-        chunk: &mut [u8],
-        ranges: &[(usize, usize)],
+        mut chunk: StampedBatches<'_>,
         origin: Origin,
         condition: impl FnOnce(&ProducerState) -> bool,
     ) -> Result<Option<AppendInfo>, AppendError> {
@@ -426,8 +423,8 @@ impl Partition {
             if !condition(&log.producers) {
                 return Ok(None);
             }
-            if let [(s, e)] = *ranges {
-                let view = BatchView::new(&chunk[s..e]);
+            if chunk.count() == 1 {
+                let view = chunk.header(0);
                 let checked = log.producers.check(&view, origin);
                 if let Err(ProducerError::OutOfOrder { producer_id, .. }) = &checked {
                     if let Some(refusal) = log.refusal_before_gap(*producer_id) {
@@ -452,7 +449,7 @@ impl Partition {
                     }));
                 }
             }
-            let info = match log.append_validated(&self.dir, chunk, ranges) {
+            let info = match log.append_validated(&self.dir, &mut chunk) {
                 Err(AppendError::Io(e)) => {
                     log.refused = Some((now_ms(), Refusal::Storage));
                     return Err(AppendError::Io(e));
@@ -460,10 +457,10 @@ impl Partition {
                 other => other?,
             };
             let now = now_ms();
-            for &(s, e) in ranges {
-                let view = BatchView::new(&chunk[s..e]);
+            for i in 0..chunk.count() {
+                let view = chunk.header(i);
                 if view.producer_id() >= 0 {
-                    track_batch(&mut log.producers, &view, now, || Ok(chunk[s..e].to_vec()))?;
+                    track_batch(&mut log.producers, &view, now, || Ok(chunk.to_vec(i)))?;
                     log.producers_dirty = true;
                     log.producers_end = log.producers_end.max(view.next_offset());
                 }
@@ -528,7 +525,13 @@ impl Partition {
                     log.epochs.assign(epoch, view.base_offset())?;
                 }
             }
-            let info = log.write_batches(&self.dir, records, &batches, expected, count)?;
+            let info = log.write_batches(
+                &self.dir,
+                &[IoSlice::new(records)],
+                &batches,
+                expected,
+                count,
+            )?;
             let now = now_ms();
             for &(s, e) in &ranges {
                 let view = BatchView::new(&records[s..e]);
@@ -1143,21 +1146,20 @@ impl PartitionLog {
     fn append_validated(
         &mut self,
         dir: &Path,
-        chunk: &mut [u8],
-        ranges: &[(usize, usize)],
+        chunk: &mut StampedBatches<'_>,
     ) -> Result<AppendInfo, AppendError> {
         let base_offset = self.next_offset;
         let mut next = base_offset;
-        let mut batches = Vec::with_capacity(ranges.len());
+        let mut batches = Vec::with_capacity(chunk.count());
         let mut records = 0i64;
-        for &(s, e) in ranges {
-            batch::stamp(&mut chunk[s..e], next, self.leader_epoch);
-            let view = BatchView::new(&chunk[s..e]);
+        for i in 0..chunk.count() {
+            chunk.stamp(i, next, self.leader_epoch);
+            let view = chunk.header(i);
             batches.push(AppendedBatch {
                 base_offset: next,
                 next_offset: view.next_offset(),
                 max_timestamp: view.max_timestamp(),
-                chunk_pos: s as u64,
+                chunk_pos: chunk.position(i) as u64,
             });
             records += view.record_count() as i64;
             next = view.next_offset();
@@ -1172,22 +1174,24 @@ impl PartitionLog {
         {
             self.epochs.assign(self.leader_epoch, base_offset)?;
         }
-        self.write_batches(dir, chunk, &batches, next, records)
+        self.write_batches(dir, &chunk.io_slices(), &batches, next, records)
     }
 
-    /// Writes stamped batches (described by `batches`, ending at `next`) at the log end.
+    /// Writes stamped batches (described by `batches`, ending at `next`, given as the pieces
+    /// of their bytes in order) at the log end.
     fn write_batches(
         &mut self,
         dir: &Path,
-        chunk: &[u8],
+        parts: &[IoSlice<'_>],
         batches: &[AppendedBatch],
         next: i64,
         records: i64,
     ) -> Result<AppendInfo, AppendError> {
         let base_offset = batches[0].base_offset;
-        self.maybe_roll(dir, chunk.len() as u64, next - 1)?;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        self.maybe_roll(dir, len, next - 1)?;
         let active = self.segments.values_mut().next_back().unwrap();
-        active.append(chunk, batches)?;
+        active.append(parts, batches)?;
         self.next_offset = next;
         self.unflushed_messages = self.unflushed_messages.saturating_add(records);
         self.oldest_unflushed.get_or_insert_with(Instant::now);
