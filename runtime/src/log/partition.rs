@@ -527,7 +527,7 @@ impl Partition {
             }
             let info = log.write_batches(
                 &self.dir,
-                &[IoSlice::new(records)],
+                &mut [IoSlice::new(records)],
                 &batches,
                 expected,
                 count,
@@ -1174,15 +1174,15 @@ impl PartitionLog {
         {
             self.epochs.assign(self.leader_epoch, base_offset)?;
         }
-        self.write_batches(dir, &chunk.io_slices(), &batches, next, records)
+        self.write_batches(dir, &mut chunk.io_slices(), &batches, next, records)
     }
 
     /// Writes stamped batches (described by `batches`, ending at `next`, given as the pieces
-    /// of their bytes in order) at the log end.
+    /// of their bytes in order, used up by the write) at the log end.
     fn write_batches(
         &mut self,
         dir: &Path,
-        parts: &[IoSlice<'_>],
+        parts: &mut [IoSlice<'_>],
         batches: &[AppendedBatch],
         next: i64,
         records: i64,

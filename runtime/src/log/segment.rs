@@ -39,13 +39,13 @@ pub struct AppendedBatch {
 }
 
 /// Writes `parts` one after another at `pos` with `pwritev`, as many at a time as the kernel
-/// takes, going on after a short write.
-fn write_all_vectored_at(file: &File, parts: &[IoSlice<'_>], mut pos: u64) -> io::Result<()> {
+/// takes, going on after a short write. `parts` is used up on the way (advanced past what was
+/// written).
+fn write_all_vectored_at(file: &File, parts: &mut [IoSlice<'_>], mut pos: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     /// The most slices one `pwritev` accepts (Linux's IOV_MAX).
     const MAX_SLICES: usize = 1024;
-    let mut owned = parts.to_vec();
-    let mut rest: &mut [IoSlice<'_>] = &mut owned;
+    let mut rest = parts;
     IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
         let n = rest.len().min(MAX_SLICES);
@@ -303,8 +303,12 @@ impl Segment {
     }
 
     /// Writes a chunk of already-validated, stamped batches, given as the pieces it is made
-    /// of, at the current end, and indexes them.
-    pub fn append(&mut self, parts: &[IoSlice<'_>], batches: &[AppendedBatch]) -> io::Result<()> {
+    /// of (used up by the write), at the current end, and indexes them.
+    pub fn append(
+        &mut self,
+        parts: &mut [IoSlice<'_>],
+        batches: &[AppendedBatch],
+    ) -> io::Result<()> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         write_all_vectored_at(&self.file, parts, self.size)?;
         let start = self.size;
@@ -565,8 +569,8 @@ mod tests {
         let pieces: Vec<Vec<u8>> = (0..3000u32)
             .map(|i| (0..i % 7).map(|j| (i + j) as u8).collect())
             .collect();
-        let parts: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
-        write_all_vectored_at(&file, &parts, 4).unwrap();
+        let mut parts: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        write_all_vectored_at(&file, &mut parts, 4).unwrap();
         let mut back = Vec::new();
         BufReader::new(&file).read_to_end(&mut back).unwrap();
         assert_eq!(&back[..4], b"kept");
