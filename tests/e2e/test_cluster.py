@@ -248,6 +248,45 @@ def test_clients_choose_the_replicas(cluster):
     assert sorted(r.partition for r in acked) == [0, 1, 2]
 
 
+def established_to(pid: int, port: int) -> int:
+    """TCP connections the process `pid` holds open to 127.0.0.1:`port`."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and inode in inodes and remote == f"0100007F:{port:04X}":
+            count += 1
+    return count
+
+
+def test_a_follower_fetches_every_partition_of_a_leader_over_one_connection(cluster):
+    """Twelve partitions on three nodes: each node follows four from each other node, all over
+    one connection to that node (Kafka's replica fetcher), and every replica holds the same
+    bytes after acks=all writes to every partition."""
+    create_replicated(cluster, "fanned", 12, config={"min.insync.replicas": "3"})
+    acked = produce_confluent(cluster.bootstrap, "fanned",
+                              [Outgoing(b"v%d-%d" % (p, i), partition=p)
+                               for i in range(50) for p in range(12)])
+    assert len(acked) == 600
+    wait_replicas_identical(cluster, "fanned", 12)
+    leaders = {p.id: p.leader for p in cluster.metadata().topics["fanned"].partitions.values()}
+    for follower in cluster.nodes:
+        for leader in cluster.nodes:
+            if leader is follower:
+                continue
+            led = [p for p, n in leaders.items() if cluster.node(n) is leader]
+            assert led, leaders
+            assert established_to(follower.pid, leader.kafka_port) == 1, (follower, leader, led)
+
+
 def test_acks_all_needs_min_insync_replicas(weir_factory):
     # Five voters, so that the metadata quorum outlives two replicas of a partition.
     cluster = start_cluster(weir_factory, 5)

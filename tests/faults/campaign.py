@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,11 +321,12 @@ def run(opts: Options) -> Outcome:
         for p in proxies + raft_proxies + [p for pair in links.values() for p in pair]:
             p.close()
 
+    # Saved before it is checked, so that a check that fails to run can be run again on it.
+    _save_history(workdir, history, nemesis)
     verdict = check(history)
     for name, found in extra.items():
         if found:
             verdict.violations[name] = found
-    _save_history(workdir, history, nemesis)
     outcome = Outcome(opts, verdict, nemesis.summary(), len(nemesis.injected), workdir,
                       time.monotonic() - started, copier_restarts)
     text = report(verdict)
@@ -518,6 +520,7 @@ def main(argv=None) -> int:
                               plugin_dir=args.plugin_dir, workdir=args.workdir,
                               kinds=kinds, at_once=args.at_once))
     except Exception as e:
+        traceback.print_exc()
         print(f"campaign: could not run: {e!r}", file=sys.stderr)
         return 2
     if not args.no_record:

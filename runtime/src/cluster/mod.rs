@@ -5,6 +5,7 @@
 //! its metadata in `meta/topics.json`.
 
 pub mod controller;
+pub mod fetcher;
 pub mod image;
 pub mod network;
 pub mod replication;

@@ -1,47 +1,26 @@
 //! Leader/follower replication of partitions, Kafka style.
 //!
-//! A follower fetches from its partition's leader over the Kafka protocol (Fetch with its
-//! replica id) and appends the leader's batches verbatim. The leader learns each follower's log
+//! A follower fetches from its partitions' leaders over the Kafka protocol (Fetch with its
+//! replica id; one connection and one request at a time per leader node, see `fetcher`) and
+//! appends the leader's batches verbatim. The leader learns each follower's log
 //! end from the offsets it fetches at, and moves the high watermark to the lowest log end among
 //! the in-sync replicas; consumers never read past it and acks=all waits for it. The leader asks
 //! the controller (a Raft proposal) to drop a replica that has not caught up within
 //! `replica_lag_time_max` from the in-sync set, and to add it back once it has.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::offset_for_leader_epoch_request::{
-    OffsetForLeaderPartition, OffsetForLeaderTopic,
-};
-use kafka_protocol::messages::{BrokerId, FetchRequest, OffsetForLeaderEpochRequest, TopicName};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use super::fetcher::{Addrs, Key, ReplicaFetcher};
 use super::image::{ClusterImage, Command, NodeId};
 use super::Proposer;
-use crate::client::Connection;
-use crate::kafka::str_bytes;
 use crate::log::manager::LogManager;
 use crate::log::partition::Partition;
-
-type Key = (Arc<str>, i32);
-
-/// One request to the leader, given up on after `FETCH_TIMEOUT`.
-async fn call_leader<R: kafka_protocol::protocol::Request>(
-    conn: &mut Connection,
-    req: &R,
-) -> Result<R::Response> {
-    tokio::time::timeout(FETCH_TIMEOUT, conn.call(req))
-        .await
-        .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))?
-}
-
-/// How long a follower waits for one answer from its leader (fetches park for 500 ms).
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the leader knows of one follower.
 #[derive(Debug, Clone, Copy)]
@@ -80,11 +59,7 @@ pub struct LeaderState {
 
 enum Role {
     Leader(Arc<LeaderState>),
-    Follower {
-        leader: NodeId,
-        epoch: i32,
-        stop: watch::Sender<bool>,
-    },
+    Follower { leader: NodeId, epoch: i32 },
 }
 
 /// The replication state of every partition this node hosts.
@@ -93,7 +68,9 @@ pub struct Replicas {
     log: Arc<LogManager>,
     roles: Mutex<HashMap<Key, Role>>,
     /// Kafka listener of each node, for follower fetchers.
-    addrs: Mutex<BTreeMap<NodeId, String>>,
+    addrs: Addrs,
+    /// The fetcher of each node this node follows partitions from.
+    fetchers: Mutex<HashMap<NodeId, Arc<ReplicaFetcher>>>,
     routes: super::network::Routes,
     proposer: Arc<Proposer>,
     pub replica_lag_time_max: Duration,
@@ -111,7 +88,8 @@ impl Replicas {
             node,
             log,
             roles: Mutex::new(HashMap::new()),
-            addrs: Mutex::new(BTreeMap::new()),
+            addrs: Addrs::default(),
+            fetchers: Mutex::new(HashMap::new()),
             proposer,
             replica_lag_time_max,
             routes,
@@ -158,8 +136,8 @@ impl Replicas {
                         Some(Role::Leader(l)) if l.epoch == p.leader_epoch => {
                             l.followers.lock().clone()
                         }
-                        Some(Role::Follower { stop, .. }) => {
-                            let _ = stop.send(true);
+                        Some(Role::Follower { leader, .. }) => {
+                            self.unfollow(&key, leader);
                             HashMap::new()
                         }
                         _ => HashMap::new(),
@@ -192,25 +170,20 @@ impl Replicas {
                     if same {
                         continue;
                     }
-                    if let Some(Role::Follower { stop, .. }) = roles.remove(&key) {
-                        let _ = stop.send(true);
+                    if let Some(Role::Follower { leader, .. }) = roles.remove(&key) {
+                        self.unfollow(&key, leader);
                     }
                     partition.become_follower(p.leader_epoch);
                     partition.set_replicated(true);
                     if p.leader < 0 {
                         continue;
                     }
-                    let (stop, stopped) = watch::channel(false);
-                    tokio::spawn(
-                        self.clone()
-                            .follow(partition, p.leader, p.leader_epoch, stopped),
-                    );
+                    self.follow(key.clone(), partition, p.leader, p.leader_epoch);
                     roles.insert(
                         key,
                         Role::Follower {
                             leader: p.leader,
                             epoch: p.leader_epoch,
-                            stop,
                         },
                     );
                 }
@@ -218,17 +191,36 @@ impl Replicas {
         }
         roles.retain(|k, role| {
             let keep = seen.contains(k);
-            if let (false, Role::Follower { stop, .. }) = (keep, &role) {
-                let _ = stop.send(true);
+            if let (false, Role::Follower { leader, .. }) = (keep, &role) {
+                self.unfollow(k, *leader);
             }
             keep
         });
     }
 
     pub fn stop_all(&self) {
-        for (_, role) in self.roles.lock().drain() {
-            if let Role::Follower { stop, .. } = role {
-                let _ = stop.send(true);
+        self.roles.lock().clear();
+        for (_, fetcher) in self.fetchers.lock().drain() {
+            fetcher.stop();
+        }
+    }
+
+    /// Fetches the partition from `leader`, on the fetcher of that node.
+    fn follow(&self, key: Key, partition: Arc<Partition>, leader: NodeId, epoch: i32) {
+        self.fetchers
+            .lock()
+            .entry(leader)
+            .or_insert_with(|| ReplicaFetcher::start(self.node, leader, self.addrs.clone()))
+            .follow(key, partition, epoch);
+    }
+
+    /// Stops fetching the partition from `leader`; that fetcher stops once it follows nothing.
+    fn unfollow(&self, key: &Key, leader: NodeId) {
+        let mut fetchers = self.fetchers.lock();
+        if let Some(fetcher) = fetchers.get(&leader) {
+            if !fetcher.unfollow(key) {
+                fetcher.stop();
+                fetchers.remove(&leader);
             }
         }
     }
@@ -426,141 +418,5 @@ impl Replicas {
             *state.isr_change_pending.lock() = false;
         });
         true
-    }
-
-    /// A follower's loop: truncate a divergent suffix, then fetch and append until stopped.
-    async fn follow(
-        self: Arc<Self>,
-        partition: Arc<Partition>,
-        leader: NodeId,
-        epoch: i32,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        // Short at first: a new partition's leader may create it a moment after this node.
-        let mut backoff = Duration::from_millis(10);
-        let mut truncated = false;
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            let addr = self.addrs.lock().get(&leader).cloned();
-            let result = match addr {
-                None => Err(anyhow!("leader {leader} is not registered")),
-                Some(addr) => {
-                    tokio::select! {
-                        r = self.fetch_loop(&partition, &addr, epoch, &mut truncated) => r,
-                        _ = stop.wait_for(|s| *s) => return,
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(topic = %partition.topic, partition = partition.id, leader, error = %e, "replica fetch failed; retrying");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    async fn fetch_loop(
-        &self,
-        partition: &Partition,
-        addr: &str,
-        epoch: i32,
-        truncated: &mut bool,
-    ) -> Result<()> {
-        let mut conn = Connection::connect(addr).await?;
-        let topic = TopicName(str_bytes(partition.topic.to_string()));
-        if !*truncated {
-            self.truncate_divergent(&mut conn, partition, &topic, epoch)
-                .await?;
-            *truncated = true;
-        }
-        loop {
-            let offset = partition.log_end_offset();
-            let req = FetchRequest::default()
-                .with_replica_id(BrokerId(self.node))
-                .with_max_wait_ms(500)
-                .with_min_bytes(1)
-                .with_max_bytes(16 << 20)
-                .with_session_epoch(-1)
-                .with_topics(vec![FetchTopic::default()
-                    .with_topic(topic.clone())
-                    .with_partitions(vec![FetchPartition::default()
-                        .with_partition(partition.id)
-                        .with_current_leader_epoch(epoch)
-                        .with_fetch_offset(offset)
-                        .with_log_start_offset(-1)
-                        .with_partition_max_bytes(8 << 20)])]);
-            // A leader that stopped answering (paused, cut off) is given up on, and the
-            // connection made again.
-            let resp = call_leader(&mut conn, &req).await?;
-            crate::client::check(resp.error_code, "replica fetch")?;
-            let pd = resp
-                .responses
-                .into_iter()
-                .flat_map(|t| t.partitions)
-                .find(|p| p.partition_index == partition.id)
-                .ok_or_else(|| anyhow!("the leader's answer lacks the partition"))?;
-            crate::client::check(pd.error_code, "replica fetch")?;
-            if let Some(records) = pd.records.filter(|r| !r.is_empty()) {
-                let whole: usize = crate::log::batch::complete_batches(&records)
-                    .map(|b| b.bytes().len())
-                    .sum();
-                if whole > 0 {
-                    partition.append_replica(&records[..whole])?;
-                }
-            }
-            partition.advance_high_watermark(pd.high_watermark.min(partition.log_end_offset()));
-        }
-    }
-
-    /// KIP-101/279: ask the leader where our latest epoch ends in its log and drop whatever we
-    /// hold past that.
-    async fn truncate_divergent(
-        &self,
-        conn: &mut Connection,
-        partition: &Partition,
-        topic: &TopicName,
-        epoch: i32,
-    ) -> Result<()> {
-        let Some(ours) = partition.latest_epoch() else {
-            return Ok(());
-        };
-        let req = OffsetForLeaderEpochRequest::default()
-            .with_replica_id(BrokerId(self.node))
-            .with_topics(vec![OffsetForLeaderTopic::default()
-                .with_topic(topic.clone())
-                .with_partitions(vec![OffsetForLeaderPartition::default()
-                    .with_partition(partition.id)
-                    .with_current_leader_epoch(epoch)
-                    .with_leader_epoch(ours)])]);
-        let resp = call_leader(conn, &req).await?;
-        let answer = resp
-            .topics
-            .into_iter()
-            .flat_map(|t| t.partitions)
-            .find(|p| p.partition == partition.id)
-            .ok_or_else(|| anyhow!("the leader's answer lacks the partition"))?;
-        crate::client::check(answer.error_code, "OffsetForLeaderEpoch")?;
-        let end = if answer.leader_epoch < 0 {
-            // The leader knows no epoch this old: nothing here can be trusted to match.
-            0
-        } else {
-            let (_, ours_end) = partition.end_offset_for_epoch(answer.leader_epoch);
-            let ours_end = if ours_end < 0 {
-                partition.log_end_offset()
-            } else {
-                ours_end
-            };
-            answer.end_offset.min(ours_end)
-        };
-        if end < partition.log_end_offset() {
-            tracing::info!(topic = %partition.topic, partition = partition.id, from = partition.log_end_offset(), to = end, "truncating a divergent log suffix");
-            partition.truncate_to(end)?;
-        }
-        Ok(())
     }
 }
