@@ -1080,9 +1080,12 @@ mod tests {
         assert!(split_batches(&b[..10]).is_err());
     }
 
+    /// A record to build: its key, its value, and whether it carries headers.
+    type TestRecord = (Option<Vec<u8>>, Vec<u8>, bool);
+
     /// Records as a producer would send them: some keys null, headers on some, values whose
     /// lengths take one, two or three bytes.
-    fn records_body(records: &[(Option<Vec<u8>>, Vec<u8>, bool)]) -> Vec<u8> {
+    fn records_body(records: &[TestRecord]) -> Vec<u8> {
         let mut b = BatchBuilder::new(1_000);
         for (i, (key, value, header)) in records.iter().enumerate() {
             let headers: &[(&[u8], Option<&[u8]>)] = if *header {
