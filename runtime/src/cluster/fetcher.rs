@@ -264,21 +264,20 @@ impl ReplicaFetcher {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut topics: Vec<OffsetForLeaderTopic> = Vec::new();
-        for (key, epoch, ours) in &pending {
+        let topics = by_topic(pending.iter().map(|(key, epoch, ours)| {
             let p = OffsetForLeaderPartition::default()
                 .with_partition(key.1)
                 .with_current_leader_epoch(*epoch)
                 .with_leader_epoch(*ours);
-            match topics.iter_mut().find(|t| *t.topic.0 == *key.0) {
-                Some(t) => t.partitions.push(p),
-                None => topics.push(
-                    OffsetForLeaderTopic::default()
-                        .with_topic(TopicName(str_bytes(key.0.to_string())))
-                        .with_partitions(vec![p]),
-                ),
-            }
-        }
+            (&key.0, p)
+        }))
+        .into_iter()
+        .map(|(topic, partitions)| {
+            OffsetForLeaderTopic::default()
+                .with_topic(topic)
+                .with_partitions(partitions)
+        })
+        .collect();
         let req = OffsetForLeaderEpochRequest::default()
             .with_replica_id(BrokerId(self.node))
             .with_topics(topics);
@@ -314,25 +313,41 @@ async fn call<R: Request>(conn: &mut Connection, req: &R) -> Result<R::Response>
         .map_err(|_| anyhow!("no answer from the leader within {FETCH_TIMEOUT:?}"))?
 }
 
+/// Partitions grouped by topic, as requests carry them: topics in the order they first come,
+/// each one's partitions in the order given.
+fn by_topic<'k, P>(
+    partitions: impl Iterator<Item = (&'k Arc<str>, P)>,
+) -> Vec<(TopicName, Vec<P>)> {
+    let mut topics: Vec<(&'k Arc<str>, Vec<P>)> = Vec::new();
+    for (topic, p) in partitions {
+        match topics.iter_mut().find(|(t, _)| *t == topic) {
+            Some((_, ps)) => ps.push(p),
+            None => topics.push((topic, vec![p])),
+        }
+    }
+    topics
+        .into_iter()
+        .map(|(t, ps)| (TopicName(str_bytes(t.to_string())), ps))
+        .collect()
+}
+
 fn fetch_request(node: NodeId, wanted: &[Wanted], wait: Duration) -> FetchRequest {
-    let mut topics: Vec<FetchTopic> = Vec::new();
-    for w in wanted {
+    let topics = by_topic(wanted.iter().map(|w| {
         let p = FetchPartition::default()
             .with_partition(w.key.1)
             .with_current_leader_epoch(w.epoch)
             .with_fetch_offset(w.offset)
             .with_log_start_offset(-1)
             .with_partition_max_bytes(PARTITION_MAX_BYTES);
-        // Partitions of a topic go together, in the order they were wanted.
-        match topics.iter_mut().find(|t| *t.topic.0 == *w.key.0) {
-            Some(t) => t.partitions.push(p),
-            None => topics.push(
-                FetchTopic::default()
-                    .with_topic(TopicName(str_bytes(w.key.0.to_string())))
-                    .with_partitions(vec![p]),
-            ),
-        }
-    }
+        (&w.key.0, p)
+    }))
+    .into_iter()
+    .map(|(topic, partitions)| {
+        FetchTopic::default()
+            .with_topic(topic)
+            .with_partitions(partitions)
+    })
+    .collect();
     FetchRequest::default()
         .with_replica_id(BrokerId(node))
         .with_max_wait_ms(wait.as_millis() as i32)
